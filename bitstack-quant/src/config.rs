@@ -1,0 +1,213 @@
+//! `config.json` of a Hugging Face Llama-family model, plus our quantization block.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Architectures the runner implements (all share the Llama block).
+pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
+
+/// Llama-3 style RoPE frequency scaling.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    pub factor: f64,
+    #[serde(default = "one")]
+    pub low_freq_factor: f64,
+    #[serde(default = "four")]
+    pub high_freq_factor: f64,
+    #[serde(default = "max_pos")]
+    pub original_max_position_embeddings: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn four() -> f64 {
+    4.0
+}
+fn max_pos() -> usize {
+    8192
+}
+
+/// The `quantization_config` block of a BitStack checkpoint.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct QuantizationConfig {
+    pub quant_method: String,
+    /// Default rank of the blocks (a linear may override it, see `k_per_linear`).
+    pub k: usize,
+    /// Blocks stored per linear.
+    pub niter: usize,
+    #[serde(default = "format_v1")]
+    pub format_version: u32,
+    /// Rank per linear name (`model.layers.0.self_attn.q_proj`) when it differs from `k`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub k_per_linear: std::collections::BTreeMap<String, usize>,
+}
+
+fn format_v1() -> u32 {
+    1
+}
+
+impl QuantizationConfig {
+    /// Rank of the blocks of linear `name`.
+    pub fn k_of(&self, name: &str) -> usize {
+        self.k_per_linear.get(name).copied().unwrap_or(self.k)
+    }
+}
+
+/// The parts of `config.json` the runner needs.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default = "rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default = "max_pos")]
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub quantization_config: Option<QuantizationConfig>,
+}
+
+fn rope_theta() -> f64 {
+    10000.0
+}
+
+impl ModelConfig {
+    /// Reads and validates `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<(Self, serde_json::Value)> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let cfg: ModelConfig = serde_json::from_value(raw.clone())
+            .with_context(|| format!("{}: not a Llama-family config", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("unsupported model in {}", path.display()))?;
+        Ok((cfg, raw))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let arch = self.architecture();
+        if !SUPPORTED.contains(&arch.as_str()) {
+            bail!(
+                "unknown architecture `{arch}` (supported: {})",
+                SUPPORTED.join(", ")
+            );
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                bail!("hidden_act `{act}` is not supported (only silu)");
+            }
+        }
+        if self.num_attention_heads == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.kv_heads()
+            );
+        }
+        if let Some(q) = &self.quantization_config {
+            if q.quant_method != "bitstack" {
+                bail!(
+                    "quant_method `{}` is not supported (only bitstack)",
+                    q.quant_method
+                );
+            }
+            if q.format_version != 1 {
+                bail!("BitStack format_version {} is not supported (only 1)", q.format_version);
+            }
+        }
+        Ok(())
+    }
+
+    /// `llama`, `mistral` or `qwen2`, from `model_type` or `architectures`.
+    pub fn architecture(&self) -> String {
+        if let Some(t) = &self.model_type {
+            return t.to_lowercase();
+        }
+        match self.architectures.first().map(String::as_str) {
+            Some("LlamaForCausalLM") => "llama".into(),
+            Some("MistralForCausalLM") => "mistral".into(),
+            Some("Qwen2ForCausalLM") => "qwen2".into(),
+            Some(other) => other.to_string(),
+            None => "unknown".into(),
+        }
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// q, k, v carry a bias (Qwen2 always; Llama when `attention_bias`).
+    pub fn qkv_bias(&self) -> bool {
+        self.architecture() == "qwen2" || self.attention_bias
+    }
+
+    /// o_proj carries a bias (Llama with `attention_bias`).
+    pub fn o_bias(&self) -> bool {
+        self.architecture() != "qwen2" && self.attention_bias
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, json: &str) {
+        std::fs::write(dir.join("config.json"), json).unwrap();
+    }
+
+    #[test]
+    fn reads_llama_and_rejects_unknown_arch() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "rms_norm_eps":1e-5,"vocab_size":100,"tie_word_embeddings":true}"#);
+        let (c, _) = ModelConfig::from_dir(d.path()).unwrap();
+        assert_eq!((c.head_dim(), c.kv_heads(), c.qkv_bias()), (16, 2, false));
+
+        write(d.path(), r#"{"model_type":"gpt_neox","hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"rms_norm_eps":1e-5,"vocab_size":100}"#);
+        let e = format!("{:#}", ModelConfig::from_dir(d.path()).unwrap_err());
+        assert!(e.contains("unknown architecture `gpt_neox`"), "{e}");
+    }
+
+    #[test]
+    fn rejects_other_quant_methods() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), r#"{"model_type":"qwen2","hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"rms_norm_eps":1e-5,"vocab_size":100,
+            "quantization_config":{"quant_method":"gptq","k":16,"niter":16}}"#);
+        let e = format!("{:#}", ModelConfig::from_dir(d.path()).unwrap_err());
+        assert!(e.contains("quant_method `gptq`"), "{e}");
+    }
+}

@@ -1,0 +1,81 @@
+//! What a checkpoint holds, without loading its weights.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::block::block_bytes;
+use crate::checkpoint::stored_blocks;
+use crate::config::ModelConfig;
+use crate::model::{linear_shape, linear_weight_count, LinearKind};
+use crate::store::TensorStore;
+
+#[derive(Debug, Serialize)]
+pub struct LinearInfo {
+    pub name: String,
+    pub m: usize,
+    pub n: usize,
+    /// `None` for a dense linear.
+    pub k: Option<usize>,
+    pub blocks: usize,
+    pub bytes_per_block: usize,
+    pub bytes: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    pub architecture: String,
+    pub layers: usize,
+    pub k: Option<usize>,
+    pub niter: Option<usize>,
+    pub linear_weights: usize,
+    pub linears: Vec<LinearInfo>,
+    /// Bytes of all stored blocks (or dense linear weights).
+    pub linear_bytes: usize,
+    /// Bytes of every tensor in the checkpoint.
+    pub file_bytes: u64,
+    /// Bits per linear weight with every stored block loaded.
+    pub max_bits_per_linear_weight: f64,
+}
+
+pub fn inspect(dir: &Path) -> Result<Inspection> {
+    let (cfg, _) = ModelConfig::from_dir(dir)?;
+    let store = TensorStore::open_dir(dir)?;
+    let q = cfg.quantization_config.as_ref();
+    let mut linears = Vec::new();
+    for l in 0..cfg.num_hidden_layers {
+        for kind in LinearKind::ALL {
+            let (m, n) = linear_shape(&cfg, kind);
+            let name = kind.path(l);
+            let blocks = stored_blocks(&store, &name);
+            let (k, per_block, total) = if blocks == 0 {
+                let dense = store.shape(&format!("{name}.weight"))?;
+                let bytes = if store.contains(&format!("{name}.weight")) { 4 * dense.iter().product::<usize>() } else { 0 };
+                (None, 0, bytes)
+            } else {
+                let k = q.map_or(0, |q| q.k_of(&name));
+                let b = block_bytes(m, n, k);
+                (Some(k), b, b * blocks)
+            };
+            linears.push(LinearInfo { name, m, n, k, blocks, bytes_per_block: per_block, bytes: total });
+        }
+    }
+    let file_bytes = crate::store::safetensors_files(dir)?
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let linear_bytes: usize = linears.iter().map(|l| l.bytes).sum();
+    let count = linear_weight_count(&cfg);
+    Ok(Inspection {
+        architecture: cfg.architecture(),
+        layers: cfg.num_hidden_layers,
+        k: q.map(|q| q.k),
+        niter: q.map(|q| q.niter),
+        linear_weights: count,
+        linears,
+        linear_bytes,
+        file_bytes,
+        max_bits_per_linear_weight: linear_bytes as f64 * 8.0 / count as f64,
+    })
+}

@@ -1,0 +1,24 @@
+//! BitStack: any-size LLM weight compression.
+//!
+//! Each decoder linear becomes a stack of ~1-bit residual blocks
+//! (`S ⊙ (u·vt)`, see [`decompose`]), so one checkpoint loads at any memory
+//! size, block by block. This crate holds the method (packing, scaling,
+//! decomposition), the checkpoint format, the runtime stacks and a
+//! Llama-family runner on candle used for calibration and perplexity.
+
+pub mod block;
+pub mod calibrate;
+pub mod checkpoint;
+pub mod compress;
+pub mod config;
+pub mod decompose;
+pub mod hub;
+pub mod inspect;
+pub mod linear;
+pub mod model;
+pub mod pack;
+pub mod perplexity;
+pub mod scale;
+pub mod stack;
+pub mod store;
+pub mod synthetic;

@@ -1,0 +1,72 @@
+//! A decoder linear layer, dense or BitStack: the pluggable unit of the runner.
+
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+
+use crate::stack::WeightStack;
+
+/// The weight of a linear `y = x·Wᵀ (+ b)`.
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    /// `W` as an `m×n` tensor.
+    Dense(Tensor),
+    /// `W ≈ Σᵢ Sᵢ ⊙ (uᵢ·vtᵢ)` over the resident blocks.
+    BitStack(Arc<WeightStack>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: LinearWeight,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight: LinearWeight::Dense(weight), bias }
+    }
+
+    /// Output features `m`.
+    pub fn out_features(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dims()[0],
+            LinearWeight::BitStack(s) => s.m,
+        }
+    }
+
+    /// `x` is `[.., n]`; the result is `[.., m]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.broadcast_matmul(&w.t()?)?,
+            LinearWeight::BitStack(s) => {
+                let w = Tensor::from_vec(s.dense(), (s.m, s.n), x.device())?.to_dtype(x.dtype())?;
+                x.broadcast_matmul(&w.t()?)?
+            }
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Bytes of BitStack blocks resident in this layer (0 for dense).
+    pub fn stack_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(_) => 0,
+            LinearWeight::BitStack(s) => s.resident_bytes(),
+        }
+    }
+
+    /// Bytes this layer's weight and bias occupy.
+    pub fn resident_bytes(&self) -> usize {
+        let bias = self.bias.as_ref().map_or(0, tensor_bytes);
+        bias + match &self.weight {
+            LinearWeight::Dense(w) => tensor_bytes(w),
+            LinearWeight::BitStack(s) => s.resident_bytes(),
+        }
+    }
+}
+
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}

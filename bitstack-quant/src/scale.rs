@@ -1,0 +1,103 @@
+//! Activation-aware scaling with folding (DESIGN §1.1).
+//!
+//! `s[c] = mean over windows of ‖x[window, :, c]‖₂ + 1e-3`; the weight is
+//! multiplied by `diag(s)` before decomposition so that channels with large
+//! activations are fitted better, and `1/s` is folded into whatever produces
+//! the input, so inference pays nothing.
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+
+use crate::calibrate::LayerStats;
+use crate::config::ModelConfig;
+use crate::linear::LinearWeight;
+use crate::model::{linear_shape, DecoderLayer, LinearKind, TapPoint};
+
+/// The reference's epsilon added to every scale.
+pub const SCALE_EPS: f64 = 1e-3;
+
+/// Scales of one decoder layer.
+#[derive(Clone, Debug)]
+pub struct LayerScales {
+    /// q, k, v columns; folded into `input_layernorm`.
+    pub attn: Vec<f32>,
+    /// o columns; folded into the rows of v. `None` under GQA (shapes differ).
+    pub o: Option<Vec<f32>>,
+    /// gate, up columns; folded into `post_attention_layernorm`.
+    pub mlp: Vec<f32>,
+    /// down columns; folded into the rows of up.
+    pub down: Vec<f32>,
+}
+
+/// Whether o_proj can be scaled: only when v_proj and o_proj have equal
+/// shapes, i.e. never under grouped-query attention.
+pub fn o_is_scalable(cfg: &ModelConfig) -> bool {
+    linear_shape(cfg, LinearKind::V) == linear_shape(cfg, LinearKind::O)
+}
+
+impl LayerScales {
+    pub fn from_stats(stats: &LayerStats, cfg: &ModelConfig) -> Result<Self> {
+        let get = |p: TapPoint| -> Result<Vec<f32>> {
+            let v = stats
+                .mean_norms(p)
+                .with_context(|| format!("calibration recorded no {p:?} input"))?;
+            Ok(v.iter().map(|x| (x + SCALE_EPS) as f32).collect())
+        };
+        Ok(Self {
+            attn: get(TapPoint::AttnInput)?,
+            o: if o_is_scalable(cfg) { Some(get(TapPoint::OInput)?) } else { None },
+            mlp: get(TapPoint::MlpInput)?,
+            down: get(TapPoint::DownInput)?,
+        })
+    }
+}
+
+fn dense(layer: &mut DecoderLayer, kind: LinearKind) -> Result<&mut Tensor> {
+    match &mut layer.linear_mut(kind).weight {
+        LinearWeight::Dense(w) => Ok(w),
+        LinearWeight::BitStack(_) => anyhow::bail!("{} is already compressed; scaling needs the dense weight", kind.name()),
+    }
+}
+
+fn row(s: &[f32], like: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(s, (1, s.len()), like.device())?.to_dtype(like.dtype())
+}
+
+/// Folds `s` into a layer: scaled linears get `W·diag(s)`, their producers `÷ s`.
+/// The layer computes the same function afterwards (up to rounding).
+pub fn fold(layer: &mut DecoderLayer, s: &LayerScales) -> Result<()> {
+    let scale_cols = |w: &mut Tensor, s: &[f32]| -> Result<()> {
+        *w = w.broadcast_mul(&row(s, w)?)?;
+        Ok(())
+    };
+    let divide_rows = |w: &mut Tensor, s: &[f32]| -> Result<()> {
+        *w = w.broadcast_div(&row(s, w)?.t()?)?;
+        Ok(())
+    };
+    let divide_vec = |v: &mut Tensor, s: &[f32]| -> Result<()> {
+        *v = v.div(&Tensor::from_slice(s, s.len(), v.device())?.to_dtype(v.dtype())?)?;
+        Ok(())
+    };
+
+    for kind in [LinearKind::Q, LinearKind::K, LinearKind::V] {
+        scale_cols(dense(layer, kind)?, &s.attn)?;
+    }
+    divide_vec(&mut layer.input_layernorm, &s.attn)?;
+
+    if let Some(so) = &s.o {
+        scale_cols(dense(layer, LinearKind::O)?, so)?;
+        divide_rows(dense(layer, LinearKind::V)?, so)?;
+        if let Some(b) = &mut layer.v.bias {
+            divide_vec(b, so)?;
+        }
+    }
+
+    for kind in [LinearKind::Gate, LinearKind::Up] {
+        scale_cols(dense(layer, kind)?, &s.mlp)?;
+    }
+    divide_vec(&mut layer.post_attention_layernorm, &s.mlp)?;
+
+    scale_cols(dense(layer, LinearKind::Down)?, &s.down)?;
+    divide_rows(dense(layer, LinearKind::Up)?, &s.down)?;
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! `WeightStack`: the resident blocks of one linear, in order.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::block::{block_bytes, Block};
+
+/// The blocks of one `m×n` linear that are resident, best first.
+#[derive(Clone, Debug)]
+pub struct WeightStack {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub blocks: Vec<Block>,
+}
+
+impl WeightStack {
+    pub fn new(m: usize, n: usize, k: usize, blocks: Vec<Block>) -> Self {
+        Self { m, n, k, blocks }
+    }
+
+    /// Bytes of all resident blocks.
+    pub fn resident_bytes(&self) -> usize {
+        self.blocks.len() * block_bytes(self.m, self.n, self.k)
+    }
+
+    /// `Σᵢ Sᵢ ⊙ (uᵢ·vtᵢ)` as a row-major `m×n` matrix, rows in parallel.
+    ///
+    /// Used for prefill-sized inputs, where rebuilding the weight once per
+    /// call is cheap next to the matrix product.
+    pub fn dense(&self) -> Vec<f32> {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let vts: Vec<Vec<f32>> = self
+            .blocks
+            .iter()
+            .map(|b| b.vt.iter().map(|x| x.to_f32()).collect())
+            .collect();
+        let mut w = vec![0f32; m * n];
+        w.par_chunks_mut(n).enumerate().for_each(|(i, out)| {
+            let mut row = vec![0f32; n];
+            for (b, vt) in self.blocks.iter().zip(&vts) {
+                row.fill(0.0);
+                for j in 0..k {
+                    let uij = b.u[i * k + j].to_f32();
+                    for (r, v) in row.iter_mut().zip(&vt[j * n..(j + 1) * n]) {
+                        *r += uij * v;
+                    }
+                }
+                add_signed(&b.signs, i * n, &row, out);
+            }
+        });
+        w
+    }
+}
+
+/// `out[c] += sign(bit base+c) · row[c]`, flipping the float's sign bit.
+fn add_signed(signs: &[u8], base: usize, row: &[f32], out: &mut [f32]) {
+    for (c, (o, r)) in out.iter_mut().zip(row).enumerate() {
+        let idx = base + c;
+        let bit = (signs[idx >> 3] >> (7 - (idx & 7))) & 1;
+        *o += f32::from_bits(r.to_bits() ^ (((bit ^ 1) as u32) << 31));
+    }
+}
+
+/// Converts f16 factors to f32 (helper for callers that hold raw blocks).
+pub fn to_f32(v: &[f16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::reconstruct;
+    use crate::pack::pack_signs;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn random_block(m: usize, n: usize, k: usize, rng: &mut StdRng) -> Block {
+        let s: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
+        Block {
+            signs: pack_signs(&s),
+            u: (0..m * k).map(|_| f16::from_f32(rng.random::<f32>() - 0.5)).collect(),
+            vt: (0..k * n).map(|_| f16::from_f32(rng.random::<f32>() - 0.5)).collect(),
+        }
+    }
+
+    #[test]
+    fn fast_dense_matches_reference_on_awkward_shapes() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for (m, n, k, nb) in [(1, 13, 1, 1), (7, 9, 3, 2), (33, 65, 4, 5), (19, 8, 16, 16)] {
+            let k = k.min(m.min(n));
+            let blocks: Vec<Block> = (0..nb).map(|_| random_block(m, n, k, &mut rng)).collect();
+            let stack = WeightStack::new(m, n, k, blocks.clone());
+            let fast = stack.dense();
+            let slow = reconstruct(&blocks, m, n, k);
+            for (a, b) in fast.iter().zip(&slow) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{m}×{n}: {a} vs {b}");
+            }
+            assert_eq!(stack.resident_bytes(), blocks.iter().map(Block::bytes).sum::<usize>());
+        }
+    }
+}

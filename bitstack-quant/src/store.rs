@@ -1,0 +1,291 @@
+//! Memory-mapped, validated access to the safetensors files of a model dir.
+//!
+//! Every error names the file and the tensor: a truncated file says which
+//! tensors it cuts off, a wrong shape or dtype says what was expected, and
+//! non-finite values are refused with their position.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+/// All tensors of a model directory, memory-mapped.
+pub struct TensorStore {
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+}
+
+/// The safetensors files of a model dir: the index's shards, or every
+/// `*.safetensors` file.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = json["weight_map"]
+            .as_object()
+            .with_context(|| format!("{} has no weight_map", index.display()))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read model dir {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no *.safetensors file in {}", dir.display());
+    }
+    Ok(files)
+}
+
+impl TensorStore {
+    /// Maps every safetensors file of `dir` and reads their headers.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        Self::open(&safetensors_files(dir)?)
+    }
+
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file =
+                File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: the file is opened read-only; a concurrent writer would be a
+            // user error that safetensors' own loaders accept in the same way.
+            let mmap = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot map {}", path.display()))?;
+            let (header, metadata) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| explain_bad_file(path, &mmap, e))?;
+            let base = 8 + header;
+            for (name, info) in metadata.tensors() {
+                let (s, e) = info.data_offsets;
+                entries.insert(
+                    name,
+                    Entry {
+                        file: i,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: base + s,
+                        end: base + e,
+                    },
+                );
+            }
+            files.push((path.clone(), mmap));
+        }
+        Ok(Self { files, entries })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Shape of `name`, or an error naming it.
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        Ok(&self.entry(name)?.shape)
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).with_context(|| {
+            format!(
+                "tensor `{name}` is missing from {}",
+                self.files
+                    .iter()
+                    .map(|(p, _)| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+
+    fn location(&self, name: &str) -> String {
+        match self.entries.get(name) {
+            Some(e) => format!("tensor `{name}` in {}", self.files[e.file].0.display()),
+            None => format!("tensor `{name}`"),
+        }
+    }
+
+    /// Raw bytes of `name`, checked against the expected dtype and shape.
+    pub fn bytes(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&[u8]> {
+        let e = self.entry(name)?;
+        if e.dtype != dtype {
+            bail!("{}: dtype {:?}, expected {:?}", self.location(name), e.dtype, dtype);
+        }
+        if e.shape != shape {
+            bail!("{}: shape {:?}, expected {:?}", self.location(name), e.shape, shape);
+        }
+        Ok(&self.files[e.file].1[e.start..e.end])
+    }
+
+    /// `name` as f32 values (from f32, f16 or bf16), with its shape; refuses
+    /// NaN and infinities.
+    pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let e = self.entry(name)?;
+        let raw = &self.files[e.file].1[e.start..e.end];
+        let values: Vec<f32> = match e.dtype {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => bail!("{}: dtype {other:?} is not a float type", self.location(name)),
+        };
+        check_finite(&values, &e.shape, || self.location(name))?;
+        Ok((values, e.shape.clone()))
+    }
+
+    /// `name` as f32 values with a required shape.
+    pub fn f32_shaped(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (v, s) = self.f32(name)?;
+        if s != shape {
+            bail!("{}: shape {s:?}, expected {shape:?}", self.location(name));
+        }
+        Ok(v)
+    }
+
+    /// `name` as f16 values (stored f16) with a required shape; refuses non-finite values.
+    pub fn f16_shaped(&self, name: &str, shape: &[usize]) -> Result<Vec<f16>> {
+        let raw = self.bytes(name, Dtype::F16, shape)?;
+        let values: Vec<f16> = raw
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{}: non-finite value {} at index {}",
+                self.location(name),
+                values[i],
+                index_string(i, shape)
+            );
+        }
+        Ok(values)
+    }
+}
+
+fn check_finite(values: &[f32], shape: &[usize], loc: impl Fn() -> String) -> Result<()> {
+    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        bail!("{}: non-finite value {} at index {}", loc(), values[i], index_string(i, shape));
+    }
+    Ok(())
+}
+
+fn index_string(mut flat: usize, shape: &[usize]) -> String {
+    let mut idx = vec![0; shape.len()];
+    for (d, &s) in shape.iter().enumerate().rev() {
+        if s > 0 {
+            idx[d] = flat % s;
+            flat /= s;
+        }
+    }
+    format!("{idx:?}")
+}
+
+/// Turns safetensors' header error into one that names the file and, for a
+/// truncated file, the first tensor it cuts off.
+fn explain_bad_file(path: &Path, buf: &[u8], err: safetensors::SafeTensorError) -> anyhow::Error {
+    if let Some(cut) = truncated_tensor(buf) {
+        return anyhow::anyhow!(
+            "{} is truncated: tensor `{}` needs bytes up to {}, the file has {} (re-download or re-create it)",
+            path.display(),
+            cut.0,
+            cut.1,
+            buf.len()
+        );
+    }
+    anyhow::anyhow!("{} is not a valid safetensors file: {err}", path.display())
+}
+
+fn truncated_tensor(buf: &[u8]) -> Option<(String, usize)> {
+    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?) as usize;
+    let header = buf.get(8..8usize.checked_add(n)?)?;
+    let json: serde_json::Value = serde_json::from_slice(header).ok()?;
+    let mut worst: Option<(String, usize)> = None;
+    for (name, info) in json.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let end = 8 + n + info["data_offsets"][1].as_u64()? as usize;
+        if end > buf.len() && worst.as_ref().is_none_or(|w| end < w.1) {
+            worst = Some((name.clone(), end));
+        }
+    }
+    worst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    fn write(path: &Path, tensors: &[(&str, Vec<f32>, Vec<usize>)]) {
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+            .iter()
+            .map(|(n, v, s)| (n.to_string(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), s.clone()))
+            .collect();
+        let views: Vec<(String, TensorView)> = bytes
+            .iter()
+            .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    #[test]
+    fn reads_values_and_names_bad_tensors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("model.safetensors");
+        write(&p, &[("a", vec![1.0, 2.0, 3.0], vec![3]), ("b", vec![0.0, f32::NAN], vec![1, 2])]);
+        let s = TensorStore::open_dir(d.path()).unwrap();
+        assert_eq!(s.f32_shaped("a", &[3]).unwrap(), vec![1.0, 2.0, 3.0]);
+        let e = s.f32_shaped("a", &[4]).unwrap_err().to_string();
+        assert!(e.contains("`a`") && e.contains("expected [4]"), "{e}");
+        let e = s.f32("b").unwrap_err().to_string();
+        assert!(e.contains("`b`") && e.contains("NaN") && e.contains("[0, 1]"), "{e}");
+        let e = s.f32("c").unwrap_err().to_string();
+        assert!(e.contains("`c` is missing"), "{e}");
+    }
+
+    #[test]
+    fn truncated_file_names_the_cut_tensor() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("model.safetensors");
+        write(&p, &[("first", vec![1.0; 4], vec![4]), ("second", vec![2.0; 4], vec![4])]);
+        let len = std::fs::metadata(&p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(len - 3).unwrap();
+        let e = TensorStore::open_dir(d.path()).err().unwrap().to_string();
+        assert!(e.contains("truncated") && e.contains("`second`"), "{e}");
+    }
+}

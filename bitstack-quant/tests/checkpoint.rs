@@ -1,0 +1,222 @@
+//! Compress → checkpoint → load, and every way a checkpoint can be broken.
+
+use std::path::Path;
+
+use bitstack_quant::checkpoint::{read_block, BlockCounts};
+use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::inspect::inspect;
+use bitstack_quant::linear::LinearWeight;
+use bitstack_quant::model::{linear_shape, Llama, LinearKind};
+use bitstack_quant::store::TensorStore;
+use bitstack_quant::synthetic::SyntheticSpec;
+use candle_core::{Device, Tensor};
+
+const K: usize = 4;
+const NITER: usize = 6;
+
+fn calib_text(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("calib.txt");
+    let text: String = (0..400).map(|i| format!("sample {i} of the calibration text; ")).collect();
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn opts(dir: &Path) -> CompressOptions {
+    CompressOptions { k: K, niter: NITER, calib_text: calib_text(dir), calib_windows: 4, seq_len: 32, batch: 2 }
+}
+
+/// A compressed synthetic model in `root/packed` (dense source in `root/dense`).
+fn compressed(root: &Path) -> std::path::PathBuf {
+    let dense = root.join("dense");
+    SyntheticSpec::default().write(&dense).unwrap();
+    let out = root.join("packed");
+    compress(&dense, &out, &opts(root)).unwrap();
+    out
+}
+
+fn logits(model: &Llama) -> Vec<f32> {
+    let ids = Tensor::from_vec((0..20u32).map(|i| i * 13 % 256).collect::<Vec<_>>(), (1, 20), &Device::Cpu).unwrap();
+    model.forward(&ids).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn round_trip_and_more_blocks_fit_better() {
+    let root = tempfile::tempdir().unwrap();
+    let out = compressed(root.path());
+    let dense = Llama::load(&root.path().join("dense"), &BlockCounts::all(), &Device::Cpu).unwrap();
+    let reference = logits(&dense);
+
+    let info = inspect(&out).unwrap();
+    assert_eq!(info.niter, Some(NITER));
+    assert_eq!(info.linears.len(), 2 * 7);
+    assert!(info.linears.iter().all(|l| l.blocks == NITER && l.k == Some(K)));
+
+    let mut errors = Vec::new();
+    for n in [1, 3, NITER] {
+        let m = Llama::load(&out, &BlockCounts::uniform(n), &Device::Cpu).unwrap();
+        for (_, _, lin) in m.linears() {
+            match &lin.weight {
+                LinearWeight::BitStack(s) => assert_eq!(s.blocks.len(), n),
+                LinearWeight::Dense(_) => panic!("compressed linear loaded dense"),
+            }
+        }
+        errors.push(rel(&logits(&m), &reference));
+    }
+    assert!(errors[0] > errors[1] && errors[1] > errors[2], "{errors:?}");
+    assert!(errors[2] < 0.2, "{errors:?}");
+
+    // blocks read back byte for byte as stored
+    let store = TensorStore::open_dir(&out).unwrap();
+    let m = Llama::load(&out, &BlockCounts::all(), &Device::Cpu).unwrap();
+    let (rows, cols) = linear_shape(&m.cfg, LinearKind::Down);
+    let b = read_block(&store, &LinearKind::Down.path(1), 2, rows, cols, K).unwrap();
+    match &m.layers[1].down.weight {
+        LinearWeight::BitStack(s) => assert_eq!(s.blocks[2], b),
+        LinearWeight::Dense(_) => unreachable!(),
+    }
+    // nothing partial left next to the output
+    let leftovers: Vec<_> = std::fs::read_dir(root.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".bitstack-partial")).collect();
+    assert!(leftovers.is_empty());
+}
+
+fn load_err(dir: &Path) -> String {
+    match Llama::load(dir, &BlockCounts::all(), &Device::Cpu) {
+        Ok(_) => panic!("broken checkpoint loaded"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// Rewrites the shard holding `tensor` with `edit` applied to the tensor map.
+fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) {
+    let shard = dir.join("model-00001-of-00003.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &shard).unwrap();
+}
+
+#[test]
+fn broken_checkpoints_give_errors_naming_the_tensor() {
+    let root = tempfile::tempdir().unwrap();
+    let good = compressed(root.path());
+    let copy = |name: &str| {
+        let d = root.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for e in std::fs::read_dir(&good).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        d
+    };
+
+    // truncated shard
+    let d = copy("truncated");
+    let shard = d.join("model-00001-of-00003.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len - 100).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("truncated") && e.contains("model-00001-of-00003.safetensors") && e.contains("tensor `"), "{e}");
+
+    // missing tensor
+    let d = copy("missing");
+    rewrite(&d, |t| t.retain(|(n, ..)| n != "model.layers.0.mlp.up_proj.vt_3"));
+    let e = load_err(&d);
+    assert!(e.contains("model.layers.0.mlp.up_proj.vt_3"), "{e}");
+
+    // wrong shape
+    let d = copy("shape");
+    rewrite(&d, |t| {
+        let x = t.iter_mut().find(|(n, ..)| n == "model.layers.0.self_attn.q_proj.u_1").unwrap();
+        x.2 = vec![x.2[1], x.2[0]];
+    });
+    let e = load_err(&d);
+    assert!(e.contains("model.layers.0.self_attn.q_proj.u_1") && e.contains("shape"), "{e}");
+
+    // NaN
+    let d = copy("nan");
+    rewrite(&d, |t| {
+        let x = t.iter_mut().find(|(n, ..)| n == "model.layers.0.self_attn.k_proj.vt_0").unwrap();
+        let nan = half::f16::NAN.to_le_bytes();
+        x.3[10] = nan[0];
+        x.3[11] = nan[1];
+    });
+    let e = load_err(&d);
+    assert!(e.contains("model.layers.0.self_attn.k_proj.vt_0") && e.contains("NaN"), "{e}");
+
+    // too many blocks requested
+    let e = Llama::load(&good, &BlockCounts::uniform(NITER + 1), &Device::Cpu).err().unwrap();
+    assert!(format!("{e:#}").contains(&format!("cannot load {} blocks", NITER + 1)), "{e:#}");
+}
+
+#[test]
+fn compress_refuses_bad_input_and_leaves_nothing_behind() {
+    let root = tempfile::tempdir().unwrap();
+    let dense = root.path().join("dense");
+    SyntheticSpec::default().write(&dense).unwrap();
+
+    // k larger than the smallest matrix dimension
+    let out = root.path().join("out");
+    let e = compress(&dense, &out, &CompressOptions { k: 49, ..opts(root.path()) }).unwrap_err();
+    assert!(format!("{e:#}").contains("--k 49 is out of range"), "{e:#}");
+    assert!(!out.exists());
+
+    // existing output
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "x").unwrap();
+    let e = compress(&dense, &out, &opts(root.path())).unwrap_err();
+    assert!(format!("{e:#}").contains("already exists"), "{e:#}");
+    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "x");
+
+    // unwritable output location (a path below a regular file)
+    std::fs::write(root.path().join("keep-file"), "x").unwrap();
+    let e = compress(&dense, &root.path().join("keep-file").join("out"), &opts(root.path())).unwrap_err();
+    assert!(format!("{e:#}").contains("keep-file"), "{e:#}");
+
+    // missing tokenizer
+    let no_tok = root.path().join("no-tok");
+    SyntheticSpec::default().write(&no_tok).unwrap();
+    std::fs::remove_file(no_tok.join("tokenizer.json")).unwrap();
+    let e = compress(&no_tok, &root.path().join("o2"), &opts(root.path())).unwrap_err();
+    assert!(format!("{e:#}").contains("missing tokenizer"), "{e:#}");
+
+    // non-finite weight
+    let nan = root.path().join("nan");
+    SyntheticSpec::default().write(&nan).unwrap();
+    let shard = nan.join("model.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut t: Vec<_> = st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    let x = t.iter_mut().find(|(n, ..)| n == "model.layers.1.mlp.gate_proj.weight").unwrap();
+    x.3[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    let views: Vec<_> = t.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &shard).unwrap();
+    let e = compress(&nan, &root.path().join("o3"), &opts(root.path())).unwrap_err();
+    assert!(format!("{e:#}").contains("model.layers.1.mlp.gate_proj.weight"), "{e:#}");
+    assert!(!root.path().join("o3").exists());
+
+    // unknown architecture
+    let arch = root.path().join("arch");
+    SyntheticSpec::default().write(&arch).unwrap();
+    let cfg = std::fs::read_to_string(arch.join("config.json")).unwrap().replace("\"llama\"", "\"falcon\"");
+    std::fs::write(arch.join("config.json"), cfg).unwrap();
+    let e = compress(&arch, &root.path().join("o4"), &opts(root.path())).unwrap_err();
+    assert!(format!("{e:#}").contains("unknown architecture `falcon`"), "{e:#}");
+
+    let leftovers: Vec<_> = std::fs::read_dir(root.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".bitstack-partial")).collect();
+    assert!(leftovers.is_empty());
+}
