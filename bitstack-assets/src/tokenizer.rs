@@ -73,7 +73,9 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer> {
             .with_context(|| format!("`tokenizer.ggml.unknown_token_id` {unk} is out of range"))?;
         bpe = bpe.unk_token((*token).to_string());
     }
-    let bpe = bpe.build().map_err(|e| anyhow!("building BPE model: {e}"))?;
+    let bpe = bpe
+        .build()
+        .map_err(|e| anyhow!("building BPE model: {e}"))?;
 
     let mut tokenizer = Tokenizer::new(bpe);
     if pre == "qwen2" {
@@ -133,14 +135,16 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
         ])
         .into(),
         "default" | "gpt2" => ByteLevel::new(false, true, true).into(),
-        "llama3" | "llama-bpe" => {
-            Sequence::new(vec![split(LLAMA3_REGEX)?, ByteLevel::new(false, true, false).into()])
-                .into()
-        }
-        "qwen2" => {
-            Sequence::new(vec![split(QWEN2_REGEX)?, ByteLevel::new(false, false, false).into()])
-                .into()
-        }
+        "llama3" | "llama-bpe" => Sequence::new(vec![
+            split(LLAMA3_REGEX)?,
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        "qwen2" => Sequence::new(vec![
+            split(QWEN2_REGEX)?,
+            ByteLevel::new(false, false, false).into(),
+        ])
+        .into(),
         other => bail!(
             "unsupported pre-tokenizer `{other}` in `tokenizer.ggml.pre` \
              (supported: smollm, gpt2, default, llama3, llama-bpe, qwen2)"
@@ -211,9 +215,13 @@ mod tests {
             &[3, 1, 1, 1, 1, 1, 1, 1],
         );
         let tok = tokenizer_from_gguf(&c)?;
-        let enc = tok.encode("ab ab<s>12", false).map_err(|e| anyhow!("{e}"))?;
+        let enc = tok
+            .encode("ab ab<s>12", false)
+            .map_err(|e| anyhow!("{e}"))?;
         assert_eq!(enc.get_ids(), [3, 5, 0, 6, 7]);
-        let text = tok.decode(enc.get_ids(), false).map_err(|e| anyhow!("{e}"))?;
+        let text = tok
+            .decode(enc.get_ids(), false)
+            .map_err(|e| anyhow!("{e}"))?;
         assert_eq!(text, "ab ab<s>12");
         Ok(())
     }

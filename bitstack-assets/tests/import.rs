@@ -46,19 +46,49 @@ fn write_gguf(path: &Path, arch: &str, tied: bool) -> HashMap<String, Tensor> {
         gg.push((g, stored));
         hf.insert(h, w);
     };
-    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), &[vocab, HIDDEN], None);
-    add("output_norm.weight".into(), "model.norm.weight".into(), &[HIDDEN], None);
+    add(
+        "token_embd.weight".into(),
+        "model.embed_tokens.weight".into(),
+        &[vocab, HIDDEN],
+        None,
+    );
+    add(
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+        &[HIDDEN],
+        None,
+    );
     if !tied {
-        add("output.weight".into(), "lm_head.weight".into(), &[vocab, HIDDEN], None);
+        add(
+            "output.weight".into(),
+            "lm_head.weight".into(),
+            &[vocab, HIDDEN],
+            None,
+        );
     }
     let kv = KV_HEADS * HEAD_DIM;
     for i in 0..LAYERS {
         let parts: [(&str, &str, Vec<usize>, Option<usize>); 9] = [
             ("attn_norm", "input_layernorm", vec![HIDDEN], None),
-            ("attn_q", "self_attn.q_proj", vec![HIDDEN, HIDDEN], Some(HEADS)),
-            ("attn_k", "self_attn.k_proj", vec![kv, HIDDEN], Some(KV_HEADS)),
+            (
+                "attn_q",
+                "self_attn.q_proj",
+                vec![HIDDEN, HIDDEN],
+                Some(HEADS),
+            ),
+            (
+                "attn_k",
+                "self_attn.k_proj",
+                vec![kv, HIDDEN],
+                Some(KV_HEADS),
+            ),
             ("attn_v", "self_attn.v_proj", vec![kv, HIDDEN], None),
-            ("attn_output", "self_attn.o_proj", vec![HIDDEN, HIDDEN], None),
+            (
+                "attn_output",
+                "self_attn.o_proj",
+                vec![HIDDEN, HIDDEN],
+                None,
+            ),
             ("ffn_norm", "post_attention_layernorm", vec![HIDDEN], None),
             ("ffn_gate", "mlp.gate_proj", vec![INTER, HIDDEN], None),
             ("ffn_up", "mlp.up_proj", vec![INTER, HIDDEN], None),
@@ -74,7 +104,8 @@ fn write_gguf(path: &Path, arch: &str, tied: bool) -> HashMap<String, Tensor> {
         }
     }
 
-    let strings = |xs: &[String]| Value::Array(xs.iter().map(|s| Value::String(s.clone())).collect());
+    let strings =
+        |xs: &[String]| Value::Array(xs.iter().map(|s| Value::String(s.clone())).collect());
     let mut types = vec![Value::I32(1); vocab];
     types[0] = Value::I32(3);
     types[1] = Value::I32(3);
@@ -128,7 +159,11 @@ fn import_restores_names_shapes_and_row_order() -> Result<()> {
     for (name, want) in &expected {
         let got = loaded.get(name).unwrap_or_else(|| panic!("missing {name}"));
         assert_eq!(got.dims(), want.dims(), "{name}");
-        let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert_eq!(diff, 0.0, "{name}");
     }
 
@@ -180,9 +215,15 @@ fn unsupported_architecture_and_dtype() {
     write_gguf(&gguf, "gemma", true);
     let err = import_gguf(&gguf, &dir.path().join("a"), DType::F32).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("unsupported architecture gemma (supported: llama)"), "{msg}");
+    assert!(
+        msg.contains("unsupported architecture gemma (supported: llama)"),
+        "{msg}"
+    );
     let err = import_gguf(&gguf, &dir.path().join("b"), DType::U8).unwrap_err();
-    assert!(format!("{err:#}").contains("unsupported output dtype"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("unsupported output dtype"),
+        "{err:#}"
+    );
 }
 
 #[test]

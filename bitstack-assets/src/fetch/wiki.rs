@@ -69,7 +69,10 @@ mod tests {
         let mut obj = serde_json::Map::new();
         for i in 0..12 {
             let key = format!("k{i:02}");
-            obj.insert(key.clone(), serde_json::json!({ "extract": format!(" {key} ") }));
+            obj.insert(
+                key.clone(),
+                serde_json::json!({ "extract": format!(" {key} ") }),
+            );
         }
         obj.insert("Z".into(), serde_json::json!({ "extract": "zz" }));
         obj.insert("é".into(), serde_json::json!({ "extract": "ee" }));
@@ -86,6 +89,9 @@ mod tests {
         let err = split(br#"{"a": {"extract": 3}}"#, "s.json").unwrap_err();
         assert!(err.to_string().contains("\"a\""), "{err}");
         assert!(split(b"[1]", "s.json").is_err());
-        assert!(split(b"{", "s.json").unwrap_err().to_string().contains("s.json"));
+        assert!(split(b"{", "s.json")
+            .unwrap_err()
+            .to_string()
+            .contains("s.json"));
     }
 }

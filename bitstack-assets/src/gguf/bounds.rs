@@ -44,7 +44,10 @@ pub(crate) fn check_header<R: Read + Seek>(reader: &mut BufReader<R>, len: u64) 
         scan.string("tensor name")?;
         let dims = scan.u32("tensor rank")?;
         if dims > MAX_DIMS {
-            bail!("tensor rank {dims} at offset {} exceeds {MAX_DIMS}", scan.pos);
+            bail!(
+                "tensor rank {dims} at offset {} exceeds {MAX_DIMS}",
+                scan.pos
+            );
         }
         let mut elems: u64 = 1;
         for _ in 0..dims {
@@ -66,7 +69,7 @@ pub(crate) fn check_tensor_data(content: &Content, len: u64) -> Result<()> {
     for (name, info) in &content.tensor_infos {
         let elems = info.shape.elem_count() as u64;
         let block = info.ggml_dtype.block_size() as u64;
-        if block == 0 || elems % block != 0 {
+        if block == 0 || !elems.is_multiple_of(block) {
             bail!("tensor {name}: {elems} elements is not a multiple of block size {block}");
         }
         let bytes = elems / block * info.ggml_dtype.type_size() as u64;
@@ -159,7 +162,7 @@ impl<R: Read + Seek> Scan<'_, R> {
                 let elem = self.u32("array type")?;
                 let n = self.count("array length")?;
                 let min = fixed_size(elem).unwrap_or(if self.v1 { 4 } else { 8 });
-                let total = n.checked_mul(min).unwrap_or(u64::MAX);
+                let total = n.saturating_mul(min);
                 self.need(total, "metadata array")?;
                 if fixed_size(elem).is_some() {
                     return self.skip(total, "metadata array");

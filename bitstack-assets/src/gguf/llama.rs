@@ -33,15 +33,24 @@ impl LlamaParams {
             Some(v) => meta::as_u64(v, "llama.attention.head_count_kv")? as usize,
             None => heads,
         };
-        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            bail!("inconsistent attention shape: hidden {hidden}, {heads} heads, {kv_heads} kv heads");
+        if heads == 0
+            || kv_heads == 0
+            || !hidden.is_multiple_of(heads)
+            || !heads.is_multiple_of(kv_heads)
+        {
+            bail!(
+                "inconsistent attention shape: hidden {hidden}, {heads} heads, {kv_heads} kv heads"
+            );
         }
         let head_dim = match meta::opt(c, "llama.attention.key_length") {
             Some(v) => meta::as_u64(v, "llama.attention.key_length")? as usize,
             None => hidden / heads,
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             bail!("head dim {head_dim} must be even and non-zero");
+        }
+        if heads.checked_mul(head_dim).is_none() {
+            bail!("{heads} heads of dim {head_dim} overflow");
         }
         if let Some(v) = meta::opt(c, "llama.attention.value_length") {
             let value_dim = meta::as_u64(v, "llama.attention.value_length")? as usize;
@@ -128,8 +137,9 @@ fn rope_scaling(c: &Content) -> Result<Option<Value>> {
     match kind {
         None | Some("none") => Ok(None),
         Some("linear") => {
-            let factor = meta::opt_f64(c, "llama.rope.scaling.factor")?
-                .context("`llama.rope.scaling.type` is linear but `llama.rope.scaling.factor` is missing")?;
+            let factor = meta::opt_f64(c, "llama.rope.scaling.factor")?.context(
+                "`llama.rope.scaling.type` is linear but `llama.rope.scaling.factor` is missing",
+            )?;
             Ok(Some(json!({ "rope_type": "linear", "factor": factor })))
         }
         Some(other) => bail!("unsupported rope scaling `{other}` (supported: linear)"),

@@ -102,7 +102,10 @@ pub(crate) fn opt_str_array<'a>(c: &'a Content, key: &str) -> Result<Option<Vec<
         .enumerate()
         .map(|(i, v)| match v {
             Value::String(s) => Ok(s.as_str()),
-            _ => bail!("`{key}`[{i}] should be a string, found {:?}", v.value_type()),
+            _ => bail!(
+                "`{key}`[{i}] should be a string, found {:?}",
+                v.value_type()
+            ),
         })
         .collect::<Result<_>>()
         .map(Some)
@@ -125,7 +128,10 @@ pub(crate) fn opt_int_array(c: &Content, key: &str) -> Result<Option<Vec<i64>>> 
             Value::I32(x) => Ok(x.into()),
             Value::I64(x) => Ok(x),
             Value::U64(x) => i64::try_from(x).map_err(|_| anyhow!("`{key}`[{i}] too large")),
-            _ => bail!("`{key}`[{i}] should be an integer, found {:?}", v.value_type()),
+            _ => bail!(
+                "`{key}`[{i}] should be an integer, found {:?}",
+                v.value_type()
+            ),
         })
         .collect::<Result<_>>()
         .map(Some)

@@ -35,11 +35,26 @@ pub(crate) fn llama_tensors(p: &LlamaParams, tied: bool) -> Vec<Mapping> {
     let (h, v, f) = (p.hidden, p.vocab_size, p.intermediate);
     let (q, kv) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
     let mut out = vec![
-        map("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![v, h], Fix::None),
-        map("output_norm.weight".into(), "model.norm.weight".into(), vec![h], Fix::None),
+        map(
+            "token_embd.weight".into(),
+            "model.embed_tokens.weight".into(),
+            vec![v, h],
+            Fix::None,
+        ),
+        map(
+            "output_norm.weight".into(),
+            "model.norm.weight".into(),
+            vec![h],
+            Fix::None,
+        ),
     ];
     if !tied {
-        out.push(map("output.weight".into(), "lm_head.weight".into(), vec![v, h], Fix::None));
+        out.push(map(
+            "output.weight".into(),
+            "lm_head.weight".into(),
+            vec![v, h],
+            Fix::None,
+        ));
     }
     for i in 0..p.block_count {
         let layer = |g: &str, hf: &str, shape: Vec<usize>, fix: Fix| {
@@ -52,8 +67,18 @@ pub(crate) fn llama_tensors(p: &LlamaParams, tied: bool) -> Vec<Mapping> {
         };
         out.extend([
             layer("attn_norm", "input_layernorm", vec![h], Fix::None),
-            layer("attn_q", "self_attn.q_proj", vec![q, h], Fix::Unpermute(p.heads)),
-            layer("attn_k", "self_attn.k_proj", vec![kv, h], Fix::Unpermute(p.kv_heads)),
+            layer(
+                "attn_q",
+                "self_attn.q_proj",
+                vec![q, h],
+                Fix::Unpermute(p.heads),
+            ),
+            layer(
+                "attn_k",
+                "self_attn.k_proj",
+                vec![kv, h],
+                Fix::Unpermute(p.kv_heads),
+            ),
             layer("attn_v", "self_attn.v_proj", vec![kv, h], Fix::None),
             layer("attn_output", "self_attn.o_proj", vec![h, q], Fix::None),
             layer("ffn_norm", "post_attention_layernorm", vec![h], Fix::None),

@@ -27,7 +27,7 @@ pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
 /// `(out, in, head_dim)`, checking that rows split into heads of even size.
 fn split_dims(w: &Tensor, heads: usize) -> Result<(usize, usize, usize)> {
     let (out, inp) = w.dims2().context("q/k projection must be 2-D")?;
-    if heads == 0 || out % heads != 0 || (out / heads) % 2 != 0 {
+    if heads == 0 || !out.is_multiple_of(heads) || !(out / heads).is_multiple_of(2) {
         bail!("cannot split {out} rows into {heads} heads of even size");
     }
     Ok((out, inp, out / heads))
