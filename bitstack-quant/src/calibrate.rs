@@ -32,7 +32,11 @@ impl Taps for NormTaps<'_> {
     fn record(&mut self, point: TapPoint, x: &Tensor) -> candle_core::Result<()> {
         // x: [B, L, n] → per window and channel, the L2 norm over positions.
         let norms = x.sqr()?.sum(1)?.sqrt()?.sum(0)?.to_vec1::<f32>()?;
-        let acc = self.0.norm_sums.entry(point).or_insert_with(|| vec![0.0; norms.len()]);
+        let acc = self
+            .0
+            .norm_sums
+            .entry(point)
+            .or_insert_with(|| vec![0.0; norms.len()]);
         for (a, v) in acc.iter_mut().zip(norms) {
             *a += v as f64;
         }
@@ -73,7 +77,10 @@ pub fn calibrate(
         .collect::<candle_core::Result<_>>()?;
     let mut all = Vec::with_capacity(model.layers.len());
     for layer in 0..model.layers.len() {
-        let mut stats = LayerStats { windows: windows.len(), ..Default::default() };
+        let mut stats = LayerStats {
+            windows: windows.len(),
+            ..Default::default()
+        };
         for h in hidden.iter_mut() {
             *h = model.layer_forward(layer, h, &mut NormTaps(&mut stats))?;
         }

@@ -46,7 +46,10 @@ impl BlockCounts {
     }
 
     pub fn uniform(n: usize) -> Self {
-        Self { uniform: Some(n), per_linear: HashMap::new() }
+        Self {
+            uniform: Some(n),
+            per_linear: HashMap::new(),
+        }
     }
 
     pub fn for_linear(&self, path: &str, stored: usize) -> usize {
@@ -59,7 +62,14 @@ impl BlockCounts {
 }
 
 /// Reads block `i` of linear `path`, checking dtypes, shapes and finiteness.
-pub fn read_block(store: &TensorStore, path: &str, i: usize, m: usize, n: usize, k: usize) -> Result<Block> {
+pub fn read_block(
+    store: &TensorStore,
+    path: &str,
+    i: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<Block> {
     let signs = store
         .bytes(&qweight_name(path, i), Dtype::U8, &[packed_len(m * n)])?
         .to_vec();
@@ -70,7 +80,9 @@ pub fn read_block(store: &TensorStore, path: &str, i: usize, m: usize, n: usize,
 
 /// Number of blocks stored for `path` (0 when it is dense).
 pub fn stored_blocks(store: &TensorStore, path: &str) -> usize {
-    (0..).take_while(|&i| store.contains(&qweight_name(path, i))).count()
+    (0..)
+        .take_while(|&i| store.contains(&qweight_name(path, i)))
+        .count()
 }
 
 /// The weight of linear `path`: dense if `path.weight` exists, else the
@@ -90,12 +102,14 @@ pub fn load_linear_weight(
         return Ok(LinearWeight::Dense(Tensor::from_vec(v, (m, n), device)?));
     }
     if !store.contains(&qweight_name(path, 0)) {
-        bail!("linear `{path}` has neither `{dense}` nor BitStack blocks (`{}`)", qweight_name(path, 0));
+        bail!(
+            "linear `{path}` has neither `{dense}` nor BitStack blocks (`{}`)",
+            qweight_name(path, 0)
+        );
     }
-    let q = cfg
-        .quantization_config
-        .as_ref()
-        .with_context(|| format!("`{path}` holds BitStack blocks but config.json has no quantization_config"))?;
+    let q = cfg.quantization_config.as_ref().with_context(|| {
+        format!("`{path}` holds BitStack blocks but config.json has no quantization_config")
+    })?;
     let k = q.k_of(path);
     let stored = stored_blocks(store, path);
     if stored < q.niter {
@@ -107,12 +121,17 @@ pub fn load_linear_weight(
     }
     let count = blocks.for_linear(path, q.niter);
     if count == 0 || count > q.niter {
-        bail!("linear `{path}`: cannot load {count} blocks (the checkpoint stores 1…{})", q.niter);
+        bail!(
+            "linear `{path}`: cannot load {count} blocks (the checkpoint stores 1…{})",
+            q.niter
+        );
     }
     let blocks = (0..count)
         .map(|i| read_block(store, path, i, m, n, k))
         .collect::<Result<Vec<_>>>()?;
-    Ok(LinearWeight::BitStack(std::sync::Arc::new(WeightStack::new(m, n, k, blocks))))
+    Ok(LinearWeight::BitStack(std::sync::Arc::new(
+        WeightStack::new(m, n, k, blocks),
+    )))
 }
 
 /// A tensor owned in memory, ready to be serialized.
@@ -124,19 +143,34 @@ pub struct OwnedTensor {
 
 impl OwnedTensor {
     pub fn u8(data: Vec<u8>) -> Self {
-        Self { dtype: Dtype::U8, shape: vec![data.len()], data }
+        Self {
+            dtype: Dtype::U8,
+            shape: vec![data.len()],
+            data,
+        }
     }
     pub fn f16(values: &[f16], shape: &[usize]) -> Self {
         let data = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        Self { dtype: Dtype::F16, shape: shape.to_vec(), data }
+        Self {
+            dtype: Dtype::F16,
+            shape: shape.to_vec(),
+            data,
+        }
     }
     pub fn f32(values: &[f32], shape: &[usize]) -> Self {
         let data = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        Self { dtype: Dtype::F32, shape: shape.to_vec(), data }
+        Self {
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            data,
+        }
     }
     /// Copies a candle tensor (stored as f32).
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
-        let v = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         Ok(Self::f32(&v, t.dims()))
     }
 }
@@ -157,7 +191,14 @@ impl View for &OwnedTensor {
 }
 
 /// The tensors of one block under the reference names.
-pub fn block_tensors(path: &str, i: usize, b: &Block, m: usize, n: usize, k: usize) -> Vec<(String, OwnedTensor)> {
+pub fn block_tensors(
+    path: &str,
+    i: usize,
+    b: &Block,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<(String, OwnedTensor)> {
     vec![
         (qweight_name(path, i), OwnedTensor::u8(b.signs.clone())),
         (u_name(path, i), OwnedTensor::f16(&b.u, &[m, k])),
@@ -178,8 +219,15 @@ pub struct CheckpointWriter {
 
 impl CheckpointWriter {
     pub fn new(out: &Path, total_shards: usize) -> Result<Self> {
-        if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-            bail!("output dir {} already exists and is not empty; remove it or choose another", out.display());
+        if out.exists()
+            && std::fs::read_dir(out)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+        {
+            bail!(
+                "output dir {} already exists and is not empty; remove it or choose another",
+                out.display()
+            );
         }
         let parent = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -191,7 +239,13 @@ impl CheckpointWriter {
             .prefix(".bitstack-partial-")
             .tempdir_in(&parent)
             .with_context(|| format!("output dir {} is not writable", parent.display()))?;
-        Ok(Self { tmp, out: out.to_path_buf(), total_shards, written: 0, weight_map: BTreeMap::new() })
+        Ok(Self {
+            tmp,
+            out: out.to_path_buf(),
+            total_shards,
+            written: 0,
+            weight_map: BTreeMap::new(),
+        })
     }
 
     /// Writes the next shard.
@@ -200,7 +254,10 @@ impl CheckpointWriter {
         let name = if self.total_shards == 1 {
             "model.safetensors".to_string()
         } else {
-            format!("model-{:05}-of-{:05}.safetensors", self.written, self.total_shards)
+            format!(
+                "model-{:05}-of-{:05}.safetensors",
+                self.written, self.total_shards
+            )
         };
         let path = self.tmp.path().join(&name);
         let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
@@ -221,11 +278,18 @@ impl CheckpointWriter {
     /// Writes the shard index and moves the finished dir to `out`.
     pub fn finish(self) -> Result<PathBuf> {
         if self.written != self.total_shards {
-            bail!("internal: wrote {} of {} shards", self.written, self.total_shards);
+            bail!(
+                "internal: wrote {} of {} shards",
+                self.written,
+                self.total_shards
+            );
         }
         if self.total_shards > 1 {
             let index = serde_json::json!({ "metadata": {}, "weight_map": self.weight_map });
-            self.write_file("model.safetensors.index.json", serde_json::to_string_pretty(&index)?.as_bytes())?;
+            self.write_file(
+                "model.safetensors.index.json",
+                serde_json::to_string_pretty(&index)?.as_bytes(),
+            )?;
         }
         if self.out.exists() {
             // An empty dir that the user created for us.
@@ -233,9 +297,8 @@ impl CheckpointWriter {
                 .with_context(|| format!("cannot replace empty dir {}", self.out.display()))?;
         }
         let tmp = self.tmp.keep();
-        std::fs::rename(&tmp, &self.out).with_context(|| {
-            format!("cannot move {} to {}", tmp.display(), self.out.display())
-        })?;
+        std::fs::rename(&tmp, &self.out)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), self.out.display()))?;
         Ok(self.out)
     }
 }

@@ -13,9 +13,10 @@ use crate::checkpoint::{block_tensors, BlockCounts, CheckpointWriter, OwnedTenso
 use crate::config::{ModelConfig, QuantizationConfig};
 use crate::decompose::decompose;
 use crate::linear::LinearWeight;
-use crate::model::{linear_shape, load_tokenizer, Llama, LinearKind};
+use crate::model::{linear_shape, load_tokenizer, LinearKind, Llama};
 use crate::scale::{fold, LayerScales};
 use crate::store::TensorStore;
+use crate::svd::SvdMethod;
 
 /// Knobs of `bitstack compress`.
 #[derive(Clone, Debug)]
@@ -30,6 +31,8 @@ pub struct CompressOptions {
     pub seq_len: usize,
     /// Windows per calibration forward.
     pub batch: usize,
+    /// Top-k SVD algorithm of the decomposition.
+    pub svd: SvdMethod,
 }
 
 /// What a compression run did.
@@ -47,16 +50,22 @@ pub struct CompressReport {
 fn bar(len: u64, msg: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed_precise} (eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>12} [{bar:40}] {pos}/{len} {elapsed_precise} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
     pb
 }
 
 /// Compresses the dense model in `model_dir` into a BitStack checkpoint at `out_dir`.
-pub fn compress(model_dir: &Path, out_dir: &Path, opts: &CompressOptions) -> Result<CompressReport> {
+pub fn compress(
+    model_dir: &Path,
+    out_dir: &Path,
+    opts: &CompressOptions,
+) -> Result<CompressReport> {
     let (cfg, raw_cfg) = ModelConfig::from_dir(model_dir)?;
     if cfg.quantization_config.is_some() {
         bail!("{} is already a BitStack checkpoint", model_dir.display());
@@ -64,7 +73,12 @@ pub fn compress(model_dir: &Path, out_dir: &Path, opts: &CompressOptions) -> Res
     for kind in LinearKind::ALL {
         let (m, n) = linear_shape(&cfg, kind);
         if opts.k == 0 || opts.k > m.min(n) {
-            bail!("--k {} is out of range for {} ({m}×{n}): it must be 1…{}", opts.k, kind.name(), m.min(n));
+            bail!(
+                "--k {} is out of range for {} ({m}×{n}): it must be 1…{}",
+                opts.k,
+                kind.name(),
+                m.min(n)
+            );
         }
     }
     if opts.niter == 0 {
@@ -107,7 +121,10 @@ pub fn compress(model_dir: &Path, out_dir: &Path, opts: &CompressOptions) -> Res
     // Rayon parallelises across linears; keep faer single-threaded inside.
     faer::set_global_parallelism(faer::Par::Seq);
     let t1 = Instant::now();
-    let pb = bar((cfg.num_hidden_layers * LinearKind::ALL.len()) as u64, "decomposing");
+    let pb = bar(
+        (cfg.num_hidden_layers * LinearKind::ALL.len()) as u64,
+        "decomposing",
+    );
     let mut blocks_bytes = 0;
     let mut residuals = Vec::new();
     for (l, layer_stats) in stats.iter().enumerate() {
@@ -125,7 +142,7 @@ pub fn compress(model_dir: &Path, out_dir: &Path, opts: &CompressOptions) -> Res
             .par_iter()
             .map(|(kind, w)| {
                 let (m, n) = linear_shape(&cfg, *kind);
-                let d = decompose(w, m, n, opts.k, opts.niter)
+                let d = decompose(w, m, n, opts.k, opts.niter, opts.svd)
                     .with_context(|| format!("decomposing {}", kind.path(l)));
                 pb.inc(1);
                 d.map(|d| (*kind, d))
@@ -159,11 +176,20 @@ pub fn compress(model_dir: &Path, out_dir: &Path, opts: &CompressOptions) -> Res
     let decomposition_time = t1.elapsed();
 
     let mut dense = vec![
-        ("model.embed_tokens.weight".to_string(), OwnedTensor::from_tensor(&model.embed)?),
-        ("model.norm.weight".to_string(), OwnedTensor::from_tensor(&model.norm)?),
+        (
+            "model.embed_tokens.weight".to_string(),
+            OwnedTensor::from_tensor(&model.embed)?,
+        ),
+        (
+            "model.norm.weight".to_string(),
+            OwnedTensor::from_tensor(&model.norm)?,
+        ),
     ];
     if let Some(head) = &model.lm_head {
-        dense.push(("lm_head.weight".to_string(), OwnedTensor::from_tensor(head)?));
+        dense.push((
+            "lm_head.weight".to_string(),
+            OwnedTensor::from_tensor(head)?,
+        ));
     }
     writer.write_shard(&dense)?;
 
@@ -176,11 +202,20 @@ pub fn compress(model_dir: &Path, out_dir: &Path, opts: &CompressOptions) -> Res
         k_per_linear: Default::default(),
     })?;
     out_cfg["torch_dtype"] = "float32".into();
-    writer.write_file("config.json", serde_json::to_string_pretty(&out_cfg)?.as_bytes())?;
-    for extra in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+    writer.write_file(
+        "config.json",
+        serde_json::to_string_pretty(&out_cfg)?.as_bytes(),
+    )?;
+    for extra in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ] {
         let src = model_dir.join(extra);
         if src.exists() {
-            let bytes = std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
             writer.write_file(extra, &bytes)?;
         }
     }

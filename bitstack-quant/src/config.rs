@@ -123,7 +123,9 @@ impl ModelConfig {
                 bail!("hidden_act `{act}` is not supported (only silu)");
             }
         }
-        if self.num_attention_heads == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+        if self.num_attention_heads == 0
+            || !self.num_attention_heads.is_multiple_of(self.kv_heads())
+        {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
@@ -138,7 +140,10 @@ impl ModelConfig {
                 );
             }
             if q.format_version != 1 {
-                bail!("BitStack format_version {} is not supported (only 1)", q.format_version);
+                bail!(
+                    "BitStack format_version {} is not supported (only 1)",
+                    q.format_version
+                );
             }
         }
         Ok(())
@@ -189,14 +194,20 @@ mod tests {
     #[test]
     fn reads_llama_and_rejects_unknown_arch() {
         let d = tempfile::tempdir().unwrap();
-        write(d.path(), r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,
+        write(
+            d.path(),
+            r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
-            "rms_norm_eps":1e-5,"vocab_size":100,"tie_word_embeddings":true}"#);
+            "rms_norm_eps":1e-5,"vocab_size":100,"tie_word_embeddings":true}"#,
+        );
         let (c, _) = ModelConfig::from_dir(d.path()).unwrap();
         assert_eq!((c.head_dim(), c.kv_heads(), c.qkv_bias()), (16, 2, false));
 
-        write(d.path(), r#"{"model_type":"gpt_neox","hidden_size":64,"intermediate_size":128,
-            "num_hidden_layers":2,"num_attention_heads":4,"rms_norm_eps":1e-5,"vocab_size":100}"#);
+        write(
+            d.path(),
+            r#"{"model_type":"gpt_neox","hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"rms_norm_eps":1e-5,"vocab_size":100}"#,
+        );
         let e = format!("{:#}", ModelConfig::from_dir(d.path()).unwrap_err());
         assert!(e.contains("unknown architecture `gpt_neox`"), "{e}");
     }
@@ -204,9 +215,12 @@ mod tests {
     #[test]
     fn rejects_other_quant_methods() {
         let d = tempfile::tempdir().unwrap();
-        write(d.path(), r#"{"model_type":"qwen2","hidden_size":64,"intermediate_size":128,
+        write(
+            d.path(),
+            r#"{"model_type":"qwen2","hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":2,"num_attention_heads":4,"rms_norm_eps":1e-5,"vocab_size":100,
-            "quantization_config":{"quant_method":"gptq","k":16,"niter":16}}"#);
+            "quantization_config":{"quant_method":"gptq","k":16,"niter":16}}"#,
+        );
         let e = format!("{:#}", ModelConfig::from_dir(d.path()).unwrap_err());
         assert!(e.contains("quant_method `gptq`"), "{e}");
     }

@@ -10,12 +10,18 @@ use half::f16;
 
 use crate::block::Block;
 use crate::pack;
+use crate::svd::{top_k, SvdMethod};
 
 /// Errors of the decomposition.
 #[derive(Debug, thiserror::Error)]
 pub enum DecomposeError {
     #[error("rank k = {k} is larger than min(m, n) = {max} for a {m}×{n} matrix")]
-    RankTooLarge { k: usize, m: usize, n: usize, max: usize },
+    RankTooLarge {
+        k: usize,
+        m: usize,
+        n: usize,
+        max: usize,
+    },
     #[error("k and niter must be at least 1 (got k = {k}, niter = {niter})")]
     Empty { k: usize, niter: usize },
     #[error("weight holds a non-finite value at row {row}, column {col}")]
@@ -42,6 +48,7 @@ pub fn decompose(
     n: usize,
     k: usize,
     niter: usize,
+    method: SvdMethod,
 ) -> Result<Decomposition, DecomposeError> {
     if w.len() != m * n {
         return Err(DecomposeError::Shape { got: w.len(), m, n });
@@ -50,10 +57,18 @@ pub fn decompose(
         return Err(DecomposeError::Empty { k, niter });
     }
     if k > m.min(n) {
-        return Err(DecomposeError::RankTooLarge { k, m, n, max: m.min(n) });
+        return Err(DecomposeError::RankTooLarge {
+            k,
+            m,
+            n,
+            max: m.min(n),
+        });
     }
     if let Some(i) = w.iter().position(|x| !x.is_finite()) {
-        return Err(DecomposeError::NonFinite { row: i / n, col: i % n });
+        return Err(DecomposeError::NonFinite {
+            row: i / n,
+            col: i % n,
+        });
     }
 
     let mut residual = w.to_vec();
@@ -62,11 +77,18 @@ pub fn decompose(
     for iteration in 0..niter {
         let signs = pack::pack_signs(&residual);
         let abs = Mat::<f32>::from_fn(m, n, |i, j| residual[i * n + j].abs());
-        let svd = abs.thin_svd().map_err(|_| DecomposeError::Svd { iteration })?;
-        let (uu, vv, s) = (svd.U(), svd.V(), svd.S().column_vector());
-        let root: Vec<f32> = (0..k).map(|j| s[j].max(0.0).sqrt()).collect();
-        let u = Mat::<f32>::from_fn(m, k, |i, j| uu[(i, j)] * root[j]);
-        let vt = Mat::<f32>::from_fn(k, n, |i, j| root[i] * vv[(j, i)]);
+        let method = match method {
+            SvdMethod::Randomized { oversample, power_iters, seed } => SvdMethod::Randomized {
+                oversample,
+                power_iters,
+                seed: seed.wrapping_add(iteration as u64),
+            },
+            exact => exact,
+        };
+        let top = top_k(&abs, k, method).map_err(|_| DecomposeError::Svd { iteration })?;
+        let root: Vec<f32> = top.s.iter().map(|s| s.max(0.0).sqrt()).collect();
+        let u = Mat::<f32>::from_fn(m, k, |i, j| top.u[(i, j)] * root[j]);
+        let vt = Mat::<f32>::from_fn(k, n, |i, j| root[i] * top.v[(j, i)]);
         let uv = &u * &vt;
         for i in 0..m {
             for j in 0..n {
@@ -77,15 +99,25 @@ pub fn decompose(
         residual_norms.push(frobenius(&residual));
         blocks.push(Block {
             signs,
-            u: (0..m * k).map(|x| f16::from_f32(u[(x / k, x % k)])).collect(),
-            vt: (0..k * n).map(|x| f16::from_f32(vt[(x / n, x % n)])).collect(),
+            u: (0..m * k)
+                .map(|x| f16::from_f32(u[(x / k, x % k)]))
+                .collect(),
+            vt: (0..k * n)
+                .map(|x| f16::from_f32(vt[(x / n, x % n)]))
+                .collect(),
         });
     }
-    Ok(Decomposition { blocks, residual_norms })
+    Ok(Decomposition {
+        blocks,
+        residual_norms,
+    })
 }
 
 fn frobenius(x: &[f32]) -> f64 {
-    x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
+    x.iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 #[cfg(test)]
@@ -96,14 +128,16 @@ mod tests {
 
     fn random(m: usize, n: usize, seed: u64) -> Vec<f32> {
         let mut rng = StdRng::seed_from_u64(seed);
-        (0..m * n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+        (0..m * n)
+            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+            .collect()
     }
 
     #[test]
     fn residual_norm_strictly_decreases_on_random() {
         for (m, n, k) in [(37, 53, 4), (64, 21, 16), (3, 9, 1)] {
             let w = random(m, n, 7);
-            let d = decompose(&w, m, n, k, 8).unwrap();
+            let d = decompose(&w, m, n, k, 8, SvdMethod::Exact).unwrap();
             for pair in d.residual_norms.windows(2) {
                 assert!(pair[1] < pair[0], "{m}×{n} k={k}: {:?}", d.residual_norms);
             }
@@ -114,9 +148,14 @@ mod tests {
     fn all_blocks_reconstruct_the_weight() {
         let (m, n, k) = (48, 40, 8);
         let w = random(m, n, 3);
-        let d = decompose(&w, m, n, k, 16).unwrap();
+        let d = decompose(&w, m, n, k, 16, SvdMethod::Exact).unwrap();
         let r = reconstruct(&d.blocks, m, n, k);
-        let err: f64 = w.iter().zip(&r).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+        let err: f64 = w
+            .iter()
+            .zip(&r)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let rel = err / d.residual_norms[0];
         // f16 rounding of the factors bounds how close we can get.
         assert!(rel < 0.05, "relative error {rel}");
@@ -125,14 +164,78 @@ mod tests {
         assert!((rel - last).abs() < 0.02, "f16 {rel} vs f32 {last}");
     }
 
+    /// A matrix shaped like a trained weight: a low-rank part plus noise,
+    /// with uneven column scales (as activation scaling produces).
+    fn weight_like(m: usize, n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let r = 6;
+        let a: Vec<f32> = (0..m * r).map(|_| rng.random::<f32>() - 0.5).collect();
+        let b: Vec<f32> = (0..r * n).map(|_| rng.random::<f32>() - 0.5).collect();
+        let col: Vec<f32> = (0..n)
+            .map(|_| 0.2 + 3.0 * rng.random::<f32>().powi(3))
+            .collect();
+        (0..m * n)
+            .map(|x| {
+                let (i, j) = (x / n, x % n);
+                let low: f32 = (0..r).map(|t| a[i * r + t] * b[t * n + j]).sum();
+                (low + 0.3 * (rng.random::<f32>() - 0.5)) * col[j]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn randomized_svd_matches_exact_blocks() {
+        for (m, n, k) in [(150, 61, 8), (61, 150, 16), (97, 97, 4)] {
+            let w = weight_like(m, n, 21);
+            let exact = decompose(&w, m, n, k, 6, SvdMethod::Exact).unwrap();
+            let fast = decompose(&w, m, n, k, 6, SvdMethod::randomized(3)).unwrap();
+            // The first block is the same up to rounding: same signs, same
+            // rank-k product within 1% (relative Frobenius).
+            assert_eq!(exact.blocks[0].signs, fast.blocks[0].signs);
+            let uv = |b: &Block| reconstruct(std::slice::from_ref(b), m, n, k);
+            let (a, b) = (uv(&exact.blocks[0]), uv(&fast.blocks[0]));
+            let diff: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let norm: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(
+                diff / norm < 1e-2,
+                "{m}×{n} k={k}: first block differs by {}",
+                diff / norm
+            );
+            // Later blocks may pick a different but equally good subspace:
+            // every residual norm is within 2% of the exact one.
+            for (i, (e, f)) in exact
+                .residual_norms
+                .iter()
+                .zip(&fast.residual_norms)
+                .enumerate()
+            {
+                assert!(
+                    (f - e).abs() <= 0.02 * e,
+                    "{m}×{n} k={k} block {i}: {f} vs {e}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn bad_input_is_rejected() {
         let w = random(4, 5, 1);
-        assert!(matches!(decompose(&w, 4, 5, 5, 1), Err(DecomposeError::RankTooLarge { .. })));
-        assert!(matches!(decompose(&w, 4, 4, 1, 1), Err(DecomposeError::Shape { .. })));
+        assert!(matches!(
+            decompose(&w, 4, 5, 5, 1, SvdMethod::Exact),
+            Err(DecomposeError::RankTooLarge { .. })
+        ));
+        assert!(matches!(
+            decompose(&w, 4, 4, 1, 1, SvdMethod::Exact),
+            Err(DecomposeError::Shape { .. })
+        ));
         let mut bad = w.clone();
         bad[7] = f32::NAN;
-        let e = decompose(&bad, 4, 5, 2, 1).unwrap_err();
+        let e = decompose(&bad, 4, 5, 2, 1, SvdMethod::Exact).unwrap_err();
         assert!(e.to_string().contains("row 1, column 2"), "{e}");
     }
 }

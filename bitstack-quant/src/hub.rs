@@ -13,7 +13,10 @@ pub enum ModelSource {
     /// An existing local directory.
     Local(PathBuf),
     /// A Hub repository id (`owner/name`), with an optional revision (`owner/name@rev`).
-    Hub { repo: String, revision: Option<String> },
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
 }
 
 /// Decides whether `arg` is a local dir or a Hub id, without network access.
@@ -28,10 +31,15 @@ pub fn parse_model_arg(arg: &str) -> Result<ModelSource> {
     };
     let parts: Vec<&str> = repo.split('/').collect();
     let valid = |s: &str| {
-        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     if parts.len() == 2 && parts.iter().all(|p| valid(p)) && !arg.starts_with('.') {
-        return Ok(ModelSource::Hub { repo: repo.to_string(), revision });
+        return Ok(ModelSource::Hub {
+            repo: repo.to_string(),
+            revision,
+        });
     }
     bail!("`{arg}` is neither a model directory nor a Hugging Face model id (owner/name)")
 }
@@ -54,7 +62,10 @@ pub fn hub_token() -> Option<String> {
     let home = std::env::var_os("HF_HOME")
         .map(PathBuf::from)
         .or_else(|| dirs::home_dir().map(|h| h.join(".cache").join("huggingface")))?;
-    std::fs::read_to_string(home.join("token")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+    std::fs::read_to_string(home.join("token"))
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
 }
 
 /// A local model dir for `arg`, downloading a Hub model into the Hub cache
@@ -68,11 +79,15 @@ pub fn resolve_model(arg: &str) -> Result<PathBuf> {
 
 fn download(repo: &str, revision: Option<String>) -> Result<PathBuf> {
     use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
-    let mut builder = ApiBuilder::new().with_progress(true).with_token(hub_token());
+    let mut builder = ApiBuilder::new()
+        .with_progress(true)
+        .with_token(hub_token());
     if let Some(cache) = hub_cache_dir() {
         builder = builder.with_cache_dir(cache);
     }
-    let api = builder.build().context("cannot set up the Hugging Face Hub client")?;
+    let api = builder
+        .build()
+        .context("cannot set up the Hugging Face Hub client")?;
     let repo = match revision {
         Some(rev) => Repo::with_revision(repo.to_string(), RepoType::Model, rev),
         None => Repo::model(repo.to_string()),
@@ -80,7 +95,9 @@ fn download(repo: &str, revision: Option<String>) -> Result<PathBuf> {
     let api = api.repo(repo.clone());
     let mut dir = None;
     for f in MODEL_FILES {
-        let p = api.get(f).with_context(|| format!("cannot download {f} of {}", repo.url()))?;
+        let p = api
+            .get(f)
+            .with_context(|| format!("cannot download {f} of {}", repo.url()))?;
         dir = p.parent().map(Path::to_path_buf);
     }
     match api.get("model.safetensors.index.json") {
@@ -96,7 +113,8 @@ fn download(repo: &str, revision: Option<String>) -> Result<PathBuf> {
             shards.sort();
             shards.dedup();
             for s in shards {
-                api.get(s).with_context(|| format!("cannot download {s} of {}", repo.url()))?;
+                api.get(s)
+                    .with_context(|| format!("cannot download {s} of {}", repo.url()))?;
             }
         }
         Err(_) => {
@@ -118,16 +136,31 @@ mod tests {
     fn local_dirs_and_hub_ids() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().to_str().unwrap();
-        assert_eq!(parse_model_arg(p).unwrap(), ModelSource::Local(d.path().to_path_buf()));
+        assert_eq!(
+            parse_model_arg(p).unwrap(),
+            ModelSource::Local(d.path().to_path_buf())
+        );
         assert_eq!(
             parse_model_arg("HuggingFaceTB/SmolLM2-135M").unwrap(),
-            ModelSource::Hub { repo: "HuggingFaceTB/SmolLM2-135M".into(), revision: None }
+            ModelSource::Hub {
+                repo: "HuggingFaceTB/SmolLM2-135M".into(),
+                revision: None
+            }
         );
         assert_eq!(
             parse_model_arg("meta-llama/Llama-3.1-8B@main").unwrap(),
-            ModelSource::Hub { repo: "meta-llama/Llama-3.1-8B".into(), revision: Some("main".into()) }
+            ModelSource::Hub {
+                repo: "meta-llama/Llama-3.1-8B".into(),
+                revision: Some("main".into())
+            }
         );
-        for bad in ["./missing/dir", "no-slash", "a/b/c", "/abs/missing", "a b/c"] {
+        for bad in [
+            "./missing/dir",
+            "no-slash",
+            "a/b/c",
+            "/abs/missing",
+            "a b/c",
+        ] {
             assert!(parse_model_arg(bad).is_err(), "{bad}");
         }
     }

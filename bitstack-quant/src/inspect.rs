@@ -51,14 +51,26 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
             let blocks = stored_blocks(&store, &name);
             let (k, per_block, total) = if blocks == 0 {
                 let dense = store.shape(&format!("{name}.weight"))?;
-                let bytes = if store.contains(&format!("{name}.weight")) { 4 * dense.iter().product::<usize>() } else { 0 };
+                let bytes = if store.contains(&format!("{name}.weight")) {
+                    4 * dense.iter().product::<usize>()
+                } else {
+                    0
+                };
                 (None, 0, bytes)
             } else {
                 let k = q.map_or(0, |q| q.k_of(&name));
                 let b = block_bytes(m, n, k);
                 (Some(k), b, b * blocks)
             };
-            linears.push(LinearInfo { name, m, n, k, blocks, bytes_per_block: per_block, bytes: total });
+            linears.push(LinearInfo {
+                name,
+                m,
+                n,
+                k,
+                blocks,
+                bytes_per_block: per_block,
+                bytes: total,
+            });
         }
     }
     let file_bytes = crate::store::safetensors_files(dir)?

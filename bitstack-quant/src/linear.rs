@@ -23,7 +23,10 @@ pub struct Linear {
 
 impl Linear {
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight: LinearWeight::Dense(weight), bias }
+        Self {
+            weight: LinearWeight::Dense(weight),
+            bias,
+        }
     }
 
     /// Output features `m`.

@@ -13,6 +13,8 @@ use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
 use bitstack_quant::model::{load_tokenizer, Llama};
 use bitstack_quant::perplexity::{evaluate, PerplexityReport};
+use bitstack_quant::rtn::apply_rtn;
+use bitstack_quant::svd::SvdMethod;
 
 #[derive(Parser)]
 #[command(
@@ -72,6 +74,10 @@ enum Command {
         /// Windows per forward pass (memory vs speed).
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// Top-k SVD: `exact` (faer's thin SVD, as the reference) or
+        /// `randomized` (subspace iteration, several times faster).
+        #[arg(long, default_value = "exact", value_parser = ["exact", "randomized"])]
+        svd: String,
     },
     /// Perplexity on a text (DESIGN §7): non-overlapping windows, no BOS.
     Eval(EvalArgs),
@@ -111,6 +117,13 @@ struct EvalArgs {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 4)]
     batch: usize,
+    /// Baseline instead of BitStack: round-to-nearest with this many bits
+    /// (asymmetric, f16 scale and zero per group), applied to a dense model.
+    #[arg(long, value_name = "BITS")]
+    rtn: Option<u32>,
+    /// Group size along the input dimension for --rtn.
+    #[arg(long, default_value_t = 128)]
+    rtn_group: usize,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -119,8 +132,7 @@ struct EvalArgs {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -139,7 +151,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("calib text:  {}", a.calib_text.display());
             Ok(())
         }
-        Command::ImportGguf { gguf, out_dir, dtype } => {
+        Command::ImportGguf {
+            gguf,
+            out_dir,
+            dtype,
+        } => {
             let r = bitstack_assets::import_gguf(&gguf, &out_dir, parse_dtype(&dtype))?;
             println!(
                 "imported {} ({} tensors, {} parameters) into {}",
@@ -150,13 +166,35 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Compress { model, out_dir, k, niter, calib, calib_windows, seq_len, batch } => {
+        Command::Compress {
+            model,
+            out_dir,
+            k,
+            niter,
+            calib,
+            calib_windows,
+            seq_len,
+            batch,
+            svd,
+        } => {
             let model_dir = resolve_model(&model)?;
             let calib_text = match calib {
                 Some(p) => p,
                 None => default_asset("wiki-calib.txt")?,
             };
-            let opts = CompressOptions { k, niter, calib_text, calib_windows, seq_len, batch };
+            let opts = CompressOptions {
+                k,
+                niter,
+                calib_text,
+                calib_windows,
+                seq_len,
+                batch,
+                svd: if svd == "randomized" {
+                    SvdMethod::randomized(0)
+                } else {
+                    SvdMethod::Exact
+                },
+            };
             let r = compress(&model_dir, &out_dir, &opts)?;
             println!(
                 "wrote {} ({} linears, {:.1} MiB of blocks); calibration {:.1}s, decomposition {:.1}s; mean residual ‖R‖/‖W‖ {:.4}",
@@ -191,7 +229,10 @@ fn run(cli: Cli) -> Result<()> {
                 i.k.map_or("-".into(), |k| k.to_string()),
                 i.niter.map_or("dense".into(), |n| n.to_string())
             );
-            println!("{:<40} {:>11} {:>4} {:>6} {:>12} {:>12}", "linear", "shape", "k", "blocks", "bytes/block", "bytes");
+            println!(
+                "{:<40} {:>11} {:>4} {:>6} {:>12} {:>12}",
+                "linear", "shape", "k", "blocks", "bytes/block", "bytes"
+            );
             for l in &i.linears {
                 println!(
                     "{:<40} {:>11} {:>4} {:>6} {:>12} {:>12}",
@@ -209,7 +250,11 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Demo { dir, blocks, windows } => demo(dir, &blocks, windows),
+        Command::Demo {
+            dir,
+            blocks,
+            windows,
+        } => demo(dir, &blocks, windows),
     }
 }
 
@@ -224,7 +269,10 @@ fn parse_dtype(s: &str) -> DType {
 fn default_asset(name: &str) -> Result<PathBuf> {
     let p = bitstack_assets::default_assets_dir()?.join(name);
     if !p.exists() {
-        bail!("{} does not exist: run `bitstack fetch-assets` first (or pass a file)", p.display());
+        bail!(
+            "{} does not exist: run `bitstack fetch-assets` first (or pass a file)",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -232,9 +280,11 @@ fn default_asset(name: &str) -> Result<PathBuf> {
 fn progress(len: u64, msg: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed_precise} (eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>12} [{bar:40}] {pos}/{len} {elapsed_precise} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
     pb
@@ -246,13 +296,23 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         Some(p) => p.clone(),
         None => default_asset("wiki-eval.txt")?,
     };
-    eval_dir(&dir, &text_path, args.blocks, args.windows, args.seq_len, args.batch)
+    let rtn = args.rtn.map(|b| (b, args.rtn_group));
+    eval_dir(
+        &dir,
+        &text_path,
+        args.blocks,
+        rtn,
+        args.windows,
+        args.seq_len,
+        args.batch,
+    )
 }
 
 fn eval_dir(
     dir: &Path,
     text_path: &Path,
     blocks: Option<usize>,
+    rtn: Option<(u32, usize)>,
     windows: usize,
     seq_len: usize,
     batch: usize,
@@ -261,15 +321,25 @@ fn eval_dir(
         .with_context(|| format!("cannot read {}", text_path.display()))?;
     let tokenizer = load_tokenizer(dir)?;
     let counts = blocks.map_or_else(BlockCounts::all, BlockCounts::uniform);
-    let model = Llama::load(dir, &counts, &Device::Cpu)?;
+    let mut model = Llama::load(dir, &counts, &Device::Cpu)?;
+    let rtn_bytes = match rtn {
+        Some((bits, group)) => Some(apply_rtn(&mut model, bits, group)?),
+        None => None,
+    };
     let ids = tokenizer
         .encode(text, false)
         .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", text_path.display()))?
         .get_ids()
         .to_vec();
     let pb = progress(windows.min(ids.len() / seq_len.max(1)) as u64, "evaluating");
-    let r = evaluate(&model, &ids, seq_len, windows, batch, &pb)?;
+    let mut r = evaluate(&model, &ids, seq_len, windows, batch, &pb)?;
     pb.finish_and_clear();
+    if let Some(bytes) = rtn_bytes {
+        // Report what the quantized linears would occupy, not the f32 copies.
+        r.resident_total_bytes = r.resident_total_bytes - r.resident_linear_bytes + bytes;
+        r.resident_linear_bytes = bytes;
+        r.bits_per_linear_weight = bytes as f64 * 8.0 / model.linear_weight_count() as f64;
+    }
     Ok(r)
 }
 
@@ -304,14 +374,24 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
             calib_windows: 128,
             seq_len: 512,
             batch: 4,
+            svd: SvdMethod::Exact,
         };
         compress(&dense, &packed, &opts)?;
     }
-    println!("{:<10} {:>8} {:>12} {:>14}", "model", "bits/w", "PPL", "linear MiB");
-    let r = eval_dir(&dense, &assets.eval_text, None, windows, 512, 4)?;
-    println!("{:<10} {:>8.3} {:>12.3} {:>14.2}", "dense", r.bits_per_linear_weight, r.ppl, r.resident_linear_bytes as f64 / (1 << 20) as f64);
+    println!(
+        "{:<10} {:>8} {:>12} {:>14}",
+        "model", "bits/w", "PPL", "linear MiB"
+    );
+    let r = eval_dir(&dense, &assets.eval_text, None, None, windows, 512, 4)?;
+    println!(
+        "{:<10} {:>8.3} {:>12.3} {:>14.2}",
+        "dense",
+        r.bits_per_linear_weight,
+        r.ppl,
+        r.resident_linear_bytes as f64 / (1 << 20) as f64
+    );
     for &n in blocks {
-        let r = eval_dir(&packed, &assets.eval_text, Some(n), windows, 512, 4)?;
+        let r = eval_dir(&packed, &assets.eval_text, Some(n), None, windows, 512, 4)?;
         println!(
             "{:<10} {:>8.3} {:>12.3} {:>14.2}",
             format!("{n} blocks"),

@@ -152,7 +152,10 @@ impl Rope {
             .to_dtype(DType::F32)?
             .reshape((max_len, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
-        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()? })
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+        })
     }
 }
 
@@ -229,7 +232,8 @@ impl Llama {
                 } else {
                     None
                 };
-                let weight = checkpoint::load_linear_weight(store, &cfg, &path, m, n, blocks, device)?;
+                let weight =
+                    checkpoint::load_linear_weight(store, &cfg, &path, m, n, blocks, device)?;
                 Ok(Linear { weight, bias })
             };
             layers.push(DecoderLayer {
@@ -248,14 +252,24 @@ impl Llama {
             });
         }
         let rope = Rope::new(&cfg, cfg.max_position_embeddings.min(32768), device)?;
-        Ok(Self { cfg, embed, layers, norm, lm_head, device: device.clone(), rope })
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+            rope,
+        })
     }
 
     /// Token ids `[B, L]` → hidden states after the embedding.
     pub fn embed(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l) = tokens.dims2()?;
         let flat = tokens.flatten_all()?;
-        self.embed.index_select(&flat, 0)?.reshape((b, l, self.cfg.hidden_size))
+        self.embed
+            .index_select(&flat, 0)?
+            .reshape((b, l, self.cfg.hidden_size))
     }
 
     /// Runs decoder layer `index` on `x` (`[B, L, d]`), reporting linear inputs to `taps`.
@@ -283,7 +297,10 @@ impl Llama {
         let sin = self.rope.sin.narrow(0, 0, l)?;
         let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-        let (k, v) = (repeat_kv(k, heads / kv_heads)?, repeat_kv(v, heads / kv_heads)?);
+        let (k, v) = (
+            repeat_kv(k, heads / kv_heads)?,
+            repeat_kv(v, heads / kv_heads)?,
+        );
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = scores.broadcast_add(&causal_mask(l, x.device())?)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -336,15 +353,22 @@ impl Llama {
         let mut total = tensor_bytes(&self.embed) + tensor_bytes(&self.norm);
         total += self.lm_head.as_ref().map_or(0, tensor_bytes);
         for layer in &self.layers {
-            total += tensor_bytes(&layer.input_layernorm) + tensor_bytes(&layer.post_attention_layernorm);
+            total += tensor_bytes(&layer.input_layernorm)
+                + tensor_bytes(&layer.post_attention_layernorm);
         }
-        total + self.linears().map(|(_, _, l)| l.resident_bytes()).sum::<usize>()
+        total
+            + self
+                .linears()
+                .map(|(_, _, l)| l.resident_bytes())
+                .sum::<usize>()
     }
 
     /// Every decoder linear with its layer index and kind.
     pub fn linears(&self) -> impl Iterator<Item = (usize, LinearKind, &Linear)> {
         self.layers.iter().enumerate().flat_map(|(i, layer)| {
-            LinearKind::ALL.iter().map(move |&k| (i, k, layer.linear(k)))
+            LinearKind::ALL
+                .iter()
+                .map(move |&k| (i, k, layer.linear(k)))
         })
     }
 
@@ -357,7 +381,11 @@ impl Llama {
 /// `(out, in)` of a decoder linear.
 pub fn linear_shape(cfg: &ModelConfig, kind: LinearKind) -> (usize, usize) {
     let (d, hd) = (cfg.hidden_size, cfg.head_dim());
-    let (q, kv, ff) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd, cfg.intermediate_size);
+    let (q, kv, ff) = (
+        cfg.num_attention_heads * hd,
+        cfg.kv_heads() * hd,
+        cfg.intermediate_size,
+    );
     match kind {
         LinearKind::Q => (q, d),
         LinearKind::K | LinearKind::V => (kv, d),

@@ -12,7 +12,7 @@ pub fn packed_len(len: usize) -> usize {
 /// The sign convention of the method: `x ≥ 0` (including −0.0) is +1.
 #[inline]
 pub fn is_positive(x: f32) -> bool {
-    !(x < 0.0)
+    x.is_sign_positive() || x == 0.0
 }
 
 /// Packs the signs of `values` (0 counts as +1).

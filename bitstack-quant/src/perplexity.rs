@@ -40,7 +40,10 @@ pub fn mean_nll(
     }
     let wins = windows(tokens, seq_len, 0, count);
     if wins.is_empty() {
-        bail!("the text has {} tokens, fewer than one window of {seq_len}", tokens.len());
+        bail!(
+            "the text has {} tokens, fewer than one window of {seq_len}",
+            tokens.len()
+        );
     }
     let mut total = 0f64;
     let mut scored = 0usize;

@@ -45,7 +45,11 @@ impl LayerScales {
         };
         Ok(Self {
             attn: get(TapPoint::AttnInput)?,
-            o: if o_is_scalable(cfg) { Some(get(TapPoint::OInput)?) } else { None },
+            o: if o_is_scalable(cfg) {
+                Some(get(TapPoint::OInput)?)
+            } else {
+                None
+            },
             mlp: get(TapPoint::MlpInput)?,
             down: get(TapPoint::DownInput)?,
         })
@@ -55,7 +59,10 @@ impl LayerScales {
 fn dense(layer: &mut DecoderLayer, kind: LinearKind) -> Result<&mut Tensor> {
     match &mut layer.linear_mut(kind).weight {
         LinearWeight::Dense(w) => Ok(w),
-        LinearWeight::BitStack(_) => anyhow::bail!("{} is already compressed; scaling needs the dense weight", kind.name()),
+        LinearWeight::BitStack(_) => anyhow::bail!(
+            "{} is already compressed; scaling needs the dense weight",
+            kind.name()
+        ),
     }
 }
 

@@ -78,8 +78,12 @@ mod tests {
         let s: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
         Block {
             signs: pack_signs(&s),
-            u: (0..m * k).map(|_| f16::from_f32(rng.random::<f32>() - 0.5)).collect(),
-            vt: (0..k * n).map(|_| f16::from_f32(rng.random::<f32>() - 0.5)).collect(),
+            u: (0..m * k)
+                .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
+                .collect(),
+            vt: (0..k * n)
+                .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
+                .collect(),
         }
     }
 
@@ -93,9 +97,15 @@ mod tests {
             let fast = stack.dense();
             let slow = reconstruct(&blocks, m, n, k);
             for (a, b) in fast.iter().zip(&slow) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{m}×{n}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{m}×{n}: {a} vs {b}"
+                );
             }
-            assert_eq!(stack.resident_bytes(), blocks.iter().map(Block::bytes).sum::<usize>());
+            assert_eq!(
+                stack.resident_bytes(),
+                blocks.iter().map(Block::bytes).sum::<usize>()
+            );
         }
     }
 }

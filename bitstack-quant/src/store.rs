@@ -77,8 +77,8 @@ impl TensorStore {
             // user error that safetensors' own loaders accept in the same way.
             let mmap = unsafe { Mmap::map(&file) }
                 .with_context(|| format!("cannot map {}", path.display()))?;
-            let (header, metadata) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| explain_bad_file(path, &mmap, e))?;
+            let (header, metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| explain_bad_file(path, &mmap, e))?;
             let base = 8 + header;
             for (name, info) in metadata.tensors() {
                 let (s, e) = info.data_offsets;
@@ -135,10 +135,20 @@ impl TensorStore {
     pub fn bytes(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&[u8]> {
         let e = self.entry(name)?;
         if e.dtype != dtype {
-            bail!("{}: dtype {:?}, expected {:?}", self.location(name), e.dtype, dtype);
+            bail!(
+                "{}: dtype {:?}, expected {:?}",
+                self.location(name),
+                e.dtype,
+                dtype
+            );
         }
         if e.shape != shape {
-            bail!("{}: shape {:?}, expected {:?}", self.location(name), e.shape, shape);
+            bail!(
+                "{}: shape {:?}, expected {:?}",
+                self.location(name),
+                e.shape,
+                shape
+            );
         }
         Ok(&self.files[e.file].1[e.start..e.end])
     }
@@ -161,7 +171,10 @@ impl TensorStore {
                 .chunks_exact(2)
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            other => bail!("{}: dtype {other:?} is not a float type", self.location(name)),
+            other => bail!(
+                "{}: dtype {other:?} is not a float type",
+                self.location(name)
+            ),
         };
         check_finite(&values, &e.shape, || self.location(name))?;
         Ok((values, e.shape.clone()))
@@ -197,7 +210,12 @@ impl TensorStore {
 
 fn check_finite(values: &[f32], shape: &[usize], loc: impl Fn() -> String) -> Result<()> {
     if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-        bail!("{}: non-finite value {} at index {}", loc(), values[i], index_string(i, shape));
+        bail!(
+            "{}: non-finite value {} at index {}",
+            loc(),
+            values[i],
+            index_string(i, shape)
+        );
     }
     Ok(())
 }
@@ -253,11 +271,22 @@ mod tests {
     fn write(path: &Path, tensors: &[(&str, Vec<f32>, Vec<usize>)]) {
         let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
             .iter()
-            .map(|(n, v, s)| (n.to_string(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), s.clone()))
+            .map(|(n, v, s)| {
+                (
+                    n.to_string(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    s.clone(),
+                )
+            })
             .collect();
         let views: Vec<(String, TensorView)> = bytes
             .iter()
-            .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+            .map(|(n, b, s)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
             .collect();
         safetensors::serialize_to_file(views, None, path).unwrap();
     }
@@ -266,13 +295,22 @@ mod tests {
     fn reads_values_and_names_bad_tensors() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("model.safetensors");
-        write(&p, &[("a", vec![1.0, 2.0, 3.0], vec![3]), ("b", vec![0.0, f32::NAN], vec![1, 2])]);
+        write(
+            &p,
+            &[
+                ("a", vec![1.0, 2.0, 3.0], vec![3]),
+                ("b", vec![0.0, f32::NAN], vec![1, 2]),
+            ],
+        );
         let s = TensorStore::open_dir(d.path()).unwrap();
         assert_eq!(s.f32_shaped("a", &[3]).unwrap(), vec![1.0, 2.0, 3.0]);
         let e = s.f32_shaped("a", &[4]).unwrap_err().to_string();
         assert!(e.contains("`a`") && e.contains("expected [4]"), "{e}");
         let e = s.f32("b").unwrap_err().to_string();
-        assert!(e.contains("`b`") && e.contains("NaN") && e.contains("[0, 1]"), "{e}");
+        assert!(
+            e.contains("`b`") && e.contains("NaN") && e.contains("[0, 1]"),
+            "{e}"
+        );
         let e = s.f32("c").unwrap_err().to_string();
         assert!(e.contains("`c` is missing"), "{e}");
     }
@@ -281,7 +319,13 @@ mod tests {
     fn truncated_file_names_the_cut_tensor() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("model.safetensors");
-        write(&p, &[("first", vec![1.0; 4], vec![4]), ("second", vec![2.0; 4], vec![4])]);
+        write(
+            &p,
+            &[
+                ("first", vec![1.0; 4], vec![4]),
+                ("second", vec![2.0; 4], vec![4]),
+            ],
+        );
         let len = std::fs::metadata(&p).unwrap().len();
         let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(len - 3).unwrap();

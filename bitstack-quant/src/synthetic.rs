@@ -67,18 +67,29 @@ impl SyntheticSpec {
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let json = self.config_json();
-        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&json)?)?;
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&json)?,
+        )?;
         let cfg: ModelConfig = serde_json::from_value(json)?;
         let mut rng = StdRng::seed_from_u64(self.seed);
         let mut normal = |shape: &[usize], scale: f32| -> OwnedTensor {
             let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect();
+            let v: Vec<f32> = (0..n)
+                .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+                .collect();
             OwnedTensor::f32(&v, shape)
         };
         let d = self.hidden;
         let mut tensors = vec![
-            ("model.embed_tokens.weight".to_string(), normal(&[self.vocab, d], 1.0)),
-            ("model.norm.weight".to_string(), norm_weight(d, &mut StdRng::seed_from_u64(self.seed + 1))),
+            (
+                "model.embed_tokens.weight".to_string(),
+                normal(&[self.vocab, d], 1.0),
+            ),
+            (
+                "model.norm.weight".to_string(),
+                norm_weight(d, &mut StdRng::seed_from_u64(self.seed + 1)),
+            ),
         ];
         if !self.tied {
             tensors.push(("lm_head.weight".to_string(), normal(&[self.vocab, d], 0.2)));
@@ -86,14 +97,23 @@ impl SyntheticSpec {
         for l in 0..self.layers {
             for kind in LinearKind::ALL {
                 let (m, n) = linear_shape(&cfg, kind);
-                tensors.push((format!("{}.weight", kind.path(l)), normal(&[m, n], 1.0 / (n as f32).sqrt())));
+                tensors.push((
+                    format!("{}.weight", kind.path(l)),
+                    normal(&[m, n], 1.0 / (n as f32).sqrt()),
+                ));
                 if cfg.qkv_bias() && matches!(kind, LinearKind::Q | LinearKind::K | LinearKind::V) {
                     tensors.push((format!("{}.bias", kind.path(l)), normal(&[m], 0.1)));
                 }
             }
             let mut r = StdRng::seed_from_u64(self.seed + 10 + l as u64);
-            tensors.push((format!("model.layers.{l}.input_layernorm.weight"), norm_weight(d, &mut r)));
-            tensors.push((format!("model.layers.{l}.post_attention_layernorm.weight"), norm_weight(d, &mut r)));
+            tensors.push((
+                format!("model.layers.{l}.input_layernorm.weight"),
+                norm_weight(d, &mut r),
+            ));
+            tensors.push((
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                norm_weight(d, &mut r),
+            ));
         }
         let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
         safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;

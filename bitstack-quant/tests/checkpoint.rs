@@ -6,8 +6,9 @@ use bitstack_quant::checkpoint::{read_block, BlockCounts};
 use bitstack_quant::compress::{compress, CompressOptions};
 use bitstack_quant::inspect::inspect;
 use bitstack_quant::linear::LinearWeight;
-use bitstack_quant::model::{linear_shape, Llama, LinearKind};
+use bitstack_quant::model::{linear_shape, LinearKind, Llama};
 use bitstack_quant::store::TensorStore;
+use bitstack_quant::svd::SvdMethod;
 use bitstack_quant::synthetic::SyntheticSpec;
 use candle_core::{Device, Tensor};
 
@@ -16,13 +17,22 @@ const NITER: usize = 6;
 
 fn calib_text(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("calib.txt");
-    let text: String = (0..400).map(|i| format!("sample {i} of the calibration text; ")).collect();
+    let text: String = (0..400)
+        .map(|i| format!("sample {i} of the calibration text; "))
+        .collect();
     std::fs::write(&p, text).unwrap();
     p
 }
 
 fn opts(dir: &Path) -> CompressOptions {
-    CompressOptions { k: K, niter: NITER, calib_text: calib_text(dir), calib_windows: 4, seq_len: 32, batch: 2 }
+    CompressOptions {
+        k: K,
+        niter: NITER,
+        calib_text: calib_text(dir),
+        calib_windows: 4,
+        seq_len: 32,
+        batch: 2,
+    }
 }
 
 /// A compressed synthetic model in `root/packed` (dense source in `root/dense`).
@@ -35,8 +45,19 @@ fn compressed(root: &Path) -> std::path::PathBuf {
 }
 
 fn logits(model: &Llama) -> Vec<f32> {
-    let ids = Tensor::from_vec((0..20u32).map(|i| i * 13 % 256).collect::<Vec<_>>(), (1, 20), &Device::Cpu).unwrap();
-    model.forward(&ids).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    let ids = Tensor::from_vec(
+        (0..20u32).map(|i| i * 13 % 256).collect::<Vec<_>>(),
+        (1, 20),
+        &Device::Cpu,
+    )
+    .unwrap();
+    model
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
@@ -49,13 +70,21 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 fn round_trip_and_more_blocks_fit_better() {
     let root = tempfile::tempdir().unwrap();
     let out = compressed(root.path());
-    let dense = Llama::load(&root.path().join("dense"), &BlockCounts::all(), &Device::Cpu).unwrap();
+    let dense = Llama::load(
+        &root.path().join("dense"),
+        &BlockCounts::all(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let reference = logits(&dense);
 
     let info = inspect(&out).unwrap();
     assert_eq!(info.niter, Some(NITER));
     assert_eq!(info.linears.len(), 2 * 7);
-    assert!(info.linears.iter().all(|l| l.blocks == NITER && l.k == Some(K)));
+    assert!(info
+        .linears
+        .iter()
+        .all(|l| l.blocks == NITER && l.k == Some(K)));
 
     let mut errors = Vec::new();
     for n in [1, 3, NITER] {
@@ -81,7 +110,15 @@ fn round_trip_and_more_blocks_fit_better() {
         LinearWeight::Dense(_) => unreachable!(),
     }
     // nothing partial left next to the output
-    let leftovers: Vec<_> = std::fs::read_dir(root.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".bitstack-partial")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(root.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".bitstack-partial")
+        })
+        .collect();
     assert!(leftovers.is_empty());
 }
 
@@ -93,7 +130,10 @@ fn load_err(dir: &Path) -> String {
 }
 
 /// Rewrites the shard holding `tensor` with `edit` applied to the tensor map.
-fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) {
+fn rewrite(
+    dir: &Path,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
     let shard = dir.join("model-00001-of-00003.safetensors");
     let bytes = std::fs::read(&shard).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -105,7 +145,12 @@ fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, V
     edit(&mut tensors);
     let views: Vec<_> = tensors
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &shard).unwrap();
 }
@@ -128,39 +173,68 @@ fn broken_checkpoints_give_errors_naming_the_tensor() {
     let d = copy("truncated");
     let shard = d.join("model-00001-of-00003.safetensors");
     let len = std::fs::metadata(&shard).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len - 100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
     let e = load_err(&d);
-    assert!(e.contains("truncated") && e.contains("model-00001-of-00003.safetensors") && e.contains("tensor `"), "{e}");
+    assert!(
+        e.contains("truncated")
+            && e.contains("model-00001-of-00003.safetensors")
+            && e.contains("tensor `"),
+        "{e}"
+    );
 
     // missing tensor
     let d = copy("missing");
-    rewrite(&d, |t| t.retain(|(n, ..)| n != "model.layers.0.mlp.up_proj.vt_3"));
+    rewrite(&d, |t| {
+        t.retain(|(n, ..)| n != "model.layers.0.mlp.up_proj.vt_3")
+    });
     let e = load_err(&d);
     assert!(e.contains("model.layers.0.mlp.up_proj.vt_3"), "{e}");
 
     // wrong shape
     let d = copy("shape");
     rewrite(&d, |t| {
-        let x = t.iter_mut().find(|(n, ..)| n == "model.layers.0.self_attn.q_proj.u_1").unwrap();
+        let x = t
+            .iter_mut()
+            .find(|(n, ..)| n == "model.layers.0.self_attn.q_proj.u_1")
+            .unwrap();
         x.2 = vec![x.2[1], x.2[0]];
     });
     let e = load_err(&d);
-    assert!(e.contains("model.layers.0.self_attn.q_proj.u_1") && e.contains("shape"), "{e}");
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj.u_1") && e.contains("shape"),
+        "{e}"
+    );
 
     // NaN
     let d = copy("nan");
     rewrite(&d, |t| {
-        let x = t.iter_mut().find(|(n, ..)| n == "model.layers.0.self_attn.k_proj.vt_0").unwrap();
+        let x = t
+            .iter_mut()
+            .find(|(n, ..)| n == "model.layers.0.self_attn.k_proj.vt_0")
+            .unwrap();
         let nan = half::f16::NAN.to_le_bytes();
         x.3[10] = nan[0];
         x.3[11] = nan[1];
     });
     let e = load_err(&d);
-    assert!(e.contains("model.layers.0.self_attn.k_proj.vt_0") && e.contains("NaN"), "{e}");
+    assert!(
+        e.contains("model.layers.0.self_attn.k_proj.vt_0") && e.contains("NaN"),
+        "{e}"
+    );
 
     // too many blocks requested
-    let e = Llama::load(&good, &BlockCounts::uniform(NITER + 1), &Device::Cpu).err().unwrap();
-    assert!(format!("{e:#}").contains(&format!("cannot load {} blocks", NITER + 1)), "{e:#}");
+    let e = Llama::load(&good, &BlockCounts::uniform(NITER + 1), &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{e:#}").contains(&format!("cannot load {} blocks", NITER + 1)),
+        "{e:#}"
+    );
 }
 
 #[test]
@@ -171,7 +245,15 @@ fn compress_refuses_bad_input_and_leaves_nothing_behind() {
 
     // k larger than the smallest matrix dimension
     let out = root.path().join("out");
-    let e = compress(&dense, &out, &CompressOptions { k: 49, ..opts(root.path()) }).unwrap_err();
+    let e = compress(
+        &dense,
+        &out,
+        &CompressOptions {
+            k: 49,
+            ..opts(root.path())
+        },
+    )
+    .unwrap_err();
     assert!(format!("{e:#}").contains("--k 49 is out of range"), "{e:#}");
     assert!(!out.exists());
 
@@ -184,7 +266,12 @@ fn compress_refuses_bad_input_and_leaves_nothing_behind() {
 
     // unwritable output location (a path below a regular file)
     std::fs::write(root.path().join("keep-file"), "x").unwrap();
-    let e = compress(&dense, &root.path().join("keep-file").join("out"), &opts(root.path())).unwrap_err();
+    let e = compress(
+        &dense,
+        &root.path().join("keep-file").join("out"),
+        &opts(root.path()),
+    )
+    .unwrap_err();
     assert!(format!("{e:#}").contains("keep-file"), "{e:#}");
 
     // missing tokenizer
@@ -200,23 +287,54 @@ fn compress_refuses_bad_input_and_leaves_nothing_behind() {
     let shard = nan.join("model.safetensors");
     let bytes = std::fs::read(&shard).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut t: Vec<_> = st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
-    let x = t.iter_mut().find(|(n, ..)| n == "model.layers.1.mlp.gate_proj.weight").unwrap();
+    let mut t: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let x = t
+        .iter_mut()
+        .find(|(n, ..)| n == "model.layers.1.mlp.gate_proj.weight")
+        .unwrap();
     x.3[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
-    let views: Vec<_> = t.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<_> = t
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
     safetensors::serialize_to_file(views, None, &shard).unwrap();
     let e = compress(&nan, &root.path().join("o3"), &opts(root.path())).unwrap_err();
-    assert!(format!("{e:#}").contains("model.layers.1.mlp.gate_proj.weight"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("model.layers.1.mlp.gate_proj.weight"),
+        "{e:#}"
+    );
     assert!(!root.path().join("o3").exists());
 
     // unknown architecture
     let arch = root.path().join("arch");
     SyntheticSpec::default().write(&arch).unwrap();
-    let cfg = std::fs::read_to_string(arch.join("config.json")).unwrap().replace("\"llama\"", "\"falcon\"");
+    let cfg = std::fs::read_to_string(arch.join("config.json"))
+        .unwrap()
+        .replace("\"llama\"", "\"falcon\"");
     std::fs::write(arch.join("config.json"), cfg).unwrap();
     let e = compress(&arch, &root.path().join("o4"), &opts(root.path())).unwrap_err();
-    assert!(format!("{e:#}").contains("unknown architecture `falcon`"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("unknown architecture `falcon`"),
+        "{e:#}"
+    );
 
-    let leftovers: Vec<_> = std::fs::read_dir(root.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".bitstack-partial")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(root.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".bitstack-partial")
+        })
+        .collect();
     assert!(leftovers.is_empty());
 }

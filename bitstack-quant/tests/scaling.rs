@@ -3,7 +3,7 @@
 use bitstack_quant::calibrate::{calibrate, windows};
 use bitstack_quant::checkpoint::BlockCounts;
 use bitstack_quant::linear::LinearWeight;
-use bitstack_quant::model::{Llama, LinearKind};
+use bitstack_quant::model::{LinearKind, Llama};
 use bitstack_quant::scale::{fold, o_is_scalable, LayerScales};
 use bitstack_quant::synthetic::SyntheticSpec;
 use candle_core::{Device, Tensor};
@@ -20,22 +20,42 @@ fn check(spec: SyntheticSpec) {
     let dir = tempfile::tempdir().unwrap();
     spec.write(dir.path()).unwrap();
     let mut model = Llama::load(dir.path(), &BlockCounts::all(), &Device::Cpu).unwrap();
-    let tokens: Vec<u32> = (0..3 * 37).map(|i| (i * 7919 % spec.vocab) as u32).collect();
+    let tokens: Vec<u32> = (0..3 * 37)
+        .map(|i| (i * 7919 % spec.vocab) as u32)
+        .collect();
     let calib = windows(&tokens, 37, 0, 3);
     let ids = Tensor::from_vec(tokens[..37].to_vec(), (1, 37), &Device::Cpu).unwrap();
-    let before = model.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let before = model
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
 
     let stats = calibrate(&model, &calib, 2, &ProgressBar::hidden()).unwrap();
-    let o_before: Vec<Vec<f32>> = (0..spec.layers).map(|l| dense(&model, l, LinearKind::O)).collect();
+    let o_before: Vec<Vec<f32>> = (0..spec.layers)
+        .map(|l| dense(&model, l, LinearKind::O))
+        .collect();
     let q_before = dense(&model, 0, LinearKind::Q);
     for (l, s) in stats.iter().enumerate() {
         let scales = LayerScales::from_stats(s, &model.cfg).unwrap();
         assert_eq!(scales.o.is_some(), o_is_scalable(&model.cfg));
         fold(&mut model.layers[l], &scales).unwrap();
     }
-    let after = model.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let after = model
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
 
-    let num: f64 = before.iter().zip(&after).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let num: f64 = before
+        .iter()
+        .zip(&after)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
     let den: f64 = before.iter().map(|a| (*a as f64).powi(2)).sum();
     let rel = (num / den).sqrt();
     assert!(rel < 1e-4, "logits changed by {rel}");
@@ -43,21 +63,41 @@ fn check(spec: SyntheticSpec) {
     assert_ne!(q_before, dense(&model, 0, LinearKind::Q));
     for (l, o) in o_before.iter().enumerate() {
         let changed = *o != dense(&model, l, LinearKind::O);
-        assert_eq!(changed, o_is_scalable(&model.cfg), "layer {l}: o_proj scaled = {changed}");
+        assert_eq!(
+            changed,
+            o_is_scalable(&model.cfg),
+            "layer {l}: o_proj scaled = {changed}"
+        );
     }
 }
 
 #[test]
 fn folded_gqa_model_is_unchanged_and_o_is_not_scaled() {
-    check(SyntheticSpec { heads: 4, kv_heads: 2, ..Default::default() });
+    check(SyntheticSpec {
+        heads: 4,
+        kv_heads: 2,
+        ..Default::default()
+    });
 }
 
 #[test]
 fn folded_mha_model_is_unchanged_and_o_is_scaled() {
-    check(SyntheticSpec { heads: 4, kv_heads: 4, seed: 5, ..Default::default() });
+    check(SyntheticSpec {
+        heads: 4,
+        kv_heads: 4,
+        seed: 5,
+        ..Default::default()
+    });
 }
 
 #[test]
 fn folded_qwen2_with_bias_is_unchanged() {
-    check(SyntheticSpec { model_type: "qwen2", heads: 4, kv_heads: 4, tied: false, seed: 9, ..Default::default() });
+    check(SyntheticSpec {
+        model_type: "qwen2",
+        heads: 4,
+        kv_heads: 4,
+        tied: false,
+        seed: 9,
+        ..Default::default()
+    });
 }

@@ -9,9 +9,10 @@ use bitstack_quant::calibrate::{calibrate, windows};
 use bitstack_quant::checkpoint::BlockCounts;
 use bitstack_quant::decompose::decompose;
 use bitstack_quant::linear::LinearWeight;
-use bitstack_quant::model::{load_tokenizer, Llama, LinearKind};
+use bitstack_quant::model::{load_tokenizer, LinearKind, Llama};
 use bitstack_quant::perplexity::mean_nll;
 use bitstack_quant::scale::{fold, o_is_scalable, LayerScales};
+use bitstack_quant::svd::SvdMethod;
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 
@@ -41,7 +42,11 @@ fn dense_perplexity_matches_transformers() {
     let (dir, eval) = smollm2();
     let model = Llama::load(dir, &BlockCounts::all(), &Device::Cpu).unwrap();
     let tok = load_tokenizer(dir).unwrap();
-    let ids = tok.encode(std::fs::read_to_string(eval).unwrap(), false).unwrap().get_ids().to_vec();
+    let ids = tok
+        .encode(std::fs::read_to_string(eval).unwrap(), false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     assert_eq!(ids.len(), 107_872);
     let (nll, scored, used) = mean_nll(&model, &ids, 512, 64, 4, &ProgressBar::hidden()).unwrap();
     assert_eq!((scored, used), (32_704, 64));
@@ -56,11 +61,21 @@ fn greedy_answers_paris() {
     let (dir, _) = smollm2();
     let model = Llama::load(dir, &BlockCounts::all(), &Device::Cpu).unwrap();
     let tok = load_tokenizer(dir).unwrap();
-    let mut ids = tok.encode("The capital of France is", false).unwrap().get_ids().to_vec();
+    let mut ids = tok
+        .encode("The capital of France is", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     let prompt = ids.len();
     for _ in 0..2 {
         let x = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
-        let logits = model.forward(&x).unwrap().get(0).unwrap().get(ids.len() - 1).unwrap();
+        let logits = model
+            .forward(&x)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap();
         ids.push(logits.argmax(0).unwrap().to_scalar::<u32>().unwrap());
     }
     let text = tok.decode(&ids[prompt..], false).unwrap();
@@ -74,11 +89,21 @@ fn folding_scales_keeps_logits_and_skips_o_under_gqa() {
     let mut model = Llama::load(dir, &BlockCounts::all(), &Device::Cpu).unwrap();
     assert!(!o_is_scalable(&model.cfg), "SmolLM2 uses GQA");
     let tok = load_tokenizer(dir).unwrap();
-    let text: String = std::fs::read_to_string(eval).unwrap().chars().take(4000).collect();
+    let text: String = std::fs::read_to_string(eval)
+        .unwrap()
+        .chars()
+        .take(4000)
+        .collect();
     let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
     let calib = windows(&ids, 64, 0, 3);
     let probe = Tensor::from_vec(ids[200..264].to_vec(), (1, 64), &Device::Cpu).unwrap();
-    let before = model.forward(&probe).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let before = model
+        .forward(&probe)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let o_before = dense_weight(&model, 3, LinearKind::O);
     let stats = calibrate(&model, &calib, 3, &ProgressBar::hidden()).unwrap();
     for (l, s) in stats.iter().enumerate() {
@@ -87,10 +112,24 @@ fn folding_scales_keeps_logits_and_skips_o_under_gqa() {
         fold(&mut model.layers[l], &scales).unwrap();
     }
     assert_eq!(o_before, dense_weight(&model, 3, LinearKind::O));
-    let after = model.forward(&probe).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let num: f64 = before.iter().zip(&after).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let after = model
+        .forward(&probe)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let num: f64 = before
+        .iter()
+        .zip(&after)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
     let den: f64 = before.iter().map(|a| (*a as f64).powi(2)).sum();
-    assert!((num / den).sqrt() < 1e-4, "relative change {}", (num / den).sqrt());
+    assert!(
+        (num / den).sqrt() < 1e-4,
+        "relative change {}",
+        (num / den).sqrt()
+    );
 }
 
 #[test]
@@ -101,9 +140,14 @@ fn residual_decreases_on_real_matrices() {
     for (layer, kind) in [(0, LinearKind::K), (29, LinearKind::Down)] {
         let w = dense_weight(&model, layer, kind);
         let (m, n) = bitstack_quant::model::linear_shape(&model.cfg, kind);
-        let d = decompose(&w, m, n, 16, 8).unwrap();
+        let d = decompose(&w, m, n, 16, 8, SvdMethod::Exact).unwrap();
         for pair in d.residual_norms.windows(2) {
-            assert!(pair[1] < pair[0], "{}: {:?}", kind.path(layer), d.residual_norms);
+            assert!(
+                pair[1] < pair[0],
+                "{}: {:?}",
+                kind.path(layer),
+                d.residual_norms
+            );
         }
         // 8 blocks of rank 16 recover most of the matrix
         let rel = d.residual_norms[8] / d.residual_norms[0];
