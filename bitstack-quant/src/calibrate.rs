@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use indicatif::ProgressBar;
 
 use crate::model::{Llama, TapPoint, Taps};
@@ -88,9 +88,4 @@ pub fn calibrate(
         progress.inc(1);
     }
     Ok(all)
-}
-
-/// Mean absolute value of a tensor's last dim (kept for diagnostics in tests).
-pub fn mean_abs(x: &Tensor) -> candle_core::Result<f32> {
-    x.abs()?.mean(D::Minus1)?.mean_all()?.to_scalar::<f32>()
 }

@@ -78,7 +78,11 @@ pub fn decompose(
         let signs = pack::pack_signs(&residual);
         let abs = Mat::<f32>::from_fn(m, n, |i, j| residual[i * n + j].abs());
         let method = match method {
-            SvdMethod::Randomized { oversample, power_iters, seed } => SvdMethod::Randomized {
+            SvdMethod::Randomized {
+                oversample,
+                power_iters,
+                seed,
+            } => SvdMethod::Randomized {
                 oversample,
                 power_iters,
                 seed: seed.wrapping_add(iteration as u64),

@@ -7,6 +7,7 @@
 //! Llama-family runner on candle used for calibration and perplexity.
 
 pub mod block;
+pub mod budget;
 pub mod calibrate;
 pub mod checkpoint;
 pub mod compress;
@@ -16,6 +17,7 @@ pub mod hub;
 pub mod inspect;
 pub mod linear;
 pub mod model;
+pub mod order;
 pub mod pack;
 pub mod perplexity;
 pub mod rtn;

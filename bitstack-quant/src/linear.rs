@@ -60,6 +60,14 @@ impl Linear {
         }
     }
 
+    /// Bytes of the weight alone (blocks, or the dense matrix).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => tensor_bytes(w),
+            LinearWeight::BitStack(s) => s.resident_bytes(),
+        }
+    }
+
     /// Bytes this layer's weight and bias occupy.
     pub fn resident_bytes(&self) -> usize {
         let bias = self.bias.as_ref().map_or(0, tensor_bytes);

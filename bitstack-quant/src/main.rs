@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use bitstack_quant::budget::{plan_for_dir, Budget};
 use bitstack_quant::checkpoint::BlockCounts;
 use bitstack_quant::compress::{compress, CompressOptions};
 use bitstack_quant::hub::resolve_model;
@@ -112,8 +113,13 @@ struct EvalArgs {
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
     /// Load N blocks in every BitStack linear [default: all stored].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "budget")]
     blocks: Option<usize>,
+    /// Load the longest prefix of the block order that fits: bytes with a
+    /// unit (900MiB, 3.2GB), bits per linear weight (3.5bpw) or a percent of
+    /// the 16-bit model (30%).
+    #[arg(long, value_name = "SPEC")]
+    budget: Option<Budget>,
     /// Windows per forward pass.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -297,10 +303,22 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         None => default_asset("wiki-eval.txt")?,
     };
     let rtn = args.rtn.map(|b| (b, args.rtn_group));
+    let counts = match (args.budget, args.blocks) {
+        (Some(budget), _) => {
+            let plan = plan_for_dir(&dir, budget)?;
+            eprintln!(
+                "budget {budget}: level {} of the block order, {} bytes resident ({:.3} bits per linear weight)",
+                plan.rung.level, plan.rung.total_bytes, plan.rung.bits_per_linear_weight
+            );
+            Some(plan.counts)
+        }
+        (None, Some(n)) => Some(BlockCounts::uniform(n)),
+        (None, None) => None,
+    };
     eval_dir(
         &dir,
         &text_path,
-        args.blocks,
+        counts,
         rtn,
         args.windows,
         args.seq_len,
@@ -311,7 +329,7 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
 fn eval_dir(
     dir: &Path,
     text_path: &Path,
-    blocks: Option<usize>,
+    blocks: Option<BlockCounts>,
     rtn: Option<(u32, usize)>,
     windows: usize,
     seq_len: usize,
@@ -320,7 +338,7 @@ fn eval_dir(
     let text = std::fs::read_to_string(text_path)
         .with_context(|| format!("cannot read {}", text_path.display()))?;
     let tokenizer = load_tokenizer(dir)?;
-    let counts = blocks.map_or_else(BlockCounts::all, BlockCounts::uniform);
+    let counts = blocks.unwrap_or_default();
     let mut model = Llama::load(dir, &counts, &Device::Cpu)?;
     let rtn_bytes = match rtn {
         Some((bits, group)) => Some(apply_rtn(&mut model, bits, group)?),
@@ -391,7 +409,15 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
         r.resident_linear_bytes as f64 / (1 << 20) as f64
     );
     for &n in blocks {
-        let r = eval_dir(&packed, &assets.eval_text, Some(n), None, windows, 512, 4)?;
+        let r = eval_dir(
+            &packed,
+            &assets.eval_text,
+            Some(BlockCounts::uniform(n)),
+            None,
+            windows,
+            512,
+            4,
+        )?;
         println!(
             "{:<10} {:>8.3} {:>12.3} {:>14.2}",
             format!("{n} blocks"),

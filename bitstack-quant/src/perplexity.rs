@@ -74,7 +74,7 @@ pub fn evaluate(
     progress: &ProgressBar,
 ) -> Result<PerplexityReport> {
     let (nll, scored, used) = mean_nll(model, tokens, seq_len, count, batch, progress)?;
-    let linear_bytes: usize = model.linears().map(|(_, _, l)| l.resident_bytes()).sum();
+    let linear_bytes: usize = model.linears().map(|(_, _, l)| l.weight_bytes()).sum();
     Ok(PerplexityReport {
         ppl: nll.exp(),
         nll,

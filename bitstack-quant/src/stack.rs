@@ -1,6 +1,5 @@
 //! `WeightStack`: the resident blocks of one linear, in order.
 
-use half::f16;
 use rayon::prelude::*;
 
 use crate::block::{block_bytes, Block};
@@ -62,16 +61,12 @@ fn add_signed(signs: &[u8], base: usize, row: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Converts f16 factors to f32 (helper for callers that hold raw blocks).
-pub fn to_f32(v: &[f16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::block::reconstruct;
     use crate::pack::pack_signs;
+    use half::f16;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn random_block(m: usize, n: usize, k: usize, rng: &mut StdRng) -> Block {

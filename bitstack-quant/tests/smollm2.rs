@@ -154,3 +154,28 @@ fn residual_decreases_on_real_matrices() {
         assert!(rel < 0.25, "{}: ‖R₈‖/‖W‖ = {rel}", kind.path(layer));
     }
 }
+
+#[test]
+#[ignore = "end to end: needs SmolLM2"]
+fn randomized_svd_matches_exact_on_real_matrices() {
+    let (dir, _) = smollm2();
+    let model = Llama::load(dir, &BlockCounts::all(), &Device::Cpu).unwrap();
+    for (layer, kind) in [(3, LinearKind::Q), (17, LinearKind::Up)] {
+        let w = dense_weight(&model, layer, kind);
+        let (m, n) = bitstack_quant::model::linear_shape(&model.cfg, kind);
+        let exact = decompose(&w, m, n, 16, 4, SvdMethod::Exact).unwrap();
+        let fast = decompose(&w, m, n, 16, 4, SvdMethod::randomized(0)).unwrap();
+        for (i, (e, f)) in exact
+            .residual_norms
+            .iter()
+            .zip(&fast.residual_norms)
+            .enumerate()
+        {
+            assert!(
+                (f - e).abs() <= 0.01 * e,
+                "{} block {i}: {f} vs exact {e}",
+                kind.path(layer)
+            );
+        }
+    }
+}

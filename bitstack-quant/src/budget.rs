@@ -1,0 +1,153 @@
+//! Memory budgets: `900MiB`, `3.2GB`, `3.5bpw`, `30%`.
+//!
+//! A budget resolves to the longest prefix of the block order that fits.
+//! Bytes and percentages count everything resident (dense parts included);
+//! bits per weight count only the decoder linears' blocks.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+
+use crate::checkpoint::BlockCounts;
+use crate::order::{BlockOrder, Geometry, Rung};
+
+/// A memory budget as the user writes it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Budget {
+    /// Total resident bytes.
+    Bytes(u64),
+    /// Bits per decoder linear weight (blocks only).
+    BitsPerWeight(f64),
+    /// Percent of the model at 16 bits per parameter.
+    Percent(f64),
+}
+
+/// Why a budget string is not one.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("invalid budget `{0}`: use bytes with a unit (900MiB, 3.2GB, 123456B), bits per linear weight (3.5bpw) or a percent of the 16-bit model (30%)")]
+pub struct BadBudget(pub String);
+
+impl FromStr for Budget {
+    type Err = BadBudget;
+
+    fn from_str(s: &str) -> Result<Self, BadBudget> {
+        let bad = || BadBudget(s.to_string());
+        let t = s.trim();
+        let lower = t.to_ascii_lowercase();
+        let number = |x: &str| -> Result<f64, BadBudget> {
+            let v: f64 = x.trim().parse().map_err(|_| bad())?;
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(bad())
+            }
+        };
+        if let Some(x) = lower.strip_suffix("bpw") {
+            return Ok(Budget::BitsPerWeight(number(x)?));
+        }
+        if let Some(x) = lower.strip_suffix('%') {
+            let p = number(x)?;
+            return if p <= 100.0 {
+                Ok(Budget::Percent(p))
+            } else {
+                Err(bad())
+            };
+        }
+        const UNITS: &[(&str, f64)] = &[
+            ("kib", 1024.0),
+            ("mib", 1048576.0),
+            ("gib", 1073741824.0),
+            ("tib", 1099511627776.0),
+            ("kb", 1e3),
+            ("mb", 1e6),
+            ("gb", 1e9),
+            ("tb", 1e12),
+            ("b", 1.0),
+        ];
+        for (unit, scale) in UNITS {
+            if let Some(x) = lower.strip_suffix(unit) {
+                return Ok(Budget::Bytes((number(x)? * scale).floor() as u64));
+            }
+        }
+        Err(bad())
+    }
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Budget::Bytes(b) => write!(f, "{b}B"),
+            Budget::BitsPerWeight(b) => write!(f, "{b}bpw"),
+            Budget::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// What a budget resolved to.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub rung: Rung,
+    pub counts: BlockCounts,
+}
+
+/// The highest rung of `order` within `budget`; below the floor is an error that says the floor.
+pub fn resolve(budget: Budget, order: &BlockOrder, geometry: &Geometry) -> Result<Plan> {
+    let ladder = order.ladder(geometry);
+    let fits = |r: &Rung| match budget {
+        Budget::Bytes(b) => r.total_bytes as u64 <= b,
+        Budget::BitsPerWeight(bpw) => r.bits_per_linear_weight <= bpw + 1e-9,
+        Budget::Percent(p) => {
+            (r.total_bytes as f64) <= p / 100.0 * 2.0 * geometry.parameters as f64
+        }
+    };
+    let floor = &ladder[0];
+    // The ladder is increasing in bytes, so the fitting rungs are a prefix.
+    let count = ladder.partition_point(fits);
+    if count == 0 {
+        bail!(
+            "budget {budget} is below the floor of this checkpoint: one block in every linear needs {} bytes in all ({:.2} MiB, {:.3} bits per linear weight)",
+            floor.total_bytes,
+            floor.total_bytes as f64 / 1048576.0,
+            floor.bits_per_linear_weight
+        );
+    }
+    let rung = ladder[count - 1].clone();
+    Ok(Plan {
+        counts: order.counts_at(geometry, rung.level),
+        rung,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units_bpw_and_percent() {
+        assert_eq!("900MiB".parse(), Ok(Budget::Bytes(900 * 1048576)));
+        assert_eq!("3.2GB".parse(), Ok(Budget::Bytes(3_200_000_000)));
+        assert_eq!(" 12345b ".parse(), Ok(Budget::Bytes(12345)));
+        assert_eq!("1.5kib".parse(), Ok(Budget::Bytes(1536)));
+        assert_eq!("3.5bpw".parse(), Ok(Budget::BitsPerWeight(3.5)));
+        assert_eq!("30%".parse(), Ok(Budget::Percent(30.0)));
+    }
+
+    #[test]
+    fn junk_is_an_error() {
+        for junk in [
+            "", "900", "MiB", "-3GB", "0bpw", "abcbpw", "150%", "1e400GB", "3.5 bits", "NaNbpw",
+        ] {
+            let e = junk.parse::<Budget>().unwrap_err();
+            assert!(e.to_string().contains("invalid budget"), "{junk}");
+        }
+    }
+}
+
+/// Resolves `budget` against the checkpoint in `dir` (its config and block order).
+pub fn plan_for_dir(dir: &std::path::Path, budget: Budget) -> Result<Plan> {
+    let (cfg, _) = crate::config::ModelConfig::from_dir(dir)?;
+    let geometry = Geometry::from_config(&cfg)?;
+    let order = BlockOrder::load(dir, &geometry)?;
+    resolve(budget, &order, &geometry)
+}

@@ -1,0 +1,447 @@
+//! The global block order and the memory ladder it defines.
+//!
+//! Every linear keeps its first block (the floor); the order lists every
+//! further block, best first, and a linear's blocks always appear in their
+//! own order. Level `ℓ` of the ladder holds the floor plus the first `ℓ`
+//! blocks of the order. We store the order in `bitstack_order.json`, and also
+//! read and write the reference's `compression_config.json` (one entry per
+//! rung: total memory and blocks per linear).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::block::block_bytes;
+use crate::checkpoint::BlockCounts;
+use crate::config::ModelConfig;
+use crate::model::{linear_shape, LinearKind};
+
+pub const ORDER_FILE: &str = "bitstack_order.json";
+pub const REFERENCE_FILE: &str = "compression_config.json";
+
+/// One compressed linear's geometry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearSlot {
+    /// `model.layers.{i}.{self_attn|mlp}.{name}`.
+    pub name: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// Blocks stored in the checkpoint.
+    pub stored: usize,
+}
+
+impl LinearSlot {
+    pub fn block_bytes(&self) -> usize {
+        block_bytes(self.m, self.n, self.k)
+    }
+}
+
+/// All compressed linears of a checkpoint, with the bytes outside them.
+#[derive(Clone, Debug)]
+pub struct Geometry {
+    pub linears: Vec<LinearSlot>,
+    /// Bytes of everything that is not a BitStack block, as the runner holds it.
+    pub dense_bytes: usize,
+    /// Decoder linear weights (the denominator of bits per weight).
+    pub linear_weights: usize,
+    /// Parameters of the whole model (for percentage budgets).
+    pub parameters: usize,
+}
+
+impl Geometry {
+    /// Geometry of a BitStack checkpoint from its config (all linears compressed).
+    pub fn from_config(cfg: &ModelConfig) -> Result<Self> {
+        let q = cfg
+            .quantization_config
+            .as_ref()
+            .context("not a BitStack checkpoint (config.json has no quantization_config)")?;
+        let mut linears = Vec::new();
+        let mut linear_weights = 0;
+        for l in 0..cfg.num_hidden_layers {
+            for kind in LinearKind::ALL {
+                let (m, n) = linear_shape(cfg, kind);
+                let name = kind.path(l);
+                let k = q.k_of(&name);
+                linears.push(LinearSlot {
+                    name,
+                    m,
+                    n,
+                    k,
+                    stored: q.niter,
+                });
+                linear_weights += m * n;
+            }
+        }
+        let d = cfg.hidden_size;
+        let embed = cfg.vocab_size * d;
+        let head = if cfg.tie_word_embeddings { 0 } else { embed };
+        let norms = d * (2 * cfg.num_hidden_layers + 1);
+        let bias = if cfg.qkv_bias() {
+            cfg.num_hidden_layers * (cfg.num_attention_heads + 2 * cfg.kv_heads()) * cfg.head_dim()
+        } else {
+            0
+        };
+        let dense_params = embed + head + norms + bias;
+        Ok(Self {
+            linears,
+            dense_bytes: 4 * dense_params,
+            linear_weights,
+            parameters: dense_params + linear_weights,
+        })
+    }
+
+    pub fn index(&self) -> HashMap<&str, usize> {
+        self.linears
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.name.as_str(), i))
+            .collect()
+    }
+
+    /// Bytes of one block in every linear.
+    pub fn floor_linear_bytes(&self) -> usize {
+        self.linears.iter().map(LinearSlot::block_bytes).sum()
+    }
+}
+
+/// The global order of the blocks beyond the floor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BlockOrder {
+    pub format_version: u32,
+    /// How it was made (`fast`, `exact`, `reference`, `round-robin`).
+    pub method: String,
+    /// `(linear name, block index)`, block index ≥ 1, best first.
+    pub order: Vec<(String, usize)>,
+}
+
+/// One rung of the memory ladder.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rung {
+    /// Blocks of the order that are resident beyond the floor.
+    pub level: usize,
+    pub linear_bytes: usize,
+    pub total_bytes: usize,
+    pub bits_per_linear_weight: f64,
+}
+
+impl BlockOrder {
+    /// Level by level, every linear in checkpoint order: the order a
+    /// checkpoint has before it is sorted.
+    pub fn round_robin(geometry: &Geometry) -> Self {
+        let max = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(0);
+        let order = (1..max)
+            .flat_map(|b| {
+                geometry
+                    .linears
+                    .iter()
+                    .filter(move |l| b < l.stored)
+                    .map(move |l| (l.name.clone(), b))
+            })
+            .collect();
+        Self {
+            format_version: 1,
+            method: "round-robin".into(),
+            order,
+        }
+    }
+
+    /// Checks that the order lists every stored block beyond the floor exactly
+    /// once, each linear's blocks in increasing order.
+    pub fn validate(&self, geometry: &Geometry) -> Result<()> {
+        let index = geometry.index();
+        let mut next = vec![1usize; geometry.linears.len()];
+        for (pos, (name, block)) in self.order.iter().enumerate() {
+            let i = *index.get(name.as_str()).with_context(|| {
+                format!("block order entry {pos} names unknown linear `{name}`")
+            })?;
+            if *block != next[i] {
+                bail!(
+                    "block order entry {pos}: `{name}` block {block} comes before block {}",
+                    next[i]
+                );
+            }
+            next[i] += 1;
+        }
+        for (l, n) in geometry.linears.iter().zip(&next) {
+            if *n != l.stored {
+                bail!(
+                    "block order lists {} of {} blocks of `{}`",
+                    n,
+                    l.stored,
+                    l.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks per linear at `level`.
+    pub fn counts_at(&self, geometry: &Geometry, level: usize) -> BlockCounts {
+        let mut per_linear: HashMap<String, usize> = geometry
+            .linears
+            .iter()
+            .map(|l| (l.name.clone(), 1))
+            .collect();
+        for (name, _) in &self.order[..level.min(self.order.len())] {
+            *per_linear.get_mut(name).expect("validated order") += 1;
+        }
+        BlockCounts {
+            uniform: None,
+            per_linear,
+        }
+    }
+
+    /// Every rung, from the floor (level 0) to all blocks.
+    pub fn ladder(&self, geometry: &Geometry) -> Vec<Rung> {
+        let index = geometry.index();
+        let mut linear_bytes = geometry.floor_linear_bytes();
+        let rung = |level, linear_bytes| Rung {
+            level,
+            linear_bytes,
+            total_bytes: linear_bytes + geometry.dense_bytes,
+            bits_per_linear_weight: linear_bytes as f64 * 8.0 / geometry.linear_weights as f64,
+        };
+        let mut rungs = vec![rung(0, linear_bytes)];
+        for (level, (name, _)) in self.order.iter().enumerate() {
+            linear_bytes += geometry.linears[index[name.as_str()]].block_bytes();
+            rungs.push(rung(level + 1, linear_bytes));
+        }
+        rungs
+    }
+
+    /// Reads `bitstack_order.json`, else the reference's `compression_config.json`,
+    /// else the round-robin order.
+    pub fn load(dir: &Path, geometry: &Geometry) -> Result<Self> {
+        let ours = dir.join(ORDER_FILE);
+        let theirs = dir.join(REFERENCE_FILE);
+        let order = if ours.exists() {
+            let text = std::fs::read_to_string(&ours)
+                .with_context(|| format!("cannot read {}", ours.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is malformed", ours.display()))?
+        } else if theirs.exists() {
+            Self::from_reference(&theirs, geometry)?
+        } else {
+            return Ok(Self::round_robin(geometry));
+        };
+        order
+            .validate(geometry)
+            .with_context(|| format!("invalid block order in {}", dir.display()))?;
+        Ok(order)
+    }
+
+    /// Writes our order file and the reference's `compression_config.json`, atomically.
+    pub fn save(&self, dir: &Path, geometry: &Geometry) -> Result<()> {
+        self.validate(geometry)?;
+        write_atomic(&dir.join(ORDER_FILE), &serde_json::to_vec(self)?)?;
+        write_atomic(
+            &dir.join(REFERENCE_FILE),
+            &serde_json::to_vec(&self.to_reference(geometry))?,
+        )
+    }
+
+    /// The reference's format: one entry per rung with the total memory and
+    /// the blocks of every linear (named `layer.{i}.{module}`).
+    pub fn to_reference(&self, geometry: &Geometry) -> Vec<ReferenceRung> {
+        let mut layers: std::collections::BTreeMap<String, usize> = geometry
+            .linears
+            .iter()
+            .map(|l| (reference_name(&l.name), 1))
+            .collect();
+        let ladder = self.ladder(geometry);
+        let mut out = vec![ReferenceRung {
+            memory: ladder[0].total_bytes,
+            layers: layers.clone(),
+        }];
+        for ((name, _), rung) in self.order.iter().zip(&ladder[1..]) {
+            *layers.get_mut(&reference_name(name)).expect("known linear") += 1;
+            out.push(ReferenceRung {
+                memory: rung.total_bytes,
+                layers: layers.clone(),
+            });
+        }
+        out
+    }
+
+    /// Recovers the order from a reference `compression_config.json`: each
+    /// rung adds blocks to the previous one.
+    pub fn from_reference(path: &Path, geometry: &Geometry) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut rungs: Vec<ReferenceRung> = serde_json::from_str(&text)
+            .with_context(|| format!("{} is malformed", path.display()))?;
+        rungs.sort_by_key(|r| r.memory);
+        let index = geometry.index();
+        let mut current: HashMap<String, usize> = geometry
+            .linears
+            .iter()
+            .map(|l| (l.name.clone(), 1))
+            .collect();
+        let mut order = Vec::new();
+        for (r, rung) in rungs.iter().enumerate() {
+            for (name, &blocks) in &rung.layers {
+                let ours = our_name(name).with_context(|| {
+                    format!("{}: rung {r} names unknown layer `{name}`", path.display())
+                })?;
+                if !index.contains_key(ours.as_str()) {
+                    bail!(
+                        "{}: rung {r} names `{name}`, which this checkpoint does not have",
+                        path.display()
+                    );
+                }
+                let have = current[&ours];
+                if blocks < have {
+                    bail!("{}: rung {r} gives `{name}` {blocks} blocks, fewer than the rung below ({have})", path.display());
+                }
+                for b in have..blocks {
+                    order.push((ours.clone(), b));
+                }
+                current.insert(ours, blocks);
+            }
+        }
+        Ok(Self {
+            format_version: 1,
+            method: "reference".into(),
+            order,
+        })
+    }
+}
+
+/// A rung of the reference's `compression_config.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReferenceRung {
+    pub memory: usize,
+    pub layers: std::collections::BTreeMap<String, usize>,
+}
+
+/// `model.layers.3.mlp.up_proj` → `layer.3.mlp.up_proj`.
+pub fn reference_name(ours: &str) -> String {
+    ours.replacen("model.layers.", "layer.", 1)
+}
+
+/// `layer.3.mlp.up_proj` → `model.layers.3.mlp.up_proj`.
+pub fn our_name(reference: &str) -> Option<String> {
+    reference
+        .strip_prefix("layer.")
+        .map(|rest| format!("model.layers.{rest}"))
+}
+
+/// Writes `path` through a temporary file in the same directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry() -> Geometry {
+        let slot = |name: &str, m, n, k| LinearSlot {
+            name: name.into(),
+            m,
+            n,
+            k,
+            stored: 3,
+        };
+        Geometry {
+            linears: vec![
+                slot("model.layers.0.self_attn.q_proj", 8, 16, 2),
+                slot("model.layers.0.mlp.up_proj", 24, 16, 4),
+            ],
+            dense_bytes: 1000,
+            linear_weights: 8 * 16 + 24 * 16,
+            parameters: 1000,
+        }
+    }
+
+    #[test]
+    fn ladder_is_monotone_and_counts_follow_the_order() {
+        let g = geometry();
+        let order = BlockOrder {
+            format_version: 1,
+            method: "test".into(),
+            order: vec![
+                ("model.layers.0.mlp.up_proj".into(), 1),
+                ("model.layers.0.self_attn.q_proj".into(), 1),
+                ("model.layers.0.mlp.up_proj".into(), 2),
+                ("model.layers.0.self_attn.q_proj".into(), 2),
+            ],
+        };
+        order.validate(&g).unwrap();
+        let ladder = order.ladder(&g);
+        assert_eq!(ladder.len(), 5);
+        assert!(ladder
+            .windows(2)
+            .all(|w| w[1].total_bytes > w[0].total_bytes));
+        assert_eq!(ladder[0].linear_bytes, g.floor_linear_bytes());
+        assert_eq!(ladder[4].linear_bytes, 3 * g.floor_linear_bytes());
+        let c = order.counts_at(&g, 3);
+        assert_eq!(c.per_linear["model.layers.0.mlp.up_proj"], 3);
+        assert_eq!(c.per_linear["model.layers.0.self_attn.q_proj"], 2);
+    }
+
+    #[test]
+    fn invalid_orders_are_refused() {
+        let g = geometry();
+        let skip = BlockOrder {
+            format_version: 1,
+            method: "t".into(),
+            order: vec![("model.layers.0.mlp.up_proj".into(), 2)],
+        };
+        assert!(skip
+            .validate(&g)
+            .unwrap_err()
+            .to_string()
+            .contains("block 2 comes before block 1"));
+        let short = BlockOrder::round_robin(&g);
+        let mut s = short.clone();
+        s.order.pop();
+        assert!(s
+            .validate(&g)
+            .unwrap_err()
+            .to_string()
+            .contains("lists 2 of 3 blocks"));
+        short.validate(&g).unwrap();
+    }
+
+    #[test]
+    fn reads_a_hand_written_reference_config() {
+        let g = geometry();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(REFERENCE_FILE);
+        std::fs::write(
+            &p,
+            r#"[{"memory": 100, "layers": {"layer.0.self_attn.q_proj": 1, "layer.0.mlp.up_proj": 1}},
+                {"memory": 300, "layers": {"layer.0.self_attn.q_proj": 2, "layer.0.mlp.up_proj": 2}},
+                {"memory": 200, "layers": {"layer.0.self_attn.q_proj": 1, "layer.0.mlp.up_proj": 2}},
+                {"memory": 400, "layers": {"layer.0.self_attn.q_proj": 3, "layer.0.mlp.up_proj": 3}}]"#,
+        )
+        .unwrap();
+        let order = BlockOrder::load(dir.path(), &g).unwrap();
+        assert_eq!(order.method, "reference");
+        assert_eq!(
+            order.order[0],
+            ("model.layers.0.mlp.up_proj".to_string(), 1)
+        );
+        assert_eq!(
+            order.order[1],
+            ("model.layers.0.self_attn.q_proj".to_string(), 1)
+        );
+        assert_eq!(order.order.len(), 4);
+        // and our writer produces a file the reader turns back into the same order
+        order.save(dir.path(), &g).unwrap();
+        std::fs::remove_file(dir.path().join(ORDER_FILE)).unwrap();
+        let again = BlockOrder::load(dir.path(), &g).unwrap();
+        assert_eq!(again.order, order.order);
+    }
+}

@@ -1,0 +1,74 @@
+//! Budgets resolve to ladder rungs, and what is loaded is exactly what the rung says.
+
+use bitstack_quant::budget::{plan_for_dir, Budget};
+use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::model::Llama;
+use bitstack_quant::order::{BlockOrder, Geometry};
+use bitstack_quant::svd::SvdMethod;
+use bitstack_quant::synthetic::SyntheticSpec;
+use candle_core::Device;
+
+#[test]
+fn budget_bytes_match_what_is_resident() {
+    let root = tempfile::tempdir().unwrap();
+    let dense = root.path().join("dense");
+    SyntheticSpec {
+        model_type: "qwen2",
+        tied: false,
+        ..Default::default()
+    }
+    .write(&dense)
+    .unwrap();
+    let calib = root.path().join("calib.txt");
+    std::fs::write(
+        &calib,
+        "some calibration text for the budget test. ".repeat(40),
+    )
+    .unwrap();
+    let out = root.path().join("packed");
+    let opts = CompressOptions {
+        k: 3,
+        niter: 4,
+        calib_text: calib,
+        calib_windows: 2,
+        seq_len: 32,
+        batch: 2,
+        svd: SvdMethod::Exact,
+    };
+    compress(&dense, &out, &opts).unwrap();
+
+    let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(&out).unwrap();
+    let geometry = Geometry::from_config(&cfg).unwrap();
+    let ladder = BlockOrder::load(&out, &geometry).unwrap().ladder(&geometry);
+    assert_eq!(ladder.len(), 1 + 14 * 3);
+    assert!(ladder
+        .windows(2)
+        .all(|w| w[1].total_bytes > w[0].total_bytes
+            && w[1].bits_per_linear_weight > w[0].bits_per_linear_weight));
+
+    for rung in [&ladder[0], &ladder[5], &ladder[ladder.len() - 1]] {
+        for budget in [
+            Budget::Bytes(rung.total_bytes as u64),
+            Budget::Bytes(rung.total_bytes as u64 + 1),
+        ] {
+            let plan = plan_for_dir(&out, budget).unwrap();
+            assert_eq!(plan.rung.level, rung.level, "{budget}");
+            let model = Llama::load(&out, &plan.counts, &Device::Cpu).unwrap();
+            assert_eq!(model.stack_bytes(), plan.rung.linear_bytes);
+            assert_eq!(model.resident_bytes(), plan.rung.total_bytes);
+        }
+    }
+    let bpw = Budget::BitsPerWeight(ladder[7].bits_per_linear_weight);
+    assert_eq!(plan_for_dir(&out, bpw).unwrap().rung.level, 7);
+    // percent of the model at 16 bits per parameter
+    let pct = 100.0 * ladder[10].total_bytes as f64 / (2.0 * geometry.parameters as f64);
+    assert_eq!(plan_for_dir(&out, Budget::Percent(pct + 1e-9)).unwrap().rung.level, 10);
+
+    let e = plan_for_dir(&out, Budget::Bytes(ladder[0].total_bytes as u64 - 1))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("below the floor") && e.contains(&ladder[0].total_bytes.to_string()),
+        "{e}"
+    );
+}
