@@ -119,6 +119,14 @@ pub fn resolve(budget: Budget, order: &BlockOrder, geometry: &Geometry) -> Resul
     })
 }
 
+/// Resolves `budget` against the checkpoint in `dir` (its config and block order).
+pub fn plan_for_dir(dir: &std::path::Path, budget: Budget) -> Result<Plan> {
+    let (cfg, _) = crate::config::ModelConfig::from_dir(dir)?;
+    let geometry = Geometry::from_config(&cfg)?;
+    let order = BlockOrder::load(dir, &geometry)?;
+    resolve(budget, &order, &geometry)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,12 +150,4 @@ mod tests {
             assert!(e.to_string().contains("invalid budget"), "{junk}");
         }
     }
-}
-
-/// Resolves `budget` against the checkpoint in `dir` (its config and block order).
-pub fn plan_for_dir(dir: &std::path::Path, budget: Budget) -> Result<Plan> {
-    let (cfg, _) = crate::config::ModelConfig::from_dir(dir)?;
-    let geometry = Geometry::from_config(&cfg)?;
-    let order = BlockOrder::load(dir, &geometry)?;
-    resolve(budget, &order, &geometry)
 }

@@ -31,6 +31,34 @@ pub fn rtn_in_place(w: &mut [f32], n: usize, bits: u32, group: usize) {
     }
 }
 
+/// Applies RTN to every dense decoder linear of `model`; returns the bytes
+/// the quantized linears would occupy.
+pub fn apply_rtn(
+    model: &mut crate::model::Llama,
+    bits: u32,
+    group: usize,
+) -> anyhow::Result<usize> {
+    use crate::linear::LinearWeight;
+    if !(1..=8).contains(&bits) {
+        anyhow::bail!("--rtn takes 1…8 bits, got {bits}");
+    }
+    let mut bytes = 0f64;
+    for layer in &mut model.layers {
+        for kind in crate::model::LinearKind::ALL {
+            let lin = layer.linear_mut(kind);
+            let LinearWeight::Dense(w) = &lin.weight else {
+                anyhow::bail!("--rtn needs a dense model ({} is BitStack)", kind.name());
+            };
+            let (m, n) = w.dims2()?;
+            let mut v = w.flatten_all()?.to_vec1::<f32>()?;
+            rtn_in_place(&mut v, n, bits, group);
+            lin.weight = LinearWeight::Dense(candle_core::Tensor::from_vec(v, (m, n), w.device())?);
+            bytes += (m * n) as f64 * rtn_bits_per_weight(bits, group) / 8.0;
+        }
+    }
+    Ok(bytes.round() as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,32 +91,4 @@ mod tests {
         }
         assert_eq!(rtn_bits_per_weight(4, 128), 4.25);
     }
-}
-
-/// Applies RTN to every dense decoder linear of `model`; returns the bytes
-/// the quantized linears would occupy.
-pub fn apply_rtn(
-    model: &mut crate::model::Llama,
-    bits: u32,
-    group: usize,
-) -> anyhow::Result<usize> {
-    use crate::linear::LinearWeight;
-    if !(1..=8).contains(&bits) {
-        anyhow::bail!("--rtn takes 1…8 bits, got {bits}");
-    }
-    let mut bytes = 0f64;
-    for layer in &mut model.layers {
-        for kind in crate::model::LinearKind::ALL {
-            let lin = layer.linear_mut(kind);
-            let LinearWeight::Dense(w) = &lin.weight else {
-                anyhow::bail!("--rtn needs a dense model ({} is BitStack)", kind.name());
-            };
-            let (m, n) = w.dims2()?;
-            let mut v = w.flatten_all()?.to_vec1::<f32>()?;
-            rtn_in_place(&mut v, n, bits, group);
-            lin.weight = LinearWeight::Dense(candle_core::Tensor::from_vec(v, (m, n), w.device())?);
-            bytes += (m * n) as f64 * rtn_bits_per_weight(bits, group) / 8.0;
-        }
-    }
-    Ok(bytes.round() as usize)
 }

@@ -62,7 +62,13 @@ fn budget_bytes_match_what_is_resident() {
     assert_eq!(plan_for_dir(&out, bpw).unwrap().rung.level, 7);
     // percent of the model at 16 bits per parameter
     let pct = 100.0 * ladder[10].total_bytes as f64 / (2.0 * geometry.parameters as f64);
-    assert_eq!(plan_for_dir(&out, Budget::Percent(pct + 1e-9)).unwrap().rung.level, 10);
+    assert_eq!(
+        plan_for_dir(&out, Budget::Percent(pct + 1e-9))
+            .unwrap()
+            .rung
+            .level,
+        10
+    );
 
     let e = plan_for_dir(&out, Budget::Bytes(ladder[0].total_bytes as u64 - 1))
         .unwrap_err()

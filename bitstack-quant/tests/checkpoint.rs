@@ -32,6 +32,7 @@ fn opts(dir: &Path) -> CompressOptions {
         calib_windows: 4,
         seq_len: 32,
         batch: 2,
+        svd: SvdMethod::Exact,
     }
 }
 
