@@ -22,6 +22,7 @@ pub mod pack;
 pub mod perplexity;
 pub mod rtn;
 pub mod scale;
+pub mod sort;
 pub mod stack;
 pub mod store;
 pub mod svd;

@@ -13,8 +13,10 @@ use bitstack_quant::compress::{compress, CompressOptions};
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
 use bitstack_quant::model::{load_tokenizer, Llama};
+use bitstack_quant::order::{BlockOrder, Geometry};
 use bitstack_quant::perplexity::{evaluate, PerplexityReport};
 use bitstack_quant::rtn::apply_rtn;
+use bitstack_quant::sort::{sort_checkpoint, SortMethod, SortOptions};
 use bitstack_quant::svd::SvdMethod;
 
 #[derive(Parser)]
@@ -85,6 +87,34 @@ enum Command {
     /// Show layers, shapes, k, blocks and bytes of a checkpoint.
     Inspect {
         dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Order all blocks into one global order (the memory ladder).
+    Sort {
+        dir: PathBuf,
+        /// `fast`: layer-local output error removed per byte (minutes);
+        /// `exact`: the reference's perplexity-scored 'average' order (hours).
+        #[arg(long, default_value = "fast", value_parser = ["fast", "exact"])]
+        method: String,
+        /// Calibration windows to score on.
+        #[arg(long, default_value_t = 4)]
+        sort_windows: usize,
+        /// Windows at the start of the calibration text to skip (the scaling windows).
+        #[arg(long, default_value_t = 128)]
+        skip_windows: usize,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Calibration text [default: the wiki calibration text of fetch-assets].
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+    },
+    /// Show the memory ladder: resident bytes and bits per weight per rung.
+    Ladder {
+        dir: PathBuf,
+        /// Every rung as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -261,6 +291,35 @@ fn run(cli: Cli) -> Result<()> {
             blocks,
             windows,
         } => demo(dir, &blocks, windows),
+        Command::Sort {
+            dir,
+            method,
+            sort_windows,
+            skip_windows,
+            seq_len,
+            calib,
+            batch,
+        } => {
+            let calib_text = match calib {
+                Some(p) => p,
+                None => default_asset("wiki-calib.txt")?,
+            };
+            let method = if method == "exact" {
+                SortMethod::Exact
+            } else {
+                SortMethod::Fast
+            };
+            let opts = SortOptions {
+                method,
+                calib_text,
+                windows: sort_windows,
+                skip_windows,
+                seq_len,
+                batch,
+            };
+            sort(&dir, &opts)
+        }
+        Command::Ladder { dir, json } => ladder(&dir, json),
     }
 }
 
@@ -425,6 +484,50 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
             r.ppl,
             r.resident_linear_bytes as f64 / (1 << 20) as f64
         );
+    }
+    Ok(())
+}
+
+fn sort(dir: &Path, opts: &SortOptions) -> Result<()> {
+    let pb = progress(0, "sorting");
+    let (order, report) = sort_checkpoint(dir, opts, &pb)?;
+    pb.finish_and_clear();
+    println!(
+        "sorted {} blocks ({:?}) in {:.1}s ({} layer passes); wrote {} and {}",
+        order.order.len(),
+        opts.method,
+        report.elapsed.as_secs_f64(),
+        report.layer_passes,
+        dir.join(bitstack_quant::order::ORDER_FILE).display(),
+        dir.join(bitstack_quant::order::REFERENCE_FILE).display()
+    );
+    Ok(())
+}
+
+fn ladder(dir: &Path, json: bool) -> Result<()> {
+    let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(dir)?;
+    let geometry = Geometry::from_config(&cfg)?;
+    let order = BlockOrder::load(dir, &geometry)?;
+    let ladder = order.ladder(&geometry);
+    if json {
+        println!("{}", serde_json::to_string(&ladder)?);
+        return Ok(());
+    }
+    println!("order: {} ({} rungs)", order.method, ladder.len());
+    println!(
+        "{:>6} {:>14} {:>14} {:>8}",
+        "level", "linear bytes", "total bytes", "bits/w"
+    );
+    // One line per quarter bit per weight, and the top rung.
+    let mut next_mark = 0.0;
+    for (i, r) in ladder.iter().enumerate() {
+        if r.bits_per_linear_weight >= next_mark || i + 1 == ladder.len() {
+            println!(
+                "{:>6} {:>14} {:>14} {:>8.3}",
+                r.level, r.linear_bytes, r.total_bytes, r.bits_per_linear_weight
+            );
+            next_mark = (r.bits_per_linear_weight / 0.25).floor() * 0.25 + 0.25;
+        }
     }
     Ok(())
 }

@@ -84,7 +84,7 @@ impl SyntheticSpec {
         let mut tensors = vec![
             (
                 "model.embed_tokens.weight".to_string(),
-                normal(&[self.vocab, d], 1.0),
+                normal(&[self.vocab, d], 0.15),
             ),
             (
                 "model.norm.weight".to_string(),

@@ -1,0 +1,393 @@
+//! Ordering the blocks of all linears into one global order.
+//!
+//! * `exact`: the reference's 'average' algorithm. All linears start at the
+//!   floor; for each level b, every linear alone gets block b+1 and is scored
+//!   by the perplexity of the model on held-out calibration windows; each
+//!   level is sorted by that score and the levels are concatenated. A linear
+//!   in layer ℓ leaves layers < ℓ untouched, so their outputs are cached and
+//!   only layers ℓ… are recomputed.
+//! * `fast`: a layer-local proxy. With `G = Σ xxᵀ` the Gram matrix of a
+//!   linear's calibration inputs and `E_b` the part of its full-stack weight
+//!   that `b` blocks leave out, block b's gain is
+//!   `tr(E_{b−1} G E_{b−1}ᵀ) − tr(E_b G E_bᵀ)`: the output error it removes.
+//!   Blocks are ordered greedily by gain per byte, relative to the linear's
+//!   output energy so that linears of different scale compare.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use faer::Mat;
+use indicatif::ProgressBar;
+use rayon::prelude::*;
+
+use crate::calibrate::windows;
+use crate::checkpoint::BlockCounts;
+use crate::config::ModelConfig;
+use crate::linear::LinearWeight;
+use crate::model::{load_tokenizer, target_log_probs, LinearKind, Llama, TapPoint, Taps};
+use crate::order::{BlockOrder, Geometry};
+use crate::stack::WeightStack;
+use crate::store::TensorStore;
+
+/// Which algorithm orders the blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortMethod {
+    Fast,
+    Exact,
+}
+
+/// Knobs of `bitstack sort`.
+#[derive(Clone, Debug)]
+pub struct SortOptions {
+    pub method: SortMethod,
+    pub calib_text: PathBuf,
+    /// Windows to score on.
+    pub windows: usize,
+    /// Windows at the start of the text to skip (those used for scaling).
+    pub skip_windows: usize,
+    pub seq_len: usize,
+    pub batch: usize,
+}
+
+/// What sorting cost.
+#[derive(Debug)]
+pub struct SortReport {
+    pub elapsed: Duration,
+    /// Forward passes over layers (one layer on one batch counts 1).
+    pub layer_passes: usize,
+}
+
+/// Sorts the checkpoint in `dir` and writes its order files.
+pub fn sort_checkpoint(
+    dir: &Path,
+    opts: &SortOptions,
+    progress: &ProgressBar,
+) -> Result<(BlockOrder, SortReport)> {
+    let tokenizer = load_tokenizer(dir)?;
+    let text = std::fs::read_to_string(&opts.calib_text)
+        .with_context(|| format!("cannot read {}", opts.calib_text.display()))?;
+    let ids = tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", opts.calib_text.display()))?
+        .get_ids()
+        .to_vec();
+    let wins = windows(&ids, opts.seq_len, opts.skip_windows, opts.windows);
+    if wins.len() < opts.windows {
+        bail!(
+            "{} has {} tokens: after skipping {} windows of {}, {} of the {} requested scoring windows remain",
+            opts.calib_text.display(),
+            ids.len(),
+            opts.skip_windows,
+            opts.seq_len,
+            wins.len(),
+            opts.windows
+        );
+    }
+    sort_on_windows(dir, opts.method, &wins, opts.batch, progress)
+}
+
+/// Sorts the checkpoint in `dir` scoring on token windows `wins` (equal
+/// lengths) and writes its order files.
+pub fn sort_on_windows(
+    dir: &Path,
+    method: SortMethod,
+    wins: &[Vec<u32>],
+    batch: usize,
+    progress: &ProgressBar,
+) -> Result<(BlockOrder, SortReport)> {
+    let (cfg, _) = ModelConfig::from_dir(dir)?;
+    let geometry = Geometry::from_config(&cfg)?;
+    if wins.is_empty() {
+        bail!("sorting needs at least one scoring window");
+    }
+    let store = TensorStore::open_dir(dir)?;
+    let model = Llama::from_store(cfg, &store, &BlockCounts::all(), &Device::Cpu)?;
+    let start = Instant::now();
+    let (order, layer_passes) = match method {
+        SortMethod::Fast => fast(&model, &geometry, wins, batch, progress)?,
+        SortMethod::Exact => exact(model, &geometry, wins, batch, progress)?,
+    };
+    order.save(dir, &geometry)?;
+    Ok((
+        order,
+        SortReport {
+            elapsed: start.elapsed(),
+            layer_passes,
+        },
+    ))
+}
+
+fn batches(model: &Llama, wins: &[Vec<u32>], batch: usize) -> candle_core::Result<Vec<Tensor>> {
+    wins.chunks(batch.max(1))
+        .map(|chunk| {
+            let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
+            Tensor::from_vec(flat, (chunk.len(), chunk[0].len()), &model.device)
+        })
+        .collect()
+}
+
+/// Accumulates `Σ xxᵀ` per tap point.
+#[derive(Default)]
+struct GramTaps {
+    grams: std::collections::HashMap<TapPoint, Tensor>,
+}
+
+impl Taps for GramTaps {
+    fn record(&mut self, point: TapPoint, x: &Tensor) -> candle_core::Result<()> {
+        let n = x.dim(candle_core::D::Minus1)?;
+        let flat = x.reshape(((), n))?;
+        let g = flat.t()?.matmul(&flat)?;
+        match self.grams.get_mut(&point) {
+            Some(acc) => *acc = (&*acc + g)?,
+            None => {
+                self.grams.insert(point, g);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `gains[b]` for b = 1…stored−1: output error removed by block b, and the
+/// output energy of the full stack.
+pub fn block_gains(stack: &WeightStack, gram: &Mat<f32>) -> (Vec<f64>, f64) {
+    let (m, n, k) = (stack.m, stack.n, stack.k);
+    let full = stack.dense();
+    let to_mat = |v: &[f32]| Mat::<f32>::from_fn(m, n, |i, j| v[i * n + j]);
+    let quad = |e: &Mat<f32>| -> f64 {
+        let eg = e * gram;
+        let mut t = 0f64;
+        for j in 0..n {
+            for i in 0..m {
+                t += (eg[(i, j)] * e[(i, j)]) as f64;
+            }
+        }
+        t
+    };
+    let mut remaining = full.clone();
+    let energy = quad(&to_mat(&full));
+    let mut errors = Vec::with_capacity(stack.blocks.len());
+    for b in &stack.blocks {
+        let single = WeightStack::new(m, n, k, vec![b.clone()]).dense();
+        remaining.iter_mut().zip(&single).for_each(|(r, s)| *r -= s);
+        errors.push(quad(&to_mat(&remaining)));
+    }
+    // errors[i] = error with blocks 0..=i; gain of block b = errors[b-1] - errors[b]
+    let gains = (1..stack.blocks.len())
+        .map(|b| errors[b - 1] - errors[b])
+        .collect();
+    (gains, energy)
+}
+
+fn stack_of(model: &Llama, layer: usize, kind: LinearKind) -> Result<Arc<WeightStack>> {
+    match &model.layers[layer].linear(kind).weight {
+        LinearWeight::BitStack(s) => Ok(s.clone()),
+        LinearWeight::Dense(_) => bail!(
+            "{} is dense; only BitStack checkpoints can be sorted",
+            kind.path(layer)
+        ),
+    }
+}
+
+/// Orders blocks by score, best first, keeping each linear's blocks in order:
+/// a block's score is capped by the scores of the blocks before it.
+pub fn order_by_scores(geometry: &Geometry, scores: &[Vec<f64>], method: &str) -> BlockOrder {
+    let mut entries = Vec::new();
+    for (i, (slot, s)) in geometry.linears.iter().zip(scores).enumerate() {
+        let mut cap = f64::INFINITY;
+        for (b, &score) in s.iter().enumerate() {
+            cap = cap.min(if score.is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                score
+            });
+            entries.push((cap, b + 1, i, slot.name.clone()));
+        }
+    }
+    entries.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    BlockOrder {
+        format_version: 1,
+        method: method.into(),
+        order: entries
+            .into_iter()
+            .map(|(_, b, _, name)| (name, b))
+            .collect(),
+    }
+}
+
+fn fast(
+    model: &Llama,
+    geometry: &Geometry,
+    wins: &[Vec<u32>],
+    batch: usize,
+    progress: &ProgressBar,
+) -> Result<(BlockOrder, usize)> {
+    faer::set_global_parallelism(faer::Par::Seq);
+    progress.set_length(model.layers.len() as u64);
+    let index = geometry.index();
+    let mut scores = vec![Vec::new(); geometry.linears.len()];
+    let mut hidden: Vec<Tensor> = batches(model, wins, batch)?
+        .iter()
+        .map(|t| model.embed(t))
+        .collect::<candle_core::Result<_>>()?;
+    let mut passes = 0;
+    for layer in 0..model.layers.len() {
+        let mut taps = GramTaps::default();
+        for h in hidden.iter_mut() {
+            *h = model.layer_forward(layer, h, &mut taps)?;
+            passes += 1;
+        }
+        let grams: std::collections::HashMap<TapPoint, Mat<f32>> = taps
+            .grams
+            .into_iter()
+            .map(|(p, g)| {
+                let n = g.dim(0)?;
+                let v = g.flatten_all()?.to_vec1::<f32>()?;
+                Ok((p, Mat::from_fn(n, n, |i, j| v[i * n + j])))
+            })
+            .collect::<Result<_>>()?;
+        let results: Vec<(usize, Vec<f64>)> = LinearKind::ALL
+            .par_iter()
+            .map(|&kind| {
+                let stack = stack_of(model, layer, kind)?;
+                let (gains, energy) = block_gains(&stack, &grams[&kind.input()]);
+                let bytes = crate::block::block_bytes(stack.m, stack.n, stack.k) as f64;
+                let s = gains
+                    .iter()
+                    .map(|g| g / energy.max(f64::MIN_POSITIVE) / bytes)
+                    .collect();
+                Ok((index[kind.path(layer).as_str()], s))
+            })
+            .collect::<Result<_>>()?;
+        for (i, s) in results {
+            scores[i] = s;
+        }
+        progress.inc(1);
+    }
+    Ok((order_by_scores(geometry, &scores, "fast"), passes))
+}
+
+/// Mean NLL of the batches whose inputs to layer `from` are `inputs`.
+fn nll_from(model: &Llama, from: usize, inputs: &[Tensor], targets: &[Tensor]) -> Result<f64> {
+    let mut total = 0f64;
+    let mut count = 0usize;
+    for (x, t) in inputs.iter().zip(targets) {
+        let mut h = x.clone();
+        for l in from..model.layers.len() {
+            h = model.layer_forward(l, &h, &mut NoTaps)?;
+        }
+        let h = candle_nn::ops::rms_norm(&h, &model.norm, model.cfg.rms_norm_eps as f32)?;
+        let (b, len, _) = h.dims3()?;
+        for w in 0..b {
+            let logits = model.logits(&h.get(w)?.narrow(0, 0, len - 1)?)?;
+            let tgt = t.get(w)?.narrow(0, 1, len - 1)?;
+            let lp = target_log_probs(&logits, &tgt)?.to_vec1::<f32>()?;
+            total -= lp.iter().map(|&x| x as f64).sum::<f64>();
+            count += lp.len();
+        }
+    }
+    Ok(total / count as f64)
+}
+
+struct NoTaps;
+impl Taps for NoTaps {
+    fn record(&mut self, _: TapPoint, _: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
+}
+
+fn exact(
+    mut model: Llama,
+    geometry: &Geometry,
+    wins: &[Vec<u32>],
+    batch: usize,
+    progress: &ProgressBar,
+) -> Result<(BlockOrder, usize)> {
+    let full: Vec<Vec<Arc<WeightStack>>> = (0..model.layers.len())
+        .map(|l| {
+            LinearKind::ALL
+                .iter()
+                .map(|&k| stack_of(&model, l, k))
+                .collect()
+        })
+        .collect::<Result<_>>()?;
+    let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
+    let prefix = |s: &WeightStack, b: usize| {
+        Arc::new(WeightStack::new(
+            s.m,
+            s.n,
+            s.k,
+            s.blocks[..b.min(s.blocks.len())].to_vec(),
+        ))
+    };
+    let tokens = batches(&model, wins, batch)?;
+    let index = geometry.index();
+    let mut scores = vec![Vec::new(); geometry.linears.len()];
+    progress.set_length(((stored - 1) * geometry.linears.len()) as u64);
+    let mut passes = 0;
+    for level in 1..stored {
+        for (l, stacks) in full.iter().enumerate() {
+            for (kind, s) in LinearKind::ALL.iter().zip(stacks) {
+                model.layers[l].linear_mut(*kind).weight = LinearWeight::BitStack(prefix(s, level));
+            }
+        }
+        // Inputs of every layer at this level: the prefix cache.
+        let mut cache = vec![tokens
+            .iter()
+            .map(|t| model.embed(t))
+            .collect::<candle_core::Result<Vec<_>>>()?];
+        for l in 0..model.layers.len() - 1 {
+            let next = cache[l]
+                .iter()
+                .map(|h| model.layer_forward(l, h, &mut NoTaps))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            passes += next.len();
+            cache.push(next);
+        }
+        for (l, stacks) in full.iter().enumerate() {
+            for (kind, s) in LinearKind::ALL.iter().zip(stacks) {
+                if level >= s.blocks.len() {
+                    continue;
+                }
+                model.layers[l].linear_mut(*kind).weight =
+                    LinearWeight::BitStack(prefix(s, level + 1));
+                let ppl = nll_from(&model, l, &cache[l], &tokens)?.exp();
+                passes += tokens.len() * (model.layers.len() - l);
+                model.layers[l].linear_mut(*kind).weight = LinearWeight::BitStack(prefix(s, level));
+                // lower perplexity first; a NaN perplexity sorts last
+                let score = if ppl.is_nan() {
+                    f64::NEG_INFINITY
+                } else {
+                    -ppl
+                };
+                scores[index[kind.path(l).as_str()]].push(score);
+                progress.inc(1);
+            }
+        }
+    }
+    // The reference sorts each level on its own and concatenates the levels.
+    let mut order = Vec::new();
+    for level in 1..stored {
+        let mut at_level: Vec<(f64, usize)> = scores
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.get(level - 1).map(|&v| (v, i)))
+            .collect();
+        at_level.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        order.extend(
+            at_level
+                .into_iter()
+                .map(|(_, i)| (geometry.linears[i].name.clone(), level)),
+        );
+    }
+    Ok((
+        BlockOrder {
+            format_version: 1,
+            method: "exact".into(),
+            order,
+        },
+        passes,
+    ))
+}

@@ -1,0 +1,153 @@
+//! Exact and fast sorting agree where the answer is known by construction.
+//!
+//! A small model is compressed, then every linear but one has its extra
+//! blocks zeroed: adding them changes nothing. The scoring text is sampled
+//! from the full-stack model, so moving the one live linear closer to its
+//! full stack must lower the loss. Both methods must put that linear's
+//! blocks first.
+
+use std::path::Path;
+
+use bitstack_quant::checkpoint::BlockCounts;
+use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::model::Llama;
+use bitstack_quant::sort::{sort_on_windows, SortMethod};
+use bitstack_quant::svd::SvdMethod;
+use bitstack_quant::synthetic::SyntheticSpec;
+use candle_core::{Device, Tensor};
+use indicatif::ProgressBar;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const LIVE: &str = "model.layers.1.mlp.down_proj";
+
+/// Token windows sampled (temperature 1) from the model in `dir`.
+fn sample(dir: &Path, count: usize, len: usize) -> Vec<Vec<u32>> {
+    let model = Llama::load(dir, &BlockCounts::all(), &Device::Cpu).unwrap();
+    let mut rng = StdRng::seed_from_u64(4);
+    (0..count)
+        .map(|w| {
+            let mut ids = vec![(w * 31 % 256) as u32];
+            while ids.len() < len {
+                let x = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+                let logits = model
+                    .forward(&x)
+                    .unwrap()
+                    .get(0)
+                    .unwrap()
+                    .get(ids.len() - 1)
+                    .unwrap();
+                let p = candle_nn::ops::softmax_last_dim(&logits)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let mut r = rng.random::<f32>();
+                let next = p.iter().position(|&q| {
+                    r -= q;
+                    r <= 0.0
+                });
+                ids.push(next.unwrap_or(p.len() - 1) as u32);
+            }
+            ids
+        })
+        .collect()
+}
+
+/// Zeroes `u_b` (b ≥ 1) of every linear but [`LIVE`].
+fn zero_dead_blocks(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+            .collect();
+        for (name, _, _, data) in tensors.iter_mut() {
+            let dead = !name.starts_with(LIVE) && name.contains(".u_") && !name.ends_with(".u_0");
+            if dead {
+                data.iter_mut().for_each(|b| *b = 0);
+            }
+        }
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+    }
+}
+
+#[test]
+fn exact_and_fast_put_the_only_useful_blocks_first() {
+    let root = tempfile::tempdir().unwrap();
+    let dense = root.path().join("dense");
+    SyntheticSpec {
+        vocab: 256,
+        ..Default::default()
+    }
+    .write(&dense)
+    .unwrap();
+    let calib = root.path().join("calib.txt");
+    std::fs::write(&calib, "calibration text for the sorting test; ".repeat(30)).unwrap();
+    let out = root.path().join("packed");
+    let opts = CompressOptions {
+        k: 2,
+        niter: 3,
+        calib_text: calib,
+        calib_windows: 2,
+        seq_len: 32,
+        batch: 2,
+        svd: SvdMethod::Exact,
+    };
+    compress(&dense, &out, &opts).unwrap();
+    zero_dead_blocks(&out);
+    // Text from the full-stack model: every linear but the live one already
+    // matches it at the floor, so the live blocks are the only ones that help.
+    let wins = sample(&out, 48, 64);
+
+    let (exact, _) =
+        sort_on_windows(&out, SortMethod::Exact, &wins, 3, &ProgressBar::hidden()).unwrap();
+    let (fast, _) =
+        sort_on_windows(&out, SortMethod::Fast, &wins, 3, &ProgressBar::hidden()).unwrap();
+    let linears = 14;
+    assert_eq!(exact.order.len(), 2 * linears);
+    assert_eq!(fast.order.len(), 2 * linears);
+    // exact: the live linear leads each level
+    assert_eq!(
+        exact.order[0],
+        (LIVE.to_string(), 1),
+        "{:?}",
+        &exact.order[..3]
+    );
+    assert_eq!(
+        exact.order[linears],
+        (LIVE.to_string(), 2),
+        "{:?}",
+        &exact.order[linears..linears + 3]
+    );
+    // fast: no level constraint, so both live blocks come first
+    assert_eq!(
+        fast.order[0],
+        (LIVE.to_string(), 1),
+        "{:?}",
+        &fast.order[..3]
+    );
+    assert_eq!(
+        fast.order[1],
+        (LIVE.to_string(), 2),
+        "{:?}",
+        &fast.order[..3]
+    );
+    // both wrote a loadable order
+    assert!(
+        out.join("bitstack_order.json").exists() && out.join("compression_config.json").exists()
+    );
+}
