@@ -297,6 +297,12 @@ impl CheckpointWriter {
                 .with_context(|| format!("cannot replace empty dir {}", self.out.display()))?;
         }
         let tmp = self.tmp.keep();
+        // Temporary dirs are private; the checkpoint should not be.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        }
         std::fs::rename(&tmp, &self.out)
             .with_context(|| format!("cannot move {} to {}", tmp.display(), self.out.display()))?;
         Ok(self.out)
