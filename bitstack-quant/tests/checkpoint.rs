@@ -1,6 +1,10 @@
 //! Compress → checkpoint → load, and every way a checkpoint can be broken.
 
+mod common;
+
 use std::path::Path;
+
+use common::{edit_safetensors, relative_error};
 
 use bitstack_quant::checkpoint::{read_block, BlockCounts};
 use bitstack_quant::compress::{compress, CompressOptions};
@@ -61,12 +65,6 @@ fn logits(model: &Llama) -> Vec<f32> {
         .unwrap()
 }
 
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 #[test]
 fn round_trip_and_more_blocks_fit_better() {
     let root = tempfile::tempdir().unwrap();
@@ -96,7 +94,7 @@ fn round_trip_and_more_blocks_fit_better() {
                 LinearWeight::Dense(_) => panic!("compressed linear loaded dense"),
             }
         }
-        errors.push(rel(&logits(&m), &reference));
+        errors.push(relative_error(&logits(&m), &reference));
     }
     assert!(errors[0] > errors[1] && errors[1] > errors[2], "{errors:?}");
     assert!(errors[2] < 0.2, "{errors:?}");
@@ -130,30 +128,9 @@ fn load_err(dir: &Path) -> String {
     }
 }
 
-/// Rewrites the shard holding `tensor` with `edit` applied to the tensor map.
-fn rewrite(
-    dir: &Path,
-    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) {
-    let shard = dir.join("model-00001-of-00003.safetensors");
-    let bytes = std::fs::read(&shard).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    edit(&mut tensors);
-    let views: Vec<_> = tensors
-        .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &shard).unwrap();
+/// Rewrites the first layer's shard with `edit` applied to its tensors.
+fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<common::RawTensor>)) {
+    edit_safetensors(&dir.join("model-00001-of-00003.safetensors"), edit);
 }
 
 #[test]
@@ -286,28 +263,13 @@ fn compress_refuses_bad_input_and_leaves_nothing_behind() {
     let nan = root.path().join("nan");
     SyntheticSpec::default().write(&nan).unwrap();
     let shard = nan.join("model.safetensors");
-    let bytes = std::fs::read(&shard).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut t: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    let x = t
-        .iter_mut()
-        .find(|(n, ..)| n == "model.layers.1.mlp.gate_proj.weight")
-        .unwrap();
-    x.3[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
-    let views: Vec<_> = t
-        .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &shard).unwrap();
+    edit_safetensors(&shard, |t| {
+        let x = t
+            .iter_mut()
+            .find(|(n, ..)| n == "model.layers.1.mlp.gate_proj.weight")
+            .unwrap();
+        x.3[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    });
     let e = compress(&nan, &root.path().join("o3"), &opts(root.path())).unwrap_err();
     assert!(
         format!("{e:#}").contains("model.layers.1.mlp.gate_proj.weight"),

@@ -1,20 +1,15 @@
 //! Folding the activation scales must not change what the model computes.
 
+mod common;
+
 use bitstack_quant::calibrate::{calibrate, windows};
 use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::linear::LinearWeight;
 use bitstack_quant::model::{LinearKind, Llama};
 use bitstack_quant::scale::{fold, o_is_scalable, LayerScales};
 use bitstack_quant::synthetic::SyntheticSpec;
 use candle_core::{Device, Tensor};
+use common::{dense_weight, logits, relative_error};
 use indicatif::ProgressBar;
-
-fn dense(model: &Llama, layer: usize, kind: LinearKind) -> Vec<f32> {
-    match &model.layers[layer].linear(kind).weight {
-        LinearWeight::Dense(w) => w.flatten_all().unwrap().to_vec1().unwrap(),
-        LinearWeight::BitStack(_) => panic!("dense expected"),
-    }
-}
 
 fn check(spec: SyntheticSpec) {
     let dir = tempfile::tempdir().unwrap();
@@ -25,44 +20,24 @@ fn check(spec: SyntheticSpec) {
         .collect();
     let calib = windows(&tokens, 37, 0, 3);
     let ids = Tensor::from_vec(tokens[..37].to_vec(), (1, 37), &Device::Cpu).unwrap();
-    let before = model
-        .forward(&ids)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let before = logits(&model, &ids);
 
     let stats = calibrate(&model, &calib, 2, &ProgressBar::hidden()).unwrap();
     let o_before: Vec<Vec<f32>> = (0..spec.layers)
-        .map(|l| dense(&model, l, LinearKind::O))
+        .map(|l| dense_weight(&model, l, LinearKind::O))
         .collect();
-    let q_before = dense(&model, 0, LinearKind::Q);
+    let q_before = dense_weight(&model, 0, LinearKind::Q);
     for (l, s) in stats.iter().enumerate() {
         let scales = LayerScales::from_stats(s, &model.cfg).unwrap();
         assert_eq!(scales.o.is_some(), o_is_scalable(&model.cfg));
         fold(&mut model.layers[l], &scales).unwrap();
     }
-    let after = model
-        .forward(&ids)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-
-    let num: f64 = before
-        .iter()
-        .zip(&after)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let den: f64 = before.iter().map(|a| (*a as f64).powi(2)).sum();
-    let rel = (num / den).sqrt();
+    let rel = relative_error(&logits(&model, &ids), &before);
     assert!(rel < 1e-4, "logits changed by {rel}");
     // the weights themselves did change
-    assert_ne!(q_before, dense(&model, 0, LinearKind::Q));
+    assert_ne!(q_before, dense_weight(&model, 0, LinearKind::Q));
     for (l, o) in o_before.iter().enumerate() {
-        let changed = *o != dense(&model, l, LinearKind::O);
+        let changed = *o != dense_weight(&model, l, LinearKind::O);
         assert_eq!(
             changed,
             o_is_scalable(&model.cfg),

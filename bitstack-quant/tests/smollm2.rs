@@ -2,18 +2,20 @@
 //! `bitstack-assets`). Slow: `#[ignore]`d in the fast suite, run by CI with
 //! `--include-ignored`.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use bitstack_quant::calibrate::{calibrate, windows};
 use bitstack_quant::checkpoint::BlockCounts;
 use bitstack_quant::decompose::decompose;
-use bitstack_quant::linear::LinearWeight;
 use bitstack_quant::model::{load_tokenizer, LinearKind, Llama};
 use bitstack_quant::perplexity::mean_nll;
 use bitstack_quant::scale::{fold, o_is_scalable, LayerScales};
 use bitstack_quant::svd::SvdMethod;
 use candle_core::{DType, Device, Tensor};
+use common::{dense_weight, logits, relative_error};
 use indicatif::ProgressBar;
 
 /// The dense f32 model dir, imported once per assets dir.
@@ -27,13 +29,6 @@ fn smollm2() -> &'static (PathBuf, PathBuf) {
         }
         (dir, assets.eval_text)
     })
-}
-
-fn dense_weight(model: &Llama, layer: usize, kind: LinearKind) -> Vec<f32> {
-    match &model.layers[layer].linear(kind).weight {
-        LinearWeight::Dense(w) => w.flatten_all().unwrap().to_vec1().unwrap(),
-        LinearWeight::BitStack(_) => panic!("dense expected"),
-    }
 }
 
 #[test]
@@ -97,13 +92,7 @@ fn folding_scales_keeps_logits_and_skips_o_under_gqa() {
     let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
     let calib = windows(&ids, 64, 0, 3);
     let probe = Tensor::from_vec(ids[200..264].to_vec(), (1, 64), &Device::Cpu).unwrap();
-    let before = model
-        .forward(&probe)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let before = logits(&model, &probe);
     let o_before = dense_weight(&model, 3, LinearKind::O);
     let stats = calibrate(&model, &calib, 3, &ProgressBar::hidden()).unwrap();
     for (l, s) in stats.iter().enumerate() {
@@ -112,24 +101,8 @@ fn folding_scales_keeps_logits_and_skips_o_under_gqa() {
         fold(&mut model.layers[l], &scales).unwrap();
     }
     assert_eq!(o_before, dense_weight(&model, 3, LinearKind::O));
-    let after = model
-        .forward(&probe)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let num: f64 = before
-        .iter()
-        .zip(&after)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let den: f64 = before.iter().map(|a| (*a as f64).powi(2)).sum();
-    assert!(
-        (num / den).sqrt() < 1e-4,
-        "relative change {}",
-        (num / den).sqrt()
-    );
+    let rel = relative_error(&logits(&model, &probe), &before);
+    assert!(rel < 1e-4, "relative change {rel}");
 }
 
 #[test]

@@ -6,6 +6,8 @@
 //! full stack must lower the loss. Both methods must put that linear's
 //! blocks first.
 
+mod common;
+
 use std::path::Path;
 
 use bitstack_quant::checkpoint::BlockCounts;
@@ -59,29 +61,15 @@ fn zero_dead_blocks(dir: &Path) {
         if path.extension().is_none_or(|x| x != "safetensors") {
             continue;
         }
-        let bytes = std::fs::read(&path).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut tensors: Vec<_> = st
-            .tensors()
-            .into_iter()
-            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-            .collect();
-        for (name, _, _, data) in tensors.iter_mut() {
-            let dead = !name.starts_with(LIVE) && name.contains(".u_") && !name.ends_with(".u_0");
-            if dead {
-                data.iter_mut().for_each(|b| *b = 0);
+        common::edit_safetensors(&path, |tensors| {
+            for (name, _, _, data) in tensors.iter_mut() {
+                let dead =
+                    !name.starts_with(LIVE) && name.contains(".u_") && !name.ends_with(".u_0");
+                if dead {
+                    data.iter_mut().for_each(|b| *b = 0);
+                }
             }
-        }
-        let views: Vec<_> = tensors
-            .iter()
-            .map(|(n, d, s, b)| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-                )
-            })
-            .collect();
-        safetensors::serialize_to_file(views, None, &path).unwrap();
+        });
     }
 }
 

@@ -1,0 +1,58 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::Path;
+
+use bitstack_quant::linear::LinearWeight;
+use bitstack_quant::model::{LinearKind, Llama};
+use candle_core::Tensor;
+use safetensors::Dtype;
+
+/// A tensor as raw safetensors parts: name, dtype, shape, bytes.
+pub type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Rewrites the safetensors file at `path` after `edit` changed its tensors.
+pub fn edit_safetensors(path: &Path, edit: impl FnOnce(&mut Vec<RawTensor>)) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<RawTensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            let view = safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// `‖a − b‖ / ‖b‖`.
+pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// The dense weight of a linear, flattened.
+pub fn dense_weight(model: &Llama, layer: usize, kind: LinearKind) -> Vec<f32> {
+    match &model.layers[layer].linear(kind).weight {
+        LinearWeight::Dense(w) => w.flatten_all().unwrap().to_vec1().unwrap(),
+        LinearWeight::BitStack(_) => panic!("{} is not dense", kind.path(layer)),
+    }
+}
+
+/// All logits of `ids` (`[1, L]`), flattened.
+pub fn logits(model: &Llama, ids: &Tensor) -> Vec<f32> {
+    model
+        .forward(ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
