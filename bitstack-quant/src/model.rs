@@ -439,3 +439,40 @@ pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("cannot load {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_and_divides_low_frequencies() {
+        let s = RopeScaling {
+            rope_type: "llama3".into(),
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        // wavelength 100 < 8192/4: unchanged
+        let high = 2.0 * std::f64::consts::PI / 100.0;
+        assert_eq!(llama3_scale(high, &s), high);
+        // wavelength 20000 > 8192: divided by the factor
+        let low = 2.0 * std::f64::consts::PI / 20000.0;
+        assert!((llama3_scale(low, &s) - low / 8.0).abs() < 1e-15);
+        // in between: strictly between the two, and continuous at both edges
+        let mid = 2.0 * std::f64::consts::PI / 4000.0;
+        let m = llama3_scale(mid, &s);
+        assert!(m > mid / 8.0 && m < mid, "{m}");
+        for edge in [8192.0 / 4.0, 8192.0] {
+            let f = 2.0 * std::f64::consts::PI / edge;
+            let (a, b) = (
+                llama3_scale(f * 1.000001, &s),
+                llama3_scale(f * 0.999999, &s),
+            );
+            assert!(
+                (a - b).abs() / f < 1e-4,
+                "jump at wavelength {edge}: {a} vs {b}"
+            );
+        }
+    }
+}

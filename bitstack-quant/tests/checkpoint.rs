@@ -301,3 +301,42 @@ fn compress_refuses_bad_input_and_leaves_nothing_behind() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+#[test]
+fn half_precision_model_dirs_load() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("bf16");
+    SyntheticSpec::default().write(&dir).unwrap();
+    let f32_logits = logits(&Llama::load(&dir, &BlockCounts::all(), &Device::Cpu).unwrap());
+    for dtype in [safetensors::Dtype::BF16, safetensors::Dtype::F16] {
+        edit_safetensors(&dir.join("model.safetensors"), |tensors| {
+            for (_, d, _, data) in tensors.iter_mut() {
+                let values: Vec<f32> = match *d {
+                    safetensors::Dtype::F32 => data
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                    safetensors::Dtype::BF16 => data
+                        .chunks_exact(2)
+                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                        .collect(),
+                    _ => unreachable!(),
+                };
+                *data = match dtype {
+                    safetensors::Dtype::BF16 => values
+                        .iter()
+                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                    _ => values
+                        .iter()
+                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                };
+                *d = dtype;
+            }
+        });
+        let model = Llama::load(&dir, &BlockCounts::all(), &Device::Cpu).unwrap();
+        let err = relative_error(&logits(&model), &f32_logits);
+        assert!(err < 2e-2, "{dtype:?}: {err}");
+    }
+}
