@@ -13,7 +13,7 @@ use bitstack_quant::compress::{compress, CompressOptions};
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
 use bitstack_quant::model::{load_tokenizer, Llama};
-use bitstack_quant::order::{BlockOrder, Geometry};
+use bitstack_quant::order::{BlockOrder, Geometry, Measurement};
 use bitstack_quant::perplexity::{evaluate, PerplexityReport};
 use bitstack_quant::rtn::apply_rtn;
 use bitstack_quant::sort::{sort_checkpoint, SortMethod, SortOptions};
@@ -150,6 +150,10 @@ struct EvalArgs {
     /// the 16-bit model (30%).
     #[arg(long, value_name = "SPEC")]
     budget: Option<Budget>,
+    /// Store the measured perplexity with the rung in the checkpoint's
+    /// block order, so `bitstack ladder` shows it.
+    #[arg(long, requires = "budget")]
+    record: bool,
     /// Windows per forward pass.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -362,19 +366,22 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         None => default_asset("wiki-eval.txt")?,
     };
     let rtn = args.rtn.map(|b| (b, args.rtn_group));
-    let counts = match (args.budget, args.blocks) {
-        (Some(budget), _) => {
-            let plan = plan_for_dir(&dir, budget)?;
+    let plan = args.budget.map(|b| plan_for_dir(&dir, b)).transpose()?;
+    let counts = match (&plan, args.blocks) {
+        (Some(plan), _) => {
             eprintln!(
-                "budget {budget}: level {} of the block order, {} bytes resident ({:.3} bits per linear weight)",
-                plan.rung.level, plan.rung.total_bytes, plan.rung.bits_per_linear_weight
+                "budget {}: level {} of the block order, {} bytes resident ({:.3} bits per linear weight)",
+                args.budget.expect("plan comes from a budget"),
+                plan.rung.level,
+                plan.rung.total_bytes,
+                plan.rung.bits_per_linear_weight
             );
-            Some(plan.counts)
+            Some(plan.counts.clone())
         }
         (None, Some(n)) => Some(BlockCounts::uniform(n)),
         (None, None) => None,
     };
-    eval_dir(
+    let report = eval_dir(
         &dir,
         &text_path,
         counts,
@@ -382,7 +389,22 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         args.windows,
         args.seq_len,
         args.batch,
-    )
+    )?;
+    if let (true, Some(plan)) = (args.record, &plan) {
+        let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(&dir)?;
+        let geometry = Geometry::from_config(&cfg)?;
+        let mut order = BlockOrder::load(&dir, &geometry)?;
+        order.measured.push(Measurement {
+            level: plan.rung.level,
+            ppl: report.ppl,
+            windows: report.windows,
+            text: text_path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        });
+        order.save(&dir, &geometry)?;
+    }
+    Ok(report)
 }
 
 fn eval_dir(
@@ -515,16 +537,20 @@ fn ladder(dir: &Path, json: bool) -> Result<()> {
     }
     println!("order: {} ({} rungs)", order.method, ladder.len());
     println!(
-        "{:>6} {:>14} {:>14} {:>8}",
-        "level", "linear bytes", "total bytes", "bits/w"
+        "{:>6} {:>14} {:>14} {:>8} {:>10}",
+        "level", "linear bytes", "total bytes", "bits/w", "PPL"
     );
     // One line per quarter bit per weight, and the top rung.
     let mut next_mark = 0.0;
     for (i, r) in ladder.iter().enumerate() {
-        if r.bits_per_linear_weight >= next_mark || i + 1 == ladder.len() {
+        if r.bits_per_linear_weight >= next_mark || i + 1 == ladder.len() || r.ppl.is_some() {
             println!(
-                "{:>6} {:>14} {:>14} {:>8.3}",
-                r.level, r.linear_bytes, r.total_bytes, r.bits_per_linear_weight
+                "{:>6} {:>14} {:>14} {:>8.3} {:>10}",
+                r.level,
+                r.linear_bytes,
+                r.total_bytes,
+                r.bits_per_linear_weight,
+                r.ppl.map_or("-".into(), |p| format!("{p:.3}"))
             );
             next_mark = (r.bits_per_linear_weight / 0.25).floor() * 0.25 + 0.25;
         }

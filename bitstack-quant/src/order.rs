@@ -115,6 +115,19 @@ pub struct BlockOrder {
     pub method: String,
     /// `(linear name, block index)`, block index ≥ 1, best first.
     pub order: Vec<(String, usize)>,
+    /// Perplexities measured at some levels (`bitstack eval --budget … --record`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub measured: Vec<Measurement>,
+}
+
+/// A perplexity measured at one level of the order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Measurement {
+    pub level: usize,
+    pub ppl: f64,
+    pub windows: usize,
+    /// The scored text's file name.
+    pub text: String,
 }
 
 /// One rung of the memory ladder.
@@ -125,6 +138,9 @@ pub struct Rung {
     pub linear_bytes: usize,
     pub total_bytes: usize,
     pub bits_per_linear_weight: f64,
+    /// Measured perplexity at this level, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ppl: Option<f64>,
 }
 
 impl BlockOrder {
@@ -145,6 +161,7 @@ impl BlockOrder {
             format_version: 1,
             method: "round-robin".into(),
             order,
+            measured: Vec::new(),
         }
     }
 
@@ -203,6 +220,12 @@ impl BlockOrder {
             linear_bytes,
             total_bytes: linear_bytes + geometry.dense_bytes,
             bits_per_linear_weight: linear_bytes as f64 * 8.0 / geometry.linear_weights as f64,
+            ppl: self
+                .measured
+                .iter()
+                .rev()
+                .find(|m| m.level == level)
+                .map(|m| m.ppl),
         };
         let mut rungs = vec![rung(0, linear_bytes)];
         for (level, (name, _)) in self.order.iter().enumerate() {
@@ -306,6 +329,7 @@ impl BlockOrder {
             format_version: 1,
             method: "reference".into(),
             order,
+            measured: Vec::new(),
         })
     }
 }
@@ -377,6 +401,7 @@ mod tests {
         let order = BlockOrder {
             format_version: 1,
             method: "test".into(),
+            measured: vec![],
             order: vec![
                 ("model.layers.0.mlp.up_proj".into(), 1),
                 ("model.layers.0.self_attn.q_proj".into(), 1),

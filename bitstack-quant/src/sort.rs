@@ -214,6 +214,7 @@ pub fn order_by_scores(geometry: &Geometry, scores: &[Vec<f64>], method: &str) -
             .into_iter()
             .map(|(_, b, _, name)| (name, b))
             .collect(),
+        measured: Vec::new(),
     }
 }
 
@@ -387,6 +388,7 @@ fn exact(
             format_version: 1,
             method: "exact".into(),
             order,
+            measured: Vec::new(),
         },
         passes,
     ))
