@@ -429,6 +429,7 @@ mod tests {
             format_version: 1,
             method: "t".into(),
             order: vec![("model.layers.0.mlp.up_proj".into(), 2)],
+            measured: vec![],
         };
         assert!(skip
             .validate(&g)
