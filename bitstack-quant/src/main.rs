@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use bitstack_quant::budget::{plan_for_dir, Budget};
 use bitstack_quant::checkpoint::BlockCounts;
 use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
 use bitstack_quant::model::{load_tokenizer, Llama};
@@ -110,6 +111,26 @@ enum Command {
         calib: Option<PathBuf>,
         #[arg(long, default_value_t = 4)]
         batch: usize,
+    },
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate {
+        /// Model dir (dense or BitStack) or Hugging Face model id.
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        /// Memory budget for a BitStack checkpoint (see `eval --budget`).
+        #[arg(long, value_name = "SPEC", conflicts_with = "blocks")]
+        budget: Option<Budget>,
+        /// Load N blocks in every BitStack linear.
+        #[arg(long)]
+        blocks: Option<usize>,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 means greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Show the memory ladder: resident bytes and bits per weight per rung.
     Ladder {
@@ -324,6 +345,28 @@ fn run(cli: Cli) -> Result<()> {
             sort(&dir, &opts)
         }
         Command::Ladder { dir, json } => ladder(&dir, json),
+        Command::Generate {
+            model,
+            prompt,
+            budget,
+            blocks,
+            max_tokens,
+            temperature,
+            seed,
+        } => {
+            let dir = resolve_model(&model)?;
+            let counts = match (budget, blocks) {
+                (Some(b), _) => plan_for_dir(&dir, b)?.counts,
+                (None, Some(n)) => BlockCounts::uniform(n),
+                (None, None) => BlockCounts::all(),
+            };
+            let opts = SamplingOptions {
+                max_tokens,
+                temperature,
+                seed,
+            };
+            run_generate(&dir, &prompt, &counts, &opts)
+        }
     }
 }
 
@@ -555,5 +598,43 @@ fn ladder(dir: &Path, json: bool) -> Result<()> {
             next_mark = (r.bits_per_linear_weight / 0.25).floor() * 0.25 + 0.25;
         }
     }
+    Ok(())
+}
+
+fn run_generate(
+    dir: &Path,
+    prompt: &str,
+    counts: &BlockCounts,
+    opts: &SamplingOptions,
+) -> Result<()> {
+    use std::io::Write;
+    let tokenizer = load_tokenizer(dir)?;
+    let model = Llama::load(dir, counts, &Device::Cpu)?;
+    let ids = tokenizer
+        .encode(prompt, false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
+        .get_ids()
+        .to_vec();
+    let mut stream = TextStream::new(&tokenizer);
+    let mut out = std::io::stdout().lock();
+    write!(out, "{prompt}")?;
+    let g = generate(&model, &ids, &eos_token_ids(dir), opts, |id| {
+        write!(out, "{}", stream.push(id)?)?;
+        out.flush()?;
+        Ok(())
+    })?;
+    writeln!(out)?;
+    out.flush()?;
+    eprintln!(
+        "{} prompt tokens, {} generated; prefill {:.2}s, decode {:.2} tokens/s; weights {:.2} MiB ({:.3} bits per linear weight), KV cache {:.2} MiB",
+        g.prompt_tokens,
+        g.tokens.len(),
+        g.prefill.as_secs_f64(),
+        g.decode_tokens_per_second(),
+        model.resident_bytes() as f64 / 1048576.0,
+        model.linears().map(|(_, _, l)| l.weight_bytes()).sum::<usize>() as f64 * 8.0
+            / model.linear_weight_count() as f64,
+        g.kv_bytes as f64 / 1048576.0
+    );
     Ok(())
 }

@@ -279,6 +279,18 @@ impl Llama {
         x: &Tensor,
         taps: &mut dyn Taps,
     ) -> candle_core::Result<Tensor> {
+        self.layer_forward_cached(index, x, taps, None)
+    }
+
+    /// As [`Llama::layer_forward`], continuing the sequence held in `cache`
+    /// (its keys and values grow by `x`'s positions).
+    pub fn layer_forward_cached(
+        &self,
+        index: usize,
+        x: &Tensor,
+        taps: &mut dyn Taps,
+        cache: Option<&mut LayerCache>,
+    ) -> candle_core::Result<Tensor> {
         let layer = &self.layers[index];
         let cfg = &self.cfg;
         let (b, l, _) = x.dims3()?;
@@ -293,16 +305,28 @@ impl Llama {
         let q = split(layer.q.forward(&h)?, heads)?;
         let k = split(layer.k.forward(&h)?, kv_heads)?;
         let v = split(layer.v.forward(&h)?, kv_heads)?;
-        let cos = self.rope.cos.narrow(0, 0, l)?;
-        let sin = self.rope.sin.narrow(0, 0, l)?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if offset + l > self.rope.cos.dim(0)? {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's {} positions",
+                offset + l,
+                self.rope.cos.dim(0)?
+            );
+        }
+        let cos = self.rope.cos.narrow(0, offset, l)?;
+        let sin = self.rope.sin.narrow(0, offset, l)?;
         let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v)?,
+            None => (k, v),
+        };
         let (k, v) = (
             repeat_kv(k, heads / kv_heads)?,
             repeat_kv(v, heads / kv_heads)?,
         );
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.broadcast_add(&causal_mask(l, x.device())?)?;
+        let scores = scores.broadcast_add(&causal_mask(l, offset, x.device())?)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let mixed = probs
             .matmul(&v)?
@@ -325,6 +349,23 @@ impl Llama {
             x = self.layer_forward(i, &x, &mut NoTaps)?;
         }
         candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
+    }
+
+    /// Logits `[B, L, vocab]` of `tokens` (`[B, L]`) following the positions in `cache`.
+    pub fn forward_cached(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let mut x = self.embed(tokens)?;
+        for (i, c) in cache.layers.iter_mut().enumerate() {
+            x = self.layer_forward_cached(i, &x, &mut NoTaps, Some(c))?;
+        }
+        self.logits(&candle_nn::ops::rms_norm(
+            &x,
+            &self.norm,
+            self.cfg.rms_norm_eps as f32,
+        )?)
     }
 
     /// Logits `[.., vocab]` of hidden states `[.., d]`.
@@ -416,11 +457,83 @@ fn repeat_kv(x: Tensor, times: usize) -> candle_core::Result<Tensor> {
         .reshape((b, h * times, l, d))
 }
 
-fn causal_mask(l: usize, device: &Device) -> candle_core::Result<Tensor> {
+/// `[l, offset + l]`: query i (at position offset + i) sees keys 0…offset + i.
+fn causal_mask(l: usize, offset: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let total = offset + l;
     let mask: Vec<f32> = (0..l)
-        .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
-    Tensor::from_vec(mask, (l, l), device)
+    Tensor::from_vec(mask, (l, total), device)
+}
+
+/// Keys and values of one layer for the positions seen so far.
+#[derive(Default)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl LayerCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `[B, H, L, d]` keys and values; returns all of them.
+    fn append(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (k, v) = match self.kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
+    /// Bytes of the cached keys and values.
+    pub fn bytes(&self) -> usize {
+        self.kv
+            .as_ref()
+            .map_or(0, |(k, v)| tensor_bytes(k) + tensor_bytes(v))
+    }
+}
+
+/// The KV cache of a whole model for one batch of sequences.
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn new(model: &Llama) -> Self {
+        Self {
+            layers: (0..model.layers.len())
+                .map(|_| LayerCache::default())
+                .collect(),
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, LayerCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::bytes).sum()
+    }
 }
 
 /// Mean NLL helper: log-probabilities of `targets` under `logits` (`[T, V]`).

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use bitstack_quant::calibrate::{calibrate, windows};
 use bitstack_quant::checkpoint::BlockCounts;
 use bitstack_quant::decompose::decompose;
+use bitstack_quant::generate::{generate, SamplingOptions};
 use bitstack_quant::model::{load_tokenizer, LinearKind, Llama};
 use bitstack_quant::perplexity::mean_nll;
 use bitstack_quant::scale::{fold, o_is_scalable, LayerScales};
@@ -56,24 +57,19 @@ fn greedy_answers_paris() {
     let (dir, _) = smollm2();
     let model = Llama::load(dir, &BlockCounts::all(), &Device::Cpu).unwrap();
     let tok = load_tokenizer(dir).unwrap();
-    let mut ids = tok
+    let ids = tok
         .encode("The capital of France is", false)
         .unwrap()
         .get_ids()
         .to_vec();
-    let prompt = ids.len();
-    for _ in 0..2 {
-        let x = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
-        let logits = model
-            .forward(&x)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(ids.len() - 1)
-            .unwrap();
-        ids.push(logits.argmax(0).unwrap().to_scalar::<u32>().unwrap());
-    }
-    let text = tok.decode(&ids[prompt..], false).unwrap();
+    assert_eq!(ids, [504, 3575, 282, 4649, 314]);
+    let opts = SamplingOptions {
+        max_tokens: 2,
+        temperature: 0.0,
+        seed: 0,
+    };
+    let g = generate(&model, &ids, &[], &opts, |_| Ok(())).unwrap();
+    let text = tok.decode(&g.tokens, false).unwrap();
     assert!(text.starts_with(" Paris"), "{text:?}");
 }
 
