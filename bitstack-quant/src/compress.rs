@@ -21,8 +21,10 @@ use crate::svd::SvdMethod;
 /// Knobs of `bitstack compress`.
 #[derive(Clone, Debug)]
 pub struct CompressOptions {
-    /// Rank of every block (clamped per matrix is an error, not silent).
+    /// Rank of the blocks of every linear not in `k_per_kind`.
     pub k: usize,
+    /// Rank per kind of linear (`q_proj`, …), overriding `k`.
+    pub k_per_kind: std::collections::BTreeMap<LinearKind, usize>,
     /// Blocks per linear.
     pub niter: usize,
     /// Calibration text (UTF-8).
@@ -33,6 +35,13 @@ pub struct CompressOptions {
     pub batch: usize,
     /// Top-k SVD algorithm of the decomposition.
     pub svd: SvdMethod,
+}
+
+impl CompressOptions {
+    /// Rank of the blocks of `kind`.
+    pub fn k_of(&self, kind: LinearKind) -> usize {
+        self.k_per_kind.get(&kind).copied().unwrap_or(self.k)
+    }
 }
 
 /// What a compression run did.
@@ -72,10 +81,10 @@ pub fn compress(
     }
     for kind in LinearKind::ALL {
         let (m, n) = linear_shape(&cfg, kind);
-        if opts.k == 0 || opts.k > m.min(n) {
+        let k = opts.k_of(kind);
+        if k == 0 || k > m.min(n) {
             bail!(
-                "--k {} is out of range for {} ({m}×{n}): it must be 1…{}",
-                opts.k,
+                "--k {k} is out of range for {} ({m}×{n}): it must be 1…{}",
                 kind.name(),
                 m.min(n)
             );
@@ -142,7 +151,7 @@ pub fn compress(
             .par_iter()
             .map(|(kind, w)| {
                 let (m, n) = linear_shape(&cfg, *kind);
-                let d = decompose(w, m, n, opts.k, opts.niter, opts.svd)
+                let d = decompose(w, m, n, opts.k_of(*kind), opts.niter, opts.svd)
                     .with_context(|| format!("decomposing {}", kind.path(l)));
                 pb.inc(1);
                 d.map(|d| (*kind, d))
@@ -155,7 +164,7 @@ pub fn compress(
             let path = kind.path(l);
             for (i, b) in d.blocks.iter().enumerate() {
                 blocks_bytes += b.bytes();
-                tensors.extend(block_tensors(&path, i, b, m, n, opts.k));
+                tensors.extend(block_tensors(&path, i, b, m, n, opts.k_of(*kind)));
             }
             if let Some(bias) = &layer.linear(*kind).bias {
                 tensors.push((format!("{path}.bias"), OwnedTensor::from_tensor(bias)?));
@@ -199,7 +208,11 @@ pub fn compress(
         k: opts.k,
         niter: opts.niter,
         format_version: 1,
-        k_per_linear: Default::default(),
+        k_per_linear: (0..cfg.num_hidden_layers)
+            .flat_map(|l| LinearKind::ALL.iter().map(move |&kind| (l, kind)))
+            .filter(|&(_, kind)| opts.k_of(kind) != opts.k)
+            .map(|(l, kind)| (kind.path(l), opts.k_of(kind)))
+            .collect(),
     })?;
     out_cfg["torch_dtype"] = "float32".into();
     writer.write_file(

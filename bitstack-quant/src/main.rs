@@ -13,7 +13,7 @@ use bitstack_quant::compress::{compress, CompressOptions};
 use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
-use bitstack_quant::model::{load_tokenizer, Llama};
+use bitstack_quant::model::{load_tokenizer, LinearKind, Llama};
 use bitstack_quant::order::{BlockOrder, Geometry, Measurement};
 use bitstack_quant::perplexity::{evaluate, PerplexityReport};
 use bitstack_quant::rtn::apply_rtn;
@@ -64,6 +64,9 @@ enum Command {
         /// Rank of each block's u·vt product.
         #[arg(long, default_value_t = 16)]
         k: usize,
+        /// Rank per kind of linear, overriding --k: `k_proj=8,v_proj=8`.
+        #[arg(long, value_name = "KIND=K,…", value_delimiter = ',', value_parser = parse_k_for)]
+        k_for: Vec<(LinearKind, usize)>,
         /// Blocks per linear.
         #[arg(long, default_value_t = 16)]
         niter: usize,
@@ -231,6 +234,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             out_dir,
             k,
+            k_for,
             niter,
             calib,
             calib_windows,
@@ -245,6 +249,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let opts = CompressOptions {
                 k,
+                k_per_kind: k_for.into_iter().collect(),
                 niter,
                 calib_text,
                 calib_windows,
@@ -511,6 +516,7 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
         eprintln!("compressing into {}", packed.display());
         let opts = CompressOptions {
             k: 16,
+            k_per_kind: Default::default(),
             niter: 16,
             calib_text: assets.calib_text.clone(),
             calib_windows: 128,
@@ -637,4 +643,18 @@ fn run_generate(
         g.kv_bytes as f64 / 1048576.0
     );
     Ok(())
+}
+
+fn parse_k_for(s: &str) -> Result<(LinearKind, usize), String> {
+    let (name, k) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected KIND=K, e.g. k_proj=8"))?;
+    let kind = LinearKind::from_short_name(name.trim()).ok_or_else(|| {
+        format!("`{name}` is not a linear (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+    })?;
+    let k = k
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{k}` is not a rank"))?;
+    Ok((kind, k))
 }

@@ -51,6 +51,16 @@ impl LinearKind {
         }
     }
 
+    /// The short module name, e.g. `q_proj`.
+    pub fn short_name(self) -> &'static str {
+        self.name().rsplit('.').next().expect("names have a dot")
+    }
+
+    /// Parses a short module name (`q_proj`, …).
+    pub fn from_short_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.short_name() == name)
+    }
+
     /// Full tensor prefix, e.g. `model.layers.3.self_attn.q_proj`.
     pub fn path(self, layer: usize) -> String {
         format!("model.layers.{layer}.{}", self.name())

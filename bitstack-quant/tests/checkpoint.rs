@@ -37,6 +37,7 @@ fn opts(dir: &Path) -> CompressOptions {
         seq_len: 32,
         batch: 2,
         svd: SvdMethod::Exact,
+        k_per_kind: Default::default(),
     }
 }
 
@@ -338,5 +339,34 @@ fn half_precision_model_dirs_load() {
         let model = Llama::load(&dir, &BlockCounts::all(), &Device::Cpu).unwrap();
         let err = relative_error(&logits(&model), &f32_logits);
         assert!(err < 2e-2, "{dtype:?}: {err}");
+    }
+}
+
+#[test]
+fn rank_per_kind_is_recorded_and_loaded() {
+    let root = tempfile::tempdir().unwrap();
+    let dense = root.path().join("dense");
+    SyntheticSpec::default().write(&dense).unwrap();
+    let out = root.path().join("packed");
+    let mut o = opts(root.path());
+    o.k_per_kind = [(LinearKind::K, 2), (LinearKind::Down, 7)]
+        .into_iter()
+        .collect();
+    compress(&dense, &out, &o).unwrap();
+    let info = inspect(&out).unwrap();
+    for l in &info.linears {
+        let want = if l.name.ends_with("k_proj") {
+            2
+        } else if l.name.ends_with("down_proj") {
+            7
+        } else {
+            K
+        };
+        assert_eq!(l.k, Some(want), "{}", l.name);
+    }
+    let model = Llama::load(&out, &BlockCounts::uniform(2), &Device::Cpu).unwrap();
+    match &model.layers[1].down.weight {
+        LinearWeight::BitStack(s) => assert_eq!((s.k, s.blocks[1].u.len()), (7, s.m * 7)),
+        LinearWeight::Dense(_) => unreachable!(),
     }
 }
