@@ -50,7 +50,9 @@ enum Command {
     },
     /// Convert a llama.cpp GGUF file into a Hugging Face model dir.
     ImportGguf {
+        /// The .gguf file (llama architecture).
         gguf: PathBuf,
+        /// Where to write the model dir (must not exist or be empty).
         out_dir: PathBuf,
         /// Storage dtype of the safetensors weights.
         #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
@@ -60,6 +62,7 @@ enum Command {
     Compress {
         /// Dense model dir (or Hugging Face model id).
         model: String,
+        /// Where to write the checkpoint (must not exist or be empty).
         out_dir: PathBuf,
         /// Rank of each block's u·vt product.
         #[arg(long, default_value_t = 16)]
@@ -76,6 +79,7 @@ enum Command {
         /// Windows of calibration text for the activation scales.
         #[arg(long, default_value_t = 128)]
         calib_windows: usize,
+        /// Tokens per calibration window.
         #[arg(long, default_value_t = 512)]
         seq_len: usize,
         /// Windows per forward pass (memory vs speed).
@@ -90,12 +94,14 @@ enum Command {
     Eval(EvalArgs),
     /// Show layers, shapes, k, blocks and bytes of a checkpoint.
     Inspect {
+        /// A BitStack checkpoint dir.
         dir: PathBuf,
         #[arg(long)]
         json: bool,
     },
     /// Order all blocks into one global order (the memory ladder).
     Sort {
+        /// A BitStack checkpoint dir.
         dir: PathBuf,
         /// `fast`: layer-local output error removed per byte (minutes);
         /// `exact`: the reference's perplexity-scored 'average' order (hours).
@@ -107,6 +113,7 @@ enum Command {
         /// Windows at the start of the calibration text to skip (the scaling windows).
         #[arg(long, default_value_t = 128)]
         skip_windows: usize,
+        /// Tokens per scoring window.
         #[arg(long, default_value_t = 512)]
         seq_len: usize,
         /// Calibration text [default: the wiki calibration text of fetch-assets].
@@ -127,6 +134,7 @@ enum Command {
         /// Load N blocks in every BitStack linear.
         #[arg(long)]
         blocks: Option<usize>,
+        /// Tokens to generate at most.
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
         /// 0 means greedy.
@@ -137,6 +145,7 @@ enum Command {
     },
     /// Show the memory ladder: resident bytes and bits per weight per rung.
     Ladder {
+        /// A BitStack checkpoint dir.
         dir: PathBuf,
         /// Every rung as JSON.
         #[arg(long)]
@@ -150,6 +159,7 @@ enum Command {
         /// Block counts to evaluate.
         #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
         blocks: Vec<usize>,
+        /// Windows of the eval text to score.
         #[arg(long, default_value_t = 64)]
         windows: usize,
     },
@@ -162,8 +172,10 @@ struct EvalArgs {
     /// Text to score [default: the wiki eval text of fetch-assets].
     #[arg(long)]
     text: Option<PathBuf>,
+    /// Windows of the text to score (non-overlapping, from the start).
     #[arg(long, default_value_t = 64)]
     windows: usize,
+    /// Tokens per window.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
     /// Load N blocks in every BitStack linear [default: all stored].
