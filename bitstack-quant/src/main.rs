@@ -103,9 +103,12 @@ enum Command {
     Sort {
         /// A BitStack checkpoint dir.
         dir: PathBuf,
-        /// `fast`: layer-local output error removed per byte (minutes);
-        /// `exact`: the reference's perplexity-scored 'average' order (hours).
-        #[arg(long, default_value = "fast", value_parser = ["fast", "exact"])]
+        /// `fast`: the reference's level-by-level structure, each level
+        /// ordered by the layer-local output error a block removes (minutes);
+        /// `greedy`: the same scores per byte in one order across levels
+        /// (experimental); `exact`: the reference's perplexity-scored
+        /// 'average' order (hours).
+        #[arg(long, default_value = "fast", value_parser = ["fast", "greedy", "exact"])]
         method: String,
         /// Calibration windows to score on.
         #[arg(long, default_value_t = 4)]
@@ -346,10 +349,10 @@ fn run(cli: Cli) -> Result<()> {
                 Some(p) => p,
                 None => default_asset("wiki-calib.txt")?,
             };
-            let method = if method == "exact" {
-                SortMethod::Exact
-            } else {
-                SortMethod::Fast
+            let method = match method.as_str() {
+                "exact" => SortMethod::Exact,
+                "greedy" => SortMethod::Greedy,
+                _ => SortMethod::Fast,
             };
             let opts = SortOptions {
                 method,
