@@ -209,6 +209,12 @@ struct EvalArgs {
 }
 
 fn main() {
+    // Behave like other Unix tools when the reader goes away (`bitstack ladder DIR | head`).
+    #[cfg(unix)]
+    // SAFETY: restoring the default SIGPIPE action before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
