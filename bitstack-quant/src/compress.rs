@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use crate::calibrate::{calibrate, windows};
@@ -14,6 +13,7 @@ use crate::config::{ModelConfig, QuantizationConfig};
 use crate::decompose::decompose;
 use crate::linear::LinearWeight;
 use crate::model::{linear_shape, load_tokenizer, LinearKind, Llama};
+use crate::progress::progress_bar;
 use crate::scale::{fold, LayerScales};
 use crate::store::TensorStore;
 use crate::svd::SvdMethod;
@@ -54,19 +54,6 @@ pub struct CompressReport {
     pub blocks_bytes: usize,
     /// Mean over linears of ‖R_niter‖/‖W‖ (scaled weights).
     pub mean_relative_residual: f64,
-}
-
-fn bar(len: u64, msg: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{msg:>12} [{bar:40}] {pos}/{len} {elapsed_precise} (eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(msg.to_string());
-    pb
 }
 
 /// Compresses the dense model in `model_dir` into a BitStack checkpoint at `out_dir`.
@@ -122,7 +109,7 @@ pub fn compress(
     drop(store);
 
     let t0 = Instant::now();
-    let pb = bar(cfg.num_hidden_layers as u64, "calibrating");
+    let pb = progress_bar(cfg.num_hidden_layers as u64, "calibrating");
     let stats = calibrate(&model, &calib, opts.batch, &pb)?;
     pb.finish();
     let calibration_time = t0.elapsed();
@@ -130,7 +117,7 @@ pub fn compress(
     // Rayon parallelises across linears; keep faer single-threaded inside.
     faer::set_global_parallelism(faer::Par::Seq);
     let t1 = Instant::now();
-    let pb = bar(
+    let pb = progress_bar(
         (cfg.num_hidden_layers * LinearKind::ALL.len()) as u64,
         "decomposing",
     );

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use bitstack_quant::budget::{plan_for_dir, Budget};
 use bitstack_quant::checkpoint::BlockCounts;
@@ -16,6 +15,7 @@ use bitstack_quant::inspect::inspect;
 use bitstack_quant::model::{load_tokenizer, LinearKind, Llama};
 use bitstack_quant::order::{BlockOrder, Geometry, Measurement};
 use bitstack_quant::perplexity::{evaluate, PerplexityReport};
+use bitstack_quant::progress::progress_bar;
 use bitstack_quant::rtn::apply_rtn;
 use bitstack_quant::sort::{sort_checkpoint, SortMethod, SortOptions};
 use bitstack_quant::svd::SvdMethod;
@@ -415,19 +415,6 @@ fn default_asset(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn progress(len: u64, msg: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{msg:>12} [{bar:40}] {pos}/{len} {elapsed_precise} (eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(msg.to_string());
-    pb
-}
-
 fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
     let dir = resolve_model(&args.model)?;
     let text_path = match &args.text {
@@ -499,7 +486,7 @@ fn eval_dir(
         .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", text_path.display()))?
         .get_ids()
         .to_vec();
-    let pb = progress(windows.min(ids.len() / seq_len.max(1)) as u64, "evaluating");
+    let pb = progress_bar(windows.min(ids.len() / seq_len.max(1)) as u64, "evaluating");
     let mut r = evaluate(&model, &ids, seq_len, windows, batch, &pb)?;
     pb.finish_and_clear();
     if let Some(bytes) = rtn_bytes {
@@ -581,7 +568,7 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
 }
 
 fn sort(dir: &Path, opts: &SortOptions) -> Result<()> {
-    let pb = progress(0, "sorting");
+    let pb = progress_bar(0, "sorting");
     let (order, report) = sort_checkpoint(dir, opts, &pb)?;
     pb.finish_and_clear();
     println!(

@@ -95,7 +95,9 @@ pub trait Taps {
     fn record(&mut self, point: TapPoint, x: &Tensor) -> candle_core::Result<()>;
 }
 
-struct NoTaps;
+/// Observes nothing.
+pub struct NoTaps;
+
 impl Taps for NoTaps {
     fn record(&mut self, _: TapPoint, _: &Tensor) -> candle_core::Result<()> {
         Ok(())

@@ -32,7 +32,7 @@ use crate::calibrate::windows;
 use crate::checkpoint::BlockCounts;
 use crate::config::ModelConfig;
 use crate::linear::LinearWeight;
-use crate::model::{load_tokenizer, target_log_probs, LinearKind, Llama, TapPoint, Taps};
+use crate::model::{load_tokenizer, target_log_probs, LinearKind, Llama, NoTaps, TapPoint, Taps};
 use crate::order::{BlockOrder, Geometry};
 use crate::stack::WeightStack;
 use crate::store::TensorStore;
@@ -320,13 +320,6 @@ fn nll_from(model: &Llama, from: usize, inputs: &[Tensor], targets: &[Tensor]) -
         }
     }
     Ok(total / count as f64)
-}
-
-struct NoTaps;
-impl Taps for NoTaps {
-    fn record(&mut self, _: TapPoint, _: &Tensor) -> candle_core::Result<()> {
-        Ok(())
-    }
 }
 
 fn exact(
