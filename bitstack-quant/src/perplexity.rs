@@ -85,3 +85,41 @@ pub fn evaluate(
         resident_total_bytes: model.resident_bytes(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_report_has_exactly_the_documented_keys() {
+        let r = PerplexityReport {
+            ppl: 14.9,
+            nll: 2.7,
+            tokens: 32704,
+            windows: 64,
+            bits_per_linear_weight: 3.5,
+            resident_linear_bytes: 1,
+            resident_total_bytes: 2,
+        };
+        let json = serde_json::to_value(&r).unwrap();
+        let mut keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "bits_per_linear_weight",
+                "nll",
+                "ppl",
+                "resident_linear_bytes",
+                "resident_total_bytes",
+                "tokens",
+                "windows"
+            ]
+        );
+    }
+}
