@@ -55,6 +55,21 @@ pub fn windows(tokens: &[u32], len: usize, skip: usize, count: usize) -> Vec<Vec
         .collect()
 }
 
+/// Token windows (all of one length) as `[B, L]` id tensors of up to `batch` windows.
+pub fn window_batches(
+    windows: &[Vec<u32>],
+    batch: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<Vec<Tensor>> {
+    windows
+        .chunks(batch.max(1))
+        .map(|chunk| {
+            let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
+            Tensor::from_vec(flat, (chunk.len(), chunk[0].len()), device)
+        })
+        .collect()
+}
+
 /// Runs `windows` through `model` layer by layer (in batches of `batch`
 /// windows) and returns the input statistics of every layer.
 ///
@@ -66,14 +81,9 @@ pub fn calibrate(
     batch: usize,
     progress: &ProgressBar,
 ) -> Result<Vec<LayerStats>> {
-    let device = &model.device;
-    let mut hidden: Vec<Tensor> = windows
-        .chunks(batch.max(1))
-        .map(|chunk| {
-            let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
-            let ids = Tensor::from_vec(flat, (chunk.len(), chunk[0].len()), device)?;
-            model.embed(&ids)
-        })
+    let mut hidden: Vec<Tensor> = window_batches(windows, batch, &model.device)?
+        .iter()
+        .map(|ids| model.embed(ids))
         .collect::<candle_core::Result<_>>()?;
     let mut all = Vec::with_capacity(model.layers.len());
     for layer in 0..model.layers.len() {

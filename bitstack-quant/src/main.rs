@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
-use bitstack_quant::budget::{plan_for_dir, Budget};
+use bitstack_quant::budget::{plan_for_dir, Budget, Plan};
 use bitstack_quant::checkpoint::BlockCounts;
 use bitstack_quant::compress::{compress, CompressOptions};
 use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
@@ -381,11 +381,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
         } => {
             let dir = resolve_model(&model)?;
-            let counts = match (budget, blocks) {
-                (Some(b), _) => plan_for_dir(&dir, b)?.counts,
-                (None, Some(n)) => BlockCounts::uniform(n),
-                (None, None) => BlockCounts::all(),
-            };
+            let (counts, _) = block_counts(&dir, budget, blocks)?;
             let opts = SamplingOptions {
                 max_tokens,
                 temperature,
@@ -393,6 +389,27 @@ fn run(cli: Cli) -> Result<()> {
             };
             run_generate(&dir, &prompt, &counts, &opts)
         }
+    }
+}
+
+/// Blocks per linear from `--budget` (reporting the rung it resolved to) or
+/// `--blocks`; all stored blocks when neither is given.
+fn block_counts(
+    dir: &Path,
+    budget: Option<Budget>,
+    blocks: Option<usize>,
+) -> Result<(BlockCounts, Option<Plan>)> {
+    match (budget, blocks) {
+        (Some(budget), _) => {
+            let plan = plan_for_dir(dir, budget)?;
+            eprintln!(
+                "budget {budget}: level {} of the block order, {} bytes resident ({:.3} bits per linear weight)",
+                plan.rung.level, plan.rung.total_bytes, plan.rung.bits_per_linear_weight
+            );
+            Ok((plan.counts.clone(), Some(plan)))
+        }
+        (None, Some(n)) => Ok((BlockCounts::uniform(n), None)),
+        (None, None) => Ok((BlockCounts::all(), None)),
     }
 }
 
@@ -422,21 +439,7 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         None => default_asset("wiki-eval.txt")?,
     };
     let rtn = args.rtn.map(|b| (b, args.rtn_group));
-    let plan = args.budget.map(|b| plan_for_dir(&dir, b)).transpose()?;
-    let counts = match (&plan, args.blocks) {
-        (Some(plan), _) => {
-            eprintln!(
-                "budget {}: level {} of the block order, {} bytes resident ({:.3} bits per linear weight)",
-                args.budget.expect("plan comes from a budget"),
-                plan.rung.level,
-                plan.rung.total_bytes,
-                plan.rung.bits_per_linear_weight
-            );
-            Some(plan.counts.clone())
-        }
-        (None, Some(n)) => Some(BlockCounts::uniform(n)),
-        (None, None) => None,
-    };
+    let (counts, plan) = block_counts(&dir, args.budget, args.blocks)?;
     let report = eval_dir(
         &dir,
         &text_path,
@@ -466,7 +469,7 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
 fn eval_dir(
     dir: &Path,
     text_path: &Path,
-    blocks: Option<BlockCounts>,
+    counts: BlockCounts,
     rtn: Option<(u32, usize)>,
     windows: usize,
     seq_len: usize,
@@ -475,7 +478,6 @@ fn eval_dir(
     let text = std::fs::read_to_string(text_path)
         .with_context(|| format!("cannot read {}", text_path.display()))?;
     let tokenizer = load_tokenizer(dir)?;
-    let counts = blocks.unwrap_or_default();
     let mut model = Llama::load(dir, &counts, &Device::Cpu)?;
     let rtn_bytes = match rtn {
         Some((bits, group)) => Some(apply_rtn(&mut model, bits, group)?),
@@ -538,7 +540,15 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
         "{:<10} {:>8} {:>12} {:>14}",
         "model", "bits/w", "PPL", "linear MiB"
     );
-    let r = eval_dir(&dense, &assets.eval_text, None, None, windows, 512, 4)?;
+    let r = eval_dir(
+        &dense,
+        &assets.eval_text,
+        BlockCounts::all(),
+        None,
+        windows,
+        512,
+        4,
+    )?;
     println!(
         "{:<10} {:>8.3} {:>12.3} {:>14.2}",
         "dense",
@@ -550,7 +560,7 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
         let r = eval_dir(
             &packed,
             &assets.eval_text,
-            Some(BlockCounts::uniform(n)),
+            BlockCounts::uniform(n),
             None,
             windows,
             512,

@@ -356,8 +356,12 @@ impl Llama {
 
     /// Final hidden states `[B, L, d]` (after the last norm).
     pub fn forward_hidden(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = self.embed(tokens)?;
-        for i in 0..self.layers.len() {
+        self.forward_hidden_from(0, self.embed(tokens)?)
+    }
+
+    /// Final hidden states from `x`, the input of layer `from`.
+    pub fn forward_hidden_from(&self, from: usize, mut x: Tensor) -> candle_core::Result<Tensor> {
+        for i in from..self.layers.len() {
             x = self.layer_forward(i, &x, &mut NoTaps)?;
         }
         candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)

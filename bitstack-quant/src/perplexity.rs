@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use crate::calibrate::windows;
+use crate::calibrate::{window_batches, windows};
 use crate::model::{target_log_probs, Llama};
 
 /// The result of an evaluation, as `bitstack eval --json` prints it.
@@ -47,21 +47,28 @@ pub fn mean_nll(
     }
     let mut total = 0f64;
     let mut scored = 0usize;
-    for chunk in wins.chunks(batch.max(1)) {
-        let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(flat, (chunk.len(), seq_len), &model.device)?;
-        let hidden = model.forward_hidden(&ids)?;
-        for (w, window) in chunk.iter().enumerate() {
-            let h = hidden.get(w)?.narrow(0, 0, seq_len - 1)?;
-            let logits = model.logits(&h)?;
-            let targets = Tensor::from_slice(&window[1..], seq_len - 1, &model.device)?;
-            let lp = target_log_probs(&logits, &targets)?.to_vec1::<f32>()?;
-            total -= lp.iter().map(|&x| x as f64).sum::<f64>();
-            scored += lp.len();
-            progress.inc(1);
-        }
+    for ids in window_batches(&wins, batch, &model.device)? {
+        let (sum, count) = nll_sum(model, &model.forward_hidden(&ids)?, &ids)?;
+        total += sum;
+        scored += count;
+        progress.inc(ids.dim(0)? as u64);
     }
     Ok((total / scored as f64, scored, wins.len()))
+}
+
+/// Summed NLL and count of positions 1…L−1 of each window in `ids` (`[B, L]`),
+/// given the final hidden states (`[B, L, d]`). One window's logits at a time
+/// keeps memory at `L × vocab`.
+pub fn nll_sum(model: &Llama, hidden: &Tensor, ids: &Tensor) -> candle_core::Result<(f64, usize)> {
+    let (b, len) = ids.dims2()?;
+    let mut total = 0f64;
+    for w in 0..b {
+        let logits = model.logits(&hidden.get(w)?.narrow(0, 0, len - 1)?)?;
+        let targets = ids.get(w)?.narrow(0, 1, len - 1)?;
+        let lp = target_log_probs(&logits, &targets)?.to_vec1::<f32>()?;
+        total -= lp.iter().map(|&x| x as f64).sum::<f64>();
+    }
+    Ok((total, b * (len - 1)))
 }
 
 /// Evaluates `model` on `tokens` and fills in its memory footprint.

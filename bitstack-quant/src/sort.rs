@@ -28,12 +28,13 @@ use faer::Mat;
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
-use crate::calibrate::windows;
+use crate::calibrate::{window_batches, windows};
 use crate::checkpoint::BlockCounts;
 use crate::config::ModelConfig;
 use crate::linear::LinearWeight;
-use crate::model::{load_tokenizer, target_log_probs, LinearKind, Llama, NoTaps, TapPoint, Taps};
+use crate::model::{load_tokenizer, LinearKind, Llama, NoTaps, TapPoint, Taps};
 use crate::order::{BlockOrder, Geometry};
+use crate::perplexity::nll_sum;
 use crate::stack::WeightStack;
 use crate::store::TensorStore;
 
@@ -136,15 +137,6 @@ pub fn sort_on_windows(
             layer_passes,
         },
     ))
-}
-
-fn batches(model: &Llama, wins: &[Vec<u32>], batch: usize) -> candle_core::Result<Vec<Tensor>> {
-    wins.chunks(batch.max(1))
-        .map(|chunk| {
-            let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
-            Tensor::from_vec(flat, (chunk.len(), chunk[0].len()), &model.device)
-        })
-        .collect()
 }
 
 /// Accumulates `Σ xxᵀ` per tap point.
@@ -259,7 +251,7 @@ fn proxy_scores(
     progress.set_length(model.layers.len() as u64);
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];
-    let mut hidden: Vec<Tensor> = batches(model, wins, batch)?
+    let mut hidden: Vec<Tensor> = window_batches(wins, batch, &model.device)?
         .iter()
         .map(|t| model.embed(t))
         .collect::<candle_core::Result<_>>()?;
@@ -304,20 +296,10 @@ fn proxy_scores(
 fn nll_from(model: &Llama, from: usize, inputs: &[Tensor], targets: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
     let mut count = 0usize;
-    for (x, t) in inputs.iter().zip(targets) {
-        let mut h = x.clone();
-        for l in from..model.layers.len() {
-            h = model.layer_forward(l, &h, &mut NoTaps)?;
-        }
-        let h = candle_nn::ops::rms_norm(&h, &model.norm, model.cfg.rms_norm_eps as f32)?;
-        let (b, len, _) = h.dims3()?;
-        for w in 0..b {
-            let logits = model.logits(&h.get(w)?.narrow(0, 0, len - 1)?)?;
-            let tgt = t.get(w)?.narrow(0, 1, len - 1)?;
-            let lp = target_log_probs(&logits, &tgt)?.to_vec1::<f32>()?;
-            total -= lp.iter().map(|&x| x as f64).sum::<f64>();
-            count += lp.len();
-        }
+    for (x, ids) in inputs.iter().zip(targets) {
+        let (sum, n) = nll_sum(model, &model.forward_hidden_from(from, x.clone())?, ids)?;
+        total += sum;
+        count += n;
     }
     Ok(total / count as f64)
 }
@@ -346,7 +328,7 @@ fn exact(
             s.blocks[..b.min(s.blocks.len())].to_vec(),
         ))
     };
-    let tokens = batches(&model, wins, batch)?;
+    let tokens = window_batches(wins, batch, &model.device)?;
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];
     progress.set_length(((stored - 1) * geometry.linears.len()) as u64);
