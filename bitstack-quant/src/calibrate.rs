@@ -14,6 +14,8 @@ use crate::model::{Llama, TapPoint, Taps};
 pub struct LayerStats {
     /// Per tap point and input channel `c`: Σ over windows of `‖x[window, :, c]‖₂`.
     pub norm_sums: HashMap<TapPoint, Vec<f64>>,
+    /// Per tap point, when asked for: `Σ x xᵀ` over all positions, row-major `n×n`.
+    pub grams: HashMap<TapPoint, Vec<f64>>,
     /// Windows seen.
     pub windows: usize,
 }
@@ -26,19 +28,35 @@ impl LayerStats {
     }
 }
 
-struct NormTaps<'a>(&'a mut LayerStats);
+struct StatTaps<'a> {
+    stats: &'a mut LayerStats,
+    grams: bool,
+}
 
-impl Taps for NormTaps<'_> {
+impl Taps for StatTaps<'_> {
     fn record(&mut self, point: TapPoint, x: &Tensor) -> candle_core::Result<()> {
         // x: [B, L, n] → per window and channel, the L2 norm over positions.
         let norms = x.sqr()?.sum(1)?.sqrt()?.sum(0)?.to_vec1::<f32>()?;
         let acc = self
-            .0
+            .stats
             .norm_sums
             .entry(point)
             .or_insert_with(|| vec![0.0; norms.len()]);
         for (a, v) in acc.iter_mut().zip(norms) {
             *a += v as f64;
+        }
+        if self.grams {
+            let n = x.dim(candle_core::D::Minus1)?;
+            let flat = x.reshape(((), n))?;
+            let g = flat.t()?.matmul(&flat)?.flatten_all()?.to_vec1::<f32>()?;
+            let acc = self
+                .stats
+                .grams
+                .entry(point)
+                .or_insert_with(|| vec![0.0; n * n]);
+            for (a, v) in acc.iter_mut().zip(g) {
+                *a += v as f64;
+            }
         }
         Ok(())
     }
@@ -71,14 +89,16 @@ pub fn window_batches(
 }
 
 /// Runs `windows` through `model` layer by layer (in batches of `batch`
-/// windows) and returns the input statistics of every layer.
+/// windows) and returns the input statistics of every layer, with the Gram
+/// matrices of the linears' inputs when `grams` is set.
 ///
 /// Memory: the hidden states of all windows at one layer, plus one batch's
-/// intermediate activations.
+/// intermediate activations (and the Gram matrices: `n²` values per input).
 pub fn calibrate(
     model: &Llama,
     windows: &[Vec<u32>],
     batch: usize,
+    grams: bool,
     progress: &ProgressBar,
 ) -> Result<Vec<LayerStats>> {
     let mut hidden: Vec<Tensor> = window_batches(windows, batch, &model.device)?
@@ -92,7 +112,11 @@ pub fn calibrate(
             ..Default::default()
         };
         for h in hidden.iter_mut() {
-            *h = model.layer_forward(layer, h, &mut NormTaps(&mut stats))?;
+            let mut taps = StatTaps {
+                stats: &mut stats,
+                grams,
+            };
+            *h = model.layer_forward(layer, h, &mut taps)?;
         }
         all.push(stats);
         progress.inc(1);

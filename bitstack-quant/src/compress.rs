@@ -10,7 +10,8 @@ use rayon::prelude::*;
 use crate::calibrate::{calibrate, windows};
 use crate::checkpoint::{block_tensors, BlockCounts, CheckpointWriter, OwnedTensor};
 use crate::config::{ModelConfig, QuantizationConfig};
-use crate::decompose::decompose;
+use crate::decompose::{decompose_with, Refit};
+use crate::feedback::Feedback;
 use crate::linear::LinearWeight;
 use crate::model::{linear_shape, load_tokenizer, LinearKind, Llama};
 use crate::progress::progress_bar;
@@ -35,6 +36,18 @@ pub struct CompressOptions {
     pub batch: usize,
     /// Top-k SVD algorithm of the decomposition.
     pub svd: SvdMethod,
+    /// Choose signs with activation-aware error feedback (see
+    /// [`crate::feedback`]) instead of `sign(R)`; `None` keeps the paper's AVD.
+    pub feedback: Option<FeedbackOptions>,
+}
+
+/// Settings of error-feedback sign choice.
+#[derive(Clone, Copy, Debug)]
+pub struct FeedbackOptions {
+    /// Damping `λ = damp · mean(diag H)` added to the Gram matrix.
+    pub damp: f64,
+    /// How the factors follow the chosen signs.
+    pub refit: Refit,
 }
 
 impl CompressOptions {
@@ -110,7 +123,7 @@ pub fn compress(
 
     let t0 = Instant::now();
     let pb = progress_bar(cfg.num_hidden_layers as u64, "calibrating");
-    let stats = calibrate(&model, &calib, opts.batch, &pb)?;
+    let stats = calibrate(&model, &calib, opts.batch, opts.feedback.is_some(), &pb)?;
     pb.finish();
     let calibration_time = t0.elapsed();
 
@@ -138,8 +151,28 @@ pub fn compress(
             .par_iter()
             .map(|(kind, w)| {
                 let (m, n) = linear_shape(&cfg, *kind);
-                let d = decompose(w, m, n, opts.k_of(*kind), opts.niter, opts.svd)
-                    .with_context(|| format!("decomposing {}", kind.path(l)));
+                let feedback = match opts.feedback {
+                    None => None,
+                    Some(f) => {
+                        let gram = layer_stats.grams.get(&kind.input()).with_context(|| {
+                            format!("calibration recorded no input Gram for {}", kind.path(l))
+                        })?;
+                        Some(
+                            Feedback::from_gram(gram, n, scales.of(*kind), f.damp)
+                                .with_context(|| format!("input Gram of {}", kind.path(l)))?,
+                        )
+                    }
+                };
+                let d = decompose_with(
+                    w,
+                    m,
+                    n,
+                    opts.k_of(*kind),
+                    opts.niter,
+                    opts.svd,
+                    feedback.as_ref().zip(opts.feedback.map(|f| f.refit)),
+                )
+                .with_context(|| format!("decomposing {}", kind.path(l)));
                 pb.inc(1);
                 d.map(|d| (*kind, d))
             })

@@ -9,6 +9,7 @@ use faer::Mat;
 use half::f16;
 
 use crate::block::Block;
+use crate::feedback::Feedback;
 use crate::pack;
 use crate::svd::{top_k, SvdMethod};
 
@@ -41,6 +42,18 @@ pub struct Decomposition {
     pub residual_norms: Vec<f64>,
 }
 
+/// How the factors are re-fitted once feedback has chosen the signs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refit {
+    /// Keep the factors fitted to `|R|`.
+    None,
+    /// Top-k SVD of `S⊙R`: the best factors in Frobenius norm.
+    Svd,
+    /// `Svd`, then each row of `u` re-fitted to the block's output error on
+    /// the calibration inputs.
+    Weighted,
+}
+
 /// Decomposes the row-major `m×n` weight `w` into `niter` blocks of rank `k`.
 pub fn decompose(
     w: &[f32],
@@ -49,6 +62,21 @@ pub fn decompose(
     k: usize,
     niter: usize,
     method: SvdMethod,
+) -> Result<Decomposition, DecomposeError> {
+    decompose_with(w, m, n, k, niter, method, None)
+}
+
+/// [`decompose`], choosing signs with error feedback when `feedback` is given
+/// (see [`crate::feedback`]); the factors are then re-fitted to the chosen
+/// signs.
+pub fn decompose_with(
+    w: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    niter: usize,
+    method: SvdMethod,
+    feedback: Option<(&Feedback, Refit)>,
 ) -> Result<Decomposition, DecomposeError> {
     if w.len() != m * n {
         return Err(DecomposeError::Shape { got: w.len(), m, n });
@@ -75,7 +103,6 @@ pub fn decompose(
     let mut blocks = Vec::with_capacity(niter);
     let mut residual_norms = vec![frobenius(&residual)];
     for iteration in 0..niter {
-        let signs = pack::pack_signs(&residual);
         let abs = Mat::<f32>::from_fn(m, n, |i, j| residual[i * n + j].abs());
         let method = match method {
             SvdMethod::Randomized {
@@ -89,11 +116,30 @@ pub fn decompose(
             },
             exact => exact,
         };
-        let top = top_k(&abs, k, method).map_err(|_| DecomposeError::Svd { iteration })?;
-        let root: Vec<f32> = top.s.iter().map(|s| s.max(0.0).sqrt()).collect();
-        let u = Mat::<f32>::from_fn(m, k, |i, j| top.u[(i, j)] * root[j]);
-        let vt = Mat::<f32>::from_fn(k, n, |i, j| root[i] * top.v[(j, i)]);
-        let uv = &u * &vt;
+        let (mut u, mut vt) = factors(&abs, k, method, iteration)?;
+        let mut uv = &u * &vt;
+        let signs = match feedback {
+            None => pack::pack_signs(&residual),
+            Some((fb, refit)) => {
+                let mag: Vec<f32> = (0..m * n).map(|x| uv[(x / n, x % n)]).collect();
+                let chosen = fb.choose_signs(&residual, &mag, m);
+                if refit != Refit::None {
+                    // For fixed signs S, the best rank-k S⊙(u·vt) in Frobenius
+                    // norm is the top-k SVD of S⊙R.
+                    let flipped =
+                        Mat::<f32>::from_fn(m, n, |i, j| chosen[i * n + j] * residual[i * n + j]);
+                    (u, vt) = factors(&flipped, k, method, iteration)?;
+                }
+                if refit == Refit::Weighted {
+                    let mut flat_u: Vec<f32> = (0..m * k).map(|x| u[(x / k, x % k)]).collect();
+                    let flat_vt: Vec<f32> = (0..k * n).map(|x| vt[(x / n, x % n)]).collect();
+                    fb.refit_rows(&residual, &chosen, &mut flat_u, &flat_vt, k);
+                    u = Mat::<f32>::from_fn(m, k, |i, a| flat_u[i * k + a]);
+                }
+                uv = &u * &vt;
+                pack::pack_signs(&chosen)
+            }
+        };
         for i in 0..m {
             for j in 0..n {
                 let idx = i * n + j;
@@ -115,6 +161,21 @@ pub fn decompose(
         blocks,
         residual_norms,
     })
+}
+
+/// `u = U_k·√Σ_k` and `vt = √Σ_k·V_kᵀ` of the top-k SVD of `a`.
+fn factors(
+    a: &Mat<f32>,
+    k: usize,
+    method: SvdMethod,
+    iteration: usize,
+) -> Result<(Mat<f32>, Mat<f32>), DecomposeError> {
+    let (m, n) = (a.nrows(), a.ncols());
+    let top = top_k(a, k, method).map_err(|_| DecomposeError::Svd { iteration })?;
+    let root: Vec<f32> = top.s.iter().map(|s| s.max(0.0).sqrt()).collect();
+    let u = Mat::<f32>::from_fn(m, k, |i, j| top.u[(i, j)] * root[j]);
+    let vt = Mat::<f32>::from_fn(k, n, |i, j| root[i] * top.v[(j, i)]);
+    Ok((u, vt))
 }
 
 fn frobenius(x: &[f32]) -> f64 {

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use bitstack_quant::budget::{plan_for_dir, Budget, Plan};
 use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::compress::{compress, CompressOptions, FeedbackOptions};
 use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
@@ -18,6 +18,7 @@ use bitstack_quant::perplexity::{evaluate, PerplexityReport};
 use bitstack_quant::progress::progress_bar;
 use bitstack_quant::rtn::apply_rtn;
 use bitstack_quant::sort::{sort_checkpoint, SortMethod, SortOptions};
+use bitstack_quant::decompose::Refit;
 use bitstack_quant::svd::SvdMethod;
 
 #[derive(Parser)]
@@ -89,6 +90,21 @@ enum Command {
         /// `randomized` (subspace iteration, several times faster).
         #[arg(long, default_value = "exact", value_parser = ["exact", "randomized"])]
         svd: String,
+        /// How each block's signs are chosen: `avd` takes sign(R) (the
+        /// paper); `feedback` chooses them column by column so that each
+        /// sign cancels the output error of the earlier ones on calibration
+        /// activations, then re-fits u·vt to those signs.
+        #[arg(long, default_value = "avd", value_parser = ["avd", "feedback"])]
+        signs: String,
+        /// Damping of the activation Gram matrix for `--signs feedback`,
+        /// as a fraction of its mean diagonal.
+        #[arg(long, default_value_t = 0.01)]
+        damp: f64,
+        /// With `--signs feedback`, how u·vt follow the chosen signs: `none`,
+        /// `svd` (best in Frobenius norm) or `weighted` (`svd`, then each row
+        /// of u re-fitted to the output error on calibration activations).
+        #[arg(long, default_value = "svd", value_parser = ["none", "svd", "weighted"])]
+        refit: String,
     },
     /// Perplexity on a text (DESIGN §7): non-overlapping windows, no BOS.
     Eval(EvalArgs),
@@ -262,6 +278,9 @@ fn run(cli: Cli) -> Result<()> {
             seq_len,
             batch,
             svd,
+            signs,
+            damp,
+            refit,
         } => {
             let model_dir = resolve_model(&model)?;
             let calib_text = match calib {
@@ -281,6 +300,14 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     SvdMethod::Exact
                 },
+                feedback: (signs == "feedback").then_some(FeedbackOptions {
+                    damp,
+                    refit: match refit.as_str() {
+                        "none" => Refit::None,
+                        "weighted" => Refit::Weighted,
+                        _ => Refit::Svd,
+                    },
+                }),
             };
             let r = compress(&model_dir, &out_dir, &opts)?;
             println!(
@@ -533,6 +560,7 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
             seq_len: 512,
             batch: 4,
             svd: SvdMethod::Exact,
+            feedback: None,
         };
         compress(&dense, &packed, &opts)?;
     }

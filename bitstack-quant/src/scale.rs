@@ -36,6 +36,16 @@ pub fn o_is_scalable(cfg: &ModelConfig) -> bool {
 }
 
 impl LayerScales {
+    /// The scale of `kind`'s input columns, `None` where it is not scaled.
+    pub fn of(&self, kind: LinearKind) -> Option<&[f32]> {
+        match kind {
+            LinearKind::Q | LinearKind::K | LinearKind::V => Some(&self.attn),
+            LinearKind::O => self.o.as_deref(),
+            LinearKind::Gate | LinearKind::Up => Some(&self.mlp),
+            LinearKind::Down => Some(&self.down),
+        }
+    }
+
     pub fn from_stats(stats: &LayerStats, cfg: &ModelConfig) -> Result<Self> {
         let get = |p: TapPoint| -> Result<Vec<f32>> {
             let v = stats

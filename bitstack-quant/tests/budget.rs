@@ -34,6 +34,7 @@ fn budget_bytes_match_what_is_resident() {
         seq_len: 32,
         batch: 2,
         svd: SvdMethod::Exact,
+        feedback: None,
         k_per_kind: Default::default(),
     };
     compress(&dense, &out, &opts).unwrap();

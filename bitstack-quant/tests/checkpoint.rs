@@ -37,6 +37,7 @@ fn opts(dir: &Path) -> CompressOptions {
         seq_len: 32,
         batch: 2,
         svd: SvdMethod::Exact,
+        feedback: None,
         k_per_kind: Default::default(),
     }
 }

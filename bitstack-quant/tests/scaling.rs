@@ -22,7 +22,7 @@ fn check(spec: SyntheticSpec) {
     let ids = Tensor::from_vec(tokens[..37].to_vec(), (1, 37), &Device::Cpu).unwrap();
     let before = logits(&model, &ids);
 
-    let stats = calibrate(&model, &calib, 2, &ProgressBar::hidden()).unwrap();
+    let stats = calibrate(&model, &calib, 2, false, &ProgressBar::hidden()).unwrap();
     let o_before: Vec<Vec<f32>> = (0..spec.layers)
         .map(|l| dense_weight(&model, l, LinearKind::O))
         .collect();

@@ -90,7 +90,7 @@ fn folding_scales_keeps_logits_and_skips_o_under_gqa() {
     let probe = Tensor::from_vec(ids[200..264].to_vec(), (1, 64), &Device::Cpu).unwrap();
     let before = logits(&model, &probe);
     let o_before = dense_weight(&model, 3, LinearKind::O);
-    let stats = calibrate(&model, &calib, 3, &ProgressBar::hidden()).unwrap();
+    let stats = calibrate(&model, &calib, 3, false, &ProgressBar::hidden()).unwrap();
     for (l, s) in stats.iter().enumerate() {
         let scales = LayerScales::from_stats(s, &model.cfg).unwrap();
         assert!(scales.o.is_none());

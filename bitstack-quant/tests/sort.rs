@@ -94,6 +94,7 @@ fn exact_and_fast_put_the_only_useful_blocks_first() {
         seq_len: 32,
         batch: 2,
         svd: SvdMethod::Exact,
+        feedback: None,
         k_per_kind: Default::default(),
     };
     compress(&dense, &out, &opts).unwrap();
