@@ -109,51 +109,6 @@ impl Feedback {
         })
     }
 
-    /// Re-fits each row of `u` (`m×k`, row-major) for fixed `signs` and `vt`
-    /// (`k×n`) so that the block's output error on the calibration inputs,
-    /// `‖(r − s⊙(uᵢ·vt))·X‖`, is least: a `k×k` solve per row.
-    pub fn refit_rows(&self, r: &[f32], signs: &[f32], u: &mut [f32], vt: &[f32], k: usize) {
-        let n = self.n;
-        u.par_chunks_mut(k).enumerate().for_each(|(i, ui)| {
-            // z[a][p] = s[i, c]·vt[a, c] with c = order[p].
-            let mut z = vec![0f32; k * n];
-            let mut row = vec![0f32; n];
-            for (p, &c) in self.order.iter().enumerate() {
-                let s = signs[i * n + c];
-                row[p] = r[i * n + c];
-                for a in 0..k {
-                    z[a * n + p] = s * vt[a * n + c];
-                }
-            }
-            // y = H·z: then A = zᵀ·y and b = yᵀ·r.
-            let mut y = vec![0f64; k * n];
-            for p in 0..n {
-                let hp = &self.gram[p * n..(p + 1) * n];
-                for a in 0..k {
-                    y[a * n + p] = dot(hp, &z[a * n..(a + 1) * n]);
-                }
-            }
-            let mut lhs = vec![0f64; k * k];
-            let mut rhs = vec![0f64; k];
-            for a in 0..k {
-                let ya = &y[a * n..(a + 1) * n];
-                rhs[a] = ya.iter().zip(&row).map(|(y, r)| y * *r as f64).sum();
-                for b in 0..k {
-                    lhs[a * k + b] = ya
-                        .iter()
-                        .zip(&z[b * n..(b + 1) * n])
-                        .map(|(y, z)| y * *z as f64)
-                        .sum();
-                }
-            }
-            if let Some(x) = solve_spd(&mut lhs, &rhs, k) {
-                for (dst, v) in ui.iter_mut().zip(x) {
-                    *dst = v as f32;
-                }
-            }
-        });
-    }
-
     /// Signs (±1, row-major `m×n`) for a block of magnitudes `mag` fitted to
     /// the residual `r`, chosen with error feedback.
     pub fn choose_signs(&self, r: &[f32], mag: &[f32], m: usize) -> Vec<f32> {
@@ -194,10 +149,42 @@ impl Feedback {
             });
         signs
     }
-}
 
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum()
+    /// Re-fits each row of `u` (`m×k`, row-major) for fixed `signs` and `vt`
+    /// (`k×n`) so that the block's output error on the calibration inputs,
+    /// `‖(r − s⊙(uᵢ·vt))·X‖`, is least: a `k×k` solve per row. The products
+    /// with the Gram matrix for all rows are one matrix product.
+    pub fn refit_rows(&self, r: &[f32], signs: &[f32], u: &mut [f32], vt: &[f32], k: usize) {
+        let n = self.n;
+        let m = u.len() / k;
+        // z[p, i·k + a] = s[i, c]·vt[a, c] with c = order[p].
+        let z = Mat::<f32>::from_fn(n, m * k, |p, col| {
+            let (i, a) = (col / k, col % k);
+            let c = self.order[p];
+            signs[i * n + c] * vt[a * n + c]
+        });
+        let h = Mat::<f32>::from_fn(n, n, |p, q| self.gram[p * n + q]);
+        let y = &h * &z;
+        u.par_chunks_mut(k).enumerate().for_each(|(i, ui)| {
+            let mut lhs = vec![0f64; k * k];
+            let mut rhs = vec![0f64; k];
+            for a in 0..k {
+                let ya = y.col(i * k + a);
+                for (p, &c) in self.order.iter().enumerate() {
+                    rhs[a] += ya[p] as f64 * r[i * n + c] as f64;
+                }
+                for b in 0..k {
+                    let zb = z.col(i * k + b);
+                    lhs[a * k + b] = (0..n).map(|p| ya[p] as f64 * zb[p] as f64).sum();
+                }
+            }
+            if let Some(x) = solve_spd(&mut lhs, &rhs, k) {
+                for (dst, v) in ui.iter_mut().zip(x) {
+                    *dst = v as f32;
+                }
+            }
+        });
+    }
 }
 
 /// Solves the `k×k` symmetric positive definite system `a·x = b` by
@@ -285,7 +272,10 @@ mod tests {
             let err = |signs: &[f32]| -> Vec<f32> {
                 (0..m * n).map(|x| r[x] - signs[x] * mag[x]).collect()
             };
-            let plain: Vec<f32> = r.iter().map(|x| if *x >= 0.0 { 1.0 } else { -1.0 }).collect();
+            let plain: Vec<f32> = r
+                .iter()
+                .map(|x| if *x >= 0.0 { 1.0 } else { -1.0 })
+                .collect();
             let (e_fed, e_plain) = (
                 output_error(&err(&fed), &gram, m, n),
                 output_error(&err(&plain), &gram, m, n),
@@ -309,7 +299,10 @@ mod tests {
             let gram = correlated_gram(3 * n, n, &mut rng);
             let fb = Feedback::from_gram(&gram, n, None, 0.01).unwrap();
             let r: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
-            let signs: Vec<f32> = r.iter().map(|x| if *x >= 0.0 { 1.0 } else { -1.0 }).collect();
+            let signs: Vec<f32> = r
+                .iter()
+                .map(|x| if *x >= 0.0 { 1.0 } else { -1.0 })
+                .collect();
             let vt: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() * 0.3).collect();
             let u0: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>()).collect();
             let block = |u: &[f32]| -> Vec<f32> {

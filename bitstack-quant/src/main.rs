@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use bitstack_quant::budget::{plan_for_dir, Budget, Plan};
 use bitstack_quant::checkpoint::BlockCounts;
 use bitstack_quant::compress::{compress, CompressOptions, FeedbackOptions};
+use bitstack_quant::decompose::Refit;
 use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
@@ -18,7 +19,6 @@ use bitstack_quant::perplexity::{evaluate, PerplexityReport};
 use bitstack_quant::progress::progress_bar;
 use bitstack_quant::rtn::apply_rtn;
 use bitstack_quant::sort::{sort_checkpoint, SortMethod, SortOptions};
-use bitstack_quant::decompose::Refit;
 use bitstack_quant::svd::SvdMethod;
 
 #[derive(Parser)]
@@ -124,7 +124,7 @@ enum Command {
         /// `greedy`: the same scores per byte in one order across levels
         /// (experimental); `exact`: the reference's perplexity-scored
         /// 'average' order (hours).
-        #[arg(long, default_value = "fast", value_parser = ["fast", "greedy", "exact"])]
+        #[arg(long, default_value = "fast", value_parser = ["fast", "greedy", "exact", "gradient"])]
         method: String,
         /// Calibration windows to score on.
         #[arg(long, default_value_t = 4)]
@@ -385,6 +385,7 @@ fn run(cli: Cli) -> Result<()> {
             let method = match method.as_str() {
                 "exact" => SortMethod::Exact,
                 "greedy" => SortMethod::Greedy,
+                "gradient" => SortMethod::Gradient,
                 _ => SortMethod::Fast,
             };
             let opts = SortOptions {

@@ -197,6 +197,9 @@ pub struct Llama {
     /// `None` when tied to the embedding.
     pub lm_head: Option<Tensor>,
     pub device: Device,
+    /// Use only ops with a backward pass (slower), so that gradients of the
+    /// loss reach the linear weights.
+    pub differentiable: bool,
     rope: Rope,
 }
 
@@ -271,6 +274,7 @@ impl Llama {
             norm,
             lm_head,
             device: device.clone(),
+            differentiable: false,
             rope,
         })
     }
@@ -307,9 +311,8 @@ impl Llama {
         let cfg = &self.cfg;
         let (b, l, _) = x.dims3()?;
         let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let eps = cfg.rms_norm_eps as f32;
 
-        let h = candle_nn::ops::rms_norm(&x.contiguous()?, &layer.input_layernorm, eps)?;
+        let h = self.rms_norm(&x.contiguous()?, &layer.input_layernorm)?;
         taps.record(TapPoint::AttnInput, &h)?;
         let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((b, l, n, hd))?.transpose(1, 2)?.contiguous()
@@ -327,8 +330,13 @@ impl Llama {
         }
         let cos = self.rope.cos.narrow(0, offset, l)?;
         let sin = self.rope.sin.narrow(0, offset, l)?;
-        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+        let rope = if self.differentiable {
+            candle_nn::rotary_emb::rope_slow
+        } else {
+            candle_nn::rotary_emb::rope
+        };
+        let q = rope(&q, &cos, &sin)?;
+        let k = rope(&k, &cos, &sin)?;
         let (k, v) = match cache {
             Some(c) => c.append(k, v)?,
             None => (k, v),
@@ -339,7 +347,11 @@ impl Llama {
         );
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = scores.broadcast_add(&causal_mask(l, offset, x.device())?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if self.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let mixed = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -347,7 +359,7 @@ impl Llama {
         taps.record(TapPoint::OInput, &mixed)?;
         let x = (x + layer.o.forward(&mixed)?)?;
 
-        let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+        let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
         taps.record(TapPoint::MlpInput, &h)?;
         let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
         taps.record(TapPoint::DownInput, &act)?;
@@ -364,7 +376,16 @@ impl Llama {
         for i in from..self.layers.len() {
             x = self.layer_forward(i, &x, &mut NoTaps)?;
         }
-        candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
+        self.rms_norm(&x, &self.norm)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        if self.differentiable {
+            candle_nn::ops::rms_norm_slow(x, weight, eps)
+        } else {
+            candle_nn::ops::rms_norm(x, weight, eps)
+        }
     }
 
     /// Logits `[B, L, vocab]` of `tokens` (`[B, L]`) following the positions in `cache`.
@@ -377,11 +398,7 @@ impl Llama {
         for (i, c) in cache.layers.iter_mut().enumerate() {
             x = self.layer_forward_cached(i, &x, &mut NoTaps, Some(c))?;
         }
-        self.logits(&candle_nn::ops::rms_norm(
-            &x,
-            &self.norm,
-            self.cfg.rms_norm_eps as f32,
-        )?)
+        self.logits(&self.rms_norm(&x, &self.norm)?)
     }
 
     /// Logits `[.., vocab]` of hidden states `[.., d]`.
