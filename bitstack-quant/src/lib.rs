@@ -22,6 +22,7 @@ pub mod model;
 pub mod order;
 pub mod pack;
 pub mod perplexity;
+pub mod plot;
 pub mod progress;
 pub mod rtn;
 pub mod scale;

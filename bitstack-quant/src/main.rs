@@ -14,8 +14,9 @@ use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStr
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
 use bitstack_quant::model::{load_tokenizer, LinearKind, Llama};
-use bitstack_quant::order::{BlockOrder, Geometry, Measurement};
+use bitstack_quant::order::{BlockOrder, DenseMeasurement, Geometry, Measurement};
 use bitstack_quant::perplexity::{evaluate, PerplexityReport};
+use bitstack_quant::plot::LadderPlot;
 use bitstack_quant::progress::progress_bar;
 use bitstack_quant::rtn::apply_rtn;
 use bitstack_quant::sort::{sort_checkpoint, SortMethod, SortOptions};
@@ -162,13 +163,23 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Show the memory ladder: resident bytes and bits per weight per rung.
+    /// Show the memory ladder: resident bytes, bits per weight and measured
+    /// perplexity per rung.
     Ladder {
         /// A BitStack checkpoint dir.
         dir: PathBuf,
         /// Every rung as JSON.
         #[arg(long)]
         json: bool,
+        /// Also draw perplexity against resident memory into this PNG file:
+        /// the rungs measured with `bitstack eval DIR --budget SPEC --record`
+        /// as points, the dense model as a dashed line.
+        #[arg(long, value_name = "FILE.png")]
+        plot: Option<PathBuf>,
+        /// The dense model's perplexity for the plot [default: the one stored
+        /// by `bitstack eval DIR --record-dense DENSE_MODEL`, if any].
+        #[arg(long, value_name = "PPL", requires = "plot", value_parser = parse_ppl)]
+        dense_ppl: Option<f64>,
     },
     /// The main job: fetch assets, import SmolLM2, compress, evaluate at a few sizes.
     Demo {
@@ -209,6 +220,15 @@ struct EvalArgs {
     /// block order, so `bitstack ladder` shows it.
     #[arg(long, requires = "budget")]
     record: bool,
+    /// Score DENSE_MODEL (the dense model MODEL was compressed from, a dir
+    /// or Hugging Face id) instead, and store its perplexity in MODEL's block
+    /// order as the reference line of `bitstack ladder MODEL --plot`.
+    #[arg(
+        long,
+        value_name = "DENSE_MODEL",
+        conflicts_with_all = ["blocks", "budget", "record", "rtn"]
+    )]
+    record_dense: Option<String>,
     /// Windows per forward pass.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -326,7 +346,7 @@ fn run(cli: Cli) -> Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                print_report(&args.model, &report);
+                print_report(args.record_dense.as_ref().unwrap_or(&args.model), &report);
             }
             Ok(())
         }
@@ -398,7 +418,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             sort(&dir, &opts)
         }
-        Command::Ladder { dir, json } => ladder(&dir, json),
+        Command::Ladder {
+            dir,
+            json,
+            plot,
+            dense_ppl,
+        } => ladder(&dir, json, plot.as_deref(), dense_ppl),
         Command::Generate {
             model,
             prompt,
@@ -466,6 +491,9 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         Some(p) => p.clone(),
         None => default_asset("wiki-eval.txt")?,
     };
+    if let Some(dense) = &args.record_dense {
+        return eval_dense_reference(args, &dir, dense, &text_path);
+    }
     let rtn = args.rtn.map(|b| (b, args.rtn_group));
     let (counts, plan) = block_counts(&dir, args.budget, args.blocks)?;
     let report = eval_dir(
@@ -485,13 +513,75 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
             level: plan.rung.level,
             ppl: report.ppl,
             windows: report.windows,
-            text: text_path
-                .file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            text: file_name(&text_path),
         });
         order.save(&dir, &geometry)?;
     }
     Ok(report)
+}
+
+/// `eval CHECKPOINT --record-dense DENSE`: scores the dense model and stores
+/// its perplexity with the checkpoint's ladder.
+fn eval_dense_reference(
+    args: &EvalArgs,
+    checkpoint: &Path,
+    dense: &str,
+    text_path: &Path,
+) -> Result<PerplexityReport> {
+    use bitstack_quant::config::ModelConfig;
+    // Check both models before spending minutes on the evaluation.
+    let (cfg, _) = ModelConfig::from_dir(checkpoint)?;
+    let geometry = Geometry::from_config(&cfg)
+        .with_context(|| format!("--record-dense stores into {}", checkpoint.display()))?;
+    BlockOrder::load(checkpoint, &geometry)?;
+    let dense_dir = resolve_model(dense)?;
+    let (dense_cfg, _) = ModelConfig::from_dir(&dense_dir)?;
+    if dense_cfg.quantization_config.is_some() {
+        bail!(
+            "{} is a BitStack checkpoint: --record-dense takes the dense model it was compressed from",
+            dense_dir.display()
+        );
+    }
+    let shape = |c: &ModelConfig| {
+        (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.vocab_size,
+        )
+    };
+    if shape(&dense_cfg) != shape(&cfg) {
+        bail!(
+            "{} (hidden, intermediate, layers, vocab = {:?}) is not the model {} was compressed from ({:?})",
+            dense_dir.display(),
+            shape(&dense_cfg),
+            checkpoint.display(),
+            shape(&cfg)
+        );
+    }
+    let report = eval_dir(
+        &dense_dir,
+        text_path,
+        BlockCounts::all(),
+        None,
+        args.windows,
+        args.seq_len,
+        args.batch,
+    )?;
+    let mut order = BlockOrder::load(checkpoint, &geometry)?;
+    order.dense = Some(DenseMeasurement {
+        model: dense.to_string(),
+        ppl: report.ppl,
+        windows: report.windows,
+        text: file_name(text_path),
+    });
+    order.save(checkpoint, &geometry)?;
+    Ok(report)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
 }
 
 fn eval_dir(
@@ -622,16 +712,44 @@ fn sort(dir: &Path, opts: &SortOptions) -> Result<()> {
     Ok(())
 }
 
-fn ladder(dir: &Path, json: bool) -> Result<()> {
+fn ladder(dir: &Path, json: bool, plot: Option<&Path>, dense_ppl: Option<f64>) -> Result<()> {
     let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(dir)?;
     let geometry = Geometry::from_config(&cfg)?;
     let order = BlockOrder::load(dir, &geometry)?;
     let ladder = order.ladder(&geometry);
+    // Refuse before printing anything, so a failed plot leaves no half output.
+    if plot.is_some() && ladder.iter().all(|r| r.ppl.is_none()) {
+        bail!(
+            "no rung of {} has a measured perplexity to plot: run `bitstack eval {} --budget SPEC --record` first, once per rung to show",
+            dir.display(),
+            dir.display()
+        );
+    }
     if json {
         println!("{}", serde_json::to_string(&ladder)?);
-        return Ok(());
+    } else {
+        print_ladder(&order, &ladder);
     }
+    if let Some(path) = plot {
+        ladder_plot(dir, &order, &ladder, dense_ppl)?.write_png(path)?;
+        let msg = format!("wrote {}", path.display());
+        if json {
+            eprintln!("{msg}");
+        } else {
+            println!("{msg}");
+        }
+    }
+    Ok(())
+}
+
+fn print_ladder(order: &BlockOrder, ladder: &[bitstack_quant::order::Rung]) {
     println!("order: {} ({} rungs)", order.method, ladder.len());
+    if let Some(d) = &order.dense {
+        println!(
+            "dense model {}: PPL {:.3} ({} windows of {})",
+            d.model, d.ppl, d.windows, d.text
+        );
+    }
     println!(
         "{:>6} {:>14} {:>14} {:>8} {:>10}",
         "level", "linear bytes", "total bytes", "bits/w", "PPL"
@@ -651,7 +769,83 @@ fn ladder(dir: &Path, json: bool) -> Result<()> {
             next_mark = (r.bits_per_linear_weight / 0.25).floor() * 0.25 + 0.25;
         }
     }
-    Ok(())
+}
+
+/// The plot of `bitstack ladder DIR --plot`: titled with the checkpoint's
+/// name, and saying what the perplexities were measured on.
+fn ladder_plot<'a>(
+    dir: &Path,
+    order: &BlockOrder,
+    ladder: &'a [bitstack_quant::order::Rung],
+    dense_ppl: Option<f64>,
+) -> Result<LadderPlot<'a>> {
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string());
+    // What each plotted point (the latest measurement of its rung) and the
+    // dense line were measured on.
+    let mut protocols: Vec<(String, usize)> = ladder
+        .iter()
+        .filter(|r| r.ppl.is_some())
+        .filter_map(|r| order.measured.iter().rev().find(|m| m.level == r.level))
+        .map(|m| (m.text.clone(), m.windows))
+        .collect();
+    let recorded_dense = order.dense.as_ref().filter(|_| dense_ppl.is_none());
+    if let Some(d) = recorded_dense {
+        protocols.push((d.text.clone(), d.windows));
+    }
+    protocols.sort();
+    protocols.dedup();
+    let subtitle = match protocols.as_slice() {
+        [(text, windows)] => {
+            format!(
+                "perplexity on {text}, {windows} windows; order: {}",
+                order.method
+            )
+        }
+        _ => {
+            eprintln!(
+                "warning: the plotted perplexities were measured on different texts or window counts ({}): they are not comparable",
+                protocols
+                    .iter()
+                    .map(|(t, w)| format!("{t} × {w}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            format!(
+                "perplexity on mixed texts or window counts (not comparable); order: {}",
+                order.method
+            )
+        }
+    };
+    let (dense, dense_label) = match (dense_ppl, recorded_dense) {
+        (Some(p), _) => (Some(p), format!("dense model: PPL {p:.2}")),
+        (None, Some(d)) => {
+            // A dir's name or a Hub id's last part.
+            let model = Path::new(&d.model)
+                .file_name()
+                .map_or_else(|| d.model.clone(), |n| n.to_string_lossy().into_owned());
+            (Some(d.ppl), format!("dense ({model}): PPL {:.2}", d.ppl))
+        }
+        (None, None) => (None, String::new()),
+    };
+    Ok(LadderPlot {
+        title: format!("{name}: perplexity against resident memory"),
+        subtitle: Some(subtitle),
+        ladder,
+        series_label: "BitStack, measured rungs".into(),
+        dense_ppl: dense,
+        dense_label,
+    })
+}
+
+fn parse_ppl(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if p.is_finite() && p > 0.0 => Ok(p),
+        _ => Err(format!("`{s}` is not a perplexity (a positive number)")),
+    }
 }
 
 fn run_generate(

@@ -118,12 +118,27 @@ pub struct BlockOrder {
     /// Perplexities measured at some levels (`bitstack eval --budget … --record`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub measured: Vec<Measurement>,
+    /// The dense model's perplexity, the reference the ladder is plotted
+    /// against (`bitstack eval DIR --record-dense MODEL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dense: Option<DenseMeasurement>,
 }
 
 /// A perplexity measured at one level of the order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Measurement {
     pub level: usize,
+    pub ppl: f64,
+    pub windows: usize,
+    /// The scored text's file name.
+    pub text: String,
+}
+
+/// The perplexity of the dense model a checkpoint was compressed from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DenseMeasurement {
+    /// The dense model as it was named on the command line.
+    pub model: String,
     pub ppl: f64,
     pub windows: usize,
     /// The scored text's file name.
@@ -162,6 +177,7 @@ impl BlockOrder {
             method: "round-robin".into(),
             order,
             measured: Vec::new(),
+            dense: None,
         }
     }
 
@@ -330,6 +346,7 @@ impl BlockOrder {
             method: "reference".into(),
             order,
             measured: Vec::new(),
+            dense: None,
         })
     }
 }
@@ -402,6 +419,7 @@ mod tests {
             format_version: 1,
             method: "test".into(),
             measured: vec![],
+            dense: None,
             order: vec![
                 ("model.layers.0.mlp.up_proj".into(), 1),
                 ("model.layers.0.self_attn.q_proj".into(), 1),
@@ -430,6 +448,7 @@ mod tests {
             method: "t".into(),
             order: vec![("model.layers.0.mlp.up_proj".into(), 2)],
             measured: vec![],
+            dense: None,
         };
         assert!(skip
             .validate(&g)
@@ -445,6 +464,23 @@ mod tests {
             .to_string()
             .contains("lists 2 of 3 blocks"));
         short.validate(&g).unwrap();
+    }
+
+    #[test]
+    fn order_files_without_a_dense_measurement_still_read() {
+        let g = geometry();
+        let mut order = BlockOrder::round_robin(&g);
+        let old = serde_json::to_string(&order).unwrap();
+        assert!(!old.contains("dense"));
+        assert_eq!(serde_json::from_str::<BlockOrder>(&old).unwrap(), order);
+        order.dense = Some(DenseMeasurement {
+            model: "smollm2".into(),
+            ppl: 14.917,
+            windows: 64,
+            text: "wiki-eval.txt".into(),
+        });
+        let new = serde_json::to_string(&order).unwrap();
+        assert_eq!(serde_json::from_str::<BlockOrder>(&new).unwrap(), order);
     }
 
     #[test]

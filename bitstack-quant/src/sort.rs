@@ -122,7 +122,7 @@ pub fn sort_on_windows(
     let store = TensorStore::open_dir(dir)?;
     let model = Llama::from_store(cfg, &store, &BlockCounts::all(), &Device::Cpu)?;
     let start = Instant::now();
-    let (order, layer_passes) = match method {
+    let (mut order, layer_passes) = match method {
         SortMethod::Fast | SortMethod::Greedy => {
             let (scores, passes) = proxy_scores(&model, &geometry, wins, batch, progress)?;
             let order = if method == SortMethod::Fast {
@@ -135,6 +135,11 @@ pub fn sort_on_windows(
         SortMethod::Exact => exact(model, &geometry, wins, batch, progress)?,
         SortMethod::Gradient => gradient(model, &geometry, wins, progress)?,
     };
+    // Perplexities measured at rungs of the old order no longer apply; the
+    // dense model's does.
+    if let Ok(old) = BlockOrder::load(dir, &geometry) {
+        order.dense = old.dense;
+    }
     order.save(dir, &geometry)?;
     Ok((
         order,
@@ -243,6 +248,7 @@ pub fn order_by_scores(
             .map(|(_, b, _, name)| (name, b))
             .collect(),
         measured: Vec::new(),
+        dense: None,
     }
 }
 
