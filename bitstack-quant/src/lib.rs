@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod compress;
 pub mod config;
 pub mod decompose;
+pub mod device;
 pub mod generate;
 pub mod hub;
 pub mod inspect;

@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 
 use bitstack_quant::budget::{plan_for_dir, Budget, Plan};
 use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::compress::{compress_on, CompressOptions};
+use bitstack_quant::device::DeviceSpec;
 use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
@@ -89,6 +90,9 @@ enum Command {
         /// `randomized` (subspace iteration, several times faster).
         #[arg(long, default_value = "exact", value_parser = ["exact", "randomized"])]
         svd: String,
+        /// Where the calibration forwards run: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+        device: DeviceSpec,
     },
     /// Perplexity on a text (DESIGN §7): non-overlapping windows, no BOS.
     Eval(EvalArgs),
@@ -124,6 +128,9 @@ enum Command {
         calib: Option<PathBuf>,
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+        #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+        device: DeviceSpec,
     },
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate {
@@ -145,6 +152,9 @@ enum Command {
         temperature: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+        #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+        device: DeviceSpec,
     },
     /// Show the memory ladder: resident bytes and bits per weight per rung.
     Ladder {
@@ -165,6 +175,9 @@ enum Command {
         /// Windows of the eval text to score.
         #[arg(long, default_value_t = 64)]
         windows: usize,
+        /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+        #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+        device: DeviceSpec,
     },
 }
 
@@ -206,6 +219,9 @@ struct EvalArgs {
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
+    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: DeviceSpec,
 }
 
 fn main() {
@@ -262,6 +278,7 @@ fn run(cli: Cli) -> Result<()> {
             seq_len,
             batch,
             svd,
+            device,
         } => {
             let model_dir = resolve_model(&model)?;
             let calib_text = match calib {
@@ -282,7 +299,7 @@ fn run(cli: Cli) -> Result<()> {
                     SvdMethod::Exact
                 },
             };
-            let r = compress(&model_dir, &out_dir, &opts)?;
+            let r = compress_on(&model_dir, &out_dir, &opts, &device.open()?)?;
             println!(
                 "wrote {} ({} linears, {:.1} MiB of blocks); calibration {:.1}s, decomposition {:.1}s; mean residual ‖R‖/‖W‖ {:.4}",
                 r.out_dir.display(),
@@ -341,7 +358,8 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             blocks,
             windows,
-        } => demo(dir, &blocks, windows),
+            device,
+        } => demo(dir, &blocks, windows, &device.open()?),
         Command::Sort {
             dir,
             method,
@@ -350,6 +368,7 @@ fn run(cli: Cli) -> Result<()> {
             seq_len,
             calib,
             batch,
+            device,
         } => {
             let calib_text = match calib {
                 Some(p) => p,
@@ -367,6 +386,7 @@ fn run(cli: Cli) -> Result<()> {
                 skip_windows,
                 seq_len,
                 batch,
+                device: device.open()?,
             };
             sort(&dir, &opts)
         }
@@ -379,6 +399,7 @@ fn run(cli: Cli) -> Result<()> {
             max_tokens,
             temperature,
             seed,
+            device,
         } => {
             let dir = resolve_model(&model)?;
             let (counts, _) = block_counts(&dir, budget, blocks)?;
@@ -387,7 +408,7 @@ fn run(cli: Cli) -> Result<()> {
                 temperature,
                 seed,
             };
-            run_generate(&dir, &prompt, &counts, &opts)
+            run_generate(&dir, &prompt, &counts, &opts, &device.open()?)
         }
     }
 }
@@ -448,6 +469,7 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         args.windows,
         args.seq_len,
         args.batch,
+        &args.device.open()?,
     )?;
     if let (true, Some(plan)) = (args.record, &plan) {
         let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(&dir)?;
@@ -466,6 +488,7 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
     Ok(report)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn eval_dir(
     dir: &Path,
     text_path: &Path,
@@ -474,11 +497,12 @@ fn eval_dir(
     windows: usize,
     seq_len: usize,
     batch: usize,
+    device: &Device,
 ) -> Result<PerplexityReport> {
     let text = std::fs::read_to_string(text_path)
         .with_context(|| format!("cannot read {}", text_path.display()))?;
     let tokenizer = load_tokenizer(dir)?;
-    let mut model = Llama::load(dir, &counts, &Device::Cpu)?;
+    let mut model = Llama::load(dir, &counts, device)?;
     let rtn_bytes = match rtn {
         Some((bits, group)) => Some(apply_rtn(&mut model, bits, group)?),
         None => None,
@@ -513,7 +537,7 @@ fn print_report(name: &str, r: &PerplexityReport) {
     );
 }
 
-fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
+fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize, device: &Device) -> Result<()> {
     let assets = bitstack_assets::fetch_assets(None)?;
     let work = dir.unwrap_or_else(|| assets.dir.clone());
     let dense = work.join("SmolLM2-135M-Instruct");
@@ -534,7 +558,7 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
             batch: 4,
             svd: SvdMethod::Exact,
         };
-        compress(&dense, &packed, &opts)?;
+        compress_on(&dense, &packed, &opts, device)?;
     }
     println!(
         "{:<10} {:>8} {:>12} {:>14}",
@@ -548,6 +572,7 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
         windows,
         512,
         4,
+        device,
     )?;
     println!(
         "{:<10} {:>8.3} {:>12.3} {:>14.2}",
@@ -565,6 +590,7 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
             windows,
             512,
             4,
+            device,
         )?;
         println!(
             "{:<10} {:>8.3} {:>12.3} {:>14.2}",
@@ -630,10 +656,11 @@ fn run_generate(
     prompt: &str,
     counts: &BlockCounts,
     opts: &SamplingOptions,
+    device: &Device,
 ) -> Result<()> {
     use std::io::Write;
     let tokenizer = load_tokenizer(dir)?;
-    let model = Llama::load(dir, counts, &Device::Cpu)?;
+    let model = Llama::load(dir, counts, device)?;
     let ids = tokenizer
         .encode(prompt, false)
         .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?

@@ -61,6 +61,8 @@ pub struct SortOptions {
     pub skip_windows: usize,
     pub seq_len: usize,
     pub batch: usize,
+    /// Where the forward passes run.
+    pub device: Device,
 }
 
 /// What sorting cost.
@@ -97,7 +99,7 @@ pub fn sort_checkpoint(
             opts.windows
         );
     }
-    sort_on_windows(dir, opts.method, &wins, opts.batch, progress)
+    sort_on_device(dir, opts.method, &wins, opts.batch, &opts.device, progress)
 }
 
 /// Sorts the checkpoint in `dir` scoring on token windows `wins` (equal
@@ -109,13 +111,25 @@ pub fn sort_on_windows(
     batch: usize,
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, SortReport)> {
+    sort_on_device(dir, method, wins, batch, &Device::Cpu, progress)
+}
+
+/// As [`sort_on_windows`], running the forward passes on `device`.
+pub fn sort_on_device(
+    dir: &Path,
+    method: SortMethod,
+    wins: &[Vec<u32>],
+    batch: usize,
+    device: &Device,
+    progress: &ProgressBar,
+) -> Result<(BlockOrder, SortReport)> {
     let (cfg, _) = ModelConfig::from_dir(dir)?;
     let geometry = Geometry::from_config(&cfg)?;
     if wins.is_empty() {
         bail!("sorting needs at least one scoring window");
     }
     let store = TensorStore::open_dir(dir)?;
-    let model = Llama::from_store(cfg, &store, &BlockCounts::all(), &Device::Cpu)?;
+    let model = Llama::from_store(cfg, &store, &BlockCounts::all(), device)?;
     let start = Instant::now();
     let (order, layer_passes) = match method {
         SortMethod::Fast | SortMethod::Greedy => {
