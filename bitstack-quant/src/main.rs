@@ -507,6 +507,11 @@ fn eval_dir(
         Some((bits, group)) => Some(apply_rtn(&mut model, bits, group)?),
         None => None,
     };
+    // Report the bytes of the blocks, measured before the stacks become
+    // dense weights (built once here instead of in every forward).
+    let linear_bytes: usize = model.linears().map(|(_, _, l)| l.weight_bytes()).sum();
+    let total_bytes = model.resident_bytes();
+    model.materialize()?;
     let ids = tokenizer
         .encode(text, false)
         .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", text_path.display()))?
@@ -515,6 +520,9 @@ fn eval_dir(
     let pb = progress_bar(windows.min(ids.len() / seq_len.max(1)) as u64, "evaluating");
     let mut r = evaluate(&model, &ids, seq_len, windows, batch, &pb)?;
     pb.finish_and_clear();
+    r.resident_linear_bytes = linear_bytes;
+    r.resident_total_bytes = total_bytes;
+    r.bits_per_linear_weight = linear_bytes as f64 * 8.0 / model.linear_weight_count() as f64;
     if let Some(bytes) = rtn_bytes {
         // Report what the quantized linears would occupy, not the f32 copies.
         r.resident_total_bytes = r.resident_total_bytes - r.resident_linear_bytes + bytes;
@@ -660,7 +668,13 @@ fn run_generate(
 ) -> Result<()> {
     use std::io::Write;
     let tokenizer = load_tokenizer(dir)?;
-    let model = Llama::load(dir, counts, device)?;
+    let mut model = Llama::load(dir, counts, device)?;
+    let resident_bytes = model.resident_bytes();
+    let linear_bytes: usize = model.linears().map(|(_, _, l)| l.weight_bytes()).sum();
+    if !device.is_cpu() {
+        // A GPU would wait on the CPU rebuilding every weight for every token.
+        model.materialize()?;
+    }
     let ids = tokenizer
         .encode(prompt, false)
         .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
@@ -682,9 +696,8 @@ fn run_generate(
         g.tokens.len(),
         g.prefill.as_secs_f64(),
         g.decode_tokens_per_second(),
-        model.resident_bytes() as f64 / 1048576.0,
-        model.linears().map(|(_, _, l)| l.weight_bytes()).sum::<usize>() as f64 * 8.0
-            / model.linear_weight_count() as f64,
+        resident_bytes as f64 / 1048576.0,
+        linear_bytes as f64 * 8.0 / model.linear_weight_count() as f64,
         g.kv_bytes as f64 / 1048576.0
     );
     Ok(())
