@@ -75,6 +75,17 @@ pub fn compress(
     out_dir: &Path,
     opts: &CompressOptions,
 ) -> Result<CompressReport> {
+    compress_on(model_dir, out_dir, opts, &Device::Cpu)
+}
+
+/// As [`compress`], running the calibration forward passes on `device`
+/// (the decomposition always runs on the CPU).
+pub fn compress_on(
+    model_dir: &Path,
+    out_dir: &Path,
+    opts: &CompressOptions,
+    device: &Device,
+) -> Result<CompressReport> {
     let (cfg, raw_cfg) = ModelConfig::from_dir(model_dir)?;
     if cfg.quantization_config.is_some() {
         bail!("{} is already a BitStack checkpoint", model_dir.display());
@@ -116,9 +127,8 @@ pub fn compress(
         );
     }
 
-    let device = Device::Cpu;
     let store = TensorStore::open_dir(model_dir)?;
-    let mut model = Llama::from_store(cfg.clone(), &store, &BlockCounts::all(), &device)?;
+    let mut model = Llama::from_store(cfg.clone(), &store, &BlockCounts::all(), device)?;
     drop(store);
 
     let t0 = Instant::now();

@@ -14,6 +14,7 @@ pub mod compress;
 pub mod config;
 pub mod decompose;
 pub mod feedback;
+pub mod device;
 pub mod generate;
 pub mod hub;
 pub mod inspect;

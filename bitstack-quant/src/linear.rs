@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::stack::WeightStack;
 
@@ -42,14 +42,23 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.broadcast_matmul(&w.t()?)?,
             LinearWeight::BitStack(s) => {
-                let w = Tensor::from_vec(s.dense(), (s.m, s.n), x.device())?.to_dtype(x.dtype())?;
-                x.broadcast_matmul(&w.t()?)?
+                x.broadcast_matmul(&stack_tensor(s, x.device(), x.dtype())?.t()?)?
             }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// Replaces a BitStack weight by its dense `W` on `device` as `dtype`,
+    /// built once, so forwards stop rebuilding it per call. The blocks are
+    /// dropped: measure bytes first. Dense weights are left alone.
+    pub fn materialize(&mut self, device: &Device, dtype: DType) -> Result<()> {
+        if let LinearWeight::BitStack(s) = &self.weight {
+            self.weight = LinearWeight::Dense(stack_tensor(s, device, dtype)?);
+        }
+        Ok(())
     }
 
     /// Bytes of BitStack blocks resident in this layer (0 for dense).
@@ -76,6 +85,11 @@ impl Linear {
             LinearWeight::BitStack(s) => s.resident_bytes(),
         }
     }
+}
+
+/// `W` of `stack` (its [`WeightStack::dense`]) as an `m×n` tensor on `device` as `dtype`.
+pub fn stack_tensor(stack: &WeightStack, device: &Device, dtype: DType) -> Result<Tensor> {
+    Tensor::from_vec(stack.dense(), (stack.m, stack.n), device)?.to_dtype(dtype)
 }
 
 pub fn tensor_bytes(t: &Tensor) -> usize {

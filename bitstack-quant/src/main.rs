@@ -8,8 +8,9 @@ use clap::{Parser, Subcommand};
 
 use bitstack_quant::budget::{plan_for_dir, Budget, Plan};
 use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::compress::{compress, CompressOptions, FeedbackOptions};
+use bitstack_quant::compress::{compress_on, CompressOptions, FeedbackOptions};
 use bitstack_quant::decompose::Refit;
+use bitstack_quant::device::DeviceSpec;
 use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
@@ -106,6 +107,9 @@ enum Command {
         /// of u re-fitted to the output error on calibration activations).
         #[arg(long, default_value = "svd", value_parser = ["none", "svd", "weighted"])]
         refit: String,
+        /// Where the calibration forwards run: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+        device: DeviceSpec,
     },
     /// Perplexity on a text (DESIGN §7): non-overlapping windows, no BOS.
     Eval(EvalArgs),
@@ -141,6 +145,9 @@ enum Command {
         calib: Option<PathBuf>,
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+        #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+        device: DeviceSpec,
     },
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate {
@@ -162,6 +169,9 @@ enum Command {
         temperature: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+        #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+        device: DeviceSpec,
     },
     /// Show the memory ladder: resident bytes, bits per weight and measured
     /// perplexity per rung.
@@ -192,6 +202,9 @@ enum Command {
         /// Windows of the eval text to score.
         #[arg(long, default_value_t = 64)]
         windows: usize,
+        /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+        #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+        device: DeviceSpec,
     },
 }
 
@@ -242,6 +255,9 @@ struct EvalArgs {
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
+    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: DeviceSpec,
 }
 
 fn main() {
@@ -301,6 +317,7 @@ fn run(cli: Cli) -> Result<()> {
             signs,
             damp,
             refit,
+            device,
         } => {
             let model_dir = resolve_model(&model)?;
             let calib_text = match calib {
@@ -329,7 +346,7 @@ fn run(cli: Cli) -> Result<()> {
                     },
                 }),
             };
-            let r = compress(&model_dir, &out_dir, &opts)?;
+            let r = compress_on(&model_dir, &out_dir, &opts, &device.open()?)?;
             println!(
                 "wrote {} ({} linears, {:.1} MiB of blocks); calibration {:.1}s, decomposition {:.1}s; mean residual ‖R‖/‖W‖ {:.4}",
                 r.out_dir.display(),
@@ -388,7 +405,8 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             blocks,
             windows,
-        } => demo(dir, &blocks, windows),
+            device,
+        } => demo(dir, &blocks, windows, &device.open()?),
         Command::Sort {
             dir,
             method,
@@ -397,6 +415,7 @@ fn run(cli: Cli) -> Result<()> {
             seq_len,
             calib,
             batch,
+            device,
         } => {
             let calib_text = match calib {
                 Some(p) => p,
@@ -415,6 +434,7 @@ fn run(cli: Cli) -> Result<()> {
                 skip_windows,
                 seq_len,
                 batch,
+                device: device.open()?,
             };
             sort(&dir, &opts)
         }
@@ -432,6 +452,7 @@ fn run(cli: Cli) -> Result<()> {
             max_tokens,
             temperature,
             seed,
+            device,
         } => {
             let dir = resolve_model(&model)?;
             let (counts, _) = block_counts(&dir, budget, blocks)?;
@@ -440,7 +461,7 @@ fn run(cli: Cli) -> Result<()> {
                 temperature,
                 seed,
             };
-            run_generate(&dir, &prompt, &counts, &opts)
+            run_generate(&dir, &prompt, &counts, &opts, &device.open()?)
         }
     }
 }
@@ -504,6 +525,7 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         args.windows,
         args.seq_len,
         args.batch,
+        &args.device.open()?,
     )?;
     if let (true, Some(plan)) = (args.record, &plan) {
         let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(&dir)?;
@@ -567,6 +589,7 @@ fn eval_dense_reference(
         args.windows,
         args.seq_len,
         args.batch,
+        &args.device.open()?,
     )?;
     let mut order = BlockOrder::load(checkpoint, &geometry)?;
     order.dense = Some(DenseMeasurement {
@@ -584,6 +607,7 @@ fn file_name(path: &Path) -> String {
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn eval_dir(
     dir: &Path,
     text_path: &Path,
@@ -592,15 +616,21 @@ fn eval_dir(
     windows: usize,
     seq_len: usize,
     batch: usize,
+    device: &Device,
 ) -> Result<PerplexityReport> {
     let text = std::fs::read_to_string(text_path)
         .with_context(|| format!("cannot read {}", text_path.display()))?;
     let tokenizer = load_tokenizer(dir)?;
-    let mut model = Llama::load(dir, &counts, &Device::Cpu)?;
+    let mut model = Llama::load(dir, &counts, device)?;
     let rtn_bytes = match rtn {
         Some((bits, group)) => Some(apply_rtn(&mut model, bits, group)?),
         None => None,
     };
+    // Report the bytes of the blocks, measured before the stacks become
+    // dense weights (built once here instead of in every forward).
+    let linear_bytes: usize = model.linears().map(|(_, _, l)| l.weight_bytes()).sum();
+    let total_bytes = model.resident_bytes();
+    model.materialize()?;
     let ids = tokenizer
         .encode(text, false)
         .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", text_path.display()))?
@@ -609,6 +639,9 @@ fn eval_dir(
     let pb = progress_bar(windows.min(ids.len() / seq_len.max(1)) as u64, "evaluating");
     let mut r = evaluate(&model, &ids, seq_len, windows, batch, &pb)?;
     pb.finish_and_clear();
+    r.resident_linear_bytes = linear_bytes;
+    r.resident_total_bytes = total_bytes;
+    r.bits_per_linear_weight = linear_bytes as f64 * 8.0 / model.linear_weight_count() as f64;
     if let Some(bytes) = rtn_bytes {
         // Report what the quantized linears would occupy, not the f32 copies.
         r.resident_total_bytes = r.resident_total_bytes - r.resident_linear_bytes + bytes;
@@ -631,7 +664,7 @@ fn print_report(name: &str, r: &PerplexityReport) {
     );
 }
 
-fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
+fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize, device: &Device) -> Result<()> {
     let assets = bitstack_assets::fetch_assets(None)?;
     let work = dir.unwrap_or_else(|| assets.dir.clone());
     let dense = work.join("SmolLM2-135M-Instruct");
@@ -653,7 +686,7 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
             svd: SvdMethod::Exact,
             feedback: None,
         };
-        compress(&dense, &packed, &opts)?;
+        compress_on(&dense, &packed, &opts, device)?;
     }
     println!(
         "{:<10} {:>8} {:>12} {:>14}",
@@ -667,6 +700,7 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
         windows,
         512,
         4,
+        device,
     )?;
     println!(
         "{:<10} {:>8.3} {:>12.3} {:>14.2}",
@@ -684,6 +718,7 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize) -> Result<()> {
             windows,
             512,
             4,
+            device,
         )?;
         println!(
             "{:<10} {:>8.3} {:>12.3} {:>14.2}",
@@ -853,10 +888,17 @@ fn run_generate(
     prompt: &str,
     counts: &BlockCounts,
     opts: &SamplingOptions,
+    device: &Device,
 ) -> Result<()> {
     use std::io::Write;
     let tokenizer = load_tokenizer(dir)?;
-    let model = Llama::load(dir, counts, &Device::Cpu)?;
+    let mut model = Llama::load(dir, counts, device)?;
+    let resident_bytes = model.resident_bytes();
+    let linear_bytes: usize = model.linears().map(|(_, _, l)| l.weight_bytes()).sum();
+    if !device.is_cpu() {
+        // A GPU would wait on the CPU rebuilding every weight for every token.
+        model.materialize()?;
+    }
     let ids = tokenizer
         .encode(prompt, false)
         .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
@@ -878,9 +920,8 @@ fn run_generate(
         g.tokens.len(),
         g.prefill.as_secs_f64(),
         g.decode_tokens_per_second(),
-        model.resident_bytes() as f64 / 1048576.0,
-        model.linears().map(|(_, _, l)| l.weight_bytes()).sum::<usize>() as f64 * 8.0
-            / model.linear_weight_count() as f64,
+        resident_bytes as f64 / 1048576.0,
+        linear_bytes as f64 * 8.0 / model.linear_weight_count() as f64,
         g.kv_bytes as f64 / 1048576.0
     );
     Ok(())

@@ -417,6 +417,21 @@ impl Llama {
         self.logits(&self.forward_hidden(tokens)?)
     }
 
+    /// Turns every BitStack linear into its dense `W` on the model's device
+    /// (in the model's dtype), built once: forwards then cost a matrix
+    /// product instead of a rebuild per call, which on a GPU dominates.
+    /// Dense weights take more memory than the blocks, and the byte counts
+    /// below change with them: measure before materializing.
+    pub fn materialize(&mut self) -> candle_core::Result<()> {
+        let (device, dtype) = (self.device.clone(), self.embed.dtype());
+        for layer in &mut self.layers {
+            for kind in LinearKind::ALL {
+                layer.linear_mut(kind).materialize(&device, dtype)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of all resident BitStack blocks.
     pub fn stack_bytes(&self) -> usize {
         self.linears().map(|(_, _, l)| l.stack_bytes()).sum()

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use crate::calibrate::{window_batches, windows};
 use crate::checkpoint::BlockCounts;
 use crate::config::ModelConfig;
-use crate::linear::LinearWeight;
+use crate::linear::{stack_tensor, LinearWeight};
 use crate::model::{load_tokenizer, LinearKind, Llama, NoTaps, TapPoint, Taps};
 use crate::order::{BlockOrder, Geometry};
 use crate::perplexity::nll_sum;
@@ -66,6 +66,8 @@ pub struct SortOptions {
     pub skip_windows: usize,
     pub seq_len: usize,
     pub batch: usize,
+    /// Where the forward passes run.
+    pub device: Device,
 }
 
 /// What sorting cost.
@@ -102,7 +104,7 @@ pub fn sort_checkpoint(
             opts.windows
         );
     }
-    sort_on_windows(dir, opts.method, &wins, opts.batch, progress)
+    sort_on_device(dir, opts.method, &wins, opts.batch, &opts.device, progress)
 }
 
 /// Sorts the checkpoint in `dir` scoring on token windows `wins` (equal
@@ -114,13 +116,25 @@ pub fn sort_on_windows(
     batch: usize,
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, SortReport)> {
+    sort_on_device(dir, method, wins, batch, &Device::Cpu, progress)
+}
+
+/// As [`sort_on_windows`], running the forward passes on `device`.
+pub fn sort_on_device(
+    dir: &Path,
+    method: SortMethod,
+    wins: &[Vec<u32>],
+    batch: usize,
+    device: &Device,
+    progress: &ProgressBar,
+) -> Result<(BlockOrder, SortReport)> {
     let (cfg, _) = ModelConfig::from_dir(dir)?;
     let geometry = Geometry::from_config(&cfg)?;
     if wins.is_empty() {
         bail!("sorting needs at least one scoring window");
     }
     let store = TensorStore::open_dir(dir)?;
-    let model = Llama::from_store(cfg, &store, &BlockCounts::all(), &Device::Cpu)?;
+    let model = Llama::from_store(cfg, &store, &BlockCounts::all(), device)?;
     let start = Instant::now();
     let (mut order, layer_passes) = match method {
         SortMethod::Fast | SortMethod::Greedy => {
@@ -333,23 +347,27 @@ fn exact(
         .collect::<Result<_>>()?;
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
     let prefix = |s: &WeightStack, b: usize| {
-        Arc::new(WeightStack::new(
-            s.m,
-            s.n,
-            s.k,
-            s.blocks[..b.min(s.blocks.len())].to_vec(),
-        ))
+        WeightStack::new(s.m, s.n, s.k, s.blocks[..b.min(s.blocks.len())].to_vec())
     };
+    // Linears run as dense weights built once, not rebuilt per forward.
+    let (device, dtype) = (model.device.clone(), model.embed.dtype());
+    let dense = |s: &WeightStack| stack_tensor(s, &device, dtype);
     let tokens = window_batches(wins, batch, &model.device)?;
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];
     progress.set_length(((stored - 1) * geometry.linears.len()) as u64);
     let mut passes = 0;
     for level in 1..stored {
+        // Installed one by one, so the last level's W are freed as we go.
+        let mut base: Vec<Vec<Tensor>> = Vec::with_capacity(full.len());
         for (l, stacks) in full.iter().enumerate() {
+            let mut weights = Vec::with_capacity(stacks.len());
             for (kind, s) in LinearKind::ALL.iter().zip(stacks) {
-                model.layers[l].linear_mut(*kind).weight = LinearWeight::BitStack(prefix(s, level));
+                let w = dense(&prefix(s, level))?;
+                model.layers[l].linear_mut(*kind).weight = LinearWeight::Dense(w.clone());
+                weights.push(w);
             }
+            base.push(weights);
         }
         // Inputs of every layer at this level: the prefix cache.
         let mut cache = vec![tokens
@@ -365,15 +383,19 @@ fn exact(
             cache.push(next);
         }
         for (l, stacks) in full.iter().enumerate() {
-            for (kind, s) in LinearKind::ALL.iter().zip(stacks) {
+            for ((kind, s), w) in LinearKind::ALL.iter().zip(stacks).zip(&base[l]) {
                 if level >= s.blocks.len() {
                     continue;
                 }
+                // W of `level + 1` blocks: the level's W plus block `level`
+                // alone, the very sum `WeightStack::dense` of the longer
+                // prefix computes (blocks are added in order, in f32).
+                let single = WeightStack::new(s.m, s.n, s.k, vec![s.blocks[level].clone()]);
                 model.layers[l].linear_mut(*kind).weight =
-                    LinearWeight::BitStack(prefix(s, level + 1));
+                    LinearWeight::Dense((w + dense(&single)?)?);
                 let ppl = nll_from(&model, l, &cache[l], &tokens)?.exp();
                 passes += tokens.len() * (model.layers.len() - l);
-                model.layers[l].linear_mut(*kind).weight = LinearWeight::BitStack(prefix(s, level));
+                model.layers[l].linear_mut(*kind).weight = LinearWeight::Dense(w.clone());
                 // lower perplexity first; a NaN perplexity sorts last
                 let score = if ppl.is_nan() {
                     f64::NEG_INFINITY

@@ -103,4 +103,21 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_longer_prefix_is_the_shorter_one_plus_its_next_block() {
+        // Exact sorting builds W of b+1 blocks as W of b blocks plus block b
+        // alone: that must be the very f32 sum `dense` computes.
+        let mut rng = StdRng::seed_from_u64(5);
+        let (m, n, k) = (23, 37, 4);
+        let blocks: Vec<Block> = (0..4).map(|_| random_block(m, n, k, &mut rng)).collect();
+        for b in 1..blocks.len() {
+            let short = WeightStack::new(m, n, k, blocks[..b].to_vec()).dense();
+            let long = WeightStack::new(m, n, k, blocks[..=b].to_vec()).dense();
+            let single = WeightStack::new(m, n, k, vec![blocks[b].clone()]).dense();
+            for ((l, s), o) in long.iter().zip(&short).zip(&single) {
+                assert_eq!(*l, s + o);
+            }
+        }
+    }
 }
