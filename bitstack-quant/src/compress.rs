@@ -48,6 +48,8 @@ pub struct FeedbackOptions {
     pub damp: f64,
     /// How the factors follow the chosen signs.
     pub refit: Refit,
+    /// Rounds of choosing signs and re-fitting factors per block.
+    pub rounds: usize,
 }
 
 impl CompressOptions {
@@ -180,7 +182,10 @@ pub fn compress_on(
                     opts.k_of(*kind),
                     opts.niter,
                     opts.svd,
-                    feedback.as_ref().zip(opts.feedback.map(|f| f.refit)),
+                    feedback
+                        .as_ref()
+                        .zip(opts.feedback)
+                        .map(|(fb, f)| (fb, f.refit, f.rounds)),
                 )
                 .with_context(|| format!("decomposing {}", kind.path(l)));
                 pb.inc(1);

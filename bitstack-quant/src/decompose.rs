@@ -68,7 +68,8 @@ pub fn decompose(
 
 /// [`decompose`], choosing signs with error feedback when `feedback` is given
 /// (see [`crate::feedback`]); the factors are then re-fitted to the chosen
-/// signs.
+/// signs, and with more than one round the signs chosen again for the new
+/// factors.
 pub fn decompose_with(
     w: &[f32],
     m: usize,
@@ -76,7 +77,7 @@ pub fn decompose_with(
     k: usize,
     niter: usize,
     method: SvdMethod,
-    feedback: Option<(&Feedback, Refit)>,
+    feedback: Option<(&Feedback, Refit, usize)>,
 ) -> Result<Decomposition, DecomposeError> {
     if w.len() != m * n {
         return Err(DecomposeError::Shape { got: w.len(), m, n });
@@ -120,23 +121,27 @@ pub fn decompose_with(
         let mut uv = &u * &vt;
         let signs = match feedback {
             None => pack::pack_signs(&residual),
-            Some((fb, refit)) => {
-                let mag: Vec<f32> = (0..m * n).map(|x| uv[(x / n, x % n)]).collect();
-                let chosen = fb.choose_signs(&residual, &mag, m);
-                if refit != Refit::None {
-                    // For fixed signs S, the best rank-k S⊙(u·vt) in Frobenius
-                    // norm is the top-k SVD of S⊙R.
-                    let flipped =
-                        Mat::<f32>::from_fn(m, n, |i, j| chosen[i * n + j] * residual[i * n + j]);
-                    (u, vt) = factors(&flipped, k, method, iteration)?;
+            Some((fb, refit, rounds)) => {
+                let mut chosen = Vec::new();
+                for _ in 0..rounds.max(1) {
+                    let mag: Vec<f32> = (0..m * n).map(|x| uv[(x / n, x % n)]).collect();
+                    chosen = fb.choose_signs(&residual, &mag, m);
+                    if refit != Refit::None {
+                        // For fixed signs S, the best rank-k S⊙(u·vt) in
+                        // Frobenius norm is the top-k SVD of S⊙R.
+                        let flipped = Mat::<f32>::from_fn(m, n, |i, j| {
+                            chosen[i * n + j] * residual[i * n + j]
+                        });
+                        (u, vt) = factors(&flipped, k, method, iteration)?;
+                    }
+                    if refit == Refit::Weighted {
+                        let mut flat_u: Vec<f32> = (0..m * k).map(|x| u[(x / k, x % k)]).collect();
+                        let flat_vt: Vec<f32> = (0..k * n).map(|x| vt[(x / n, x % n)]).collect();
+                        fb.refit_rows(&residual, &chosen, &mut flat_u, &flat_vt, k);
+                        u = Mat::<f32>::from_fn(m, k, |i, a| flat_u[i * k + a]);
+                    }
+                    uv = &u * &vt;
                 }
-                if refit == Refit::Weighted {
-                    let mut flat_u: Vec<f32> = (0..m * k).map(|x| u[(x / k, x % k)]).collect();
-                    let flat_vt: Vec<f32> = (0..k * n).map(|x| vt[(x / n, x % n)]).collect();
-                    fb.refit_rows(&residual, &chosen, &mut flat_u, &flat_vt, k);
-                    u = Mat::<f32>::from_fn(m, k, |i, a| flat_u[i * k + a]);
-                }
-                uv = &u * &vt;
                 pack::pack_signs(&chosen)
             }
         };

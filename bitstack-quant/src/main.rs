@@ -105,8 +105,12 @@ enum Command {
         /// With `--signs feedback`, how u·vt follow the chosen signs: `none`,
         /// `svd` (best in Frobenius norm) or `weighted` (`svd`, then each row
         /// of u re-fitted to the output error on calibration activations).
-        #[arg(long, default_value = "svd", value_parser = ["none", "svd", "weighted"])]
+        #[arg(long, default_value = "weighted", value_parser = ["none", "svd", "weighted"])]
         refit: String,
+        /// With `--signs feedback`: rounds of choosing signs and re-fitting
+        /// u·vt per block.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Where the calibration forwards run: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu", value_name = "DEVICE")]
         device: DeviceSpec,
@@ -317,6 +321,7 @@ fn run(cli: Cli) -> Result<()> {
             signs,
             damp,
             refit,
+            rounds,
             device,
         } => {
             let model_dir = resolve_model(&model)?;
@@ -344,6 +349,7 @@ fn run(cli: Cli) -> Result<()> {
                         "weighted" => Refit::Weighted,
                         _ => Refit::Svd,
                     },
+                    rounds,
                 }),
             };
             let r = compress_on(&model_dir, &out_dir, &opts, &device.open()?)?;
