@@ -27,6 +27,7 @@ fn checkpoint(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
         seq_len: 32,
         batch: 2,
         svd: SvdMethod::Exact,
+        feedback: None,
         k_per_kind: Default::default(),
     };
     compress(&dense, &packed, &opts).unwrap();
