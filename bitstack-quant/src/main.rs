@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 
 use bitstack_quant::budget::{plan_for_dir, Budget, Plan};
 use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::compress::{compress_on, CompressOptions, FeedbackOptions};
+use bitstack_quant::compress::{
+    compress_on, CompressOptions, FeedbackOptions, DEFAULT_K, DEFAULT_NITER,
+};
 use bitstack_quant::decompose::Refit;
 use bitstack_quant::device::DeviceSpec;
 use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
@@ -67,14 +69,14 @@ enum Command {
         model: String,
         /// Where to write the checkpoint (must not exist or be empty).
         out_dir: PathBuf,
-        /// Rank of each block's u·vt product.
-        #[arg(long, default_value_t = 16)]
+        /// Rank of each block's u·vt product (k = 16 is the paper's).
+        #[arg(long, default_value_t = DEFAULT_K)]
         k: usize,
         /// Rank per kind of linear, overriding --k: `k_proj=8,v_proj=8`.
         #[arg(long, value_name = "KIND=K,…", value_delimiter = ',', value_parser = parse_k_for)]
         k_for: Vec<(LinearKind, usize)>,
         /// Blocks per linear.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = DEFAULT_NITER)]
         niter: usize,
         /// Calibration text [default: the wiki calibration text of fetch-assets].
         #[arg(long)]
@@ -90,13 +92,13 @@ enum Command {
         batch: usize,
         /// Top-k SVD: `exact` (faer's thin SVD, as the reference) or
         /// `randomized` (subspace iteration, several times faster).
-        #[arg(long, default_value = "exact", value_parser = ["exact", "randomized"])]
+        #[arg(long, default_value = "randomized", value_parser = ["exact", "randomized"])]
         svd: String,
         /// How each block's signs are chosen: `avd` takes sign(R) (the
         /// paper); `feedback` chooses them column by column so that each
         /// sign cancels the output error of the earlier ones on calibration
         /// activations, then re-fits u·vt to those signs.
-        #[arg(long, default_value = "avd", value_parser = ["avd", "feedback"])]
+        #[arg(long, default_value = "feedback", value_parser = ["avd", "feedback"])]
         signs: String,
         /// Damping of the activation Gram matrix for `--signs feedback`,
         /// as a fraction of its mean diagonal.
@@ -128,16 +130,20 @@ enum Command {
     Sort {
         /// A BitStack checkpoint dir.
         dir: PathBuf,
-        /// `fast`: the reference's level-by-level structure, each level
-        /// ordered by the layer-local output error a block removes (minutes);
-        /// `greedy`: the same scores per byte in one order across levels
-        /// (experimental); `exact`: the reference's perplexity-scored
-        /// 'average' order (hours).
-        #[arg(long, default_value = "fast", value_parser = ["fast", "greedy", "exact", "gradient"])]
+        /// All methods give every linear block b before any gets block b+1
+        /// (the reference's levels) and differ in how a level is ordered.
+        /// `fast`: by the loss change a first-order expansion predicts for
+        /// each linear's next block (one backward pass per level; about 2
+        /// minutes for SmolLM2 on 2 CPU cores). `exact`: by the perplexity
+        /// with each linear's next block added alone, the reference's
+        /// 'average' algorithm (one forward per linear and level: hours on a
+        /// CPU, a minute on a GPU). `local`: by the output error a block
+        /// removes on its own inputs, per byte (no backward pass; worse).
+        #[arg(long, default_value = "fast", value_parser = ["fast", "exact", "local"])]
         method: String,
-        /// Calibration windows to score on.
-        #[arg(long, default_value_t = 4)]
-        sort_windows: usize,
+        /// Calibration windows to score on [default: 1 for fast, 4 otherwise].
+        #[arg(long)]
+        sort_windows: Option<usize>,
         /// Windows at the start of the calibration text to skip (the scaling windows).
         #[arg(long, default_value_t = 128)]
         skip_windows: usize,
@@ -200,9 +206,9 @@ enum Command {
         /// Working dir for the imported and compressed models [default: assets dir].
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Block counts to evaluate.
-        #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
-        blocks: Vec<usize>,
+        /// Budgets to load the compressed model at.
+        #[arg(long, value_delimiter = ',', default_value = "2.5bpw,3.5bpw,5bpw")]
+        budgets: Vec<Budget>,
         /// Windows of the eval text to score.
         #[arg(long, default_value_t = 64)]
         windows: usize,
@@ -409,10 +415,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo {
             dir,
-            blocks,
+            budgets,
             windows,
             device,
-        } => demo(dir, &blocks, windows, &device.open()?),
+        } => demo(dir, &budgets, windows, &device.open()?),
         Command::Sort {
             dir,
             method,
@@ -429,14 +435,13 @@ fn run(cli: Cli) -> Result<()> {
             };
             let method = match method.as_str() {
                 "exact" => SortMethod::Exact,
-                "greedy" => SortMethod::Greedy,
-                "gradient" => SortMethod::Gradient,
+                "local" => SortMethod::Local,
                 _ => SortMethod::Fast,
             };
             let opts = SortOptions {
                 method,
                 calib_text,
-                windows: sort_windows,
+                windows: sort_windows.unwrap_or(method.default_windows()),
                 skip_windows,
                 seq_len,
                 batch,
@@ -670,7 +675,7 @@ fn print_report(name: &str, r: &PerplexityReport) {
     );
 }
 
-fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize, device: &Device) -> Result<()> {
+fn demo(dir: Option<PathBuf>, budgets: &[Budget], windows: usize, device: &Device) -> Result<()> {
     let assets = bitstack_assets::fetch_assets(None)?;
     let work = dir.unwrap_or_else(|| assets.dir.clone());
     let dense = work.join("SmolLM2-135M-Instruct");
@@ -678,61 +683,54 @@ fn demo(dir: Option<PathBuf>, blocks: &[usize], windows: usize, device: &Device)
         eprintln!("importing {}", assets.gguf.display());
         bitstack_assets::import_gguf(&assets.gguf, &dense, DType::F32)?;
     }
-    let packed = work.join("SmolLM2-135M-Instruct-bitstack-k16");
+    let packed = work.join("SmolLM2-135M-Instruct-bitstack");
     if !packed.join("config.json").exists() {
         eprintln!("compressing into {}", packed.display());
-        let opts = CompressOptions {
-            k: 16,
-            k_per_kind: Default::default(),
-            niter: 16,
+        let opts = CompressOptions::recommended(assets.calib_text.clone());
+        compress_on(&dense, &packed, &opts, device)?;
+    }
+    if !packed.join(bitstack_quant::order::ORDER_FILE).exists() {
+        eprintln!("sorting the blocks of {}", packed.display());
+        let opts = SortOptions {
+            method: SortMethod::Fast,
             calib_text: assets.calib_text.clone(),
-            calib_windows: 128,
+            windows: SortMethod::Fast.default_windows(),
+            skip_windows: 128,
             seq_len: 512,
             batch: 4,
-            svd: SvdMethod::Exact,
-            feedback: None,
+            device: device.clone(),
         };
-        compress_on(&dense, &packed, &opts, device)?;
+        sort(&packed, &opts)?;
     }
     println!(
         "{:<10} {:>8} {:>12} {:>14}",
         "model", "bits/w", "PPL", "linear MiB"
     );
-    let r = eval_dir(
-        &dense,
-        &assets.eval_text,
-        BlockCounts::all(),
-        None,
-        windows,
-        512,
-        4,
-        device,
-    )?;
-    println!(
-        "{:<10} {:>8.3} {:>12.3} {:>14.2}",
-        "dense",
-        r.bits_per_linear_weight,
-        r.ppl,
-        r.resident_linear_bytes as f64 / (1 << 20) as f64
-    );
-    for &n in blocks {
-        let r = eval_dir(
-            &packed,
+    let row = |name: &str, r: &PerplexityReport| {
+        println!(
+            "{:<10} {:>8.3} {:>12.3} {:>14.2}",
+            name,
+            r.bits_per_linear_weight,
+            r.ppl,
+            r.resident_linear_bytes as f64 / (1 << 20) as f64
+        )
+    };
+    let eval = |dir: &Path, counts: BlockCounts| {
+        eval_dir(
+            dir,
             &assets.eval_text,
-            BlockCounts::uniform(n),
+            counts,
             None,
             windows,
             512,
             4,
             device,
-        )?;
-        println!(
-            "{:<10} {:>8.3} {:>12.3} {:>14.2}",
-            format!("{n} blocks"),
-            r.bits_per_linear_weight,
-            r.ppl,
-            r.resident_linear_bytes as f64 / (1 << 20) as f64
-        );
+        )
+    };
+    row("dense", &eval(&dense, BlockCounts::all())?);
+    for &budget in budgets {
+        let (counts, _) = block_counts(&packed, Some(budget), None)?;
+        row(&budget.to_string(), &eval(&packed, counts)?);
     }
     Ok(())
 }

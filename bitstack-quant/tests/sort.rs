@@ -74,7 +74,7 @@ fn zero_dead_blocks(dir: &Path) {
 }
 
 #[test]
-fn exact_and_fast_put_the_only_useful_blocks_first() {
+fn every_method_puts_the_only_useful_blocks_first() {
     let root = tempfile::tempdir().unwrap();
     let dense = root.path().join("dense");
     SyntheticSpec {
@@ -108,17 +108,15 @@ fn exact_and_fast_put_the_only_useful_blocks_first() {
             .unwrap()
             .0
     };
-    let (exact, fast, greedy) = (
+    let (exact, fast, local) = (
         sort(SortMethod::Exact),
         sort(SortMethod::Fast),
-        sort(SortMethod::Greedy),
+        sort(SortMethod::Local),
     );
     let linears = 14;
-    for order in [&exact, &fast, &greedy] {
+    // every method keeps the levels: the live linear leads each level
+    for order in [&exact, &fast, &local] {
         assert_eq!(order.order.len(), 2 * linears, "{}", order.method);
-    }
-    // exact and fast keep the levels: the live linear leads each level
-    for order in [&exact, &fast] {
         let (first, second) = (&order.order[0], &order.order[linears]);
         assert_eq!(
             *first,
@@ -135,19 +133,6 @@ fn exact_and_fast_put_the_only_useful_blocks_first() {
             &order.order[linears..]
         );
     }
-    // greedy: no level constraint, so both live blocks come first
-    assert_eq!(
-        greedy.order[0],
-        (LIVE.to_string(), 1),
-        "{:?}",
-        &greedy.order[..3]
-    );
-    assert_eq!(
-        greedy.order[1],
-        (LIVE.to_string(), 2),
-        "{:?}",
-        &greedy.order[..3]
-    );
     // both wrote a loadable order
     assert!(
         out.join("bitstack_order.json").exists() && out.join("compression_config.json").exists()
