@@ -141,6 +141,14 @@ pub fn compress_on(
     if opts.niter == 0 {
         bail!("--niter must be at least 1");
     }
+    if let Some(f) = &opts.feedback {
+        if !(f.damp.is_finite() && f.damp >= 0.0) {
+            bail!("--damp {} must be a finite fraction ≥ 0", f.damp);
+        }
+        if f.rounds == 0 {
+            bail!("--rounds must be at least 1");
+        }
+    }
     let tokenizer = load_tokenizer(model_dir)?;
     // Fail on an unwritable or occupied output before the long work starts.
     let mut writer = CheckpointWriter::new(out_dir, cfg.num_hidden_layers + 1)?;
