@@ -40,10 +40,8 @@ impl Linear {
     /// `x` is `[.., n]`; the result is `[.., m]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Dense(w) => x.broadcast_matmul(&w.t()?)?,
-            LinearWeight::BitStack(s) => {
-                x.broadcast_matmul(&stack_tensor(s, x.device(), x.dtype())?.t()?)?
-            }
+            LinearWeight::Dense(w) => matmul_t(x, w)?,
+            LinearWeight::BitStack(s) => matmul_t(x, &stack_tensor(s, x.device(), x.dtype())?)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -85,6 +83,16 @@ impl Linear {
             LinearWeight::BitStack(s) => s.resident_bytes(),
         }
     }
+}
+
+/// `x·Wᵀ` for `x` of shape `[.., n]` as one 2-D product: broadcasting `W`
+/// over the leading dims would copy it once per batch entry.
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let mut shape = x.dims().to_vec();
+    let n = shape.pop().unwrap_or(1);
+    let y = x.reshape(((), n))?.matmul(&w.t()?)?;
+    shape.push(w.dim(0)?);
+    y.reshape(shape)
 }
 
 /// `W` of `stack` (its [`WeightStack::dense`]) as an `m×n` tensor on `device` as `dtype`.
