@@ -141,9 +141,10 @@ enum Command {
         /// removes on its own inputs, per byte (no backward pass; worse).
         #[arg(long, default_value = "fast", value_parser = ["fast", "exact", "local"])]
         method: String,
-        /// Calibration windows to score on [default: 1 for fast, 4 otherwise].
-        #[arg(long)]
-        sort_windows: Option<usize>,
+        /// Calibration windows to score on; `fast` scores its first level on
+        /// all of them and later levels on the first one.
+        #[arg(long, default_value_t = 4)]
+        sort_windows: usize,
         /// Windows at the start of the calibration text to skip (the scaling windows).
         #[arg(long, default_value_t = 128)]
         skip_windows: usize,
@@ -441,7 +442,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = SortOptions {
                 method,
                 calib_text,
-                windows: sort_windows.unwrap_or(method.default_windows()),
+                windows: sort_windows,
                 skip_windows,
                 seq_len,
                 batch,
@@ -694,7 +695,7 @@ fn demo(dir: Option<PathBuf>, budgets: &[Budget], windows: usize, device: &Devic
         let opts = SortOptions {
             method: SortMethod::Fast,
             calib_text: assets.calib_text.clone(),
-            windows: SortMethod::Fast.default_windows(),
+            windows: 4,
             skip_windows: 128,
             seq_len: 512,
             batch: 4,
