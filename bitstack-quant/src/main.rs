@@ -133,16 +133,15 @@ enum Command {
         /// All methods give every linear block b before any gets block b+1
         /// (the reference's levels) and differ in how a level is ordered.
         /// `fast`: by the loss change a first-order expansion predicts for
-        /// each linear's next block (one backward pass per level; about 2
-        /// minutes for SmolLM2 on 2 CPU cores). `exact`: by the perplexity
+        /// each linear's next block (a backward pass per window and level;
+        /// minutes on a CPU, seconds on a GPU). `exact`: by the perplexity
         /// with each linear's next block added alone, the reference's
         /// 'average' algorithm (one forward per linear and level: hours on a
         /// CPU, a minute on a GPU). `local`: by the output error a block
         /// removes on its own inputs, per byte (no backward pass; worse).
         #[arg(long, default_value = "fast", value_parser = ["fast", "exact", "local"])]
         method: String,
-        /// Calibration windows to score on; `fast` scores its first level on
-        /// all of them and later levels on the first one.
+        /// Calibration windows to score on (fewer is faster and noisier).
         #[arg(long, default_value_t = 4)]
         sort_windows: usize,
         /// Windows at the start of the calibration text to skip (the scaling windows).

@@ -10,11 +10,10 @@
 //!   their outputs are cached and only layers ℓ… are recomputed.
 //! * `fast`: the loss change a first-order expansion predicts for each
 //!   linear's next block, `⟨∇_W L, ΔW⟩`, from a forward and a backward pass
-//!   per scoring window and level instead of a forward per linear. Scored on
-//!   4 windows at every level, SmolLM2's PPL stays within 1.2% of `exact`'s
-//!   at 2–6 bits per weight (below it at 2.0, 3.5 and 6.0); the default
-//!   scores levels after the first on one window, to fit in two minutes on
-//!   two CPU cores.
+//!   per scoring window and level instead of a forward per linear. On
+//!   SmolLM2 its PPL stays within 1.2% of `exact`'s at 2–6 bits per weight
+//!   (below it at 2.0, 3.5 and 6.0). One window is four times cheaper but
+//!   noisy: 2.5× `exact`'s PPL at 2.0 bits, +5% at 3.0.
 //! * `local`: no backward pass (for memory): the output error a block
 //!   removes on the linear's own calibration inputs, relative to the
 //!   linear's output energy and per byte. With `G = Σ xxᵀ` and `E_b` the part
@@ -417,11 +416,7 @@ fn gradient(
     let tokens = window_batches(wins, 1, &device)?;
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];
-    // Level 1 decides the lowest budgets, where the model is far from dense
-    // and a one-window gradient is too noisy (SmolLM2 at 2.0 bits per weight:
-    // PPL 1998 from one window, 696 from four); later levels use one window.
-    let windows_at = |level: usize| if level == 1 { tokens.len() } else { 1 };
-    progress.set_length((1..stored).map(windows_at).sum::<usize>() as u64);
+    progress.set_length(((stored - 1) * tokens.len()) as u64);
     model.differentiable = true;
     let mut passes = 0;
     for level in 1..stored {
@@ -442,7 +437,7 @@ fn gradient(
             }
         }
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        for ids in &tokens[..windows_at(level)] {
+        for ids in &tokens {
             let hidden = model.forward_hidden(ids)?;
             let len = ids.dim(1)?;
             let logits = model.logits(&hidden.get(0)?.narrow(0, 0, len - 1)?)?;
