@@ -12,7 +12,7 @@
 //!   linear's next block, `⟨∇_W L, ΔW⟩`, from a forward and a backward pass
 //!   per scoring window and level instead of a forward per linear. On
 //!   SmolLM2 its PPL stays within 1.2% of `exact`'s at 2–6 bits per weight
-//!   (below it at 2.0, 3.5 and 6.0). One window is four times cheaper but
+//!   (below it at 2.0, 3.5 and 6.0). One window is three times cheaper but
 //!   noisy: 2.5× `exact`'s PPL at 2.0 bits, +5% at 3.0.
 //! * `local`: no backward pass (for memory): the output error a block
 //!   removes on the linear's own calibration inputs, relative to the
