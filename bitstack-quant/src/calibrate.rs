@@ -88,12 +88,54 @@ pub fn window_batches(
         .collect()
 }
 
+/// Calibration one decoder layer at a time: holds the hidden states of all
+/// windows at the next layer, so a caller can use (and drop) each layer's
+/// statistics before the next is computed.
+pub struct LayerByLayer {
+    hidden: Vec<Tensor>,
+    next: usize,
+    windows: usize,
+    grams: bool,
+}
+
+impl LayerByLayer {
+    /// Embeds `windows` (in batches of `batch` windows); statistics include
+    /// the Gram matrices of the linears' inputs when `grams` is set.
+    pub fn new(model: &Llama, windows: &[Vec<u32>], batch: usize, grams: bool) -> Result<Self> {
+        let hidden = window_batches(windows, batch, &model.device)?
+            .iter()
+            .map(|ids| model.embed(ids))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            hidden,
+            next: 0,
+            windows: windows.len(),
+            grams,
+        })
+    }
+
+    /// Runs the next layer of `model` (which must compute what it computed
+    /// for the earlier layers) and returns its input statistics.
+    pub fn next_layer(&mut self, model: &Llama) -> Result<LayerStats> {
+        let mut stats = LayerStats {
+            windows: self.windows,
+            ..Default::default()
+        };
+        for h in self.hidden.iter_mut() {
+            let mut taps = StatTaps {
+                stats: &mut stats,
+                grams: self.grams,
+            };
+            *h = model.layer_forward(self.next, h, &mut taps)?;
+        }
+        self.next += 1;
+        Ok(stats)
+    }
+}
+
 /// Runs `windows` through `model` layer by layer (in batches of `batch`
 /// windows) and returns the input statistics of every layer, with the Gram
 /// matrices of the linears' inputs when `grams` is set.
-///
-/// Memory: the hidden states of all windows at one layer, plus one batch's
-/// intermediate activations (and the Gram matrices: `n²` values per input).
 pub fn calibrate(
     model: &Llama,
     windows: &[Vec<u32>],
@@ -101,25 +143,12 @@ pub fn calibrate(
     grams: bool,
     progress: &ProgressBar,
 ) -> Result<Vec<LayerStats>> {
-    let mut hidden: Vec<Tensor> = window_batches(windows, batch, &model.device)?
-        .iter()
-        .map(|ids| model.embed(ids))
-        .collect::<candle_core::Result<_>>()?;
-    let mut all = Vec::with_capacity(model.layers.len());
-    for layer in 0..model.layers.len() {
-        let mut stats = LayerStats {
-            windows: windows.len(),
-            ..Default::default()
-        };
-        for h in hidden.iter_mut() {
-            let mut taps = StatTaps {
-                stats: &mut stats,
-                grams,
-            };
-            *h = model.layer_forward(layer, h, &mut taps)?;
-        }
-        all.push(stats);
-        progress.inc(1);
-    }
-    Ok(all)
+    let mut calibration = LayerByLayer::new(model, windows, batch, grams)?;
+    (0..model.layers.len())
+        .map(|_| {
+            let stats = calibration.next_layer(model);
+            progress.inc(1);
+            stats
+        })
+        .collect()
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use rayon::prelude::*;
 
-use crate::calibrate::{calibrate, windows};
+use crate::calibrate::{windows, LayerByLayer};
 use crate::checkpoint::{block_tensors, BlockCounts, CheckpointWriter, OwnedTensor};
 use crate::config::{ModelConfig, QuantizationConfig};
 use crate::decompose::{decompose_with, Refit};
@@ -176,22 +176,25 @@ pub fn compress_on(
     let mut model = Llama::from_store(cfg.clone(), &store, &BlockCounts::all(), device)?;
     drop(store);
 
-    let t0 = Instant::now();
-    let pb = progress_bar(cfg.num_hidden_layers as u64, "calibrating");
-    let stats = calibrate(&model, &calib, opts.batch, opts.feedback.is_some(), &pb)?;
-    pb.finish();
-    let calibration_time = t0.elapsed();
-
+    // Calibrate and decompose one layer at a time, so that only one layer's
+    // statistics (its inputs' Gram matrices) are held at once. Folding keeps
+    // each layer's function, so later layers see the same inputs.
+    let mut calibration = LayerByLayer::new(&model, &calib, opts.batch, opts.feedback.is_some())?;
+    let (mut calibration_time, mut decomposition_time) = (Duration::ZERO, Duration::ZERO);
     // Rayon parallelises across linears; keep faer single-threaded inside.
     faer::set_global_parallelism(faer::Par::Seq);
-    let t1 = Instant::now();
     let pb = progress_bar(
-        (cfg.num_hidden_layers * LinearKind::ALL.len()) as u64,
-        "decomposing",
+        (cfg.num_hidden_layers * (LinearKind::ALL.len() + 1)) as u64,
+        "calibrating and decomposing",
     );
     let mut blocks_bytes = 0;
     let mut residuals = Vec::new();
-    for (l, layer_stats) in stats.iter().enumerate() {
+    for l in 0..cfg.num_hidden_layers {
+        let t0 = Instant::now();
+        let layer_stats = &calibration.next_layer(&model)?;
+        pb.inc(1);
+        calibration_time += t0.elapsed();
+        let t1 = Instant::now();
         let scales = LayerScales::from_stats(layer_stats, &cfg)?;
         let layer = &mut model.layers[l];
         fold(layer, &scales)?;
@@ -258,9 +261,9 @@ pub fn compress_on(
             OwnedTensor::from_tensor(&layer.post_attention_layernorm)?,
         ));
         writer.write_shard(&tensors)?;
+        decomposition_time += t1.elapsed();
     }
     pb.finish();
-    let decomposition_time = t1.elapsed();
 
     let mut dense = vec![
         (
