@@ -1,10 +1,11 @@
 //! Budgets resolve to ladder rungs, and what is loaded is exactly what the rung says.
 
+mod common;
+
 use bitstack_quant::budget::{plan_for_dir, Budget};
-use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::compress::compress;
 use bitstack_quant::model::Llama;
 use bitstack_quant::order::{BlockOrder, Geometry};
-use bitstack_quant::svd::SvdMethod;
 use bitstack_quant::synthetic::SyntheticSpec;
 use candle_core::Device;
 
@@ -26,17 +27,7 @@ fn budget_bytes_match_what_is_resident() {
     )
     .unwrap();
     let out = root.path().join("packed");
-    let opts = CompressOptions {
-        k: 3,
-        niter: 4,
-        calib_text: calib,
-        calib_windows: 2,
-        seq_len: 32,
-        batch: 2,
-        svd: SvdMethod::Exact,
-        feedback: None,
-        k_per_kind: Default::default(),
-    };
+    let opts = common::small_options(calib, 3, 4);
     compress(&dense, &out, &opts).unwrap();
 
     let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(&out).unwrap();

@@ -1,14 +1,15 @@
 //! `bitstack ladder DIR --plot FILE.png`: measured rungs and the dense model
 //! drawn into a real PNG, and the errors when there is nothing to draw.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::compress::compress;
 use bitstack_quant::order::{BlockOrder, Geometry, Rung};
 use bitstack_quant::plot::{LadderPlot, BACKGROUND_RGB, DENSE_RGB, HEIGHT, SERIES_RGB, WIDTH};
 use bitstack_quant::sort::{sort_on_windows, SortMethod};
-use bitstack_quant::svd::SvdMethod;
 use bitstack_quant::synthetic::SyntheticSpec;
 
 /// A dense synthetic model, its BitStack checkpoint (4 blocks per linear)
@@ -19,17 +20,7 @@ fn checkpoint(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let text = root.join("text.txt");
     std::fs::write(&text, "a small text to calibrate and to score. ".repeat(60)).unwrap();
     let packed = root.join("tiny-bitstack");
-    let opts = CompressOptions {
-        k: 3,
-        niter: 4,
-        calib_text: text.clone(),
-        calib_windows: 2,
-        seq_len: 32,
-        batch: 2,
-        svd: SvdMethod::Exact,
-        feedback: None,
-        k_per_kind: Default::default(),
-    };
+    let opts = common::small_options(text.clone(), 3, 4);
     compress(&dense, &packed, &opts).unwrap();
     (dense, packed, text)
 }

@@ -11,10 +11,9 @@ mod common;
 use std::path::Path;
 
 use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::compress::compress;
 use bitstack_quant::model::Llama;
 use bitstack_quant::sort::{sort_on_windows, SortMethod};
-use bitstack_quant::svd::SvdMethod;
 use bitstack_quant::synthetic::SyntheticSpec;
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
@@ -86,17 +85,7 @@ fn every_method_puts_the_only_useful_blocks_first() {
     let calib = root.path().join("calib.txt");
     std::fs::write(&calib, "calibration text for the sorting test; ".repeat(30)).unwrap();
     let out = root.path().join("packed");
-    let opts = CompressOptions {
-        k: 2,
-        niter: 3,
-        calib_text: calib,
-        calib_windows: 2,
-        seq_len: 32,
-        batch: 2,
-        svd: SvdMethod::Exact,
-        feedback: None,
-        k_per_kind: Default::default(),
-    };
+    let opts = common::small_options(calib, 2, 3);
     compress(&dense, &out, &opts).unwrap();
     zero_dead_blocks(&out);
     // Text from the full-stack model: every linear but the live one already

@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use bitstack_quant::compress::CompressOptions;
+use bitstack_quant::svd::SvdMethod;
 
 use bitstack_quant::linear::LinearWeight;
 use bitstack_quant::model::{LinearKind, Llama};
@@ -55,4 +58,20 @@ pub fn logits(model: &Llama, ids: &Tensor) -> Vec<f32> {
         .unwrap()
         .to_vec1()
         .unwrap()
+}
+
+/// Compression options for the small synthetic test models: the paper's
+/// signs, the exact SVD, two calibration windows of 32 tokens.
+pub fn small_options(calib_text: PathBuf, k: usize, niter: usize) -> CompressOptions {
+    CompressOptions {
+        k,
+        niter,
+        calib_text,
+        calib_windows: 2,
+        seq_len: 32,
+        batch: 2,
+        svd: SvdMethod::Exact,
+        feedback: None,
+        k_per_kind: Default::default(),
+    }
 }
