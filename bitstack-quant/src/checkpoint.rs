@@ -75,7 +75,36 @@ pub fn read_block(
         .to_vec();
     let u = store.f16_shaped(&u_name(path, i), &[m, k])?;
     let vt = store.f16_shaped(&vt_name(path, i), &[k, n])?;
-    Ok(Block { signs, u, vt })
+    let block = Block { signs, u, vt };
+    // Checkpoints written by the reference carry no checksums.
+    if let Some(stored) = store.meta(&checksum_key(path, i)) {
+        let computed = format!("{:08x}", block_checksum(&block));
+        if stored != computed {
+            let file = store
+                .file_of(&qweight_name(path, i))
+                .map_or_else(String::new, |f| format!(" in {}", f.display()));
+            bail!(
+                "block {i} of {path}{file} fails its checksum (stored {stored}, computed {computed}): the file is corrupted"
+            );
+        }
+    }
+    Ok(block)
+}
+
+/// The metadata key of the CRC-32 of block `i` of linear `path`.
+pub fn checksum_key(path: &str, i: usize) -> String {
+    format!("{path}.crc32_{i}")
+}
+
+/// CRC-32 of a block's bytes as stored: signs, then u and vt as
+/// little-endian f16.
+pub fn block_checksum(block: &Block) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&block.signs);
+    for x in block.u.iter().chain(&block.vt) {
+        h.update(&x.to_le_bytes());
+    }
+    h.finalize()
 }
 
 /// Number of blocks stored for `path` (0 when it is dense).
@@ -248,8 +277,13 @@ impl CheckpointWriter {
         })
     }
 
-    /// Writes the next shard.
-    pub fn write_shard(&mut self, tensors: &[(String, OwnedTensor)]) -> Result<()> {
+    /// Writes the next shard, with the checksums of the blocks it holds
+    /// (`checksums`: path, block index, CRC-32) in its metadata.
+    pub fn write_shard(
+        &mut self,
+        tensors: &[(String, OwnedTensor)],
+        checksums: &[(String, usize, u32)],
+    ) -> Result<()> {
         self.written += 1;
         let name = if self.total_shards == 1 {
             "model.safetensors".to_string()
@@ -261,7 +295,12 @@ impl CheckpointWriter {
         };
         let path = self.tmp.path().join(&name);
         let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
-        safetensors::serialize_to_file(views, None, &path)
+        let metadata: HashMap<String, String> = checksums
+            .iter()
+            .map(|(p, i, crc)| (checksum_key(p, *i), format!("{crc:08x}")))
+            .collect();
+        let metadata = (!metadata.is_empty()).then_some(metadata);
+        safetensors::serialize_to_file(views, metadata, &path)
             .with_context(|| format!("cannot write {}", path.display()))?;
         for (n, _) in tensors {
             self.weight_map.insert(n.clone(), name.clone());

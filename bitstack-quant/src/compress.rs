@@ -8,7 +8,9 @@ use candle_core::Device;
 use rayon::prelude::*;
 
 use crate::calibrate::{windows, LayerByLayer};
-use crate::checkpoint::{block_tensors, BlockCounts, CheckpointWriter, OwnedTensor};
+use crate::checkpoint::{
+    block_checksum, block_tensors, BlockCounts, CheckpointWriter, OwnedTensor,
+};
 use crate::config::{ModelConfig, QuantizationConfig};
 use crate::decompose::{decompose_with, Refit};
 use crate::feedback::Feedback;
@@ -240,12 +242,14 @@ pub fn compress_on(
             .collect::<Result<_>>()?;
 
         let mut tensors = Vec::new();
+        let mut checksums = Vec::new();
         for (kind, d) in &decomposed {
             let (m, n) = linear_shape(&cfg, *kind);
             let path = kind.path(l);
             for (i, b) in d.blocks.iter().enumerate() {
                 blocks_bytes += b.bytes();
                 tensors.extend(block_tensors(&path, i, b, m, n, opts.k_of(*kind)));
+                checksums.push((path.clone(), i, block_checksum(b)));
             }
             if let Some(bias) = &layer.linear(*kind).bias {
                 tensors.push((format!("{path}.bias"), OwnedTensor::from_tensor(bias)?));
@@ -260,7 +264,7 @@ pub fn compress_on(
             format!("model.layers.{l}.post_attention_layernorm.weight"),
             OwnedTensor::from_tensor(&layer.post_attention_layernorm)?,
         ));
-        writer.write_shard(&tensors)?;
+        writer.write_shard(&tensors, &checksums)?;
         decomposition_time += t1.elapsed();
     }
     pb.finish();
@@ -281,7 +285,7 @@ pub fn compress_on(
             OwnedTensor::from_tensor(head)?,
         ));
     }
-    writer.write_shard(&dense)?;
+    writer.write_shard(&dense, &[])?;
 
     let mut out_cfg = raw_cfg;
     out_cfg["quantization_config"] = serde_json::to_value(QuantizationConfig {

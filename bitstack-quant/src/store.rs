@@ -26,6 +26,8 @@ struct Entry {
 pub struct TensorStore {
     files: Vec<(PathBuf, Mmap)>,
     entries: HashMap<String, Entry>,
+    /// The `__metadata__` entries of all files.
+    metadata: HashMap<String, String>,
 }
 
 /// The safetensors files of a model dir: the index's shards, or every
@@ -70,6 +72,7 @@ impl TensorStore {
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
+        let mut file_metadata = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
             let file =
                 File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -80,6 +83,9 @@ impl TensorStore {
             let (header, metadata) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| explain_bad_file(path, &mmap, e))?;
             let base = 8 + header;
+            if let Some(m) = metadata.metadata() {
+                file_metadata.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
             for (name, info) in metadata.tensors() {
                 let (s, e) = info.data_offsets;
                 entries.insert(
@@ -95,7 +101,23 @@ impl TensorStore {
             }
             files.push((path.clone(), mmap));
         }
-        Ok(Self { files, entries })
+        Ok(Self {
+            files,
+            entries,
+            metadata: file_metadata,
+        })
+    }
+
+    /// A `__metadata__` value of one of the files.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
+    }
+
+    /// The file that holds tensor `name`.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.entries
+            .get(name)
+            .map(|e| self.files[e.file].0.as_path())
     }
 
     pub fn contains(&self, name: &str) -> bool {

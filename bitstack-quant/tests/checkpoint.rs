@@ -205,6 +205,23 @@ fn broken_checkpoints_give_errors_naming_the_tensor() {
         d
     };
 
+    // one flipped bit in a block's signs: its checksum catches it
+    let d = copy("corrupted");
+    let shard = d.join("model-00001-of-00003.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let (header, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let name = format!("{}.qweight_1", LinearKind::Down.path(0));
+    let (start, _) = meta.info(&name).unwrap().data_offsets;
+    bytes[8 + header + start] ^= 0x10;
+    std::fs::write(&shard, &bytes).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains(&format!("block 1 of {}", LinearKind::Down.path(0)))
+            && e.contains("fails its checksum")
+            && e.contains("model-00001-of-00003.safetensors"),
+        "{e}"
+    );
+
     // truncated shard
     let d = copy("truncated");
     let shard = d.join("model-00001-of-00003.safetensors");

@@ -14,9 +14,26 @@ use safetensors::Dtype;
 /// A tensor as raw safetensors parts: name, dtype, shape, bytes.
 pub type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
 
-/// Rewrites the safetensors file at `path` after `edit` changed its tensors.
+/// Rewrites the safetensors file at `path` after `edit` changed its tensors
+/// (keeping its metadata, the blocks' checksums included).
 pub fn edit_safetensors(path: &Path, edit: impl FnOnce(&mut Vec<RawTensor>)) {
+    rewrite_safetensors(path, edit, true)
+}
+
+/// As [`edit_safetensors`]; without `keep_metadata` the file loses its
+/// metadata, as a checkpoint edited on purpose should lose its checksums.
+pub fn rewrite_safetensors(
+    path: &Path,
+    edit: impl FnOnce(&mut Vec<RawTensor>),
+    keep_metadata: bool,
+) {
     let bytes = std::fs::read(path).unwrap();
+    let metadata = safetensors::SafeTensors::read_metadata(&bytes)
+        .unwrap()
+        .1
+        .metadata()
+        .clone()
+        .filter(|_| keep_metadata);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<RawTensor> = st
         .tensors()
@@ -31,7 +48,7 @@ pub fn edit_safetensors(path: &Path, edit: impl FnOnce(&mut Vec<RawTensor>)) {
             (n.clone(), view)
         })
         .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
+    safetensors::serialize_to_file(views, metadata, path).unwrap();
 }
 
 /// `‖a − b‖ / ‖b‖`.
