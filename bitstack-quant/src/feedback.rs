@@ -32,8 +32,8 @@ pub struct Feedback {
     pub order: Vec<usize>,
     /// Upper Cholesky factor `U` of `(H + λI)⁻¹` in that order: row-major `n×n`.
     pub chol: Vec<f32>,
-    /// The (scaled, undamped) Gram matrix in that order: row-major `n×n`.
-    pub gram: Vec<f32>,
+    /// The (scaled, undamped) Gram matrix in that order.
+    pub gram: Mat<f32>,
     pub n: usize,
 }
 
@@ -98,9 +98,7 @@ impl Feedback {
                 }
             })
             .collect();
-        let gram = (0..n * n)
-            .map(|x| h(order[x / n], order[x % n]) as f32)
-            .collect();
+        let gram = Mat::<f32>::from_fn(n, n, |a, b| h(order[a], order[b]) as f32);
         Ok(Self {
             order,
             chol,
@@ -163,8 +161,7 @@ impl Feedback {
             let c = self.order[p];
             signs[i * n + c] * vt[a * n + c]
         });
-        let h = Mat::<f32>::from_fn(n, n, |p, q| self.gram[p * n + q]);
-        let y = &h * &z;
+        let y = &self.gram * &z;
         u.par_chunks_mut(k).enumerate().for_each(|(i, ui)| {
             let mut lhs = vec![0f64; k * k];
             let mut rhs = vec![0f64; k];

@@ -566,7 +566,7 @@ fn eval_dense_reference(
     let (cfg, _) = ModelConfig::from_dir(checkpoint)?;
     let geometry = Geometry::from_config(&cfg)
         .with_context(|| format!("--record-dense stores into {}", checkpoint.display()))?;
-    BlockOrder::load(checkpoint, &geometry)?;
+    let mut order = BlockOrder::load(checkpoint, &geometry)?;
     let dense_dir = resolve_model(dense)?;
     let (dense_cfg, _) = ModelConfig::from_dir(&dense_dir)?;
     if dense_cfg.quantization_config.is_some() {
@@ -602,7 +602,6 @@ fn eval_dense_reference(
         args.batch,
         &args.device.open()?,
     )?;
-    let mut order = BlockOrder::load(checkpoint, &geometry)?;
     order.dense = Some(DenseMeasurement {
         model: dense.to_string(),
         ppl: report.ppl,

@@ -32,11 +32,11 @@ use faer::Mat;
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
-use crate::calibrate::{window_batches, windows};
+use crate::calibrate::{window_batches, windows, LayerByLayer};
 use crate::checkpoint::BlockCounts;
 use crate::config::ModelConfig;
 use crate::linear::{stack_tensor, LinearWeight};
-use crate::model::{load_tokenizer, LinearKind, Llama, NoTaps, TapPoint, Taps};
+use crate::model::{load_tokenizer, LinearKind, Llama, NoTaps};
 use crate::order::{BlockOrder, Geometry};
 use crate::perplexity::nll_sum;
 use crate::stack::WeightStack;
@@ -157,27 +157,6 @@ pub fn sort_on_device(
     ))
 }
 
-/// Accumulates `Σ xxᵀ` per tap point.
-#[derive(Default)]
-struct GramTaps {
-    grams: std::collections::HashMap<TapPoint, Tensor>,
-}
-
-impl Taps for GramTaps {
-    fn record(&mut self, point: TapPoint, x: &Tensor) -> candle_core::Result<()> {
-        let n = x.dim(candle_core::D::Minus1)?;
-        let flat = x.reshape(((), n))?;
-        let g = flat.t()?.matmul(&flat)?;
-        match self.grams.get_mut(&point) {
-            Some(acc) => *acc = (&*acc + g)?,
-            None => {
-                self.grams.insert(point, g);
-            }
-        }
-        Ok(())
-    }
-}
-
 /// `gains[b]` for b = 1…stored−1: output error removed by block b, and the
 /// output energy of the full stack.
 pub fn block_gains(stack: &WeightStack, gram: &Mat<f32>) -> (Vec<f64>, f64) {
@@ -258,31 +237,20 @@ fn proxy_scores(
     progress.set_length(model.layers.len() as u64);
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];
-    let mut hidden: Vec<Tensor> = window_batches(wins, batch, &model.device)?
-        .iter()
-        .map(|t| model.embed(t))
-        .collect::<candle_core::Result<_>>()?;
+    let mut calibration = LayerByLayer::new(model, wins, batch, true)?;
     let mut passes = 0;
     for layer in 0..model.layers.len() {
-        let mut taps = GramTaps::default();
-        for h in hidden.iter_mut() {
-            *h = model.layer_forward(layer, h, &mut taps)?;
-            passes += 1;
-        }
-        let grams: std::collections::HashMap<TapPoint, Mat<f32>> = taps
-            .grams
-            .into_iter()
-            .map(|(p, g)| {
-                let n = g.dim(0)?;
-                let v = g.flatten_all()?.to_vec1::<f32>()?;
-                Ok((p, Mat::from_fn(n, n, |i, j| v[i * n + j])))
-            })
-            .collect::<Result<_>>()?;
+        let stats = calibration.next_layer(model)?;
+        passes += wins.len().div_ceil(batch.max(1));
+
         let results: Vec<(usize, Vec<f64>)> = LinearKind::ALL
             .par_iter()
             .map(|&kind| {
                 let stack = stack_of(model, layer, kind)?;
-                let (gains, energy) = block_gains(&stack, &grams[&kind.input()]);
+                let g = &stats.grams[&kind.input()];
+                let n = stack.n;
+                let gram = Mat::from_fn(n, n, |i, j| g[i * n + j] as f32);
+                let (gains, energy) = block_gains(&stack, &gram);
                 let bytes = crate::block::block_bytes(stack.m, stack.n, stack.k) as f64;
                 let s = gains
                     .iter()
@@ -318,18 +286,8 @@ fn exact(
     batch: usize,
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, usize)> {
-    let full: Vec<Vec<Arc<WeightStack>>> = (0..model.layers.len())
-        .map(|l| {
-            LinearKind::ALL
-                .iter()
-                .map(|&k| stack_of(&model, l, k))
-                .collect()
-        })
-        .collect::<Result<_>>()?;
+    let full = all_stacks(&model)?;
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
-    let prefix = |s: &WeightStack, b: usize| {
-        WeightStack::new(s.m, s.n, s.k, s.blocks[..b.min(s.blocks.len())].to_vec())
-    };
     // Linears run as dense weights built once, not rebuilt per forward.
     let (device, dtype) = (model.device.clone(), model.embed.dtype());
     let dense = |s: &WeightStack| stack_tensor(s, &device, dtype);
@@ -344,7 +302,7 @@ fn exact(
         for (l, stacks) in full.iter().enumerate() {
             let mut weights = Vec::with_capacity(stacks.len());
             for (kind, s) in LinearKind::ALL.iter().zip(stacks) {
-                let w = dense(&prefix(s, level))?;
+                let w = dense(&s.prefix(level))?;
                 model.layers[l].linear_mut(*kind).weight = LinearWeight::Dense(w.clone());
                 weights.push(w);
             }
@@ -412,7 +370,7 @@ fn gradient(
 ) -> Result<(BlockOrder, usize)> {
     let full = all_stacks(&model)?;
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
-    let device = model.device.clone();
+    let (device, dtype) = (model.device.clone(), model.embed.dtype());
     let tokens = window_batches(wins, 1, &device)?;
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];
@@ -423,17 +381,11 @@ fn gradient(
         let mut vars = Vec::new();
         for (l, stacks) in full.iter().enumerate() {
             for (kind, s) in LinearKind::ALL.iter().zip(stacks) {
-                let prefix = WeightStack::new(
-                    s.m,
-                    s.n,
-                    s.k,
-                    s.blocks[..level.min(s.blocks.len())].to_vec(),
-                );
-                let w = Tensor::from_vec(prefix.dense(), (s.m, s.n), &device)?;
+                let w = stack_tensor(&s.prefix(level), &device, dtype)?;
                 let var = candle_core::Var::from_tensor(&w)?;
                 model.layers[l].linear_mut(*kind).weight =
                     LinearWeight::Dense(var.as_tensor().clone());
-                vars.push((l, *kind, var));
+                vars.push((l, *kind, s, var));
             }
         }
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -446,7 +398,7 @@ fn gradient(
                 .sum_all()?
                 .neg()?;
             let store = nll.backward()?;
-            for (acc, (_, _, var)) in grads.iter_mut().zip(&vars) {
+            for (acc, (_, _, _, var)) in grads.iter_mut().zip(&vars) {
                 if let Some(g) = store.get(var.as_tensor()) {
                     *acc = Some(match acc.take() {
                         Some(a) => (a + g)?,
@@ -457,8 +409,7 @@ fn gradient(
             passes += model.layers.len();
             progress.inc(1);
         }
-        for ((l, kind, _), grad) in vars.iter().zip(&grads) {
-            let s = &full[*l][LinearKind::ALL.iter().position(|k| k == kind).unwrap_or(0)];
+        for ((l, kind, s, _), grad) in vars.iter().zip(&grads) {
             if level >= s.blocks.len() {
                 continue;
             }

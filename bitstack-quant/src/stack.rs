@@ -18,6 +18,12 @@ impl WeightStack {
         Self { m, n, k, blocks }
     }
 
+    /// The stack of the first `b` blocks (all of them when there are fewer).
+    pub fn prefix(&self, b: usize) -> Self {
+        let b = b.min(self.blocks.len());
+        Self::new(self.m, self.n, self.k, self.blocks[..b].to_vec())
+    }
+
     /// Bytes of all resident blocks.
     pub fn resident_bytes(&self) -> usize {
         self.blocks.len() * block_bytes(self.m, self.n, self.k)
