@@ -61,7 +61,12 @@ impl BlockCounts {
     }
 }
 
-/// Reads block `i` of linear `path`, checking dtypes, shapes and finiteness.
+/// Reads block `i` of linear `path`, checking dtypes, shapes, finiteness
+/// and, when the checkpoint carries one, the block's checksum.
+///
+/// This is the grow path of a resize: one copy out of the memory map per
+/// tensor, then one pass that checks and checksums the copy, so the block
+/// that is verified is the block that is used.
 pub fn read_block(
     store: &TensorStore,
     path: &str,
@@ -73,9 +78,13 @@ pub fn read_block(
     let signs = store
         .bytes(&qweight_name(path, i), Dtype::U8, &[packed_len(m * n)])?
         .to_vec();
-    let u = store.f16_shaped(&u_name(path, i), &[m, k])?;
-    let vt = store.f16_shaped(&vt_name(path, i), &[k, n])?;
-    let block = Block { signs, u, vt };
+    let u_raw = store.bytes(&u_name(path, i), Dtype::F16, &[m, k])?;
+    let vt_raw = store.bytes(&vt_name(path, i), Dtype::F16, &[k, n])?;
+    let block = Block {
+        signs,
+        u: finite_f16(u_raw, || store.location(&u_name(path, i)))?,
+        vt: finite_f16(vt_raw, || store.location(&vt_name(path, i)))?,
+    };
     // Checkpoints written by the reference carry no checksums.
     if let Some(stored) = store.meta(&checksum_key(path, i)) {
         let computed = format!("{:08x}", block_checksum(&block));
@@ -91,6 +100,38 @@ pub fn read_block(
     Ok(block)
 }
 
+/// The bytes of `values` as stored (little-endian), without a copy where
+/// the machine is little-endian.
+fn as_le_bytes(values: &[f16]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        std::borrow::Cow::Owned(values.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
+/// Little-endian f16 bytes as values; a NaN or infinity is an error that
+/// names the tensor and the index.
+fn finite_f16(raw: &[u8], location: impl Fn() -> String) -> Result<Vec<f16>> {
+    let values: Vec<f16> = raw
+        .chunks_exact(2)
+        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+        .collect();
+    // All-ones exponent: infinity or NaN.
+    let bad = values
+        .iter()
+        .fold(false, |acc, x| acc | (x.to_bits() & 0x7c00 == 0x7c00));
+    if bad {
+        let i = values.iter().position(|x| !x.is_finite()).unwrap_or(0);
+        bail!(
+            "{}: non-finite value {} at flat index {i}",
+            location(),
+            values[i]
+        );
+    }
+    Ok(values)
+}
+
 /// The metadata key of the CRC-32 of block `i` of linear `path`.
 pub fn checksum_key(path: &str, i: usize) -> String {
     format!("{path}.crc32_{i}")
@@ -101,9 +142,8 @@ pub fn checksum_key(path: &str, i: usize) -> String {
 pub fn block_checksum(block: &Block) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&block.signs);
-    for x in block.u.iter().chain(&block.vt) {
-        h.update(&x.to_le_bytes());
-    }
+    h.update(&as_le_bytes(&block.u));
+    h.update(&as_le_bytes(&block.vt));
     h.finalize()
 }
 

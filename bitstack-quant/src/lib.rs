@@ -4,7 +4,9 @@
 //! (`S ⊙ (u·vt)`, see [`decompose`]), so one checkpoint loads at any memory
 //! size, block by block. This crate holds the method (packing, scaling,
 //! decomposition), the checkpoint format, the runtime stacks and a
-//! Llama-family runner on candle used for calibration and perplexity.
+//! Llama-family runner on candle used for calibration and perplexity, and
+//! the runtime control handle that resizes a running model
+//! ([`elastic::BitStackHandle`]).
 
 pub mod block;
 pub mod budget;
@@ -14,6 +16,7 @@ pub mod compress;
 pub mod config;
 pub mod decompose;
 pub mod device;
+pub mod elastic;
 pub mod feedback;
 pub mod generate;
 pub mod hub;

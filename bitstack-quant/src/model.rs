@@ -104,6 +104,7 @@ impl Taps for NoTaps {
     }
 }
 
+#[derive(Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: Tensor,
     pub post_attention_layernorm: Tensor,
@@ -143,6 +144,7 @@ impl DecoderLayer {
 }
 
 /// Precomputed RoPE tables.
+#[derive(Clone)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -189,6 +191,10 @@ fn llama3_scale(freq: f64, s: &RopeScaling) -> f64 {
 }
 
 /// A loaded model.
+///
+/// Cloning is cheap: tensors and stacks are shared, not copied, which is how
+/// a resize builds the next snapshot of a running model.
+#[derive(Clone)]
 pub struct Llama {
     pub cfg: ModelConfig,
     pub embed: Tensor,

@@ -1,27 +1,45 @@
 //! `WeightStack`: the resident blocks of one linear, in order.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use crate::block::{block_bytes, Block};
 
 /// The blocks of one `m×n` linear that are resident, best first.
+///
+/// Blocks are shared: a resized stack reuses the blocks it keeps, so growing
+/// or shrinking by one block copies pointers, not weights, and a block's
+/// memory is released when the last stack holding it is dropped.
 #[derive(Clone, Debug)]
 pub struct WeightStack {
     pub m: usize,
     pub n: usize,
     pub k: usize,
-    pub blocks: Vec<Block>,
+    pub blocks: Vec<Arc<Block>>,
 }
 
 impl WeightStack {
-    pub fn new(m: usize, n: usize, k: usize, blocks: Vec<Block>) -> Self {
+    pub fn new<B: Into<Arc<Block>>>(
+        m: usize,
+        n: usize,
+        k: usize,
+        blocks: impl IntoIterator<Item = B>,
+    ) -> Self {
+        let blocks = blocks.into_iter().map(Into::into).collect();
         Self { m, n, k, blocks }
     }
 
     /// The stack of the first `b` blocks (all of them when there are fewer).
     pub fn prefix(&self, b: usize) -> Self {
         let b = b.min(self.blocks.len());
-        Self::new(self.m, self.n, self.k, self.blocks[..b].to_vec())
+        Self::new(self.m, self.n, self.k, self.blocks[..b].iter().cloned())
+    }
+
+    /// This stack followed by `more` blocks.
+    pub fn extended(&self, more: impl IntoIterator<Item = Arc<Block>>) -> Self {
+        let blocks = self.blocks.iter().cloned().chain(more);
+        Self::new(self.m, self.n, self.k, blocks)
     }
 
     /// Bytes of all resident blocks.
@@ -107,6 +125,8 @@ mod tests {
                 stack.resident_bytes(),
                 blocks.iter().map(Block::bytes).sum::<usize>()
             );
+            let grown = stack.prefix(1).extended(stack.blocks[1..].iter().cloned());
+            assert_eq!(grown.dense(), fast);
         }
     }
 

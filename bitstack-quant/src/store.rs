@@ -146,7 +146,7 @@ impl TensorStore {
         })
     }
 
-    fn location(&self, name: &str) -> String {
+    pub fn location(&self, name: &str) -> String {
         match self.entries.get(name) {
             Some(e) => format!("tensor `{name}` in {}", self.files[e.file].0.display()),
             None => format!("tensor `{name}`"),

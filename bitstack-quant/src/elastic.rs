@@ -1,0 +1,459 @@
+//! The runtime control handle: resize a running BitStack model.
+//!
+//! A [`BitStackHandle`] owns the memory-mapped checkpoint, the global block
+//! order and the current [`Snapshot`] of the model. A snapshot is an
+//! immutable model at one level of the order; forwards take one
+//! ([`BitStackHandle::snapshot`]) and run on it from start to end, so a
+//! forward never mixes levels across layers however the budget moves.
+//!
+//! A resize builds the next snapshot next to the current one — shared
+//! tensors and blocks are reused, only the stacks that change are new —
+//! then swaps a pointer. It never waits for a forward. Blocks that were
+//! dropped are freed when the last snapshot holding them is dropped, that
+//! is when the last forward that started before the shrink ends. Grown
+//! blocks are copied out of the memory map and checked against the
+//! checksums written at compression time before any forward can see them.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use bitstack_quant::elastic::BitStackHandle;
+//! let handle = BitStackHandle::open("smollm2-bitstack".as_ref(), None, &candle_core::Device::Cpu)?;
+//! handle.subscribe(|r| eprintln!("resize: level {} → {}", r.from_level, r.to_level));
+//! // The KV cache needs 20 MiB: free at least that much, in reverse order.
+//! let freed = handle.shrink_by(20 << 20)?;
+//! assert!(freed.bytes_freed() >= 20 << 20);
+//! // Load is down again: take back what fits in 20 MiB, in order.
+//! handle.grow_by(20 << 20)?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::Device;
+use parking_lot::{Mutex, RwLock};
+use rayon::prelude::*;
+
+use crate::block::Block;
+use crate::checkpoint::{read_block, BlockCounts};
+use crate::config::ModelConfig;
+use crate::linear::LinearWeight;
+use crate::model::{LinearKind, Llama};
+use crate::order::{BlockOrder, Geometry};
+use crate::store::TensorStore;
+
+/// Why a resize was refused. A refused resize changes nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    /// The request would leave less than one block in some linear.
+    #[error("a budget of {requested} bytes is below the floor of {floor} bytes (one block in every linear plus the dense parts); nothing was changed")]
+    BelowFloor { requested: u64, floor: u64 },
+    /// A block to be added could not be read or failed its checks.
+    #[error("cannot grow to level {level}; the model stays at level {current}: {source:#}")]
+    Grow {
+        level: usize,
+        current: usize,
+        source: anyhow::Error,
+    },
+}
+
+/// What one resize did: the host hands `bytes_freed` to its KV cache, or
+/// knows that `bytes_taken` are now in use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resize {
+    pub from_level: usize,
+    pub to_level: usize,
+    /// Resident bytes (dense parts and blocks) before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub blocks_added: usize,
+    pub blocks_dropped: usize,
+    /// The budget now in force.
+    pub budget: u64,
+    /// The snapshot counter after the resize (unchanged when nothing moved).
+    pub epoch: u64,
+    /// Wall time of the resize, reading included.
+    pub elapsed: Duration,
+}
+
+impl Resize {
+    /// Bytes released (0 when the model grew).
+    pub fn bytes_freed(&self) -> u64 {
+        self.bytes_before.saturating_sub(self.bytes_after)
+    }
+
+    /// Bytes newly in use (0 when the model shrank).
+    pub fn bytes_taken(&self) -> u64 {
+        self.bytes_after.saturating_sub(self.bytes_before)
+    }
+}
+
+impl fmt::Display for Resize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        write!(
+            f,
+            "level {} → {}, resident {:.2} MiB → {:.2} MiB (+{} −{} blocks) in {:.3} ms",
+            self.from_level,
+            self.to_level,
+            mib(self.bytes_before),
+            mib(self.bytes_after),
+            self.blocks_added,
+            self.blocks_dropped,
+            self.elapsed.as_secs_f64() * 1e3
+        )
+    }
+}
+
+/// The model at one level of the order. Immutable: a resize makes a new one.
+pub struct Snapshot {
+    pub model: Llama,
+    /// Blocks of the order resident beyond the floor.
+    pub level: usize,
+    /// Counts snapshots: every resize that changes the level adds one.
+    pub epoch: u64,
+}
+
+impl std::ops::Deref for Snapshot {
+    type Target = Llama;
+    fn deref(&self) -> &Llama {
+        &self.model
+    }
+}
+
+/// A callback that hears every resize that changed the level.
+type Subscriber = Arc<dyn Fn(&Resize) + Send + Sync>;
+
+/// Identifies a subscription, to end it with [`BitStackHandle::unsubscribe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SubscriptionId(u64);
+
+struct Shared {
+    store: TensorStore,
+    geometry: Geometry,
+    /// `order.order` as (linear index, block index).
+    order: Vec<(usize, usize)>,
+    /// Total resident bytes at each level, `0..=order.len()`.
+    ladder: Vec<u64>,
+    current: RwLock<Arc<Snapshot>>,
+    /// Serializes resizes.
+    resizing: Mutex<()>,
+    /// The budget in force; written only by a resize that succeeded.
+    budget: AtomicU64,
+    subscribers: RwLock<BTreeMap<SubscriptionId, Subscriber>>,
+    next_subscriber: AtomicU64,
+}
+
+/// The runtime control handle of a loaded BitStack model.
+///
+/// `Clone + Send + Sync`: clones share one model. Resizes are serialized;
+/// forwards take [`BitStackHandle::snapshot`] and never wait for a resize.
+#[derive(Clone)]
+pub struct BitStackHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for BitStackHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BitStackHandle")
+            .field("level", &self.level())
+            .field("resident_bytes", &self.resident_bytes())
+            .field("budget", &self.budget())
+            .finish()
+    }
+}
+
+impl BitStackHandle {
+    /// Opens the BitStack checkpoint in `dir` on `device` at the highest
+    /// level within `budget` bytes (all blocks when `None`).
+    pub fn open(dir: &Path, budget: Option<u64>, device: &Device) -> anyhow::Result<Self> {
+        let (cfg, _) = ModelConfig::from_dir(dir)?;
+        let geometry = Geometry::from_config(&cfg)?;
+        let order = BlockOrder::load(dir, &geometry)?;
+        let store = TensorStore::open_dir(dir)?;
+        Self::from_parts(cfg, store, geometry, &order, budget, device)
+    }
+
+    /// As [`BitStackHandle::open`] from parts already read.
+    pub fn from_parts(
+        cfg: ModelConfig,
+        store: TensorStore,
+        geometry: Geometry,
+        order: &BlockOrder,
+        budget: Option<u64>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        order.validate(&geometry)?;
+        let index = geometry.index();
+        let order_ix: Vec<(usize, usize)> = order
+            .order
+            .iter()
+            .map(|(name, b)| (index[name.as_str()], *b))
+            .collect();
+        let ladder: Vec<u64> = order
+            .ladder(&geometry)
+            .iter()
+            .map(|r| r.total_bytes as u64)
+            .collect();
+        let max = *ladder.last().expect("the ladder has a floor");
+        let budget = budget.unwrap_or(max).min(max);
+        let level = level_within(&ladder, budget).ok_or(ResizeError::BelowFloor {
+            requested: budget,
+            floor: ladder[0],
+        })?;
+        let counts: BlockCounts = order.counts_at(&geometry, level);
+        let model = Llama::from_store(cfg, &store, &counts, device)?;
+        let snapshot = Snapshot {
+            model,
+            level,
+            epoch: 0,
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                store,
+                geometry,
+                order: order_ix,
+                ladder,
+                current: RwLock::new(Arc::new(snapshot)),
+                resizing: Mutex::new(()),
+                budget: AtomicU64::new(budget),
+                subscribers: RwLock::new(BTreeMap::new()),
+                next_subscriber: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The current model. Hold it for one forward (or one decode step): it
+    /// keeps its blocks alive, whatever resizes happen meanwhile.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.current.read().clone()
+    }
+
+    /// Resident bytes of the current snapshot: dense parts and blocks.
+    pub fn resident_bytes(&self) -> u64 {
+        self.shared.ladder[self.level()]
+    }
+
+    /// Bytes at level 0: one block in every linear plus the dense parts.
+    pub fn floor_bytes(&self) -> u64 {
+        self.shared.ladder[0]
+    }
+
+    /// Bytes with every stored block resident.
+    pub fn max_bytes(&self) -> u64 {
+        *self.shared.ladder.last().expect("the ladder has a floor")
+    }
+
+    /// The budget in force: the last one set, or where the last
+    /// `shrink_by`/`grow_by` aimed. `resident_bytes() <= budget()` always.
+    pub fn budget(&self) -> u64 {
+        self.shared.budget.load(Ordering::Acquire)
+    }
+
+    /// Position in the global order: blocks resident beyond the floor.
+    pub fn level(&self) -> usize {
+        self.shared.current.read().level
+    }
+
+    /// Number of levels above the floor (the level with every block).
+    pub fn max_level(&self) -> usize {
+        self.shared.order.len()
+    }
+
+    /// Resident bytes at `level` (clamped to the top level).
+    pub fn bytes_at_level(&self, level: usize) -> u64 {
+        self.shared.ladder[level.min(self.max_level())]
+    }
+
+    /// The checkpoint's linears and the bytes outside them.
+    pub fn geometry(&self) -> &Geometry {
+        &self.shared.geometry
+    }
+
+    /// Moves to the highest level whose resident bytes fit `budget`. A budget
+    /// above [`max_bytes`](Self::max_bytes) loads everything (the budget is
+    /// clamped to it); one below [`floor_bytes`](Self::floor_bytes) is an
+    /// error and changes nothing.
+    pub fn set_budget(&self, budget: u64) -> Result<Resize, ResizeError> {
+        self.resize(|_| budget)
+    }
+
+    /// Frees at least `bytes` by dropping blocks in reverse order. An error,
+    /// changing nothing, if that would go below the floor.
+    pub fn shrink_by(&self, bytes: u64) -> Result<Resize, ResizeError> {
+        self.resize(|resident| resident.saturating_sub(bytes))
+    }
+
+    /// Adds blocks in order while they fit in `bytes` more; stops at the top
+    /// level (what was taken is in the returned [`Resize`]).
+    pub fn grow_by(&self, bytes: u64) -> Result<Resize, ResizeError> {
+        self.resize(|resident| resident.saturating_add(bytes))
+    }
+
+    /// Moves to an exact level of the order (clamped to the top level).
+    pub fn set_level(&self, level: usize) -> Result<Resize, ResizeError> {
+        let bytes = self.bytes_at_level(level);
+        self.resize(|_| bytes)
+    }
+
+    /// Calls `f` after every resize that changes the level, in the thread
+    /// that resized, after the new snapshot is in place and with no lock
+    /// held: `f` may call back into the handle (a resize from inside `f`
+    /// notifies again, so guard against endless recursion).
+    pub fn subscribe(&self, f: impl Fn(&Resize) + Send + Sync + 'static) -> SubscriptionId {
+        let id = SubscriptionId(self.shared.next_subscriber.fetch_add(1, Ordering::Relaxed));
+        self.shared.subscribers.write().insert(id, Arc::new(f));
+        id
+    }
+
+    /// Ends a subscription; `false` if it was already gone.
+    pub fn unsubscribe(&self, id: SubscriptionId) -> bool {
+        self.shared.subscribers.write().remove(&id).is_some()
+    }
+
+    /// One resize: `target` maps the current resident bytes to the new budget.
+    fn resize(&self, target: impl FnOnce(u64) -> u64) -> Result<Resize, ResizeError> {
+        let start = Instant::now();
+        let shared = &*self.shared;
+        let serialized = shared.resizing.lock();
+        let current = self.snapshot();
+        let before = shared.ladder[current.level];
+        let budget = target(before).min(self.max_bytes());
+        let level = level_within(&shared.ladder, budget).ok_or(ResizeError::BelowFloor {
+            requested: budget,
+            floor: shared.ladder[0],
+        })?;
+        let mut resize = Resize {
+            from_level: current.level,
+            to_level: level,
+            bytes_before: before,
+            bytes_after: shared.ladder[level],
+            blocks_added: level.saturating_sub(current.level),
+            blocks_dropped: current.level.saturating_sub(level),
+            budget,
+            epoch: current.epoch,
+            elapsed: Duration::ZERO,
+        };
+        if level == current.level {
+            shared.budget.store(budget, Ordering::Release);
+            resize.elapsed = start.elapsed();
+            return Ok(resize);
+        }
+        let next = if level > current.level {
+            self.grown(&current, level)
+                .map_err(|source| ResizeError::Grow {
+                    level,
+                    current: current.level,
+                    source,
+                })?
+        } else {
+            self.shrunk(&current, level)
+        };
+        resize.epoch = next.epoch;
+        let previous = std::mem::replace(&mut *shared.current.write(), Arc::new(next));
+        shared.budget.store(budget, Ordering::Release);
+        drop(serialized);
+        // Our references to the old snapshot go here; its dropped blocks
+        // are freed now, or when the last forward holding it ends.
+        drop((previous, current));
+        resize.elapsed = start.elapsed();
+        let subscribers: Vec<Subscriber> = shared.subscribers.read().values().cloned().collect();
+        for s in subscribers {
+            s(&resize);
+        }
+        Ok(resize)
+    }
+
+    /// `current` with blocks `order[current.level..level]` read, verified and appended.
+    fn grown(&self, current: &Snapshot, level: usize) -> anyhow::Result<Snapshot> {
+        let shared = &*self.shared;
+        let wanted = &shared.order[current.level..level];
+        let blocks: Vec<Arc<Block>> = wanted
+            .par_iter()
+            .map(|&(li, b)| {
+                let slot = &shared.geometry.linears[li];
+                read_block(&shared.store, &slot.name, b, slot.m, slot.n, slot.k)
+                    .map(Arc::new)
+                    .with_context(|| format!("reading block {b} of {}", slot.name))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let mut added: BTreeMap<usize, Vec<Arc<Block>>> = BTreeMap::new();
+        for (&(li, _), block) in wanted.iter().zip(blocks) {
+            added.entry(li).or_default().push(block);
+        }
+        let mut model = current.model.clone();
+        for (li, more) in added {
+            let slot = model_slot(&mut model, li);
+            let LinearWeight::BitStack(stack) = &slot.weight else {
+                anyhow::bail!("internal: linear {li} is not a BitStack linear");
+            };
+            slot.weight = LinearWeight::BitStack(Arc::new(stack.extended(more)));
+        }
+        Ok(Snapshot {
+            model,
+            level,
+            epoch: current.epoch + 1,
+        })
+    }
+
+    /// `current` without blocks `order[level..current.level]`.
+    fn shrunk(&self, current: &Snapshot, level: usize) -> Snapshot {
+        let mut dropped: BTreeMap<usize, usize> = BTreeMap::new();
+        for &(li, _) in &self.shared.order[level..current.level] {
+            *dropped.entry(li).or_default() += 1;
+        }
+        let mut model = current.model.clone();
+        for (li, count) in dropped {
+            let slot = model_slot(&mut model, li);
+            if let LinearWeight::BitStack(stack) = &slot.weight {
+                let keep = stack.blocks.len() - count;
+                slot.weight = LinearWeight::BitStack(Arc::new(stack.prefix(keep)));
+            }
+        }
+        Snapshot {
+            model,
+            level,
+            epoch: current.epoch + 1,
+        }
+    }
+}
+
+/// The linear with geometry index `li` (layer-major, kinds in [`LinearKind::ALL`] order).
+fn model_slot(model: &mut Llama, li: usize) -> &mut crate::linear::Linear {
+    let kinds = LinearKind::ALL.len();
+    model.layers[li / kinds].linear_mut(LinearKind::ALL[li % kinds])
+}
+
+/// The highest level whose bytes fit `budget`; `None` below the floor.
+fn level_within(ladder: &[u64], budget: u64) -> Option<usize> {
+    ladder.partition_point(|&b| b <= budget).checked_sub(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handle_is_shared_across_threads() {
+        fn check<T: Clone + Send + Sync>() {}
+        check::<BitStackHandle>();
+        check::<Arc<Snapshot>>();
+    }
+
+    #[test]
+    fn level_within_picks_the_highest_fitting_rung() {
+        let ladder = [100, 150, 150, 210];
+        assert_eq!(level_within(&ladder, 99), None);
+        assert_eq!(level_within(&ladder, 0), None);
+        assert_eq!(level_within(&ladder, 100), Some(0));
+        assert_eq!(level_within(&ladder, 149), Some(0));
+        assert_eq!(level_within(&ladder, 150), Some(2));
+        assert_eq!(level_within(&ladder, 209), Some(2));
+        assert_eq!(level_within(&ladder, u64::MAX), Some(3));
+    }
+}
