@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::elastic::BitStackHandle;
 use crate::model::{KvCache, Llama};
 
 /// Sampling settings.
@@ -64,19 +65,62 @@ pub fn generate(
     prompt: &[u32],
     eos: &[u32],
     opts: &SamplingOptions,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    generate_with(
+        &model.device,
+        KvCache::new(model),
+        |tokens, cache| model.forward_cached(tokens, cache),
+        prompt,
+        eos,
+        opts,
+        on_token,
+    )
+}
+
+/// As [`generate`] on a model that is resized while it runs: every step
+/// runs on the handle's snapshot of that moment (the KV cache carries over,
+/// as it would in a serving engine).
+pub fn generate_elastic(
+    handle: &BitStackHandle,
+    prompt: &[u32],
+    eos: &[u32],
+    opts: &SamplingOptions,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    let first = handle.snapshot();
+    generate_with(
+        &first.device,
+        KvCache::new(&first),
+        |tokens, cache| handle.snapshot().forward_cached(tokens, cache),
+        prompt,
+        eos,
+        opts,
+        on_token,
+    )
+}
+
+/// The decoding loop over `step`, which maps new tokens `[1, L]` and the
+/// cache to logits `[1, L, vocab]`.
+fn generate_with(
+    device: &candle_core::Device,
+    mut cache: KvCache,
+    mut step: impl FnMut(&Tensor, &mut KvCache) -> candle_core::Result<Tensor>,
+    prompt: &[u32],
+    eos: &[u32],
+    opts: &SamplingOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    let mut cache = KvCache::new(model);
     let mut tokens = Vec::new();
     let start = Instant::now();
-    let mut input = Tensor::from_slice(prompt, (1, prompt.len()), &model.device)?;
+    let mut input = Tensor::from_slice(prompt, (1, prompt.len()), device)?;
     let mut prefill = Duration::ZERO;
     while tokens.len() < opts.max_tokens {
-        let logits = model.forward_cached(&input, &mut cache)?;
+        let logits = step(&input, &mut cache)?;
         let last = logits.get(0)?.get(logits.dim(1)? - 1)?;
         let next = pick(&last, opts, &mut rng)?;
         if tokens.is_empty() {
@@ -87,7 +131,7 @@ pub fn generate(
         if eos.contains(&next) {
             break;
         }
-        input = Tensor::from_slice(&[next], (1, 1), &model.device)?;
+        input = Tensor::from_slice(&[next], (1, 1), device)?;
     }
     Ok(Generation {
         prompt_tokens: prompt.len(),
