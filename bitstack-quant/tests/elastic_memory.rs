@@ -82,7 +82,7 @@ fn resizes_allocate_and_free_exactly_the_bytes_they_report() {
     // layer list and config, and one pointer and counter per block.
     let metadata_bound = |blocks: i64| 4096 + 1024 * layers + 160 * linears + 32 * blocks;
 
-    let mut check = |level: usize, holding_old_snapshot: bool| {
+    let check = |level: usize, holding_old_snapshot: bool| {
         let before = allocated();
         let held = holding_old_snapshot.then(|| handle.snapshot());
         let r = handle.set_level(level).unwrap();
