@@ -1,0 +1,82 @@
+//! Decode and prefill kernels against candle's dense f32 and f16 products
+//! on the same shape, in the same run.
+
+use std::time::Duration;
+
+use bitstack_kernels::{decode, prefill, BlockRef, Isa, StackRef};
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use half::f16;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+type OwnedBlock = (Vec<u8>, Vec<f16>, Vec<f16>);
+
+fn random_blocks(m: usize, n: usize, k: usize, blocks: usize) -> Vec<OwnedBlock> {
+    let mut rng = StdRng::seed_from_u64(1);
+    (0..blocks)
+        .map(|_| {
+            let signs = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
+            let u = (0..m * k).map(|_| f16::from_f32(rng.random::<f32>() - 0.5)).collect();
+            let vt = (0..k * n).map(|_| f16::from_f32(rng.random::<f32>() - 0.5)).collect();
+            (signs, u, vt)
+        })
+        .collect()
+}
+
+fn stack_of(m: usize, n: usize, k: usize, blocks: &[OwnedBlock]) -> StackRef<'_> {
+    StackRef {
+        m,
+        n,
+        k,
+        blocks: blocks
+            .iter()
+            .map(|(signs, u, vt)| BlockRef { signs, u, vt })
+            .collect(),
+    }
+}
+
+fn kernels(c: &mut Criterion) {
+    let isa = Isa::detect();
+    for (m, n, k, nb, rows) in [
+        (4096, 4096, 16, 4, 1),
+        (4096, 4096, 4, 4, 1),
+        (1536, 576, 4, 4, 1),
+        (4096, 4096, 16, 4, 512),
+    ] {
+        let mut group = c.benchmark_group(format!("{m}x{n}_k{k}_b{nb}_rows{rows}"));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3));
+        let blocks = random_blocks(m, n, k, nb);
+        let stack = stack_of(m, n, k, &blocks);
+        let mut rng = StdRng::seed_from_u64(2);
+        let x: Vec<f32> = (0..rows * n).map(|_| rng.random::<f32>() - 0.5).collect();
+        let mut out = vec![0f32; rows * m];
+        let name = if rows <= bitstack_kernels::DECODE_MAX_ROWS { "decode" } else { "prefill" };
+        group.bench_function(BenchmarkId::new(name, format!("{isa:?}")), |b| {
+            b.iter(|| {
+                if rows <= bitstack_kernels::DECODE_MAX_ROWS {
+                    decode::matmul_t(isa, &x, rows, &stack, &mut out)
+                } else {
+                    prefill::matmul_t(isa, &x, rows, &stack, &mut out)
+                }
+            })
+        });
+        let xt = Tensor::from_vec(x.clone(), (rows, n), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            let (xd, wt) = (
+                xt.to_dtype(dtype).unwrap(),
+                w.to_dtype(dtype).unwrap().t().unwrap(),
+            );
+            group.bench_function(BenchmarkId::new("dense", format!("{dtype:?}")), |b| {
+                b.iter(|| xd.matmul(&wt).unwrap())
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);

@@ -1,0 +1,82 @@
+//! CPU kernels for BitStack linears.
+//!
+//! A BitStack weight is `W = Σ_b S_b ⊙ (u_b·vt_b)`: per block a packed ±1
+//! sign matrix `S_b` (`m×n`, row-major, most significant bit first, bit 1 =
+//! +1) and f16 factors `u_b` (`m×k`) and `vt_b` (`k×n`). These kernels
+//! compute `y = x·Wᵀ` from the packed bits, never building the whole `W`:
+//!
+//! - [`decode`] (a few rows of `x`): with `Z_bj = vt_b[j] ⊙ x`, each output is
+//!   `Σ_b Σ_j u_b[i,j]·(S_b[i] · Z_bj)`. The sign products come from lookup
+//!   tables over groups of four sign bits: one table entry holds the signed
+//!   sums of four columns for all `k` vectors at once, so one lookup feeds
+//!   `k` accumulators.
+//! - [`prefill`] (many rows): the weight is rebuilt a tile of rows at a time,
+//!   in cache, and multiplied with the `gemm` crate.
+//! - [`reference`]: the straightforward kernel every fast path is tested
+//!   against.
+//!
+//! [`BitStackMatmul`] wraps them as a candle custom op for f32, f16 and bf16
+//! activations.
+
+mod bits;
+pub mod decode;
+mod isa;
+pub mod op;
+pub mod prefill;
+pub mod reference;
+
+pub use isa::Isa;
+pub use op::{BitStackMatmul, StackSource};
+
+use half::f16;
+
+/// One block of a stack, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockRef<'a> {
+    /// `ceil(m·n/8)` bytes: bit `i·n + c` is the sign of `W[i, c]`.
+    pub signs: &'a [u8],
+    /// `m×k`, row-major.
+    pub u: &'a [f16],
+    /// `k×n`, row-major.
+    pub vt: &'a [f16],
+}
+
+/// The resident blocks of one `m×n` linear, borrowed.
+#[derive(Clone, Debug)]
+pub struct StackRef<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub blocks: Vec<BlockRef<'a>>,
+}
+
+impl StackRef<'_> {
+    /// Panics unless every block has the sizes `m`, `n` and `k` call for:
+    /// the kernels index without bounds checks.
+    pub fn check(&self) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        for (i, b) in self.blocks.iter().enumerate() {
+            assert_eq!(b.signs.len(), (m * n).div_ceil(8), "signs of block {i}");
+            assert_eq!(b.u.len(), m * k, "u of block {i}");
+            assert_eq!(b.vt.len(), k * n, "vt of block {i}");
+        }
+    }
+}
+
+/// Rows of `x` up to which [`matmul_t`] takes the decode kernel; above it,
+/// rebuilding tiles of `W` for a GEMM is faster (measured with `bitstack
+/// bench`).
+pub const DECODE_MAX_ROWS: usize = 4;
+
+/// `out = x·Wᵀ` for `x` of `rows×n` and `out` of `rows×m`, both row-major,
+/// on the fastest kernel for this machine and row count.
+pub fn matmul_t(x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
+    stack.check();
+    assert_eq!(x.len(), rows * stack.n, "x is not rows×n");
+    assert_eq!(out.len(), rows * stack.m, "out is not rows×m");
+    if rows <= DECODE_MAX_ROWS {
+        decode::matmul_t(Isa::detect(), x, rows, stack, out)
+    } else {
+        prefill::matmul_t(Isa::detect(), x, rows, stack, out)
+    }
+}

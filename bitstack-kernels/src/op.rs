@@ -1,0 +1,90 @@
+//! The kernels as a candle custom op over f32, f16 and bf16 activations.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+use crate::StackRef;
+
+/// Anything that can lend its resident blocks as a [`StackRef`].
+pub trait StackSource: Send + Sync {
+    fn stack(&self) -> StackRef<'_>;
+}
+
+/// `x·Wᵀ` for `x` of shape `[.., n]`, giving `[.., m]` in `x`'s dtype.
+///
+/// The arithmetic is f32 whatever the activation dtype: f16 and bf16
+/// inputs are widened on the way in and rounded on the way out.
+pub struct BitStackMatmul {
+    source: Arc<dyn StackSource>,
+}
+
+impl BitStackMatmul {
+    pub fn new(source: Arc<dyn StackSource>) -> Self {
+        Self { source }
+    }
+}
+
+/// Applies [`BitStackMatmul`] to `x` (made contiguous first).
+pub fn matmul_t(x: &Tensor, source: Arc<dyn StackSource>) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op1_no_bwd(&BitStackMatmul::new(source))
+}
+
+impl CustomOp1 for BitStackMatmul {
+    fn name(&self) -> &'static str {
+        "bitstack-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let stack = self.source.stack();
+        let dims = layout.shape().dims();
+        let n = dims.last().copied().unwrap_or(0);
+        if n != stack.n {
+            candle_core::bail!(
+                "bitstack-matmul: input has {n} features, the weight takes {}",
+                stack.n
+            );
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("bitstack-matmul: the input must be contiguous");
+        };
+        let rows = (end - start).checked_div(n).unwrap_or(0);
+        let mut out = vec![0f32; rows * stack.m];
+        let widened;
+        let x: &[f32] = match storage {
+            CpuStorage::F32(v) => &v[start..end],
+            CpuStorage::F16(v) => {
+                widened = v[start..end].iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+                &widened
+            }
+            CpuStorage::BF16(v) => {
+                widened = v[start..end].iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+                &widened
+            }
+            other => candle_core::bail!(
+                "bitstack-matmul: activations must be f32, f16 or bf16, not {:?}",
+                other.dtype()
+            ),
+        };
+        crate::matmul_t(x, rows, &stack, &mut out);
+        let out = match storage {
+            CpuStorage::F16(_) => CpuStorage::F16(out.iter().map(|&y| f16::from_f32(y)).collect()),
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(out.iter().map(|&y| bf16::from_f32(y)).collect())
+            }
+            _ => CpuStorage::F32(out),
+        };
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = stack.m;
+        }
+        Ok((out, Shape::from(shape)))
+    }
+}
