@@ -38,9 +38,15 @@ impl Linear {
     }
 
     /// `x` is `[.., n]`; the result is `[.., m]`.
+    ///
+    /// On the CPU a BitStack weight runs the packed-sign kernels of
+    /// `bitstack-kernels`; elsewhere `W` is rebuilt for the call.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => matmul_t(x, w)?,
+            LinearWeight::BitStack(s) if x.device().is_cpu() => {
+                bitstack_kernels::op::matmul_t(x, s.clone())?
+            }
             LinearWeight::BitStack(s) => matmul_t(x, &stack_tensor(s, x.device(), x.dtype())?)?,
         };
         match &self.bias {

@@ -76,6 +76,25 @@ impl WeightStack {
     }
 }
 
+impl bitstack_kernels::StackSource for WeightStack {
+    fn stack(&self) -> bitstack_kernels::StackRef<'_> {
+        bitstack_kernels::StackRef {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| bitstack_kernels::BlockRef {
+                    signs: &b.signs,
+                    u: &b.u,
+                    vt: &b.vt,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// `out[c] += sign(bit base+c) · row[c]`, flipping the float's sign bit.
 fn add_signed(signs: &[u8], base: usize, row: &[f32], out: &mut [f32]) {
     for (c, (o, r)) in out.iter_mut().zip(row).enumerate() {
