@@ -304,7 +304,9 @@ impl BitStackHandle {
     /// Calls `f` after every resize that changes the level, in the thread
     /// that resized, after the new snapshot is in place and with no lock
     /// held: `f` may call back into the handle (a resize from inside `f`
-    /// notifies again, so guard against endless recursion).
+    /// notifies again, so guard against endless recursion). Resizes from
+    /// several threads may be heard out of order; [`Resize::epoch`] orders
+    /// them.
     pub fn subscribe(&self, f: impl Fn(&Resize) + Send + Sync + 'static) -> SubscriptionId {
         let id = SubscriptionId(self.shared.next_subscriber.fetch_add(1, Ordering::Relaxed));
         self.shared.subscribers.write().insert(id, Arc::new(f));
