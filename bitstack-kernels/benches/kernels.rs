@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bitstack_kernels::tmac::{self, TiledBlockRef, TiledSigns};
+use bitstack_kernels::tmac::{self, TiledBlockRef, TiledSigns, TiledStackRef};
 use bitstack_kernels::{decode, prefill, BlockRef, Isa, StackRef};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -79,13 +79,18 @@ fn kernels(c: &mut Criterion) {
                 .iter()
                 .map(|(signs, _, _)| TiledSigns::from_row_major(signs, m, n))
                 .collect();
-            let tiled_blocks: Vec<TiledBlockRef> = blocks
-                .iter()
-                .zip(&tiled)
-                .map(|((_, u, vt), signs)| TiledBlockRef { signs, u, vt })
-                .collect();
+            let tiled_stack = TiledStackRef {
+                m,
+                n,
+                k,
+                blocks: blocks
+                    .iter()
+                    .zip(&tiled)
+                    .map(|((_, u, vt), signs)| TiledBlockRef { signs, u, vt })
+                    .collect(),
+            };
             group.bench_function(BenchmarkId::new("tmac", format!("{isa:?}")), |b| {
-                b.iter(|| tmac::matmul_t(isa, &x, rows, m, n, k, &tiled_blocks, &mut out))
+                b.iter(|| tmac::matmul_t(isa, &x, rows, &tiled_stack, &mut out))
             });
         }
         let xt = Tensor::from_vec(x.clone(), (rows, n), &Device::Cpu).unwrap();
