@@ -322,8 +322,14 @@ pub fn matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &TiledStackRef, out: &m
     let units = blocks.len() * plan.chunks * plan.rk;
     let tiles = m.div_ceil(TILE_ROWS);
     CALL.with(|cell| {
-        let mut call = cell.borrow_mut();
-        let call = &mut *call;
+        // A call made from a rayon task while this thread waits inside
+        // another call finds the buffers taken: it gets its own.
+        let mut own = CallBuffers::default();
+        let mut shared = cell.try_borrow_mut();
+        let call = match &mut shared {
+            Ok(shared) => &mut **shared,
+            Err(_) => &mut own,
+        };
         grow(&mut call.tables, units * UNIT_BYTES);
         grow(&mut call.scales, units);
         grow(&mut call.y, tiles * rows * TILE_ROWS);
@@ -358,6 +364,8 @@ pub fn matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &TiledStackRef, out: &m
             .enumerate()
             .for_each(|(task, y)| {
                 TASK.with(|cell| {
+                    // Nothing in a task waits on rayon, so no other task
+                    // runs on this thread while it holds the buffers.
                     let mut buffers = cell.borrow_mut();
                     run_task(
                         isa,
@@ -1065,6 +1073,16 @@ mod tests {
         let (e_rms, e_max) = errors(&got, &want);
         eprintln!("{m}×{n} k{k} ×{nb}: rms error {e_rms}, max {e_max}");
         assert!(e_rms <= RELATIVE_RMS_ERROR_BOUND && e_max <= RELATIVE_MAX_ERROR_BOUND);
+    }
+
+    #[test]
+    fn calls_from_rayon_tasks_agree() {
+        let case = Case::random(100, 300, 4, 2, 11);
+        let x = random_x(2, 300, 12);
+        let want = case.run(Isa::detect(), &x, 2);
+        (0..16).into_par_iter().for_each(|_| {
+            assert_eq!(case.run(Isa::detect(), &x, 2), want);
+        });
     }
 
     #[test]
