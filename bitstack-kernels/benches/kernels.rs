@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use bitstack_kernels::tmac::{self, TiledBlockRef, TiledSigns, TiledStackRef};
 use bitstack_kernels::{decode, prefill, BlockRef, Isa, StackRef};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -16,8 +17,12 @@ fn random_blocks(m: usize, n: usize, k: usize, blocks: usize) -> Vec<OwnedBlock>
     (0..blocks)
         .map(|_| {
             let signs = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
-            let u = (0..m * k).map(|_| f16::from_f32(rng.random::<f32>() - 0.5)).collect();
-            let vt = (0..k * n).map(|_| f16::from_f32(rng.random::<f32>() - 0.5)).collect();
+            let u = (0..m * k)
+                .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
+                .collect();
+            let vt = (0..k * n)
+                .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
+                .collect();
             (signs, u, vt)
         })
         .collect()
@@ -41,6 +46,8 @@ fn kernels(c: &mut Criterion) {
         (4096, 4096, 16, 4, 1),
         (4096, 4096, 4, 4, 1),
         (1536, 576, 4, 4, 1),
+        (576, 576, 4, 8, 1),
+        (14336, 4096, 4, 4, 1),
         (4096, 4096, 16, 4, 512),
     ] {
         let mut group = c.benchmark_group(format!("{m}x{n}_k{k}_b{nb}_rows{rows}"));
@@ -53,7 +60,11 @@ fn kernels(c: &mut Criterion) {
         let mut rng = StdRng::seed_from_u64(2);
         let x: Vec<f32> = (0..rows * n).map(|_| rng.random::<f32>() - 0.5).collect();
         let mut out = vec![0f32; rows * m];
-        let name = if rows <= bitstack_kernels::DECODE_MAX_ROWS { "decode" } else { "prefill" };
+        let name = if rows <= bitstack_kernels::DECODE_MAX_ROWS {
+            "decode"
+        } else {
+            "prefill"
+        };
         group.bench_function(BenchmarkId::new(name, format!("{isa:?}")), |b| {
             b.iter(|| {
                 if rows <= bitstack_kernels::DECODE_MAX_ROWS {
@@ -63,6 +74,25 @@ fn kernels(c: &mut Criterion) {
                 }
             })
         });
+        if rows <= tmac::MAX_ROWS {
+            let tiled: Vec<TiledSigns> = blocks
+                .iter()
+                .map(|(signs, _, _)| TiledSigns::from_row_major(signs, m, n))
+                .collect();
+            let tiled_stack = TiledStackRef {
+                m,
+                n,
+                k,
+                blocks: blocks
+                    .iter()
+                    .zip(&tiled)
+                    .map(|((_, u, vt), signs)| TiledBlockRef { signs, u, vt })
+                    .collect(),
+            };
+            group.bench_function(BenchmarkId::new("tmac", format!("{isa:?}")), |b| {
+                b.iter(|| tmac::matmul_t(isa, &x, rows, &tiled_stack, &mut out))
+            });
+        }
         let xt = Tensor::from_vec(x.clone(), (rows, n), &Device::Cpu).unwrap();
         let w = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu).unwrap();
         for dtype in [DType::F32, DType::F16] {

@@ -24,6 +24,7 @@ mod isa;
 pub mod op;
 pub mod prefill;
 pub mod reference;
+pub mod tmac;
 
 pub use isa::Isa;
 pub use op::{BitStackMatmul, StackSource};

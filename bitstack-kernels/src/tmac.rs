@@ -1,0 +1,1101 @@
+//! T-MAC-style decode: `x·Wᵀ` for a few rows of `x` from int8 lookup
+//! tables, 32 output rows per `vpshufb`.
+//!
+//! As in [`crate::decode`], for block `b`, rank index `j` and row `r` of
+//! `x`, `Z = vt_b[j] ⊙ x_r` and output `i` needs `Σ_c S_b[i,c]·Z[c]`. The
+//! columns are taken four at a time (a *group*): the four sign bits of row
+//! `i` in group `g` form a nibble `p` (bit 3 = the group's first column),
+//! and the table entry `T[g][p]` is the signed sum of the group's four `Z`
+//! values. Here the 16 entries of a group are quantized to int8, so one
+//! group's table is one 16-byte register lane and `vpshufb` looks it up for
+//! 32 rows of `W` at once.
+//!
+//! # Layout
+//!
+//! [`TiledSigns`] regroups the packed signs so that one 32-byte load gives
+//! sign byte `q` (columns `8q..8q+8`) of 32 consecutive rows: its high
+//! nibbles index group `2q`, its low nibbles group `2q+1`.
+//!
+//! # Arithmetic
+//!
+//! The columns are cut into chunks of [`CHUNK_COLS`]. Per (block, chunk,
+//! row of `x`, rank index) the tables share one f32 scale
+//! `s = max_g Σ_{c∈g}|Z[c]| / 63`, and each entry is stored as
+//! `round(T/s) + 64`, in `1..=127`. The two lookups of a sign byte (groups
+//! `2q`, `2q+1`) are added in u8 (at most 254), and the sums of a chunk are
+//! accumulated in u16 lanes: a lane holds an even and an odd row of the
+//! tile, one u16 accumulator takes the 16-bit words as they are and a
+//! second the odd bytes alone (shifted down), so the even rows' sums come
+//! out as the difference, exactly, modulo 2¹⁶. At the end of a chunk the
+//! exact integer sums lose their bias, become f32 and are multiplied by the
+//! scale; after the last chunk of a block they are folded with `u_b`.
+//!
+//! Only the table entries are rounded. Each has an error of at most `s/2`,
+//! and these errors are independent, so the error of an output grows like
+//! the output itself, as the square root of the number of terms, and its
+//! size relative to the outputs' RMS depends on neither `n` nor `k`: on
+//! random data it
+//! is about 1.6–1.8% RMS and at most about 7.5% (see
+//! [`RELATIVE_RMS_ERROR_BOUND`] and [`RELATIVE_MAX_ERROR_BOUND`], which the
+//! tests assert). Activations with outliers raise the scale of their chunk
+//! and so the error of every table in it.
+//!
+//! The scalar path ([`Isa::Baseline`]) builds the same tables and does the
+//! same integer sums and f32 operations in the same order, so every
+//! instruction set gives bit-identical results.
+
+use std::cell::RefCell;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use crate::bits::{row_bits, unaligned_buffer};
+use crate::{multiversion, Isa};
+
+/// Rows of `W` per tile: one 32-byte load of [`TiledSigns`], one `vpshufb`.
+pub const TILE_ROWS: usize = 32;
+
+/// Largest number of rows of `x` [`matmul_t`] takes in one call.
+pub const MAX_ROWS: usize = 8;
+
+/// Sign bytes (8 columns each) per chunk.
+const CHUNK_BYTES: usize = 128;
+
+/// Columns per chunk: the columns whose tables share one scale and whose
+/// sums are accumulated in u16 before they are widened to f32.
+pub const CHUNK_COLS: usize = 8 * CHUNK_BYTES;
+
+/// Four-column groups per chunk.
+const CHUNK_GROUPS: usize = 2 * CHUNK_BYTES;
+
+/// Bytes of the tables of one (block, chunk, row of x, rank index).
+const UNIT_BYTES: usize = CHUNK_GROUPS * 16;
+
+/// Bytes of one block's tables that a task reads over again for each tile
+/// (else it reads each chunk's tables for all its tiles in turn).
+const TABLE_BUDGET: usize = 256 << 10;
+
+/// Rank rows (rows of `x` times rank indices) per pass over a chunk's sign
+/// bytes: two u16 accumulators each in 16 registers.
+const PASS: usize = 4;
+
+/// Largest magnitude of a quantized table entry: two entries add up in a
+/// byte without overflow.
+const QMAX: f32 = 63.0;
+
+/// Added to every stored entry so that the stored bytes are positive.
+const BIAS: i32 = 64;
+
+/// Bound on the RMS error of the outputs, relative to their RMS, on random
+/// data (measured: up to 1.8%, for uniform `x`, `u` and `vt`).
+pub const RELATIVE_RMS_ERROR_BOUND: f32 = 0.025;
+
+/// Bound on the error of any single output, relative to the outputs' RMS,
+/// on random data (measured: up to 7.4%).
+pub const RELATIVE_MAX_ERROR_BOUND: f32 = 0.1;
+
+// Chunk sums of one lane must fit 16 bits: each sign byte adds at most
+// 2·(QMAX + BIAS).
+const _: () = assert!(CHUNK_BYTES * 2 * (QMAX as usize + BIAS as usize) < 1 << 16);
+
+/// A packed ±1 sign matrix re-tiled for [`matmul_t`].
+///
+/// Rows are taken in tiles of [`TILE_ROWS`]; within a tile, byte `q` of
+/// each of the 32 rows is stored consecutively: byte `(t·⌈n/8⌉ + q)·32 + l`
+/// is byte `q` of row `32t + l` (bit 7 = column `8q`, bit 1 = +1). Missing
+/// rows of the last tile and the columns past `n` in a row's last byte are
+/// zero bits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TiledSigns {
+    m: usize,
+    n: usize,
+    data: Vec<u8>,
+}
+
+impl TiledSigns {
+    /// Re-tiles `⌈m·n/8⌉` row-major packed bytes (bit `i·n + c`, most
+    /// significant bit first, is the sign of `W[i, c]`).
+    pub fn from_row_major(signs: &[u8], m: usize, n: usize) -> Self {
+        assert_eq!(signs.len(), (m * n).div_ceil(8), "signs are not m×n bits");
+        let row_bytes = n.div_ceil(8);
+        let mut data = vec![0u8; m.div_ceil(TILE_ROWS) * TILE_ROWS * row_bytes];
+        let tail = if n.is_multiple_of(8) {
+            0xff
+        } else {
+            0xffu8 << (8 - n % 8)
+        };
+        let mut aligned = unaligned_buffer(n);
+        for i in 0..m {
+            let bits = row_bits(signs, n, i, row_bytes, &mut aligned);
+            let (t, l) = (i / TILE_ROWS, i % TILE_ROWS);
+            for (q, &byte) in bits.iter().enumerate() {
+                let byte = if q + 1 == row_bytes {
+                    byte & tail
+                } else {
+                    byte
+                };
+                data[(t * row_bytes + q) * TILE_ROWS + l] = byte;
+            }
+        }
+        Self { m, n, data }
+    }
+
+    /// The row-major packed bytes this was built from.
+    pub fn to_row_major(&self) -> Vec<u8> {
+        let mut signs = vec![0u8; (self.m * self.n).div_ceil(8)];
+        for i in 0..self.m {
+            for c in 0..self.n {
+                if self.sign(i, c) {
+                    let bit = i * self.n + c;
+                    signs[bit / 8] |= 0x80 >> (bit % 8);
+                }
+            }
+        }
+        signs
+    }
+
+    /// Whether `W[i, c]` is positive.
+    pub fn sign(&self, i: usize, c: usize) -> bool {
+        assert!(i < self.m && c < self.n, "({i}, {c}) is outside the matrix");
+        let byte = self.data[self.offset(i / TILE_ROWS, c / 8) + i % TILE_ROWS];
+        (byte >> (7 - c % 8)) & 1 == 1
+    }
+
+    /// Rows.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Memory held: `⌈m/32⌉·32·⌈n/8⌉` bytes.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The tiled bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Offset of byte `q` of the first row of tile `t`.
+    fn offset(&self, t: usize, q: usize) -> usize {
+        (t * self.n.div_ceil(8) + q) * TILE_ROWS
+    }
+}
+
+/// One block of a stack with re-tiled signs, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct TiledBlockRef<'a> {
+    pub signs: &'a TiledSigns,
+    /// `m×k`, row-major.
+    pub u: &'a [f16],
+    /// `k×n`, row-major.
+    pub vt: &'a [f16],
+}
+
+/// The resident blocks of one `m×n` linear with re-tiled signs, borrowed.
+#[derive(Clone, Debug)]
+pub struct TiledStackRef<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub blocks: Vec<TiledBlockRef<'a>>,
+}
+
+impl TiledStackRef<'_> {
+    /// Panics unless every block has the sizes `m`, `n` and `k` call for.
+    pub fn check(&self) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        for (i, b) in self.blocks.iter().enumerate() {
+            assert_eq!((b.signs.m, b.signs.n), (m, n), "signs of block {i}");
+            assert_eq!(b.u.len(), m * k, "u of block {i}");
+            assert_eq!(b.vt.len(), k * n, "vt of block {i}");
+        }
+    }
+}
+
+/// Sizes of one call.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    m: usize,
+    k: usize,
+    rows: usize,
+    row_bytes: usize,
+    chunks: usize,
+    /// Tables per (block, chunk): `rows·k`, row of `x` major.
+    rk: usize,
+}
+
+impl Plan {
+    /// Index of the tables (and scale) of (block, chunk, rank row `jj`).
+    fn unit(&self, b: usize, c: usize, jj: usize) -> usize {
+        (b * self.chunks + c) * self.rk + jj
+    }
+
+    /// Sign bytes of chunk `c`.
+    fn chunk_bytes(&self, c: usize) -> usize {
+        CHUNK_BYTES.min(self.row_bytes - c * CHUNK_BYTES)
+    }
+}
+
+/// Buffers reused across calls on the calling thread: fresh multi-MiB
+/// buffers per token would cost page faults.
+#[derive(Default)]
+struct CallBuffers {
+    tables: Vec<u8>,
+    scales: Vec<f32>,
+    y: Vec<f32>,
+}
+
+/// Per-task buffers, reused across calls on each worker thread.
+#[derive(Default)]
+struct TaskBuffers {
+    /// Chunk sums times scale, per (tile, rank row, position in tile).
+    f: Vec<f32>,
+    /// `u` of one tile in f32, row-major, then transposed by position.
+    u_rows: Vec<f32>,
+    u_t: Vec<f32>,
+}
+
+thread_local! {
+    static CALL: RefCell<CallBuffers> = RefCell::new(CallBuffers::default());
+    static TASK: RefCell<TaskBuffers> = RefCell::new(TaskBuffers::default());
+}
+
+/// Where the sums of a tile's row `l` land among the 32 positions of the
+/// chunk accumulators (the order the AVX2 widening produces; see
+/// [`row_of_position`]).
+static POSITION_OF_ROW: [usize; TILE_ROWS] = position_of_row();
+
+/// The row of a tile whose sums are at position `p`: positions come in four
+/// runs of 8 (one f32 vector each): even rows 0–6, 16–22; even rows 8–14,
+/// 24–30; odd rows 1–7, 17–23; odd rows 9–15, 25–31.
+const fn row_of_position(p: usize) -> usize {
+    let (v, l) = (p / 8, p % 8);
+    (l / 4) * 16 + (v & 1) * 8 + 2 * (l % 4) + (v >> 1)
+}
+
+const fn position_of_row() -> [usize; TILE_ROWS] {
+    let mut table = [0; TILE_ROWS];
+    let mut p = 0;
+    while p < TILE_ROWS {
+        table[row_of_position(p)] = p;
+        p += 1;
+    }
+    table
+}
+
+/// `out = x·Wᵀ` for `x` of `rows×n` (`rows ≤` [`MAX_ROWS`]) and `out` of
+/// `rows×m`, both row-major, where `W = Σ_b S_b ⊙ (u_b·vt_b)` over the
+/// blocks of `stack`, with the lookups compiled for `isa`.
+///
+/// Results are the same on every instruction set; they differ from the
+/// exact product by the int8 rounding of the tables (see the module docs).
+///
+/// Multithreaded over tiles of rows; the tables and other buffers are
+/// thread-local and reused from call to call.
+pub fn matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &TiledStackRef, out: &mut [f32]) {
+    stack.check();
+    let (m, n, k, blocks) = (stack.m, stack.n, stack.k, &stack.blocks[..]);
+    assert!(isa.is_supported(), "this CPU cannot run {isa:?} code");
+    assert!(rows <= MAX_ROWS, "at most {MAX_ROWS} rows of x");
+    assert_eq!(x.len(), rows * n, "x is not rows×n");
+    assert_eq!(out.len(), rows * m, "out is not rows×m");
+    if blocks.is_empty() || rows == 0 || m == 0 || n == 0 || k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let row_bytes = n.div_ceil(8);
+    let plan = Plan {
+        m,
+        k,
+        rows,
+        row_bytes,
+        chunks: row_bytes.div_ceil(CHUNK_BYTES),
+        rk: rows * k,
+    };
+    let units = blocks.len() * plan.chunks * plan.rk;
+    let tiles = m.div_ceil(TILE_ROWS);
+    CALL.with(|cell| {
+        // A call made from a rayon task while this thread waits inside
+        // another call finds the buffers taken: it gets its own.
+        let mut own = CallBuffers::default();
+        let mut shared = cell.try_borrow_mut();
+        let call = match &mut shared {
+            Ok(shared) => &mut **shared,
+            Err(_) => &mut own,
+        };
+        grow(&mut call.tables, units * UNIT_BYTES);
+        grow(&mut call.scales, units);
+        grow(&mut call.y, tiles * rows * TILE_ROWS);
+        let tables = &mut call.tables[..units * UNIT_BYTES];
+        let scales = &mut call.scales[..units];
+        tables
+            .par_chunks_mut(UNIT_BYTES)
+            .zip(scales.par_iter_mut())
+            .enumerate()
+            .for_each(|(unit, (t, s))| {
+                let jj = unit % plan.rk;
+                let c = (unit / plan.rk) % plan.chunks;
+                let b = unit / (plan.rk * plan.chunks);
+                let (r, j) = (jj / k, jj % k);
+                build_tables(
+                    isa,
+                    t,
+                    s,
+                    &blocks[b].vt[j * n..][..n],
+                    &x[r * n..][..n],
+                    c * CHUNK_COLS,
+                    2 * plan.chunk_bytes(c),
+                );
+            });
+        let (tables, scales) = (&*tables, &*scales);
+
+        // A few tasks per thread, each a run of tiles that reuses every
+        // table it loads for all its tiles.
+        let task_tiles = tiles.div_ceil(4 * rayon::current_num_threads()).clamp(1, 8);
+        let y = &mut call.y[..tiles * rows * TILE_ROWS];
+        y.par_chunks_mut(task_tiles * rows * TILE_ROWS)
+            .enumerate()
+            .for_each(|(task, y)| {
+                TASK.with(|cell| {
+                    // Nothing in a task waits on rayon, so no other task
+                    // runs on this thread while it holds the buffers.
+                    let mut buffers = cell.borrow_mut();
+                    run_task(
+                        isa,
+                        plan,
+                        blocks,
+                        tables,
+                        scales,
+                        task * task_tiles,
+                        y,
+                        &mut buffers,
+                    );
+                })
+            });
+        for (t, y) in y.chunks_exact(rows * TILE_ROWS).enumerate() {
+            for (r, y) in y.chunks_exact(TILE_ROWS).enumerate() {
+                for (p, &v) in y.iter().enumerate() {
+                    let i = t * TILE_ROWS + row_of_position(p);
+                    if i < m {
+                        out[r * m + i] = v;
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+}
+
+/// The int8 tables of `groups` groups from column `col0` for one rank
+/// index of one block (`vt` is its row) and one row of `x`, and their scale.
+fn build_tables(
+    isa: Isa,
+    t: &mut [u8],
+    scale: &mut f32,
+    vt: &[f16],
+    x: &[f32],
+    col0: usize,
+    groups: usize,
+) {
+    assert!(groups <= CHUNK_GROUPS && t.len() >= 16 * groups);
+    let cols = (x.len() - col0).min(4 * groups);
+    // Zero past the last column, up to a whole number of 8-group runs.
+    let mut z = [0f32; CHUNK_COLS];
+    to_f32(isa, &vt[col0..col0 + cols], &mut z[..cols]);
+    times(isa, &mut z[..cols], &x[col0..col0 + cols]);
+    let max = match isa {
+        // SAFETY: matmul_t checked that the CPU runs `isa`; z holds whole runs.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::group_max(&z[..32 * groups.div_ceil(8)]) },
+        _ => group_max_scalar(&z[..4 * groups]),
+    };
+    let inv = if max > 0.0 { QMAX / max } else { 0.0 };
+    *scale = max / QMAX;
+    let z = &z[..4 * groups];
+    match isa {
+        // SAFETY: as above; t holds 16 bytes per group.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::entries(z, inv, t) },
+        _ => entries_scalar(z, inv, t),
+    }
+}
+
+/// `dst = src` in f32.
+fn to_f32(isa: Isa, src: &[f16], dst: &mut [f32]) {
+    match isa {
+        // SAFETY: matmul_t checked that the CPU runs `isa`, which includes F16C.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::to_f32(src, dst) },
+        _ => src.convert_to_f32_slice(dst),
+    }
+}
+
+multiversion!(fn times(z: &mut [f32], x: &[f32]) => times_body);
+
+#[inline(always)]
+fn times_body(z: &mut [f32], x: &[f32]) {
+    for (z, x) in z.iter_mut().zip(x) {
+        *z *= x;
+    }
+}
+
+/// `max_g (|z₀|+|z₁|) + (|z₂|+|z₃|)` over the groups of `z`: no table
+/// entry of a group is larger.
+fn group_max_scalar(z: &[f32]) -> f32 {
+    z.as_chunks::<4>()
+        .0
+        .iter()
+        .map(|g| (g[0].abs() + g[1].abs()) + (g[2].abs() + g[3].abs()))
+        .fold(0f32, f32::max)
+}
+
+/// Signs of the four columns of a group (first column first) in the
+/// entries of a table, first entries 0–3 and 8–11, then 4–7 and 12–15: the
+/// order in which the AVX2 path computes them.
+const ENTRY_SIGNS: [[[f32; 8]; 4]; 2] = entry_signs();
+
+const fn entry_signs() -> [[[f32; 8]; 4]; 2] {
+    let mut signs = [[[0f32; 8]; 4]; 2];
+    let mut half = 0;
+    while half < 2 {
+        let mut l = 0;
+        while l < 8 {
+            let entry = (l / 4) * 8 + half * 4 + l % 4;
+            let mut q = 0;
+            while q < 4 {
+                signs[half][q][l] = if (entry >> (3 - q)) & 1 == 1 {
+                    1.0
+                } else {
+                    -1.0
+                };
+                q += 1;
+            }
+            l += 1;
+        }
+        half += 1;
+    }
+    signs
+}
+
+/// The table entry of signs `s` (`±1` per column) for group `z`, rounded
+/// to the grid of `1/inv`, clamped to `±QMAX` and biased.
+#[inline(always)]
+fn quantized_entry(z: &[f32; 4], s: [f32; 4], inv: f32) -> u8 {
+    let rest = (s[1] * z[1] + s[2] * z[2]) + s[3] * z[3];
+    let v = ((rest + s[0] * z[0]) * inv).round_ties_even();
+    // As cvtps2dq: NaN becomes the most negative integer.
+    let v = if v >= -QMAX { v.min(QMAX) } else { -QMAX };
+    (v as i32 + BIAS) as u8
+}
+
+/// Tables of the groups of `z` into `t`, 16 bytes per group.
+fn entries_scalar(z: &[f32], inv: f32, t: &mut [u8]) {
+    for (g, t) in z.as_chunks::<4>().0.iter().zip(t.as_chunks_mut::<16>().0) {
+        for (half, signs) in ENTRY_SIGNS.iter().enumerate() {
+            for (l, ((&s0, &s1), (&s2, &s3))) in signs[0]
+                .iter()
+                .zip(&signs[1])
+                .zip(signs[2].iter().zip(&signs[3]))
+                .enumerate()
+            {
+                let entry = (l / 4) * 8 + half * 4 + l % 4;
+                t[entry] = quantized_entry(g, [s0, s1, s2, s3], inv);
+            }
+        }
+    }
+}
+
+/// Adds the products of tiles `tile0..` (as many as `y` holds) into `y`:
+/// `rows` runs of 32 outputs per tile, in position order.
+#[allow(clippy::too_many_arguments)]
+fn run_task(
+    isa: Isa,
+    plan: Plan,
+    blocks: &[TiledBlockRef],
+    tables: &[u8],
+    scales: &[f32],
+    tile0: usize,
+    y: &mut [f32],
+    buffers: &mut TaskBuffers,
+) {
+    let (m, k, rk) = (plan.m, plan.k, plan.rk);
+    let tiles = y.len() / (plan.rows * TILE_ROWS);
+    grow(&mut buffers.f, tiles * rk * TILE_ROWS);
+    grow(&mut buffers.u_rows, TILE_ROWS * k);
+    grow(&mut buffers.u_t, TILE_ROWS * k);
+    let f = &mut buffers.f[..tiles * rk * TILE_ROWS];
+    let u_rows = &mut buffers.u_rows[..TILE_ROWS * k];
+    let u_t = &mut buffers.u_t[..TILE_ROWS * k];
+    y.fill(0.0);
+    for (b, block) in blocks.iter().enumerate() {
+        f.fill(0.0);
+        let tables = &tables[plan.unit(b, 0, 0) * UNIT_BYTES..][..plan.chunks * rk * UNIT_BYTES];
+        let scales = &scales[plan.unit(b, 0, 0)..][..plan.chunks * rk];
+        // The lookups of tile t, chunk c, rank rows jj0.. (at most PASS).
+        let lookups = |t: usize, c: usize, jj0: usize, f: &mut [f32]| {
+            let at = block.signs.offset(tile0 + t, c * CHUNK_BYTES);
+            let signs = &block.signs.data[at..][..plan.chunk_bytes(c) * TILE_ROWS];
+            let jn = PASS.min(rk - jj0);
+            let unit = c * rk + jj0;
+            let tables = &tables[unit * UNIT_BYTES..][..jn * UNIT_BYTES];
+            let f = &mut f[jj0 * TILE_ROWS..][..jn * TILE_ROWS];
+            chunk_sums(isa, signs, tables, &scales[unit..][..jn], f);
+        };
+        if rk <= PASS && plan.chunks * rk * UNIT_BYTES <= TABLE_BUDGET {
+            // One pass per chunk and the block's tables stay in L2: read
+            // each tile's signs in one sweep, which the prefetchers follow
+            // from memory.
+            for (t, f) in f.chunks_exact_mut(rk * TILE_ROWS).enumerate() {
+                for c in 0..plan.chunks {
+                    lookups(t, c, 0, f);
+                }
+            }
+        } else {
+            // The tables of one pass (PASS·4 KiB) stay in L1 while every
+            // tile of the task reads them.
+            for c in 0..plan.chunks {
+                for jj0 in (0..rk).step_by(PASS) {
+                    for (t, f) in f.chunks_exact_mut(rk * TILE_ROWS).enumerate() {
+                        lookups(t, c, jj0, f);
+                    }
+                }
+            }
+        }
+        for (t, (f, y)) in f
+            .chunks_exact(rk * TILE_ROWS)
+            .zip(y.chunks_exact_mut(plan.rows * TILE_ROWS))
+            .enumerate()
+        {
+            let i0 = (tile0 + t) * TILE_ROWS;
+            let live = TILE_ROWS.min(m - i0);
+            to_f32(isa, &block.u[i0 * k..][..live * k], &mut u_rows[..live * k]);
+            if live < TILE_ROWS {
+                u_t.fill(0.0);
+            }
+            for (l, u) in u_rows[..live * k].chunks_exact(k).enumerate() {
+                let p = POSITION_OF_ROW[l] % TILE_ROWS;
+                for (u_t, &u) in u_t.chunks_exact_mut(TILE_ROWS).zip(u) {
+                    u_t[p] = u;
+                }
+            }
+            fold(isa, u_t, f, y);
+        }
+    }
+}
+
+multiversion!(fn fold(u_t: &[f32], f: &[f32], y: &mut [f32]) => fold_body);
+
+/// `y[r][p] += Σ_j u_t[j][p]·f[r·k + j][p]`, one fused multiply-add at a
+/// time in order of `j`.
+#[inline(always)]
+fn fold_body(u_t: &[f32], f: &[f32], y: &mut [f32]) {
+    let k = u_t.len() / TILE_ROWS;
+    for (y, f) in y
+        .as_chunks_mut::<TILE_ROWS>()
+        .0
+        .iter_mut()
+        .zip(f.chunks_exact(k * TILE_ROWS))
+    {
+        for (u, f) in u_t
+            .as_chunks::<TILE_ROWS>()
+            .0
+            .iter()
+            .zip(f.as_chunks::<TILE_ROWS>().0)
+        {
+            for p in 0..TILE_ROWS {
+                y[p] = u[p].mul_add(f[p], y[p]);
+            }
+        }
+    }
+}
+
+/// For one tile and one chunk: `f[jj][p] += scale[jj] · Σ` (the table
+/// lookups of the chunk's sign bytes `signs` in tables `jj`), for every
+/// rank row `jj`.
+fn chunk_sums(isa: Isa, signs: &[u8], tables: &[u8], scales: &[f32], f: &mut [f32]) {
+    let rk = scales.len();
+    assert!(tables.len() >= rk * UNIT_BYTES && f.len() >= rk * TILE_ROWS);
+    assert!(signs.len() <= CHUNK_BYTES * TILE_ROWS && signs.len().is_multiple_of(TILE_ROWS));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: matmul_t checked that the CPU runs `isa`, which
+            // includes AVX2 and FMA; the sizes are checked above.
+            unsafe { avx2::chunk_sums(signs, tables, scales, f) }
+        }
+        _ => chunk_sums_scalar(signs, tables, scales, f),
+    }
+}
+
+/// [`chunk_sums`] one row at a time, with the same integer sums and the
+/// same f32 operations as the AVX2 path.
+fn chunk_sums_scalar(signs: &[u8], tables: &[u8], scales: &[f32], f: &mut [f32]) {
+    let bytes = signs.len() / TILE_ROWS;
+    let bias = 2 * BIAS * bytes as i32;
+    for (jj, &scale) in scales.iter().enumerate() {
+        let t = &tables[jj * UNIT_BYTES..][..UNIT_BYTES];
+        let f = &mut f[jj * TILE_ROWS..][..TILE_ROWS];
+        for l in 0..TILE_ROWS {
+            let mut sum = 0i32;
+            for q in 0..bytes {
+                let byte = signs[q * TILE_ROWS + l];
+                let hi = t[q * 32 + (byte >> 4) as usize];
+                let lo = t[q * 32 + 16 + (byte & 15) as usize];
+                sum += hi.wrapping_add(lo) as i32;
+            }
+            let p = POSITION_OF_ROW[l];
+            f[p] = scale.mul_add((sum - bias) as f32, f[p]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{BIAS, ENTRY_SIGNS, PASS, QMAX, TILE_ROWS, UNIT_BYTES};
+
+    /// `dst = src` in f32, eight at a time.
+    ///
+    /// # Safety
+    /// The CPU must support F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn to_f32(src: &[f16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        let (src8, tail) = src.as_chunks::<8>();
+        for (s, d) in src8.iter().zip(dst.as_chunks_mut::<8>().0) {
+            let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+        for (s, d) in tail.iter().zip(&mut dst[src8.len() * 8..]) {
+            *d = s.to_f32();
+        }
+    }
+
+    /// [`super::group_max_scalar`] eight groups at a time (`z` holds whole
+    /// runs of 32 columns).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn group_max(z: &[f32]) -> f32 {
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut max = _mm256_setzero_ps();
+        for run in z.as_chunks::<32>().0 {
+            let v = |o: usize| _mm256_and_ps(abs, _mm256_loadu_ps(run.as_ptr().add(o)));
+            let pairs01 = _mm256_hadd_ps(v(0), v(8));
+            let pairs23 = _mm256_hadd_ps(v(16), v(24));
+            max = _mm256_max_ps(max, _mm256_hadd_ps(pairs01, pairs23));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), max);
+        lanes.into_iter().fold(0f32, f32::max)
+    }
+
+    /// [`super::entries_scalar`]: one group per pass, its 16 entries in two
+    /// vectors of 8 f32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `t` must hold 16 bytes per group.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn entries(z: &[f32], inv: f32, t: &mut [u8]) {
+        let z = z.as_chunks::<4>().0;
+        assert!(t.len() >= 16 * z.len());
+        let signs = |h: usize, q: usize| _mm256_loadu_ps(ENTRY_SIGNS[h][q].as_ptr());
+        let sa = [signs(0, 0), signs(0, 1), signs(0, 2), signs(0, 3)];
+        let sb = [signs(1, 0), signs(1, 1), signs(1, 2), signs(1, 3)];
+        let inv = _mm256_set1_ps(inv);
+        let (lo, hi) = (
+            _mm256_set1_epi16(-QMAX as i16),
+            _mm256_set1_epi16(QMAX as i16),
+        );
+        let bias = _mm256_set1_epi16(BIAS as i16);
+        for (g, z) in z.iter().enumerate() {
+            let zq = [
+                _mm256_set1_ps(z[0]),
+                _mm256_set1_ps(z[1]),
+                _mm256_set1_ps(z[2]),
+                _mm256_set1_ps(z[3]),
+            ];
+            // Products with ±1 are exact, so each fused step rounds as the
+            // scalar sum does.
+            let quantize = |s: &[__m256; 4]| {
+                let rest = _mm256_fmadd_ps(s[1], zq[1], _mm256_mul_ps(s[2], zq[2]));
+                let rest = _mm256_fmadd_ps(s[3], zq[3], rest);
+                let v = _mm256_fmadd_ps(s[0], zq[0], rest);
+                _mm256_cvtps_epi32(_mm256_mul_ps(v, inv))
+            };
+            // Words: entries 0–7 in the low lane, 8–15 in the high one.
+            let w = _mm256_packs_epi32(quantize(&sa), quantize(&sb));
+            let w = _mm256_add_epi16(_mm256_min_epi16(_mm256_max_epi16(w, lo), hi), bias);
+            let b = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi16(w, w));
+            _mm_storeu_si128(
+                t.as_mut_ptr().add(16 * g) as *mut __m128i,
+                _mm256_castsi256_si128(b),
+            );
+        }
+    }
+
+    /// [`super::chunk_sums`] four rank rows per pass over the sign bytes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `tables` must hold `scales.len()`
+    /// units and `f` `scales.len()` runs of 32; `signs` at most 256 bytes
+    /// per row.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn chunk_sums(signs: &[u8], tables: &[u8], scales: &[f32], f: &mut [f32]) {
+        let rk = scales.len();
+        let mut jj = 0;
+        while jj + PASS <= rk {
+            pass::<PASS>(signs, tables, scales, f, jj);
+            jj += PASS;
+        }
+        match rk - jj {
+            3 => pass::<3>(signs, tables, scales, f, jj),
+            2 => pass::<2>(signs, tables, scales, f, jj),
+            1 => pass::<1>(signs, tables, scales, f, jj),
+            _ => {}
+        }
+    }
+
+    /// Rank rows `jj0..jj0 + J`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn pass<const J: usize>(
+        signs: &[u8],
+        tables: &[u8],
+        scales: &[f32],
+        f: &mut [f32],
+        jj0: usize,
+    ) {
+        let bytes = signs.len() / TILE_ROWS;
+        let nibble = _mm256_set1_epi8(0x0f);
+        let mut words = [_mm256_setzero_si256(); J];
+        let mut odd = [_mm256_setzero_si256(); J];
+        let s = signs.as_ptr();
+        let t = tables.as_ptr().add(jj0 * UNIT_BYTES);
+        for q in 0..bytes {
+            let v = _mm256_loadu_si256(s.add(q * TILE_ROWS) as *const __m256i);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+            let lo = _mm256_and_si256(v, nibble);
+            for j in 0..J {
+                let tq = t.add(j * UNIT_BYTES + q * 32);
+                let th = _mm256_broadcastsi128_si256(_mm_loadu_si128(tq as *const __m128i));
+                let tl = _mm256_broadcastsi128_si256(_mm_loadu_si128(tq.add(16) as *const __m128i));
+                let sum = _mm256_add_epi8(_mm256_shuffle_epi8(th, hi), _mm256_shuffle_epi8(tl, lo));
+                words[j] = _mm256_add_epi16(words[j], sum);
+                odd[j] = _mm256_add_epi16(odd[j], _mm256_srli_epi16::<8>(sum));
+            }
+        }
+        let zero = _mm256_setzero_si256();
+        let bias = _mm256_set1_epi32(2 * BIAS * bytes as i32);
+        for j in 0..J {
+            let even = _mm256_sub_epi16(words[j], _mm256_slli_epi16::<8>(odd[j]));
+            let scale = _mm256_set1_ps(scales[jj0 + j]);
+            let parts = [
+                _mm256_unpacklo_epi16(even, zero),
+                _mm256_unpackhi_epi16(even, zero),
+                _mm256_unpacklo_epi16(odd[j], zero),
+                _mm256_unpackhi_epi16(odd[j], zero),
+            ];
+            for (v, part) in parts.into_iter().enumerate() {
+                let sums = _mm256_cvtepi32_ps(_mm256_sub_epi32(part, bias));
+                let at = f.as_mut_ptr().add((jj0 + j) * TILE_ROWS + v * 8);
+                _mm256_storeu_ps(at, _mm256_fmadd_ps(scale, sums, _mm256_loadu_ps(at)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{reference, BlockRef, StackRef};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn random_signs(m: usize, n: usize, rng: &mut StdRng) -> Vec<u8> {
+        (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect()
+    }
+
+    #[test]
+    fn positions_are_a_permutation() {
+        let mut seen = [false; TILE_ROWS];
+        for p in 0..TILE_ROWS {
+            assert_eq!(POSITION_OF_ROW[row_of_position(p)], p);
+            seen[row_of_position(p)] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn tiled_signs_round_trip() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for (m, n) in [
+            (1, 1),
+            (1, 13),
+            (33, 9),
+            (70, 200),
+            (32, 64),
+            (5, 1030),
+            (64, 7),
+        ] {
+            let signs = random_signs(m, n, &mut rng);
+            let tiled = TiledSigns::from_row_major(&signs, m, n);
+            assert_eq!(tiled.bytes(), m.div_ceil(32) * 32 * n.div_ceil(8));
+            for i in 0..m {
+                for c in 0..n {
+                    assert_eq!(
+                        tiled.sign(i, c),
+                        reference::sign(&signs, n, i, c) > 0.0,
+                        "{m}×{n} ({i}, {c})"
+                    );
+                }
+            }
+            let mut back = tiled.to_row_major();
+            // Bits past m·n in the last byte are not part of the matrix.
+            if (m * n) % 8 != 0 {
+                let last = signs.len() - 1;
+                let mask = 0xffu8 << (8 - (m * n) % 8);
+                assert_eq!(back[last] & !mask, 0);
+                back[last] |= signs[last] & !mask;
+            }
+            assert_eq!(back, signs, "{m}×{n}");
+            // Padding is zero.
+            let row_bytes = n.div_ceil(8);
+            for t in 0..m.div_ceil(32) {
+                for q in 0..row_bytes {
+                    for l in 0..32 {
+                        let byte = tiled.as_bytes()[tiled.offset(t, q) + l];
+                        let live_bits = if 32 * t + l >= m {
+                            0
+                        } else {
+                            (n - 8 * q).min(8)
+                        };
+                        let mask = if live_bits == 0 {
+                            0
+                        } else {
+                            0xffu8 << (8 - live_bits)
+                        };
+                        assert_eq!(byte & !mask, 0, "{m}×{n} tile {t} byte {q} row {l}");
+                    }
+                }
+            }
+        }
+    }
+
+    struct Case {
+        m: usize,
+        n: usize,
+        k: usize,
+        signs: Vec<Vec<u8>>,
+        tiled: Vec<TiledSigns>,
+        u: Vec<Vec<f16>>,
+        vt: Vec<Vec<f16>>,
+    }
+
+    impl Case {
+        fn random(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> Self {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let f = |len: usize, scale: f32, rng: &mut StdRng| -> Vec<f16> {
+                (0..len)
+                    .map(|_| f16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale))
+                    .collect()
+            };
+            let signs: Vec<Vec<u8>> = (0..blocks).map(|_| random_signs(m, n, &mut rng)).collect();
+            let tiled = signs
+                .iter()
+                .map(|s| TiledSigns::from_row_major(s, m, n))
+                .collect();
+            let u = (0..blocks)
+                .map(|b| f(m * k, 1.0 / (b + 1) as f32, &mut rng))
+                .collect();
+            let vt = (0..blocks).map(|_| f(k * n, 0.5, &mut rng)).collect();
+            Self {
+                m,
+                n,
+                k,
+                signs,
+                tiled,
+                u,
+                vt,
+            }
+        }
+
+        fn tiled(&self) -> TiledStackRef<'_> {
+            TiledStackRef {
+                m: self.m,
+                n: self.n,
+                k: self.k,
+                blocks: (0..self.tiled.len())
+                    .map(|b| TiledBlockRef {
+                        signs: &self.tiled[b],
+                        u: &self.u[b],
+                        vt: &self.vt[b],
+                    })
+                    .collect(),
+            }
+        }
+
+        fn stack(&self) -> StackRef<'_> {
+            StackRef {
+                m: self.m,
+                n: self.n,
+                k: self.k,
+                blocks: (0..self.signs.len())
+                    .map(|b| BlockRef {
+                        signs: &self.signs[b],
+                        u: &self.u[b],
+                        vt: &self.vt[b],
+                    })
+                    .collect(),
+            }
+        }
+
+        fn run(&self, isa: Isa, x: &[f32], rows: usize) -> Vec<f32> {
+            let mut out = vec![f32::NAN; rows * self.m];
+            matmul_t(isa, x, rows, &self.tiled(), &mut out);
+            out
+        }
+    }
+
+    fn random_x(rows: usize, n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..rows * n)
+            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+            .collect()
+    }
+
+    /// (m, n, k, blocks): m not a multiple of 32, n not a multiple of 8, of
+    /// 32 or of a chunk, k = 1, 4, 16 and odd, 1 and 16 blocks.
+    const SHAPES: &[(usize, usize, usize, usize)] = &[
+        (1, 13, 1, 1),
+        (33, 9, 3, 2),
+        (70, 200, 16, 4),
+        (19, 8, 16, 16),
+        (5, 1030, 4, 1),
+        (129, 77, 1, 16),
+        (40, 96, 5, 3),
+        (64, 2100, 4, 2),
+        (96, 256, 7, 1),
+    ];
+
+    #[test]
+    fn every_isa_gives_the_same_bits() {
+        for (s, &(m, n, k, nb)) in SHAPES.iter().enumerate() {
+            let case = Case::random(m, n, k, nb, s as u64);
+            for rows in 1..=MAX_ROWS {
+                let x = random_x(rows, n, 100 + s as u64);
+                let want = case.run(Isa::Baseline, &x, rows);
+                assert!(want.iter().all(|v| v.is_finite()));
+                for isa in Isa::available() {
+                    let got = case.run(isa, &x, rows);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "{isa:?} {m}×{n} k{k} ×{nb} rows {rows}: element {i} is {g}, scalar {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// (RMS error, largest error), both relative to the output's RMS.
+    fn errors(got: &[f32], want: &[f32]) -> (f32, f32) {
+        let rms = |v: &mut dyn Iterator<Item = f32>| {
+            let (s, c) = v.fold((0f64, 0usize), |(s, c), e| (s + (e as f64).powi(2), c + 1));
+            (s / c as f64).sqrt() as f32
+        };
+        let scale = rms(&mut want.iter().copied());
+        let err = rms(&mut got.iter().zip(want).map(|(g, w)| g - w));
+        let max = got
+            .iter()
+            .zip(want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max);
+        (err / scale, max / scale)
+    }
+
+    #[test]
+    fn close_to_the_reference() {
+        let (mut worst_rms, mut worst_max) = (0f32, 0f32);
+        for (s, &(m, n, k, nb)) in SHAPES.iter().enumerate() {
+            let case = Case::random(m, n, k, nb, 50 + s as u64);
+            for rows in 1..=MAX_ROWS {
+                let x = random_x(rows, n, 200 + s as u64);
+                let got = case.run(Isa::detect(), &x, rows);
+                let mut want = vec![0f32; rows * m];
+                reference::matmul_t(&x, rows, &case.stack(), &mut want);
+                let (e_rms, e_max) = errors(&got, &want);
+                // Tiny outputs (few rows and columns) have noisy RMS; the
+                // bounds are for outputs of at least 64 values.
+                if got.len() >= 64 {
+                    worst_rms = worst_rms.max(e_rms);
+                    worst_max = worst_max.max(e_max);
+                    assert!(
+                        e_rms <= RELATIVE_RMS_ERROR_BOUND && e_max <= RELATIVE_MAX_ERROR_BOUND,
+                        "{m}×{n} k{k} ×{nb} rows {rows}: rms error {e_rms}, max {e_max}"
+                    );
+                } else {
+                    assert!(
+                        e_max <= 4.0 * RELATIVE_MAX_ERROR_BOUND,
+                        "{m}×{n} rows {rows}: {e_max}"
+                    );
+                }
+            }
+        }
+        eprintln!("worst relative error: rms {worst_rms}, max {worst_max}");
+    }
+
+    #[test]
+    fn large_shape_error() {
+        let (m, n, k, nb) = (512, 4096, 16, 4);
+        let case = Case::random(m, n, k, nb, 9);
+        let x = random_x(1, n, 10);
+        let got = case.run(Isa::detect(), &x, 1);
+        let mut want = vec![0f32; m];
+        reference::matmul_t(&x, 1, &case.stack(), &mut want);
+        let (e_rms, e_max) = errors(&got, &want);
+        eprintln!("{m}×{n} k{k} ×{nb}: rms error {e_rms}, max {e_max}");
+        assert!(e_rms <= RELATIVE_RMS_ERROR_BOUND && e_max <= RELATIVE_MAX_ERROR_BOUND);
+    }
+
+    #[test]
+    fn calls_from_rayon_tasks_agree() {
+        let case = Case::random(100, 300, 4, 2, 11);
+        let x = random_x(2, 300, 12);
+        let want = case.run(Isa::detect(), &x, 2);
+        (0..16).into_par_iter().for_each(|_| {
+            assert_eq!(case.run(Isa::detect(), &x, 2), want);
+        });
+    }
+
+    #[test]
+    fn empty_inputs_give_zeros() {
+        let case = Case::random(40, 20, 2, 1, 3);
+        let mut out = vec![f32::NAN; 40];
+        let empty = TiledStackRef {
+            blocks: vec![],
+            ..case.tiled()
+        };
+        matmul_t(Isa::detect(), &random_x(1, 20, 1), 1, &empty, &mut out);
+        assert!(out.iter().all(|&v| v == 0.0));
+        let mut out = vec![];
+        matmul_t(Isa::detect(), &[], 0, &case.tiled(), &mut out);
+    }
+}
