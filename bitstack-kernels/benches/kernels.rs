@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bitstack_kernels::tmac::{self, TiledBlockRef, TiledSigns, TiledStackRef};
-use bitstack_kernels::{decode, prefill, BlockRef, Isa, StackRef};
+use bitstack_kernels::{decode, prefill, Isa};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::f16;
@@ -28,18 +28,6 @@ fn random_blocks(m: usize, n: usize, k: usize, blocks: usize) -> Vec<OwnedBlock>
         .collect()
 }
 
-fn stack_of(m: usize, n: usize, k: usize, blocks: &[OwnedBlock]) -> StackRef<'_> {
-    StackRef {
-        m,
-        n,
-        k,
-        blocks: blocks
-            .iter()
-            .map(|(signs, u, vt)| BlockRef { signs, u, vt })
-            .collect(),
-    }
-}
-
 fn kernels(c: &mut Criterion) {
     let isa = Isa::detect();
     for (m, n, k, nb, rows) in [
@@ -56,7 +44,20 @@ fn kernels(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3));
         let blocks = random_blocks(m, n, k, nb);
-        let stack = stack_of(m, n, k, &blocks);
+        let tiled: Vec<TiledSigns> = blocks
+            .iter()
+            .map(|(signs, _, _)| TiledSigns::from_row_major(signs, m, n))
+            .collect();
+        let stack = TiledStackRef {
+            m,
+            n,
+            k,
+            blocks: blocks
+                .iter()
+                .zip(&tiled)
+                .map(|((_, u, vt), signs)| TiledBlockRef { signs, u, vt })
+                .collect(),
+        };
         let mut rng = StdRng::seed_from_u64(2);
         let x: Vec<f32> = (0..rows * n).map(|_| rng.random::<f32>() - 0.5).collect();
         let mut out = vec![0f32; rows * m];
@@ -75,22 +76,8 @@ fn kernels(c: &mut Criterion) {
             })
         });
         if rows <= tmac::MAX_ROWS {
-            let tiled: Vec<TiledSigns> = blocks
-                .iter()
-                .map(|(signs, _, _)| TiledSigns::from_row_major(signs, m, n))
-                .collect();
-            let tiled_stack = TiledStackRef {
-                m,
-                n,
-                k,
-                blocks: blocks
-                    .iter()
-                    .zip(&tiled)
-                    .map(|((_, u, vt), signs)| TiledBlockRef { signs, u, vt })
-                    .collect(),
-            };
             group.bench_function(BenchmarkId::new("tmac", format!("{isa:?}")), |b| {
-                b.iter(|| tmac::matmul_t(isa, &x, rows, &tiled_stack, &mut out))
+                b.iter(|| tmac::matmul_t(isa, &x, rows, &stack, &mut out))
             });
         }
         let xt = Tensor::from_vec(x.clone(), (rows, n), &Device::Cpu).unwrap();

@@ -1,5 +1,7 @@
 //! Reading rows of a packed sign matrix.
 
+use crate::tmac::{TiledSigns, TILE_ROWS};
+
 /// Room for one row's realigned sign bits, needed only when rows do not
 /// start on a byte.
 pub(crate) fn unaligned_buffer(n: usize) -> Vec<u8> {
@@ -37,6 +39,19 @@ pub(crate) fn row_bits<'a>(
         };
     }
     aligned
+}
+
+/// Bytes `q0..q0 + out.len()` of row `i` of re-tiled signs into `out`
+/// (bit 7 of byte `q` is column `8q`).
+#[inline(always)]
+pub fn tiled_row(signs: &TiledSigns, i: usize, q0: usize, out: &mut [u8]) {
+    let row_bytes = signs.n().div_ceil(8);
+    let (t, l) = (i / TILE_ROWS, i % TILE_ROWS);
+    let data = signs.as_bytes();
+    let base = (t * row_bytes + q0) * TILE_ROWS + l;
+    for (q, o) in out.iter_mut().enumerate() {
+        *o = data[base + q * TILE_ROWS];
+    }
 }
 
 /// `SIGN_MASKS[byte][t]` flips a float's sign bit where bit `7 − t` of

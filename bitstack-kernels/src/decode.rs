@@ -17,8 +17,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::bits::{row_bits, unaligned_buffer};
-use crate::{multiversion, Isa, StackRef};
+use crate::bits::tiled_row;
+use crate::tmac::TiledStackRef as StackRef;
+use crate::{multiversion, Isa};
 
 /// Bytes of tables (one block, one column chunk, all rows of `x`) that the
 /// row scan keeps hot.
@@ -202,15 +203,15 @@ fn scan_rows_k<const K: usize>(
     let row_bytes = n.div_ceil(8);
     let chunk_bytes = layout.chunk_groups / 2;
     let outputs = y.len() / rows;
-    let mut aligned = unaligned_buffer(n);
+    let mut row = vec![0u8; layout.chunk_groups / 2];
     for (b, block) in stack.blocks.iter().enumerate() {
         for chunk in 0..layout.chunks {
             let byte0 = chunk * chunk_bytes;
             let nbytes = chunk_bytes.min(row_bytes - byte0);
             for o in 0..outputs {
                 let i = i0 + o;
-                let bits = row_bits(block.signs, n, i, row_bytes, &mut aligned);
-                let bits = &bits[byte0..byte0 + nbytes];
+                let bits = &mut row[..nbytes];
+                tiled_row(block.signs, i, byte0, bits);
                 let mut acc = [[0f32; K]; MAX_ROWS];
                 for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                     let t = &tables[layout.offset(b, chunk, r)..][..layout.unit()];
@@ -282,7 +283,7 @@ fn scan_rows_any(tables: &[f32], stack: &StackRef, layout: Layout, i0: usize, y:
     let row_bytes = n.div_ceil(8);
     let chunk_bytes = layout.chunk_groups / 2;
     let outputs = y.len() / rows;
-    let mut aligned = unaligned_buffer(n);
+    let mut row = vec![0u8; layout.chunk_groups / 2];
     let mut acc = vec![0f32; k];
     for (b, block) in stack.blocks.iter().enumerate() {
         for chunk in 0..layout.chunks {
@@ -290,8 +291,8 @@ fn scan_rows_any(tables: &[f32], stack: &StackRef, layout: Layout, i0: usize, y:
             let nbytes = chunk_bytes.min(row_bytes - byte0);
             for o in 0..outputs {
                 let i = i0 + o;
-                let bits = row_bits(block.signs, n, i, row_bytes, &mut aligned);
-                let bits = &bits[byte0..byte0 + nbytes];
+                let bits = &mut row[..nbytes];
+                tiled_row(block.signs, i, byte0, bits);
                 for r in 0..rows {
                     acc.fill(0.0);
                     let t = &tables[layout.offset(b, chunk, r)..][..layout.unit()];

@@ -26,12 +26,15 @@ pub mod prefill;
 pub mod reference;
 pub mod tmac;
 
+pub use bits::tiled_row;
 pub use isa::Isa;
 pub use op::{BitStackMatmul, StackSource};
+pub use tmac::{TiledBlockRef, TiledSigns, TiledStackRef};
 
 use half::f16;
 
-/// One block of a stack, borrowed.
+/// One block of a stack with row-major packed signs (the checkpoint's
+/// layout), borrowed: what the [`reference`] kernel reads.
 #[derive(Clone, Copy, Debug)]
 pub struct BlockRef<'a> {
     /// `ceil(m·n/8)` bytes: bit `i·n + c` is the sign of `W[i, c]`.
@@ -71,7 +74,7 @@ pub const DECODE_MAX_ROWS: usize = 4;
 
 /// `out = x·Wᵀ` for `x` of `rows×n` and `out` of `rows×m`, both row-major,
 /// on the fastest kernel for this machine and row count.
-pub fn matmul_t(x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
+pub fn matmul_t(x: &[f32], rows: usize, stack: &TiledStackRef, out: &mut [f32]) {
     stack.check();
     assert_eq!(x.len(), rows * stack.n, "x is not rows×n");
     assert_eq!(out.len(), rows * stack.m, "out is not rows×m");

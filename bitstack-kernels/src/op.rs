@@ -6,11 +6,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::StackRef;
+use crate::TiledStackRef;
 
-/// Anything that can lend its resident blocks as a [`StackRef`].
+/// Anything that can lend its resident blocks as a [`TiledStackRef`].
 pub trait StackSource: Send + Sync {
-    fn stack(&self) -> StackRef<'_>;
+    fn stack(&self) -> TiledStackRef<'_>;
 }
 
 /// `x·Wᵀ` for `x` of shape `[.., n]`, giving `[.., m]` in `x`'s dtype.

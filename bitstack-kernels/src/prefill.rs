@@ -7,8 +7,9 @@
 
 use rayon::prelude::*;
 
-use crate::bits::{row_bits, unaligned_buffer, SIGN_MASKS};
-use crate::{multiversion, Isa, StackRef};
+use crate::bits::{tiled_row, SIGN_MASKS};
+use crate::tmac::TiledStackRef as StackRef;
+use crate::{multiversion, Isa};
 
 /// Bytes of one rebuilt tile: small enough to stay in L2 between the
 /// rebuild and the GEMM that reads it.
@@ -111,7 +112,7 @@ impl Scratch {
         Self {
             tile: vec![0.0; tile * n],
             row: vec![0.0; n],
-            aligned: unaligned_buffer(n),
+            aligned: vec![0u8; n.div_ceil(8)],
         }
     }
 }
@@ -142,7 +143,8 @@ fn rebuild_body(
                     *r += uij * v;
                 }
             }
-            let bits = row_bits(block.signs, n, i, row_bytes, aligned);
+            let bits = &mut aligned[..row_bytes];
+            tiled_row(block.signs, i, 0, bits);
             for ((&byte, wq), rq) in bits[..full]
                 .iter()
                 .zip(wi.chunks_exact_mut(8))

@@ -3,17 +3,22 @@
 
 use std::sync::Arc;
 
-use bitstack_kernels::{decode, prefill, reference, BlockRef, Isa, StackRef, StackSource};
+use bitstack_kernels::{
+    decode, prefill, reference, BlockRef, Isa, StackRef, StackSource, TiledBlockRef, TiledSigns,
+    TiledStackRef,
+};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// The owned parts of a random stack.
+/// The owned parts of a random stack, with its signs both row-major (for
+/// the reference) and re-tiled (for the kernels).
 struct Owned {
     m: usize,
     n: usize,
     k: usize,
     blocks: Vec<(Vec<u8>, Vec<f16>, Vec<f16>)>,
+    tiled: Vec<TiledSigns>,
 }
 
 impl Owned {
@@ -35,18 +40,27 @@ impl Owned {
         let blocks = blocks
             .into_iter()
             .map(|(_, u, vt)| {
-                let signs = (0..(m * n).div_ceil(8))
+                let signs: Vec<u8> = (0..(m * n).div_ceil(8))
                     .map(|_| rng.random::<u8>())
                     .collect();
                 (signs, u, vt)
             })
+            .collect::<Vec<_>>();
+        let tiled = blocks
+            .iter()
+            .map(|(signs, _, _)| TiledSigns::from_row_major(signs, m, n))
             .collect();
-        Self { m, n, k, blocks }
+        Self {
+            m,
+            n,
+            k,
+            blocks,
+            tiled,
+        }
     }
-}
 
-impl StackSource for Owned {
-    fn stack(&self) -> StackRef<'_> {
+    /// The row-major view the reference reads.
+    fn row_major(&self) -> StackRef<'_> {
         StackRef {
             m: self.m,
             n: self.n,
@@ -55,6 +69,22 @@ impl StackSource for Owned {
                 .blocks
                 .iter()
                 .map(|(signs, u, vt)| BlockRef { signs, u, vt })
+                .collect(),
+        }
+    }
+}
+
+impl StackSource for Owned {
+    fn stack(&self) -> TiledStackRef<'_> {
+        TiledStackRef {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            blocks: self
+                .blocks
+                .iter()
+                .zip(&self.tiled)
+                .map(|((_, u, vt), signs)| TiledBlockRef { signs, u, vt })
                 .collect(),
         }
     }
@@ -100,7 +130,7 @@ fn decode_matches_the_reference_on_every_isa() {
         for rows in 1..=decode::MAX_ROWS {
             let x = random_x(rows, n, 100 + s as u64);
             let mut want = vec![0f32; rows * m];
-            reference::matmul_t(&x, rows, &stack, &mut want);
+            reference::matmul_t(&x, rows, &owned.row_major(), &mut want);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * m];
                 decode::matmul_t(isa, &x, rows, &stack, &mut got);
@@ -123,7 +153,7 @@ fn prefill_matches_the_reference_on_every_isa() {
         for rows in [1, 3, 600] {
             let x = random_x(rows, n, 200 + s as u64);
             let mut want = vec![0f32; rows * m];
-            reference::matmul_t(&x, rows, &stack, &mut want);
+            reference::matmul_t(&x, rows, &owned.row_major(), &mut want);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * m];
                 prefill::matmul_t(isa, &x, rows, &stack, &mut got);
@@ -144,7 +174,7 @@ fn the_candle_op_takes_f32_f16_and_bf16() {
     for rows in [1, 2, 45] {
         let x = random_x(rows, 90, 7);
         let mut want = vec![0f32; rows * 37];
-        reference::matmul_t(&x, rows, &owned.stack(), &mut want);
+        reference::matmul_t(&x, rows, &owned.row_major(), &mut want);
         let xt = Tensor::from_vec(x, (1, rows, 90), &Device::Cpu).unwrap();
         // Activations rounded to the dtype, then f32 math: the error is the
         // rounding of the inputs and of the outputs.

@@ -15,13 +15,16 @@ pub struct Block {
     pub vt: Vec<f16>,
 }
 
-/// Bytes one block occupies: `m·n/8 + 2·k·(m+n)`.
+/// Bytes one block occupies when resident: its signs re-tiled for the
+/// kernels (`⌈m/32⌉·32·⌈n/8⌉`, which is `m·n/8` for every real model
+/// shape) plus `2·k·(m+n)` for the f16 factors.
 pub fn block_bytes(m: usize, n: usize, k: usize) -> usize {
-    pack::packed_len(m * n) + 2 * k * (m + n)
+    let tile = bitstack_kernels::tmac::TILE_ROWS;
+    m.div_ceil(tile) * tile * n.div_ceil(8) + 2 * k * (m + n)
 }
 
 impl Block {
-    /// Bytes resident for this block.
+    /// Bytes of this block as stored in a checkpoint.
     pub fn bytes(&self) -> usize {
         self.signs.len() + 2 * (self.u.len() + self.vt.len())
     }

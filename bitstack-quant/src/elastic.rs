@@ -39,12 +39,12 @@ use candle_core::Device;
 use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 
-use crate::block::Block;
 use crate::checkpoint::{read_block, BlockCounts};
 use crate::config::ModelConfig;
 use crate::linear::LinearWeight;
 use crate::model::{LinearKind, Llama};
 use crate::order::{BlockOrder, Geometry};
+use crate::stack::StackBlock;
 use crate::store::TensorStore;
 
 /// Why a resize was refused. A refused resize changes nothing.
@@ -375,16 +375,16 @@ impl BitStackHandle {
     fn grown(&self, current: &Snapshot, level: usize) -> anyhow::Result<Snapshot> {
         let shared = &*self.shared;
         let wanted = &shared.order[current.level..level];
-        let blocks: Vec<Arc<Block>> = wanted
+        let blocks: Vec<Arc<StackBlock>> = wanted
             .par_iter()
             .map(|&(li, b)| {
                 let slot = &shared.geometry.linears[li];
                 read_block(&shared.store, &slot.name, b, slot.m, slot.n, slot.k)
-                    .map(Arc::new)
+                    .map(|block| Arc::new(StackBlock::new(block, slot.m, slot.n)))
                     .with_context(|| format!("reading block {b} of {}", slot.name))
             })
             .collect::<anyhow::Result<_>>()?;
-        let mut added: BTreeMap<usize, Vec<Arc<Block>>> = BTreeMap::new();
+        let mut added: BTreeMap<usize, Vec<Arc<StackBlock>>> = BTreeMap::new();
         for (&(li, _), block) in wanted.iter().zip(blocks) {
             added.entry(li).or_default().push(block);
         }

@@ -2,9 +2,65 @@
 
 use std::sync::Arc;
 
+use bitstack_kernels::{tiled_row, TiledBlockRef, TiledSigns, TiledStackRef};
+use half::f16;
 use rayon::prelude::*;
 
 use crate::block::{block_bytes, Block};
+
+/// A block as a running model holds it: the signs re-tiled for the kernels
+/// (see [`TiledSigns`]), the factors as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StackBlock {
+    pub signs: TiledSigns,
+    /// `m×k`, row-major.
+    pub u: Vec<f16>,
+    /// `k×n`, row-major.
+    pub vt: Vec<f16>,
+}
+
+impl StackBlock {
+    /// Re-tiles `block` of an `m×n` weight (its row-major signs are dropped).
+    pub fn new(block: Block, m: usize, n: usize) -> Self {
+        Self {
+            signs: TiledSigns::from_row_major(&block.signs, m, n),
+            u: block.u,
+            vt: block.vt,
+        }
+    }
+
+    /// The block in the checkpoint's layout.
+    pub fn to_block(&self) -> Block {
+        Block {
+            signs: self.signs.to_row_major(),
+            u: self.u.clone(),
+            vt: self.vt.clone(),
+        }
+    }
+
+    /// Bytes resident for this block.
+    pub fn bytes(&self) -> usize {
+        self.signs.bytes() + 2 * (self.u.len() + self.vt.len())
+    }
+}
+
+/// What [`WeightStack::new`] takes as a block: a checkpoint block (re-tiled
+/// on the way in) or a resident one (shared).
+pub trait IntoStackBlock {
+    fn into_stack_block(self, m: usize, n: usize) -> Arc<StackBlock>;
+}
+
+impl IntoStackBlock for Block {
+    fn into_stack_block(self, m: usize, n: usize) -> Arc<StackBlock> {
+        Arc::new(StackBlock::new(self, m, n))
+    }
+}
+
+impl IntoStackBlock for Arc<StackBlock> {
+    fn into_stack_block(self, _: usize, _: usize) -> Arc<StackBlock> {
+        self
+    }
+}
 
 /// The blocks of one `m×n` linear that are resident, best first.
 ///
@@ -16,17 +72,20 @@ pub struct WeightStack {
     pub m: usize,
     pub n: usize,
     pub k: usize,
-    pub blocks: Vec<Arc<Block>>,
+    pub blocks: Vec<Arc<StackBlock>>,
 }
 
 impl WeightStack {
-    pub fn new<B: Into<Arc<Block>>>(
+    pub fn new<B: IntoStackBlock>(
         m: usize,
         n: usize,
         k: usize,
         blocks: impl IntoIterator<Item = B>,
     ) -> Self {
-        let blocks = blocks.into_iter().map(Into::into).collect();
+        let blocks = blocks
+            .into_iter()
+            .map(|b| b.into_stack_block(m, n))
+            .collect();
         Self { m, n, k, blocks }
     }
 
@@ -37,7 +96,7 @@ impl WeightStack {
     }
 
     /// This stack followed by `more` blocks.
-    pub fn extended(&self, more: impl IntoIterator<Item = Arc<Block>>) -> Self {
+    pub fn extended(&self, more: impl IntoIterator<Item = Arc<StackBlock>>) -> Self {
         let blocks = self.blocks.iter().cloned().chain(more);
         Self::new(self.m, self.n, self.k, blocks)
     }
@@ -61,6 +120,7 @@ impl WeightStack {
         let mut w = vec![0f32; m * n];
         w.par_chunks_mut(n).enumerate().for_each(|(i, out)| {
             let mut row = vec![0f32; n];
+            let mut signs = vec![0u8; n.div_ceil(8)];
             for (b, vt) in self.blocks.iter().zip(&vts) {
                 row.fill(0.0);
                 for j in 0..k {
@@ -69,7 +129,8 @@ impl WeightStack {
                         *r += uij * v;
                     }
                 }
-                add_signed(&b.signs, i * n, &row, out);
+                tiled_row(&b.signs, i, 0, &mut signs);
+                add_signed(&signs, &row, out);
             }
         });
         w
@@ -77,15 +138,15 @@ impl WeightStack {
 }
 
 impl bitstack_kernels::StackSource for WeightStack {
-    fn stack(&self) -> bitstack_kernels::StackRef<'_> {
-        bitstack_kernels::StackRef {
+    fn stack(&self) -> TiledStackRef<'_> {
+        TiledStackRef {
             m: self.m,
             n: self.n,
             k: self.k,
             blocks: self
                 .blocks
                 .iter()
-                .map(|b| bitstack_kernels::BlockRef {
+                .map(|b| TiledBlockRef {
                     signs: &b.signs,
                     u: &b.u,
                     vt: &b.vt,
@@ -95,11 +156,10 @@ impl bitstack_kernels::StackSource for WeightStack {
     }
 }
 
-/// `out[c] += sign(bit base+c) · row[c]`, flipping the float's sign bit.
-fn add_signed(signs: &[u8], base: usize, row: &[f32], out: &mut [f32]) {
+/// `out[c] += sign(bit c) · row[c]`, flipping the float's sign bit.
+fn add_signed(signs: &[u8], row: &[f32], out: &mut [f32]) {
     for (c, (o, r)) in out.iter_mut().zip(row).enumerate() {
-        let idx = base + c;
-        let bit = (signs[idx >> 3] >> (7 - (idx & 7))) & 1;
+        let bit = (signs[c >> 3] >> (7 - (c & 7))) & 1;
         *o += f32::from_bits(r.to_bits() ^ (((bit ^ 1) as u32) << 31));
     }
 }
@@ -142,8 +202,11 @@ mod tests {
             }
             assert_eq!(
                 stack.resident_bytes(),
-                blocks.iter().map(Block::bytes).sum::<usize>()
+                stack.blocks.iter().map(|b| b.bytes()).sum::<usize>()
             );
+            for (b, original) in stack.blocks.iter().zip(&blocks) {
+                assert_eq!(&b.to_block(), original);
+            }
             let grown = stack.prefix(1).extended(stack.blocks[1..].iter().cloned());
             assert_eq!(grown.dense(), fast);
         }

@@ -107,7 +107,7 @@ fn round_trip_and_more_blocks_fit_better() {
     let (rows, cols) = linear_shape(&m.cfg, LinearKind::Down);
     let b = read_block(&store, &LinearKind::Down.path(1), 2, rows, cols, K).unwrap();
     match &m.layers[1].down.weight {
-        LinearWeight::BitStack(s) => assert_eq!(*s.blocks[2], b),
+        LinearWeight::BitStack(s) => assert_eq!(s.blocks[2].to_block(), b),
         LinearWeight::Dense(_) => unreachable!(),
     }
     // nothing partial left next to the output
