@@ -2,16 +2,21 @@
 //!
 //! The weights are random but the files are real: a `config.json`, a
 //! safetensors file and a byte-level BPE `tokenizer.json`, loadable by
-//! anything that loads a Hugging Face model dir.
+//! anything that loads a Hugging Face model dir. [`SyntheticSpec::write_bitstack`]
+//! writes a BitStack checkpoint of random blocks directly, for resize
+//! benchmarks at shapes too large to decompose here.
 
 use std::path::Path;
 
-use anyhow::Result;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use anyhow::{ensure, Result};
+use half::f16;
+use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 
-use crate::checkpoint::OwnedTensor;
-use crate::config::ModelConfig;
+use crate::block::Block;
+use crate::checkpoint::{block_checksum, block_tensors, CheckpointWriter, OwnedTensor};
+use crate::config::{ModelConfig, QuantizationConfig};
 use crate::model::{linear_shape, LinearKind};
+use crate::pack::packed_len;
 
 /// Shape of a synthetic model.
 #[derive(Clone, Debug)]
@@ -117,9 +122,118 @@ impl SyntheticSpec {
         }
         let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
         safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
-        write_byte_tokenizer(&dir.join("tokenizer.json"), self.vocab)?;
+        std::fs::write(dir.join("tokenizer.json"), byte_tokenizer_json(self.vocab)?)?;
         Ok(())
     }
+
+    /// Writes a BitStack checkpoint of this shape to `dir` (which must not
+    /// exist yet or be empty): `blocks_per_linear` random blocks of rank `k`
+    /// in every decoder linear, with their checksums, and random dense parts.
+    ///
+    /// No dense model is made and nothing is decomposed, so shapes far too
+    /// large for that (Llama-3-8B) can be written to measure loading and
+    /// resizing. Layers are made and written one shard at a time, so memory
+    /// stays about one layer's blocks; the embedding comes last, in its own
+    /// shard. The blocks' magnitudes halve block by block, as a
+    /// decomposition's would, so forwards stay finite.
+    pub fn write_bitstack(&self, dir: &Path, blocks_per_linear: usize, k: usize) -> Result<()> {
+        ensure!(
+            blocks_per_linear >= 1 && k >= 1,
+            "a BitStack checkpoint needs at least one block of rank at least 1"
+        );
+        let mut json = self.config_json();
+        json["quantization_config"] = serde_json::to_value(QuantizationConfig {
+            quant_method: "bitstack".into(),
+            k,
+            niter: blocks_per_linear,
+            format_version: 1,
+            k_per_linear: Default::default(),
+        })?;
+        let cfg: ModelConfig = serde_json::from_value(json.clone())?;
+        let mut writer = CheckpointWriter::new(dir, self.layers + 1)?;
+        let d = self.hidden;
+        for l in 0..self.layers {
+            // A seed per layer: a layer's contents do not depend on the others.
+            let mut rng = StdRng::seed_from_u64(self.seed.wrapping_add(1000 + l as u64));
+            let mut tensors = Vec::new();
+            let mut checksums = Vec::new();
+            for kind in LinearKind::ALL {
+                let (m, n) = linear_shape(&cfg, kind);
+                let path = kind.path(l);
+                for i in 0..blocks_per_linear {
+                    let b = random_block(m, n, k, 0.5f32.powi(i as i32), &mut rng);
+                    checksums.push((path.clone(), i, block_checksum(&b)));
+                    tensors.extend(block_tensors(&path, i, &b, m, n, k));
+                }
+                if cfg.qkv_bias() && matches!(kind, LinearKind::Q | LinearKind::K | LinearKind::V) {
+                    tensors.push((format!("{path}.bias"), uniform_f32(&[m], 0.1, &mut rng)));
+                }
+            }
+            tensors.push((
+                format!("model.layers.{l}.input_layernorm.weight"),
+                norm_weight(d, &mut rng),
+            ));
+            tensors.push((
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                norm_weight(d, &mut rng),
+            ));
+            writer.write_shard(&tensors, &checksums)?;
+        }
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        let mut dense = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                uniform_f32(&[self.vocab, d], 0.15, &mut rng),
+            ),
+            ("model.norm.weight".to_string(), norm_weight(d, &mut rng)),
+        ];
+        if !self.tied {
+            dense.push((
+                "lm_head.weight".to_string(),
+                uniform_f32(&[self.vocab, d], 0.2, &mut rng),
+            ));
+        }
+        writer.write_shard(&dense, &[])?;
+        writer.write_file(
+            "config.json",
+            serde_json::to_string_pretty(&json)?.as_bytes(),
+        )?;
+        writer.write_file(
+            "tokenizer.json",
+            byte_tokenizer_json(self.vocab)?.as_bytes(),
+        )?;
+        writer.finish()?;
+        Ok(())
+    }
+}
+
+/// A random `m×n` block of rank `k`: random signs (padding bits 0, as the
+/// format asks) and `u·vt` entries of about `scale / (3·√n)`.
+fn random_block(m: usize, n: usize, k: usize, scale: f32, rng: &mut StdRng) -> Block {
+    let mut signs = vec![0u8; packed_len(m * n)];
+    rng.fill_bytes(&mut signs);
+    let used = (m * n) % 8;
+    if used != 0 {
+        let last = signs.len() - 1;
+        signs[last] &= 0xffu8 << (8 - used);
+    }
+    let mut factor = |len: usize, bound: f32| -> Vec<f16> {
+        (0..len)
+            .map(|_| f16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * bound))
+            .collect()
+    };
+    let u = factor(m * k, 1.0 / (k as f32).sqrt());
+    let vt = factor(k * n, scale / (n as f32).sqrt());
+    Block { signs, u, vt }
+}
+
+/// Uniform values in `[-scale, scale)` as an f32 tensor.
+fn uniform_f32(shape: &[usize], scale: f32, rng: &mut StdRng) -> OwnedTensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect();
+    OwnedTensor::f32(&v, shape)
 }
 
 fn norm_weight(d: usize, rng: &mut StdRng) -> OwnedTensor {
@@ -128,8 +242,9 @@ fn norm_weight(d: usize, rng: &mut StdRng) -> OwnedTensor {
     OwnedTensor::f32(&v, &[d])
 }
 
-/// A byte-level BPE tokenizer with 256 byte tokens and no merges (`vocab ≥ 256`).
-fn write_byte_tokenizer(path: &Path, vocab: usize) -> Result<()> {
+/// A byte-level BPE tokenizer with 256 byte tokens and no merges (`vocab ≥ 256`),
+/// as `tokenizer.json` text.
+fn byte_tokenizer_json(vocab: usize) -> Result<String> {
     use tokenizers::models::bpe::BPE;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     let alphabet = ByteLevel::alphabet();
@@ -149,6 +264,5 @@ fn write_byte_tokenizer(path: &Path, vocab: usize) -> Result<()> {
     let mut tok = tokenizers::Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tok.with_decoder(Some(ByteLevel::default()));
-    tok.save(path, false).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+    tok.to_string(false).map_err(|e| anyhow::anyhow!("{e}"))
 }
