@@ -217,21 +217,28 @@ impl Level {
         level
     }
 
-    /// Times a shrink from the top level; `held`: with the old snapshot
-    /// held, as by a forward in flight, so its blocks are freed later.
-    fn shrink(&self, held: bool) -> Duration {
+    /// Times a shrink from the top level: until the new snapshot is in
+    /// place, or with `until_freed` until the release thread has freed the
+    /// dropped blocks too. `held`: with the old snapshot held, as by a
+    /// forward in flight, so its blocks are freed when that ends.
+    fn shrink(&self, held: bool, until_freed: bool) -> Duration {
         self.handle.set_level(self.top).unwrap();
         let snapshot = held.then(|| self.handle.snapshot());
         let t = Instant::now();
         self.handle.set_level(self.low).unwrap();
+        if until_freed {
+            self.handle.wait_released();
+        }
         let dt = t.elapsed();
         drop(snapshot);
+        self.handle.wait_released();
         dt
     }
 
     /// Times a grow to the top level.
     fn grow(&self) -> Duration {
         self.handle.set_level(self.low).unwrap();
+        self.handle.wait_released();
         let t = Instant::now();
         self.handle.set_level(self.top).unwrap();
         t.elapsed()
@@ -302,10 +309,13 @@ fn resize(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(secs));
         group.bench_function("shrink one level", |b| {
-            b.iter_custom(|iters| timed(iters, || level.shrink(false)))
+            b.iter_custom(|iters| timed(iters, || level.shrink(false, false)))
+        });
+        group.bench_function("shrink one level, until freed", |b| {
+            b.iter_custom(|iters| timed(iters, || level.shrink(false, true)))
         });
         group.bench_function("shrink one level, snapshot held", |b| {
-            b.iter_custom(|iters| timed(iters, || level.shrink(true)))
+            b.iter_custom(|iters| timed(iters, || level.shrink(true, false)))
         });
         group.throughput(Throughput::Bytes(level.bytes));
         group.bench_function("grow one level", |b| {
@@ -329,19 +339,21 @@ fn resize(c: &mut Criterion) {
             reused.push(level.read_reused());
         }
         let (grow, fresh, reused) = (middle(grows), middle(fresh), middle(reused));
-        let shrink = middle((0..runs).map(|_| level.shrink(false)).collect());
-        let held = middle((0..runs).map(|_| level.shrink(true)).collect());
+        let shrink = middle((0..runs).map(|_| level.shrink(false, false)).collect());
+        let freed = middle((0..runs).map(|_| level.shrink(false, true)).collect());
+        let held = middle((0..runs).map(|_| level.shrink(true, false)).collect());
         let gibps = |d: Duration| level.bytes as f64 / d.as_secs_f64() / (1u64 << 30) as f64;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         eprintln!(
             "{}: one level = {} bytes ({:.2} MiB); medians of {runs} runs in turn: \
-             shrink {:.3} ms (snapshot held {:.3} ms); grow {:.2} ms = {:.2} GiB/s; \
+             shrink {:.3} ms (until freed {:.2} ms, snapshot held {:.3} ms); grow {:.2} ms = {:.2} GiB/s; \
              page-cache read into fresh buffers {:.2} ms = {:.2} GiB/s, into reused buffers \
              {:.2} ms = {:.2} GiB/s; grow / fresh read = {:.0}%, grow / reused read = {:.0}%",
             shape.name,
             level.bytes,
             level.bytes as f64 / 1048576.0,
             ms(shrink),
+            ms(freed),
             ms(held),
             ms(grow),
             gibps(grow),

@@ -18,8 +18,9 @@ use crate::block::Block;
 use crate::config::ModelConfig;
 use crate::linear::LinearWeight;
 use crate::pack::packed_len;
-use crate::stack::WeightStack;
+use crate::stack::{StackBlock, WeightStack};
 use crate::store::TensorStore;
+use bitstack_kernels::TiledSigns;
 
 pub fn qweight_name(path: &str, i: usize) -> String {
     format!("{path}.qweight_{i}")
@@ -63,10 +64,6 @@ impl BlockCounts {
 
 /// Reads block `i` of linear `path`, checking dtypes, shapes, finiteness
 /// and, when the checkpoint carries one, the block's checksum.
-///
-/// This is the grow path of a resize: one copy out of the memory map per
-/// tensor, then one pass that checks and checksums the copy, so the block
-/// that is verified is the block that is used.
 pub fn read_block(
     store: &TensorStore,
     path: &str,
@@ -75,29 +72,69 @@ pub fn read_block(
     n: usize,
     k: usize,
 ) -> Result<Block> {
-    let signs = store
-        .bytes(&qweight_name(path, i), Dtype::U8, &[packed_len(m * n)])?
-        .to_vec();
-    let u_raw = store.bytes(&u_name(path, i), Dtype::F16, &[m, k])?;
-    let vt_raw = store.bytes(&vt_name(path, i), Dtype::F16, &[k, n])?;
-    let block = Block {
-        signs,
-        u: finite_f16(u_raw, || store.location(&u_name(path, i)))?,
-        vt: finite_f16(vt_raw, || store.location(&vt_name(path, i)))?,
-    };
-    // Checkpoints written by the reference carry no checksums.
-    if let Some(stored) = store.meta(&checksum_key(path, i)) {
-        let computed = format!("{:08x}", block_checksum(&block));
-        if stored != computed {
-            let file = store
-                .file_of(&qweight_name(path, i))
-                .map_or_else(String::new, |f| format!(" in {}", f.display()));
-            bail!(
-                "block {i} of {path}{file} fails its checksum (stored {stored}, computed {computed}): the file is corrupted"
-            );
+    let checked = CheckedBlock::read(store, path, i, m, n, k)?;
+    Ok(Block {
+        signs: checked.signs.to_vec(),
+        u: checked.u,
+        vt: checked.vt,
+    })
+}
+
+/// As [`read_block`], with the signs re-tiled for the kernels straight out
+/// of the memory map: the grow path of a resize, which copies each sign
+/// byte once.
+pub fn read_stack_block(
+    store: &TensorStore,
+    path: &str,
+    i: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<StackBlock> {
+    let checked = CheckedBlock::read(store, path, i, m, n, k)?;
+    Ok(StackBlock {
+        signs: TiledSigns::from_row_major(checked.signs, m, n),
+        u: checked.u,
+        vt: checked.vt,
+    })
+}
+
+/// A block whose bytes passed every check: the signs still in the map, the
+/// factors copied out.
+struct CheckedBlock<'a> {
+    signs: &'a [u8],
+    u: Vec<f16>,
+    vt: Vec<f16>,
+}
+
+impl<'a> CheckedBlock<'a> {
+    fn read(
+        store: &'a TensorStore,
+        path: &str,
+        i: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<Self> {
+        let signs = store.bytes(&qweight_name(path, i), Dtype::U8, &[packed_len(m * n)])?;
+        let u_raw = store.bytes(&u_name(path, i), Dtype::F16, &[m, k])?;
+        let vt_raw = store.bytes(&vt_name(path, i), Dtype::F16, &[k, n])?;
+        let u = finite_f16(u_raw, || store.location(&u_name(path, i)))?;
+        let vt = finite_f16(vt_raw, || store.location(&vt_name(path, i)))?;
+        // Checkpoints written by the reference carry no checksums.
+        if let Some(stored) = store.meta(&checksum_key(path, i)) {
+            let computed = format!("{:08x}", checksum(signs, &u, &vt));
+            if stored != computed {
+                let file = store
+                    .file_of(&qweight_name(path, i))
+                    .map_or_else(String::new, |f| format!(" in {}", f.display()));
+                bail!(
+                    "block {i} of {path}{file} fails its checksum (stored {stored}, computed {computed}): the file is corrupted"
+                );
+            }
         }
+        Ok(Self { signs, u, vt })
     }
-    Ok(block)
 }
 
 /// The bytes of `values` as stored (little-endian), without a copy where
@@ -148,10 +185,14 @@ pub fn checksum_key(path: &str, i: usize) -> String {
 /// CRC-32 of a block's bytes as stored: signs, then u and vt as
 /// little-endian f16.
 pub fn block_checksum(block: &Block) -> u32 {
+    checksum(&block.signs, &block.u, &block.vt)
+}
+
+fn checksum(signs: &[u8], u: &[f16], vt: &[f16]) -> u32 {
     let mut h = crc32fast::Hasher::new();
-    h.update(&block.signs);
-    h.update(&as_le_bytes(&block.u));
-    h.update(&as_le_bytes(&block.vt));
+    h.update(signs);
+    h.update(&as_le_bytes(u));
+    h.update(&as_le_bytes(vt));
     h.finalize()
 }
 
@@ -204,7 +245,7 @@ pub fn load_linear_weight(
         );
     }
     let blocks = (0..count)
-        .map(|i| read_block(store, path, i, m, n, k))
+        .map(|i| read_stack_block(store, path, i, m, n, k).map(std::sync::Arc::new))
         .collect::<Result<Vec<_>>>()?;
     Ok(LinearWeight::BitStack(std::sync::Arc::new(
         WeightStack::new(m, n, k, blocks),

@@ -10,7 +10,10 @@
 //! tensors and blocks are reused, only the stacks that change are new —
 //! then swaps a pointer. It never waits for a forward. Blocks that were
 //! dropped are freed when the last snapshot holding them is dropped, that
-//! is when the last forward that started before the shrink ends. Grown
+//! is when the last forward that started before the shrink ends; the
+//! handle's own reference goes to a background thread, because freeing
+//! hundreds of MiB takes far longer than the swap
+//! ([`BitStackHandle::wait_released`] waits for it). Grown
 //! blocks are copied out of the memory map and checked against the
 //! checksums written at compression time before any forward can see them.
 //!
@@ -31,15 +34,15 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::Device;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use rayon::prelude::*;
 
-use crate::checkpoint::{read_block, BlockCounts};
+use crate::checkpoint::{read_stack_block, BlockCounts};
 use crate::config::ModelConfig;
 use crate::linear::LinearWeight;
 use crate::model::{LinearKind, Llama};
@@ -147,6 +150,59 @@ struct Shared {
     budget: AtomicU64,
     subscribers: RwLock<BTreeMap<SubscriptionId, Subscriber>>,
     next_subscriber: AtomicU64,
+    release: Release,
+}
+
+/// Drops retired snapshots on a background thread.
+struct Release {
+    queue: Mutex<mpsc::Sender<Arc<Snapshot>>>,
+    /// Snapshots sent and not yet dropped.
+    pending: Arc<(Mutex<usize>, Condvar)>,
+}
+
+impl Release {
+    fn start() -> Self {
+        let (queue, retired) = mpsc::channel::<Arc<Snapshot>>();
+        let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let counter = pending.clone();
+        // Ends when the last handle, and with it the sender, is dropped.
+        let spawned = std::thread::Builder::new()
+            .name("bitstack-release".into())
+            .spawn(move || {
+                for snapshot in retired {
+                    drop(snapshot);
+                    let (count, done) = &*counter;
+                    *count.lock() -= 1;
+                    done.notify_all();
+                }
+            });
+        if let Err(e) = spawned {
+            // Without the thread, retired snapshots are dropped in place.
+            tracing::warn!(
+                "cannot start the release thread ({e}); resizes will free memory inline"
+            );
+        }
+        Self {
+            queue: Mutex::new(queue),
+            pending,
+        }
+    }
+
+    fn retire(&self, snapshot: Arc<Snapshot>) {
+        *self.pending.0.lock() += 1;
+        if let Err(mpsc::SendError(snapshot)) = self.queue.lock().send(snapshot) {
+            drop(snapshot);
+            *self.pending.0.lock() -= 1;
+        }
+    }
+
+    fn wait(&self) {
+        let (count, done) = &*self.pending;
+        let mut count = count.lock();
+        while *count > 0 {
+            done.wait(&mut count);
+        }
+    }
 }
 
 /// The runtime control handle of a loaded BitStack model.
@@ -224,6 +280,7 @@ impl BitStackHandle {
                 budget: AtomicU64::new(budget),
                 subscribers: RwLock::new(BTreeMap::new()),
                 next_subscriber: AtomicU64::new(0),
+                release: Release::start(),
             }),
         })
     }
@@ -301,6 +358,12 @@ impl BitStackHandle {
         self.resize(|_| bytes)
     }
 
+    /// Blocks until the blocks dropped by earlier resizes are freed, except
+    /// those a forward still holds (they go when it ends).
+    pub fn wait_released(&self) {
+        self.shared.release.wait();
+    }
+
     /// Calls `f` after every resize that changes the level, in the thread
     /// that resized, after the new snapshot is in place and with no lock
     /// held: `f` may call back into the handle (a resize from inside `f`
@@ -360,9 +423,10 @@ impl BitStackHandle {
         let previous = std::mem::replace(&mut *shared.current.write(), Arc::new(next));
         shared.budget.store(budget, Ordering::Release);
         drop(serialized);
-        // Our references to the old snapshot go here; its dropped blocks
-        // are freed now, or when the last forward holding it ends.
-        drop((previous, current));
+        // The old snapshot's dropped blocks are freed by the release thread,
+        // or by the last forward still holding it.
+        drop(current);
+        shared.release.retire(previous);
         resize.elapsed = start.elapsed();
         let subscribers: Vec<Subscriber> = shared.subscribers.read().values().cloned().collect();
         for s in subscribers {
@@ -379,8 +443,8 @@ impl BitStackHandle {
             .par_iter()
             .map(|&(li, b)| {
                 let slot = &shared.geometry.linears[li];
-                read_block(&shared.store, &slot.name, b, slot.m, slot.n, slot.k)
-                    .map(|block| Arc::new(StackBlock::new(block, slot.m, slot.n)))
+                read_stack_block(&shared.store, &slot.name, b, slot.m, slot.n, slot.k)
+                    .map(Arc::new)
                     .with_context(|| format!("reading block {b} of {}", slot.name))
             })
             .collect::<anyhow::Result<_>>()?;

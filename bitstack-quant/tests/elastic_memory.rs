@@ -75,6 +75,7 @@ fn resizes_allocate_and_free_exactly_the_bytes_they_report() {
 
     let handle = BitStackHandle::open(&dir, None, &Device::Cpu).unwrap();
     handle.set_level(0).unwrap();
+    handle.wait_released();
     let linears = handle.geometry().linears.len() as i64;
     let layers = 3;
     // Besides the blocks, a resize allocates the new snapshot: one stack
@@ -86,6 +87,8 @@ fn resizes_allocate_and_free_exactly_the_bytes_they_report() {
         let before = allocated();
         let held = holding_old_snapshot.then(|| handle.snapshot());
         let r = handle.set_level(level).unwrap();
+        // Dropped blocks are freed off the resizing thread.
+        handle.wait_released();
         let after_resize = allocated();
         let moved = (r.blocks_added + r.blocks_dropped) as i64;
         let bound = metadata_bound(moved);
