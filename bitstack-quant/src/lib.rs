@@ -21,6 +21,7 @@ pub mod feedback;
 pub mod generate;
 pub mod hub;
 pub mod inspect;
+pub mod kernel_bench;
 pub mod linear;
 pub mod model;
 pub mod order;

@@ -16,6 +16,7 @@ use bitstack_quant::device::DeviceSpec;
 use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::inspect::inspect;
+use bitstack_quant::kernel_bench;
 use bitstack_quant::model::{load_tokenizer, LinearKind, Llama};
 use bitstack_quant::order::{BlockOrder, DenseMeasurement, Geometry, Measurement};
 use bitstack_quant::perplexity::{evaluate, PerplexityReport};
@@ -201,6 +202,33 @@ enum Command {
         #[arg(long, value_name = "PPL", requires = "plot", value_parser = parse_ppl)]
         dense_ppl: Option<f64>,
     },
+    /// Time BitStack linears against candle's dense f32, dense f16 and Q4K
+    /// products on random weights, like llama.cpp's llama-bench.
+    ///
+    /// For every shape, block count and row count, one `y = x·Wᵀ` is timed
+    /// four ways in this process: ours (the BitStack `Linear::forward` the
+    /// runner uses, with that many random blocks of rank k), candle's dense
+    /// matmul with an f32 and an f16 weight (x cast to the weight's dtype
+    /// beforehand; the faster of `x.matmul(&w.t())` on the row-major m×n
+    /// weight and `x.matmul(&wt)` on a contiguous transposed copy), and
+    /// candle's `QMatMul` with the weight quantized to Q4K (4.5 bits per
+    /// weight; only where N is a multiple of 256, else `-` or null). Each is
+    /// run once to warm up, then repeated until --min-time-ms has passed (at
+    /// least 3 times); the median is reported. The dense and Q4K times do not
+    /// depend on the block count: they are measured once per shape and row
+    /// count.
+    ///
+    /// Columns: bpw is bits per weight of ours, blocks·(M·N/8 + 2·k·(M+N))·8
+    /// / (M·N); the ratios are ours divided by each baseline (below 1 means
+    /// ours is faster). Progress goes to stderr, the table (or JSON) to
+    /// stdout.
+    ///
+    /// Candle's Q4K kernels are chosen when candle is compiled: without the
+    /// AVX2 target feature (e.g. `RUSTFLAGS="-C target-cpu=native"`) x86 gets
+    /// its portable scalar code; the dense matmul picks SIMD at run time.
+    ///
+    /// Example: `bitstack bench --shapes 4096x4096,1536x576 --blocks 1,4 --rows 1,512`
+    Bench(BenchArgs),
     /// The main job: fetch assets, import SmolLM2, compress, evaluate at a few sizes.
     Demo {
         /// Working dir for the imported and compressed models [default: assets dir].
@@ -268,6 +296,47 @@ struct EvalArgs {
     /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     device: DeviceSpec,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Weight shapes MxN: M out features (rows of W), N in features (columns
+    /// of W, the length of each row of x).
+    #[arg(
+        long,
+        value_name = "MxN,…",
+        value_delimiter = ',',
+        value_parser = kernel_bench::parse_shape,
+        default_value = kernel_bench::DEFAULT_SHAPES
+    )]
+    shapes: Vec<(usize, usize)>,
+    /// BitStack block counts to time (each at least 1).
+    #[arg(long, value_name = "B,…", value_delimiter = ',', default_value = kernel_bench::DEFAULT_BLOCKS)]
+    blocks: Vec<usize>,
+    /// Rank of each block's u·vt (at most min(M, N)).
+    #[arg(long, default_value_t = kernel_bench::DEFAULT_K)]
+    k: usize,
+    /// Rows of x: 1 is one token being decoded, 512 a prompt being prefilled.
+    #[arg(long, value_name = "R,…", value_delimiter = ',', default_value = kernel_bench::DEFAULT_ROWS)]
+    rows: Vec<usize>,
+    /// Print a JSON list, one object per combination, with times in
+    /// milliseconds (q4k_ms null where Q4K cannot hold the shape), and
+    /// nothing else on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Threads for every contender [default: RAYON_NUM_THREADS, else all
+    /// CPUs]. Ours and candle's Q4K run on rayon's global pool, and candle's
+    /// dense matmul splits its work into RAYON_NUM_THREADS tasks (all CPUs
+    /// when unset) on that pool: this sets both, so all sides use N threads.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Repeat each measurement until this many milliseconds have passed (at
+    /// least 3 timed runs, after 1 warm-up run).
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    min_time_ms: u64,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 fn main() {
@@ -413,6 +482,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Bench(args) => bench(&args),
         Command::Demo {
             dir,
             budgets,
@@ -730,6 +800,35 @@ fn demo(dir: Option<PathBuf>, budgets: &[Budget], windows: usize, device: &Devic
     for &budget in budgets {
         let (counts, _) = block_counts(&packed, Some(budget), None)?;
         row(&budget.to_string(), &eval(&packed, counts)?);
+    }
+    Ok(())
+}
+
+fn bench(args: &BenchArgs) -> Result<()> {
+    let cfg = kernel_bench::BenchConfig {
+        shapes: args.shapes.clone(),
+        blocks: args.blocks.clone(),
+        k: args.k,
+        rows: args.rows.clone(),
+        min_time: std::time::Duration::from_millis(args.min_time_ms),
+        seed: args.seed,
+    };
+    // Refuse bad input before spending time on anything.
+    cfg.validate()?;
+    let threads = kernel_bench::set_threads(args.threads)?;
+    eprintln!("{threads} threads for ours, candle's dense matmul and candle's Q4K");
+    if cfg!(target_arch = "x86_64") && !candle_core::utils::with_avx() {
+        eprintln!(
+            "note: built without the AVX2 target feature, so candle's Q4K runs its portable scalar kernels"
+        );
+    }
+    let pb = progress_bar(cfg.steps(), "benchmarking");
+    let rows = kernel_bench::run(&cfg, &pb)?;
+    pb.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", kernel_bench::format_table(&rows));
     }
     Ok(())
 }
