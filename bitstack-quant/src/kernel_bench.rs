@@ -490,7 +490,7 @@ mod tests {
             assert!(stack
                 .blocks
                 .iter()
-                .all(|b| b.signs.len() == crate::pack::packed_len(m * n)
+                .all(|b| (b.signs.m(), b.signs.n()) == (m, n)
                     && b.u.len() == m * k
                     && b.vt.len() == k * n));
             let w = stack.dense();
