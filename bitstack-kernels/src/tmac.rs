@@ -19,26 +19,36 @@
 //! # Arithmetic
 //!
 //! The columns are cut into chunks of [`CHUNK_COLS`]. Per (block, chunk,
-//! row of `x`, rank index) the tables share one f32 scale
-//! `s = max_g Σ_{c∈g}|Z[c]| / 63`, and each entry is stored as
-//! `round(T/s) + 64`, in `1..=127`. The two lookups of a sign byte (groups
-//! `2q`, `2q+1`) are added in u8 (at most 254), and the sums of a chunk are
-//! accumulated in u16 lanes: a lane holds an even and an odd row of the
-//! tile, one u16 accumulator takes the 16-bit words as they are and a
-//! second the odd bytes alone (shifted down), so the even rows' sums come
-//! out as the difference, exactly, modulo 2¹⁶. At the end of a chunk the
-//! exact integer sums lose their bias, become f32 and are multiplied by the
-//! scale; after the last chunk of a block they are folded with `u_b`.
+//! row of `x`, rank index) the tables share one step
+//! `s = max_g Σ_{c∈g}|Z[c]| / 63`. An entry `T` is `v = T/s` steps, stored
+//! in two parts, both int8 tables of their own: the high part
+//! `h = round(v)`, in `±63`, and the low part
+//! `l = round((v - h)·30)`, in `±15`, so that `T ≈ (30·h + l)·s/30` with
+//! an error of at most `s/60` (with one int8 part it was `s/2`).
 //!
-//! Only the table entries are rounded. Each has an error of at most `s/2`,
-//! and these errors are independent, so the error of an output grows like
-//! the output itself, as the square root of the number of terms, and its
-//! size relative to the outputs' RMS depends on neither `n` nor `k`: on
-//! random data it
-//! is about 1.6–1.8% RMS and at most about 7.5% (see
-//! [`RELATIVE_RMS_ERROR_BOUND`] and [`RELATIVE_MAX_ERROR_BOUND`], which the
-//! tests assert). Activations with outliers raise the scale of their chunk
-//! and so the error of every table in it.
+//! The high parts are stored plus 64, in `1..=127`: the two lookups of a
+//! sign byte (groups `2q`, `2q+1`) are added in u8 (at most 254), and the
+//! sums of a chunk are accumulated in u16 lanes: a lane holds an even and
+//! an odd row of the tile, one u16 accumulator takes the 16-bit words as
+//! they are and a second the odd bytes alone (shifted down), so the even
+//! rows' sums come out as the difference, exactly, modulo 2¹⁶. The low
+//! parts are stored plus 15, in `0..=30`: the lookups of
+//! [`LO_RUN`] sign bytes add up in u8 before they are accumulated the same
+//! way. At the end of a chunk the exact integer sums lose their bias, are
+//! combined as `30·Σh + Σl`, become f32 and are multiplied by `s/30`; after
+//! the last chunk of a block they are folded with `u_b`. The low parts
+//! double the lookups: they cost about 1.7× the time of high parts alone.
+//!
+//! Only the table entries are rounded. Each has an error of at most
+//! `s/60`, and these errors are independent, so the error of an output
+//! grows like the output itself, as the square root of the number of
+//! terms, and its size relative to the outputs' RMS depends on neither `n`
+//! nor `k`: on random data it is about 0.06% RMS and at most about 0.25%
+//! (see [`RELATIVE_RMS_ERROR_BOUND`] and [`RELATIVE_MAX_ERROR_BOUND`],
+//! which the tests assert), 30 times less than with the high parts alone.
+//! Activations with outliers raise the step of their chunk and so the
+//! error of every table in it; on a real model the decode perplexity stays
+//! within about 0.1% of exact f32 tables.
 //!
 //! The scalar path ([`Isa::Baseline`]) builds the same tables and does the
 //! same integer sums and f32 operations in the same order, so every
@@ -62,42 +72,57 @@ pub const MAX_ROWS: usize = 8;
 /// Sign bytes (8 columns each) per chunk.
 const CHUNK_BYTES: usize = 128;
 
-/// Columns per chunk: the columns whose tables share one scale and whose
+/// Columns per chunk: the columns whose tables share one step and whose
 /// sums are accumulated in u16 before they are widened to f32.
 pub const CHUNK_COLS: usize = 8 * CHUNK_BYTES;
 
 /// Four-column groups per chunk.
 const CHUNK_GROUPS: usize = 2 * CHUNK_BYTES;
 
-/// Bytes of the tables of one (block, chunk, row of x, rank index).
-const UNIT_BYTES: usize = CHUNK_GROUPS * 16;
+/// Bytes of the tables of one (block, chunk, row of x, rank index): per
+/// sign byte, the high and the low part of its two groups' tables.
+const UNIT_BYTES: usize = CHUNK_BYTES * 64;
 
 /// Bytes of one block's tables that a task reads over again for each tile
 /// (else it reads each chunk's tables for all its tiles in turn).
 const TABLE_BUDGET: usize = 256 << 10;
 
 /// Rank rows (rows of `x` times rank indices) per pass over a chunk's sign
-/// bytes: two u16 accumulators each in 16 registers.
-const PASS: usize = 4;
+/// bytes: four u16 accumulators and one u8 accumulator each in 16 registers.
+const PASS: usize = 2;
 
-/// Largest magnitude of a quantized table entry: two entries add up in a
-/// byte without overflow.
+/// Largest magnitude of the high part of a table entry: two of them add up
+/// in a byte without overflow.
 const QMAX: f32 = 63.0;
 
-/// Added to every stored entry so that the stored bytes are positive.
+/// Added to every stored high part so that the stored bytes are positive.
 const BIAS: i32 = 64;
 
+/// Largest magnitude of the low part of a table entry, which is also the
+/// stored low parts' bias.
+const LO_MAX: i32 = 15;
+
+/// Low-part steps per high-part step.
+const LO_STEPS: i32 = 2 * LO_MAX;
+
+/// Sign bytes whose low-part sums are added up in u8 before they are
+/// widened.
+const LO_RUN: usize = 4;
+
 /// Bound on the RMS error of the outputs, relative to their RMS, on random
-/// data (measured: up to 1.8%, for uniform `x`, `u` and `vt`).
-pub const RELATIVE_RMS_ERROR_BOUND: f32 = 0.025;
+/// data (measured: up to 0.06%, for uniform `x`, `u` and `vt`).
+pub const RELATIVE_RMS_ERROR_BOUND: f32 = 0.001;
 
 /// Bound on the error of any single output, relative to the outputs' RMS,
-/// on random data (measured: up to 7.4%).
-pub const RELATIVE_MAX_ERROR_BOUND: f32 = 0.1;
+/// on random data (measured: up to 0.23%).
+pub const RELATIVE_MAX_ERROR_BOUND: f32 = 0.004;
 
 // Chunk sums of one lane must fit 16 bits: each sign byte adds at most
-// 2·(QMAX + BIAS).
+// 2·(QMAX + BIAS) to the high and 4·LO_MAX to the low sums; a run of low
+// sums must fit 8 bits; the combined sums of a chunk must be exact in f32.
 const _: () = assert!(CHUNK_BYTES * 2 * (QMAX as usize + BIAS as usize) < 1 << 16);
+const _: () = assert!(LO_RUN * 4 * LO_MAX as usize <= 255);
+const _: () = assert!(CHUNK_BYTES * 2 * (QMAX as usize) * (LO_STEPS as usize + 1) < 1 << 24);
 
 /// A packed ±1 sign matrix re-tiled for [`matmul_t`].
 ///
@@ -399,7 +424,8 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
 }
 
 /// The int8 tables of `groups` groups from column `col0` for one rank
-/// index of one block (`vt` is its row) and one row of `x`, and their scale.
+/// index of one block (`vt` is its row) and one row of `x`, and their scale:
+/// the value of one low-part step.
 fn build_tables(
     isa: Isa,
     t: &mut [u8],
@@ -409,7 +435,7 @@ fn build_tables(
     col0: usize,
     groups: usize,
 ) {
-    assert!(groups <= CHUNK_GROUPS && t.len() >= 16 * groups);
+    assert!(groups <= CHUNK_GROUPS && t.len() >= 64 * groups.div_ceil(2));
     let cols = (x.len() - col0).min(4 * groups);
     // Zero past the last column, up to a whole number of 8-group runs.
     let mut z = [0f32; CHUNK_COLS];
@@ -422,10 +448,10 @@ fn build_tables(
         _ => group_max_scalar(&z[..4 * groups]),
     };
     let inv = if max > 0.0 { QMAX / max } else { 0.0 };
-    *scale = max / QMAX;
+    *scale = max / (QMAX * LO_STEPS as f32);
     let z = &z[..4 * groups];
     match isa {
-        // SAFETY: as above; t holds 16 bytes per group.
+        // SAFETY: as above; t holds 64 bytes per pair of groups.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => unsafe { avx2::entries(z, inv, t) },
         _ => entries_scalar(z, inv, t),
@@ -489,20 +515,26 @@ const fn entry_signs() -> [[[f32; 8]; 4]; 2] {
     signs
 }
 
-/// The table entry of signs `s` (`±1` per column) for group `z`, rounded
-/// to the grid of `1/inv`, clamped to `±QMAX` and biased.
+/// The table entry of signs `s` (`±1` per column) for group `z` in units
+/// of `1/inv`, `v`: its high part `h`, `v` rounded and clamped to `±QMAX`,
+/// and its low part, `(v - h)·LO_STEPS` rounded and clamped to `±LO_MAX`,
+/// both biased.
 #[inline(always)]
-fn quantized_entry(z: &[f32; 4], s: [f32; 4], inv: f32) -> u8 {
+fn quantized_entry(z: &[f32; 4], s: [f32; 4], inv: f32) -> (u8, u8) {
+    // As cvtps2dq and max_ps: NaN becomes the most negative value.
+    let clamp = |v: f32, max: f32| if v >= -max { v.min(max) } else { -max };
     let rest = (s[1] * z[1] + s[2] * z[2]) + s[3] * z[3];
-    let v = ((rest + s[0] * z[0]) * inv).round_ties_even();
-    // As cvtps2dq: NaN becomes the most negative integer.
-    let v = if v >= -QMAX { v.min(QMAX) } else { -QMAX };
-    (v as i32 + BIAS) as u8
+    let v = (rest + s[0] * z[0]) * inv;
+    let h = clamp(v.round_ties_even(), QMAX);
+    let l = clamp(((v - h) * LO_STEPS as f32).round_ties_even(), LO_MAX as f32);
+    ((h as i32 + BIAS) as u8, (l as i32 + LO_MAX) as u8)
 }
 
-/// Tables of the groups of `z` into `t`, 16 bytes per group.
+/// Tables of the groups of `z` into `t`, 64 bytes per pair of groups: the
+/// high parts of the first and of the second group, then their low parts.
 fn entries_scalar(z: &[f32], inv: f32, t: &mut [u8]) {
-    for (g, t) in z.as_chunks::<4>().0.iter().zip(t.as_chunks_mut::<16>().0) {
+    for (g, z) in z.as_chunks::<4>().0.iter().enumerate() {
+        let at = 64 * (g / 2) + 16 * (g % 2);
         for (half, signs) in ENTRY_SIGNS.iter().enumerate() {
             for (l, ((&s0, &s1), (&s2, &s3))) in signs[0]
                 .iter()
@@ -511,7 +543,9 @@ fn entries_scalar(z: &[f32], inv: f32, t: &mut [u8]) {
                 .enumerate()
             {
                 let entry = (l / 4) * 8 + half * 4 + l % 4;
-                t[entry] = quantized_entry(g, [s0, s1, s2, s3], inv);
+                let (h, l) = quantized_entry(z, [s0, s1, s2, s3], inv);
+                t[at + entry] = h;
+                t[at + 32 + entry] = l;
             }
         }
     }
@@ -543,23 +577,22 @@ fn run_task(
         f.fill(0.0);
         let tables = &tables[plan.unit(b, 0, 0) * UNIT_BYTES..][..plan.chunks * rk * UNIT_BYTES];
         let scales = &scales[plan.unit(b, 0, 0)..][..plan.chunks * rk];
-        // The lookups of tile t, chunk c, rank rows jj0.. (at most PASS).
-        let lookups = |t: usize, c: usize, jj0: usize, f: &mut [f32]| {
+        // The lookups of tile t, chunk c, rank rows jj0..jj0 + jn.
+        let lookups = |t: usize, c: usize, jj0: usize, jn: usize, f: &mut [f32]| {
             let at = block.signs.offset(tile0 + t, c * CHUNK_BYTES);
             let signs = &block.signs.data[at..][..plan.chunk_bytes(c) * TILE_ROWS];
-            let jn = PASS.min(rk - jj0);
             let unit = c * rk + jj0;
             let tables = &tables[unit * UNIT_BYTES..][..jn * UNIT_BYTES];
             let f = &mut f[jj0 * TILE_ROWS..][..jn * TILE_ROWS];
             chunk_sums(isa, signs, tables, &scales[unit..][..jn], f);
         };
-        if rk <= PASS && plan.chunks * rk * UNIT_BYTES <= TABLE_BUDGET {
-            // One pass per chunk and the block's tables stay in L2: read
-            // each tile's signs in one sweep, which the prefetchers follow
-            // from memory.
+        if plan.chunks * rk * UNIT_BYTES <= TABLE_BUDGET {
+            // The block's tables stay in L2: read each tile's signs in one
+            // sweep, which the prefetchers follow from memory, each chunk
+            // of them from L1 for every pass.
             for (t, f) in f.chunks_exact_mut(rk * TILE_ROWS).enumerate() {
                 for c in 0..plan.chunks {
-                    lookups(t, c, 0, f);
+                    lookups(t, c, 0, rk, f);
                 }
             }
         } else {
@@ -568,7 +601,7 @@ fn run_task(
             for c in 0..plan.chunks {
                 for jj0 in (0..rk).step_by(PASS) {
                     for (t, f) in f.chunks_exact_mut(rk * TILE_ROWS).enumerate() {
-                        lookups(t, c, jj0, f);
+                        lookups(t, c, jj0, PASS.min(rk - jj0), f);
                     }
                 }
             }
@@ -622,8 +655,8 @@ fn fold_body(u_t: &[f32], f: &[f32], y: &mut [f32]) {
 }
 
 /// For one tile and one chunk: `f[jj][p] += scale[jj] · Σ` (the table
-/// lookups of the chunk's sign bytes `signs` in tables `jj`), for every
-/// rank row `jj`.
+/// lookups of the chunk's sign bytes `signs` in tables `jj`, high parts
+/// times [`LO_STEPS`] plus low parts), for every rank row `jj`.
 fn chunk_sums(isa: Isa, signs: &[u8], tables: &[u8], scales: &[f32], f: &mut [f32]) {
     let rk = scales.len();
     assert!(tables.len() >= rk * UNIT_BYTES && f.len() >= rk * TILE_ROWS);
@@ -643,20 +676,22 @@ fn chunk_sums(isa: Isa, signs: &[u8], tables: &[u8], scales: &[f32], f: &mut [f3
 /// same f32 operations as the AVX2 path.
 fn chunk_sums_scalar(signs: &[u8], tables: &[u8], scales: &[f32], f: &mut [f32]) {
     let bytes = signs.len() / TILE_ROWS;
-    let bias = 2 * BIAS * bytes as i32;
+    let (bias, lo_bias) = (2 * BIAS * bytes as i32, 2 * LO_MAX * bytes as i32);
     for (jj, &scale) in scales.iter().enumerate() {
         let t = &tables[jj * UNIT_BYTES..][..UNIT_BYTES];
         let f = &mut f[jj * TILE_ROWS..][..TILE_ROWS];
         for l in 0..TILE_ROWS {
-            let mut sum = 0i32;
+            let (mut high, mut low) = (0i32, 0i32);
             for q in 0..bytes {
                 let byte = signs[q * TILE_ROWS + l];
-                let hi = t[q * 32 + (byte >> 4) as usize];
-                let lo = t[q * 32 + 16 + (byte & 15) as usize];
-                sum += hi.wrapping_add(lo) as i32;
+                let t = &t[q * 64..][..64];
+                let (a, b) = ((byte >> 4) as usize, (byte & 15) as usize);
+                high += (t[a] + t[16 + b]) as i32;
+                low += (t[32 + a] + t[48 + b]) as i32;
             }
+            let sum = LO_STEPS * (high - bias) + (low - lo_bias);
             let p = POSITION_OF_ROW[l];
-            f[p] = scale.mul_add((sum - bias) as f32, f[p]);
+            f[p] = scale.mul_add(sum as f32, f[p]);
         }
     }
 }
@@ -667,7 +702,7 @@ mod avx2 {
 
     use half::f16;
 
-    use super::{BIAS, ENTRY_SIGNS, PASS, QMAX, TILE_ROWS, UNIT_BYTES};
+    use super::{BIAS, ENTRY_SIGNS, LO_MAX, LO_RUN, LO_STEPS, PASS, QMAX, TILE_ROWS, UNIT_BYTES};
 
     /// `dst = src` in f32, eight at a time.
     ///
@@ -710,20 +745,29 @@ mod avx2 {
     /// vectors of 8 f32.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `t` must hold 16 bytes per group.
+    /// The CPU must support AVX2 and FMA; `t` must hold 64 bytes per pair
+    /// of groups.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn entries(z: &[f32], inv: f32, t: &mut [u8]) {
         let z = z.as_chunks::<4>().0;
-        assert!(t.len() >= 16 * z.len());
+        assert!(t.len() >= 64 * z.len().div_ceil(2));
         let signs = |h: usize, q: usize| _mm256_loadu_ps(ENTRY_SIGNS[h][q].as_ptr());
         let sa = [signs(0, 0), signs(0, 1), signs(0, 2), signs(0, 3)];
         let sb = [signs(1, 0), signs(1, 1), signs(1, 2), signs(1, 3)];
         let inv = _mm256_set1_ps(inv);
+        let (qmin, qmax) = (_mm256_set1_ps(-QMAX), _mm256_set1_ps(QMAX));
+        let steps = _mm256_set1_ps(LO_STEPS as f32);
         let (lo, hi) = (
-            _mm256_set1_epi16(-QMAX as i16),
-            _mm256_set1_epi16(QMAX as i16),
+            _mm256_set1_epi16(-LO_MAX as i16),
+            _mm256_set1_epi16(LO_MAX as i16),
         );
         let bias = _mm256_set1_epi16(BIAS as i16);
+        let lo_bias = _mm256_set1_epi16(LO_MAX as i16);
+        // Eight 16-bit words packed to bytes: the low 16 bytes.
+        let bytes = |w: __m256i| {
+            let b = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi16(w, w));
+            _mm256_castsi256_si128(b)
+        };
         for (g, z) in z.iter().enumerate() {
             let zq = [
                 _mm256_set1_ps(z[0]),
@@ -733,24 +777,30 @@ mod avx2 {
             ];
             // Products with ±1 are exact, so each fused step rounds as the
             // scalar sum does.
+            // The high part is clamped in f32 (max_ps gives its second
+            // operand for NaN, as the scalar clamp does).
             let quantize = |s: &[__m256; 4]| {
                 let rest = _mm256_fmadd_ps(s[1], zq[1], _mm256_mul_ps(s[2], zq[2]));
                 let rest = _mm256_fmadd_ps(s[3], zq[3], rest);
-                let v = _mm256_fmadd_ps(s[0], zq[0], rest);
-                _mm256_cvtps_epi32(_mm256_mul_ps(v, inv))
+                let v = _mm256_mul_ps(_mm256_fmadd_ps(s[0], zq[0], rest), inv);
+                let h = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                let h = _mm256_min_ps(_mm256_max_ps(h, qmin), qmax);
+                let l = _mm256_mul_ps(_mm256_sub_ps(v, h), steps);
+                (_mm256_cvtps_epi32(h), _mm256_cvtps_epi32(l))
             };
+            let ((ha, la), (hb, lb)) = (quantize(&sa), quantize(&sb));
             // Words: entries 0–7 in the low lane, 8–15 in the high one.
-            let w = _mm256_packs_epi32(quantize(&sa), quantize(&sb));
-            let w = _mm256_add_epi16(_mm256_min_epi16(_mm256_max_epi16(w, lo), hi), bias);
-            let b = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi16(w, w));
-            _mm_storeu_si128(
-                t.as_mut_ptr().add(16 * g) as *mut __m128i,
-                _mm256_castsi256_si128(b),
-            );
+            let h = _mm256_add_epi16(_mm256_packs_epi32(ha, hb), bias);
+            let l = _mm256_packs_epi32(la, lb);
+            let l = _mm256_add_epi16(_mm256_min_epi16(_mm256_max_epi16(l, lo), hi), lo_bias);
+            let at = t.as_mut_ptr().add(64 * (g / 2) + 16 * (g % 2));
+            _mm_storeu_si128(at as *mut __m128i, bytes(h));
+            _mm_storeu_si128(at.add(32) as *mut __m128i, bytes(l));
         }
     }
 
-    /// [`super::chunk_sums`] four rank rows per pass over the sign bytes.
+    /// [`super::chunk_sums`], [`PASS`] rank rows per pass over the sign
+    /// bytes.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA; `tables` must hold `scales.len()`
@@ -784,36 +834,60 @@ mod avx2 {
     ) {
         let bytes = signs.len() / TILE_ROWS;
         let nibble = _mm256_set1_epi8(0x0f);
-        let mut words = [_mm256_setzero_si256(); J];
-        let mut odd = [_mm256_setzero_si256(); J];
+        let zero = _mm256_setzero_si256();
+        // Per rank row: the high sums as 16-bit words and their odd bytes,
+        // the same for the low sums.
+        let mut words = [zero; J];
+        let mut odd = [zero; J];
+        let mut lo_words = [zero; J];
+        let mut lo_odd = [zero; J];
         let s = signs.as_ptr();
         let t = tables.as_ptr().add(jj0 * UNIT_BYTES);
-        for q in 0..bytes {
-            let v = _mm256_loadu_si256(s.add(q * TILE_ROWS) as *const __m256i);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
-            let lo = _mm256_and_si256(v, nibble);
-            for j in 0..J {
-                let tq = t.add(j * UNIT_BYTES + q * 32);
-                let th = _mm256_broadcastsi128_si256(_mm_loadu_si128(tq as *const __m128i));
-                let tl = _mm256_broadcastsi128_si256(_mm_loadu_si128(tq.add(16) as *const __m128i));
-                let sum = _mm256_add_epi8(_mm256_shuffle_epi8(th, hi), _mm256_shuffle_epi8(tl, lo));
-                words[j] = _mm256_add_epi16(words[j], sum);
-                odd[j] = _mm256_add_epi16(odd[j], _mm256_srli_epi16::<8>(sum));
+        let table =
+            |at: *const u8| _mm256_broadcastsi128_si256(_mm_loadu_si128(at as *const __m128i));
+        let mut q0 = 0;
+        while q0 < bytes {
+            let mut run = [zero; J];
+            for q in q0..(q0 + LO_RUN).min(bytes) {
+                let v = _mm256_loadu_si256(s.add(q * TILE_ROWS) as *const __m256i);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                let lo = _mm256_and_si256(v, nibble);
+                for j in 0..J {
+                    let tq = t.add(j * UNIT_BYTES + q * 64);
+                    let look = |o: usize, idx: __m256i| _mm256_shuffle_epi8(table(tq.add(o)), idx);
+                    let sum = _mm256_add_epi8(look(0, hi), look(16, lo));
+                    words[j] = _mm256_add_epi16(words[j], sum);
+                    odd[j] = _mm256_add_epi16(odd[j], _mm256_srli_epi16::<8>(sum));
+                    run[j] = _mm256_add_epi8(run[j], _mm256_add_epi8(look(32, hi), look(48, lo)));
+                }
             }
+            for j in 0..J {
+                lo_words[j] = _mm256_add_epi16(lo_words[j], run[j]);
+                lo_odd[j] = _mm256_add_epi16(lo_odd[j], _mm256_srli_epi16::<8>(run[j]));
+            }
+            q0 += LO_RUN;
         }
-        let zero = _mm256_setzero_si256();
         let bias = _mm256_set1_epi32(2 * BIAS * bytes as i32);
-        for j in 0..J {
-            let even = _mm256_sub_epi16(words[j], _mm256_slli_epi16::<8>(odd[j]));
-            let scale = _mm256_set1_ps(scales[jj0 + j]);
-            let parts = [
+        let lo_bias = _mm256_set1_epi32(2 * LO_MAX * bytes as i32);
+        let steps = _mm256_set1_epi32(LO_STEPS);
+        // Sums of positions 0–7, 8–15, 16–23, 24–31 (even rows, then odd).
+        let parts = |words: __m256i, odd: __m256i| {
+            let even = _mm256_sub_epi16(words, _mm256_slli_epi16::<8>(odd));
+            [
                 _mm256_unpacklo_epi16(even, zero),
                 _mm256_unpackhi_epi16(even, zero),
-                _mm256_unpacklo_epi16(odd[j], zero),
-                _mm256_unpackhi_epi16(odd[j], zero),
-            ];
-            for (v, part) in parts.into_iter().enumerate() {
-                let sums = _mm256_cvtepi32_ps(_mm256_sub_epi32(part, bias));
+                _mm256_unpacklo_epi16(odd, zero),
+                _mm256_unpackhi_epi16(odd, zero),
+            ]
+        };
+        for j in 0..J {
+            let scale = _mm256_set1_ps(scales[jj0 + j]);
+            let high = parts(words[j], odd[j]);
+            let low = parts(lo_words[j], lo_odd[j]);
+            for (v, (high, low)) in high.into_iter().zip(low).enumerate() {
+                let high = _mm256_mullo_epi32(_mm256_sub_epi32(high, bias), steps);
+                let sums = _mm256_add_epi32(high, _mm256_sub_epi32(low, lo_bias));
+                let sums = _mm256_cvtepi32_ps(sums);
                 let at = f.as_mut_ptr().add((jj0 + j) * TILE_ROWS + v * 8);
                 _mm256_storeu_ps(at, _mm256_fmadd_ps(scale, sums, _mm256_loadu_ps(at)));
             }
