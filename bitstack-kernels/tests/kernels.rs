@@ -177,8 +177,18 @@ fn the_candle_op_takes_f32_f16_and_bf16() {
         reference::matmul_t(&x, rows, &owned.row_major(), &mut want);
         let xt = Tensor::from_vec(x, (1, rows, 90), &Device::Cpu).unwrap();
         // Activations rounded to the dtype, then f32 math: the error is the
-        // rounding of the inputs and of the outputs.
-        for (dtype, tol) in [(DType::F32, 1e-4), (DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+        // rounding of the inputs and of the outputs, and for a few rows the
+        // shuffle kernel's quantized tables.
+        let f32_tol = if rows <= bitstack_kernels::DECODE_MAX_ROWS {
+            bitstack_kernels::tmac::RELATIVE_MAX_ERROR_BOUND
+        } else {
+            1e-4
+        };
+        for (dtype, tol) in [
+            (DType::F32, f32_tol),
+            (DType::F16, 1e-2),
+            (DType::BF16, 5e-2),
+        ] {
             let y = bitstack_kernels::op::matmul_t(&xt.to_dtype(dtype).unwrap(), owned.clone())
                 .unwrap();
             assert_eq!(y.dims(), &[1, rows, 37]);

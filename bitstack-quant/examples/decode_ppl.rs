@@ -42,9 +42,9 @@ fn main() -> Result<()> {
     let tokenizer = load_tokenizer(&args.model)?;
     let text = match args.text {
         Some(p) => std::fs::read_to_string(p)?,
-        None => std::fs::read_to_string(
-            bitstack_assets::default_assets_dir()?.join("wiki-eval.txt"),
-        )?,
+        None => {
+            std::fs::read_to_string(bitstack_assets::default_assets_dir()?.join("wiki-eval.txt"))?
+        }
     };
     let ids = tokenizer
         .encode(text.as_str(), false)

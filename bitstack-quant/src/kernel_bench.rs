@@ -135,8 +135,9 @@ pub fn parse_shape(s: &str) -> Result<(usize, usize), String> {
     Ok((m, n))
 }
 
-/// Bits per weight of `blocks` BitStack blocks of an `m×n` weight with rank
-/// `k`: `blocks · (m·n/8 + 2·k·(m+n)) · 8 / (m·n)`.
+/// Bits per weight of `blocks` resident BitStack blocks of an `m×n` weight
+/// with rank `k` ([`block_bytes`]: about `blocks · (m·n/8 + 2·k·(m+n)) · 8 /
+/// (m·n)`, signs padded to 32-row tiles).
 pub fn bits_per_weight(m: usize, n: usize, k: usize, blocks: usize) -> f64 {
     (blocks * block_bytes(m, n, k)) as f64 * 8.0 / (m * n) as f64
 }
@@ -501,7 +502,12 @@ mod tests {
             assert_eq!(y.dims(), &[rows, m]);
             let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
             let err = relative_error(&got, &want);
-            assert!(err < 1e-4, "{m}x{n}, {blocks} blocks: relative error {err}");
+            // A few rows run the shuffle kernel, whose tables are quantized.
+            let bound = bitstack_kernels::tmac::RELATIVE_RMS_ERROR_BOUND as f64;
+            assert!(
+                err < bound,
+                "{m}x{n}, {blocks} blocks: relative error {err}"
+            );
         }
     }
 

@@ -41,8 +41,9 @@ fn json_has_one_entry_per_combination() {
         assert_eq!(int("k"), 4);
         seen.push((m, n, blocks, rows));
         let bpw = r["bpw"].as_f64().expect("bpw");
-        let want =
-            blocks as f64 * ((m * n).div_ceil(8) + 2 * 4 * (m + n)) as f64 * 8.0 / (m * n) as f64;
+        // Resident bytes: signs in 32-row tiles of whole bytes, then u and vt.
+        let signs = m.div_ceil(32) * 32 * n.div_ceil(8);
+        let want = blocks as f64 * (signs + 2 * 4 * (m + n)) as f64 * 8.0 / (m * n) as f64;
         assert!((bpw - want).abs() < 1e-9, "bpw {bpw} vs {want}");
         for key in ["ours_ms", "dense_f32_ms", "dense_f16_ms"] {
             let t = r[key].as_f64().unwrap_or_else(|| panic!("{key} in {r}"));
