@@ -1,9 +1,13 @@
-//! Prefill: `x·Wᵀ` for many rows of `x`, rebuilding `W` a tile at a time.
+//! Prefill: `x·Wᵀ` for many rows of `x`, rebuilding `W` a panel at a time.
 //!
 //! With hundreds of rows the product itself dominates, so the fastest path
-//! is a good GEMM. Each task rebuilds a tile of rows of `W` from every
-//! resident block into a buffer that stays in cache, then multiplies `x` by
-//! it into its columns of the output: the whole `W` is never held.
+//! is a good GEMM. `W` is rebuilt one panel of [`PANEL_COLS`] columns at a
+//! time (all rows, every resident block), and each panel is multiplied with
+//! the matching columns of `x` into the output, accumulating: the whole `W`
+//! is never held, the `k×PANEL_COLS` slice of each `vt` the rebuild reads
+//! stays in L1, and the GEMM packs each operand once.
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
@@ -11,29 +15,16 @@ use crate::bits::{tiled_row, SIGN_MASKS};
 use crate::tmac::TiledStackRef as StackRef;
 use crate::{multiversion, Isa};
 
-/// Bytes of one rebuilt tile: small enough to stay in L2 between the
-/// rebuild and the GEMM that reads it.
-const TILE_BUDGET: usize = 256 << 10;
+/// Columns of `W` per panel: a multiple of 8, so panels start on a sign byte.
+pub const PANEL_COLS: usize = 256;
 
-/// Rows of `W` per tile for rows of `n` weights.
-fn tile_rows(n: usize) -> usize {
-    (TILE_BUDGET / (4 * n.max(1))).clamp(16, 256) / 8 * 8
-}
+/// Rows of a panel per rebuild task.
+const TASK_ROWS: usize = 64;
 
-/// The output pointer, shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes only the columns of its own tile.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The output at column `i` of row 0 (a method, so that closures
-    /// capture the whole `Send` wrapper rather than the raw pointer).
-    fn column(self, i: usize) -> *mut f32 {
-        // SAFETY: callers pass i < m, inside the output.
-        unsafe { self.0.add(i) }
-    }
+thread_local! {
+    /// The panel buffer, reused across calls to spare the page faults of a
+    /// fresh multi-MiB allocation per call.
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `out = x·Wᵀ` (`x`: `rows×n`, `out`: `rows×m`) with the rebuild compiled for `isa`.
@@ -46,118 +37,124 @@ pub fn matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut [f
         out.fill(0.0);
         return;
     }
-    // vt in f32 once per call: every row of every tile reads all of it.
+    // vt in f32 once per call, eight columns at a time: `[n/8][k][8]`, so
+    // that the rebuild of eight columns reads one contiguous run.
+    let k = stack.k;
     let vt: Vec<Vec<f32>> = stack
         .blocks
         .par_iter()
-        .map(|b| b.vt.iter().map(|v| v.to_f32()).collect())
+        .map(|b| {
+            let mut t = vec![0f32; n.div_ceil(8) * 8 * k];
+            for j in 0..k {
+                for (c, v) in b.vt[j * n..(j + 1) * n].iter().enumerate() {
+                    t[((c / 8) * k + j) * 8 + c % 8] = v.to_f32();
+                }
+            }
+            t
+        })
         .collect();
-    let tile = tile_rows(n);
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..m.div_ceil(tile)).into_par_iter().for_each_init(
-        || Scratch::new(tile, n),
-        |scratch, t| {
-            let i0 = t * tile;
-            let mt = tile.min(m - i0);
-            let w = &mut scratch.tile[..mt * n];
-            rebuild(
-                isa,
-                w,
-                stack,
-                &vt,
-                i0,
-                &mut scratch.row,
-                &mut scratch.aligned,
-            );
-            // SAFETY: `w` is mt×n row-major, read as the n×mt matrix Wᵀ;
-            // `x` is rows×n; the destination is the rows×mt block of `out`
-            // at column i0, which no other task writes. Sizes were checked
-            // above.
+    let threads = rayon::current_num_threads();
+    PANEL.with(|cell| {
+        // A call from inside a rayon task that already holds the buffer
+        // gets its own.
+        let mut own = Vec::new();
+        let mut borrowed = cell.try_borrow_mut();
+        let panel = match &mut borrowed {
+            Ok(b) => &mut **b,
+            Err(_) => &mut own,
+        };
+        if panel.len() < m * PANEL_COLS {
+            panel.resize(m * PANEL_COLS, 0.0);
+        }
+        for (p, c0) in (0..n).step_by(PANEL_COLS).enumerate() {
+            let cols = PANEL_COLS.min(n - c0);
+            let w = &mut panel[..m * cols];
+            w.par_chunks_mut(TASK_ROWS * cols)
+                .enumerate()
+                .for_each(|(t, w)| rebuild(isa, w, stack, &vt, t * TASK_ROWS, c0, cols));
+            // SAFETY: `w` is m×cols row-major, read as the cols×m matrix
+            // Wᵀ[c0.., ..]; `x` is rows×n, read from column c0; `out` is
+            // rows×m. All sizes were checked above.
             unsafe {
                 gemm::gemm(
                     rows,
-                    mt,
-                    n,
-                    out_ptr.column(i0),
+                    m,
+                    cols,
+                    out.as_mut_ptr(),
                     1,
                     m as isize,
-                    false,
-                    x.as_ptr(),
+                    p > 0,
+                    x.as_ptr().add(c0),
                     1,
                     n as isize,
                     w.as_ptr(),
-                    n as isize,
+                    cols as isize,
                     1,
-                    0.0,
+                    1.0,
                     1.0,
                     false,
                     false,
                     false,
-                    gemm::Parallelism::None,
+                    gemm::Parallelism::Rayon(threads),
                 );
             }
-        },
-    );
-}
-
-/// Per-task buffers, allocated once per task and reused for its tiles.
-struct Scratch {
-    tile: Vec<f32>,
-    row: Vec<f32>,
-    aligned: Vec<u8>,
-}
-
-impl Scratch {
-    fn new(tile: usize, n: usize) -> Self {
-        Self {
-            tile: vec![0.0; tile * n],
-            row: vec![0.0; n],
-            aligned: vec![0u8; n.div_ceil(8)],
         }
-    }
+    });
 }
 
-multiversion!(fn rebuild(w: &mut [f32], stack: &StackRef, vt: &[Vec<f32>], i0: usize, row: &mut [f32], aligned: &mut [u8]) => rebuild_body);
+multiversion!(fn rebuild(w: &mut [f32], stack: &StackRef, vt: &[Vec<f32>], i0: usize, c0: usize, cols: usize) => rebuild_body);
 
-/// Rows `i0..` of `W` into `w`: per block, `u[i]·vt` with its signs applied.
+/// Columns `c0..c0 + cols` of rows `i0..` of `W` into `w` (`cols` per row):
+/// per block, `u[i]·vt` with its signs applied.
 #[inline(always)]
 fn rebuild_body(
     w: &mut [f32],
     stack: &StackRef,
     vt: &[Vec<f32>],
     i0: usize,
-    row: &mut [f32],
-    aligned: &mut [u8],
+    c0: usize,
+    cols: usize,
 ) {
-    let (n, k) = (stack.n, stack.k);
-    let row_bytes = n.div_ceil(8);
-    let full = n / 8;
-    for (ii, wi) in w.chunks_exact_mut(n).enumerate() {
+    let k = stack.k;
+    let full = cols / 8;
+    let mut signs = [0u8; PANEL_COLS / 8];
+    let signs = &mut signs[..cols.div_ceil(8)];
+    let mut u = vec![0f32; k];
+    for (ii, wi) in w.chunks_exact_mut(cols).enumerate() {
         let i = i0 + ii;
         wi.fill(0.0);
         for (block, vt) in stack.blocks.iter().zip(vt) {
-            row.fill(0.0);
-            for (j, vtj) in vt.chunks_exact(n).enumerate() {
-                let uij = block.u[i * k + j].to_f32();
-                for (r, v) in row.iter_mut().zip(vtj) {
-                    *r += uij * v;
-                }
+            for (uj, h) in u.iter_mut().zip(&block.u[i * k..][..k]) {
+                *uj = h.to_f32();
             }
-            let bits = &mut aligned[..row_bytes];
-            tiled_row(block.signs, i, 0, bits);
-            for ((&byte, wq), rq) in bits[..full]
+            tiled_row(block.signs, i, c0 / 8, signs);
+            // Eight columns at a time, the sum over ranks held in registers.
+            let vt = &vt[c0 * k..];
+            for ((&byte, wq), vq) in signs[..full]
                 .iter()
                 .zip(wi.chunks_exact_mut(8))
-                .zip(row.chunks_exact(8))
+                .zip(vt.chunks_exact(8 * k))
             {
+                let mut acc = [0f32; 8];
+                for (uj, v) in u.iter().zip(vq.chunks_exact(8)) {
+                    for t in 0..8 {
+                        acc[t] += uj * v[t];
+                    }
+                }
                 let mask = &SIGN_MASKS[byte as usize];
                 for t in 0..8 {
-                    wq[t] += f32::from_bits(rq[t].to_bits() ^ mask[t]);
+                    wq[t] += f32::from_bits(acc[t].to_bits() ^ mask[t]);
                 }
             }
-            for c in full * 8..n {
-                let mask = SIGN_MASKS[bits[full] as usize][c - full * 8];
-                wi[c] += f32::from_bits(row[c].to_bits() ^ mask);
+            for cc in full * 8..cols {
+                let base = (cc / 8) * k * 8 + cc % 8;
+                let r: f32 = u
+                    .iter()
+                    .enumerate()
+                    .map(|(j, uj)| uj * vt[base + j * 8])
+                    .sum();
+                let mask = SIGN_MASKS[signs[full] as usize][cc - full * 8];
+                wi[cc] += f32::from_bits(r.to_bits() ^ mask);
             }
         }
     }
