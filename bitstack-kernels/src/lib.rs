@@ -3,15 +3,18 @@
 //! A BitStack weight is `W = Σ_b S_b ⊙ (u_b·vt_b)`: per block a packed ±1
 //! sign matrix `S_b` (`m×n`, row-major, most significant bit first, bit 1 =
 //! +1) and f16 factors `u_b` (`m×k`) and `vt_b` (`k×n`). These kernels
-//! compute `y = x·Wᵀ` from the packed bits, never building the whole `W`:
+//! compute `y = x·Wᵀ` from the packed bits, never building the whole `W`.
+//! A resident block holds its signs re-tiled ([`TiledSigns`]: 32 rows side
+//! by side), made once when it is loaded.
 //!
-//! - [`decode`] (a few rows of `x`): with `Z_bj = vt_b[j] ⊙ x`, each output is
-//!   `Σ_b Σ_j u_b[i,j]·(S_b[i] · Z_bj)`. The sign products come from lookup
-//!   tables over groups of four sign bits: one table entry holds the signed
-//!   sums of four columns for all `k` vectors at once, so one lookup feeds
-//!   `k` accumulators.
-//! - [`prefill`] (many rows): the weight is rebuilt a tile of rows at a time,
-//!   in cache, and multiplied with the `gemm` crate.
+//! - [`tmac`] (up to 32 rows of `x`, with AVX2): with `Z_bj = vt_b[j] ⊙ x`,
+//!   each output is `Σ_b Σ_j u_b[i,j]·(S_b[i] · Z_bj)`; four sign bits pick
+//!   one of 16 signed sums of `Z_bj` held in int8 tables, and a byte shuffle
+//!   looks up 32 rows at once.
+//! - [`decode`] (the same without AVX2): f32 tables, one entry holding the
+//!   signed sums for all `k` vectors, so one lookup feeds `k` accumulators.
+//! - [`prefill`] (many rows): the weight is rebuilt a panel of columns at a
+//!   time and multiplied with the `gemm` crate.
 //! - [`reference`]: the straightforward kernel every fast path is tested
 //!   against.
 //!
