@@ -15,7 +15,7 @@
 //!   signed sums for all `k` vectors, so one lookup feeds `k` accumulators.
 //! - [`prefill`] (many rows): the weight is rebuilt a panel of columns at a
 //!   time and multiplied with the `gemm` crate.
-//! - [`reference`]: the straightforward kernel every fast path is tested
+//! - [`reference`](mod@reference): the straightforward kernel every fast path is tested
 //!   against.
 //!
 //! [`BitStackMatmul`] wraps them as a candle custom op for f32, f16 and bf16
@@ -37,7 +37,7 @@ pub use tmac::{TiledBlockRef, TiledSigns, TiledStackRef};
 use half::f16;
 
 /// One block of a stack with row-major packed signs (the checkpoint's
-/// layout), borrowed: what the [`reference`] kernel reads.
+/// layout), borrowed: what the [`reference`](mod@reference) kernel reads.
 #[derive(Clone, Copy, Debug)]
 pub struct BlockRef<'a> {
     /// `ceil(m·n/8)` bytes: bit `i·n + c` is the sign of `W[i, c]`.

@@ -33,7 +33,7 @@
 //! they are and a second the odd bytes alone (shifted down), so the even
 //! rows' sums come out as the difference, exactly, modulo 2¹⁶. The low
 //! parts are stored plus 15, in `0..=30`: the lookups of
-//! [`LO_RUN`] sign bytes add up in u8 before they are accumulated the same
+//! `LO_RUN` sign bytes add up in u8 before they are accumulated the same
 //! way. At the end of a chunk the exact integer sums lose their bias, are
 //! combined as `30·Σh + Σl`, become f32 and are multiplied by `s/30`; after
 //! the last chunk of a block they are folded with `u_b`. The low parts
