@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use bitstack_kernels::tmac::{self, TiledBlockRef, TiledSigns, TiledStackRef};
-use bitstack_kernels::{decode, prefill, Isa};
+use bitstack_kernels::{decode, prefill, tmac, BlockRef, Isa, StackRef, TiledSigns};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::f16;
@@ -48,14 +47,14 @@ fn kernels(c: &mut Criterion) {
             .iter()
             .map(|(signs, _, _)| TiledSigns::from_row_major(signs, m, n))
             .collect();
-        let stack = TiledStackRef {
+        let stack = StackRef {
             m,
             n,
             k,
             blocks: blocks
                 .iter()
                 .zip(&tiled)
-                .map(|((_, u, vt), signs)| TiledBlockRef { signs, u, vt })
+                .map(|((_, u, vt), signs)| BlockRef { signs, u, vt })
                 .collect(),
         };
         let mut rng = StdRng::seed_from_u64(2);

@@ -18,8 +18,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use crate::bits::tiled_row;
-use crate::tmac::TiledStackRef as StackRef;
-use crate::{multiversion, Isa};
+use crate::{multiversion, Isa, StackRef};
 
 /// Bytes of tables (one block, one column chunk, all rows of `x`) that the
 /// row scan keeps hot.

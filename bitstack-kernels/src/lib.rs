@@ -32,16 +32,14 @@ pub mod tmac;
 pub use bits::tiled_row;
 pub use isa::Isa;
 pub use op::{BitStackMatmul, StackSource};
-pub use tmac::{TiledBlockRef, TiledSigns, TiledStackRef};
+pub use tmac::TiledSigns;
 
 use half::f16;
 
-/// One block of a stack with row-major packed signs (the checkpoint's
-/// layout), borrowed: what the [`reference`](mod@reference) kernel reads.
+/// One block of a stack, borrowed.
 #[derive(Clone, Copy, Debug)]
 pub struct BlockRef<'a> {
-    /// `ceil(m·n/8)` bytes: bit `i·n + c` is the sign of `W[i, c]`.
-    pub signs: &'a [u8],
+    pub signs: &'a TiledSigns,
     /// `m×k`, row-major.
     pub u: &'a [f16],
     /// `k×n`, row-major.
@@ -63,7 +61,7 @@ impl StackRef<'_> {
     pub fn check(&self) {
         let (m, n, k) = (self.m, self.n, self.k);
         for (i, b) in self.blocks.iter().enumerate() {
-            assert_eq!(b.signs.len(), (m * n).div_ceil(8), "signs of block {i}");
+            assert_eq!((b.signs.m(), b.signs.n()), (m, n), "signs of block {i}");
             assert_eq!(b.u.len(), m * k, "u of block {i}");
             assert_eq!(b.vt.len(), k * n, "vt of block {i}");
         }
@@ -79,8 +77,7 @@ pub const DECODE_MAX_ROWS: usize = 32;
 
 /// `out = x·Wᵀ` for `x` of `rows×n` and `out` of `rows×m`, both row-major,
 /// on the fastest kernel for this machine and row count.
-pub fn matmul_t(x: &[f32], rows: usize, stack: &TiledStackRef, out: &mut [f32]) {
-    stack.check();
+pub fn matmul_t(x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
     assert_eq!(x.len(), rows * stack.n, "x is not rows×n");
     assert_eq!(out.len(), rows * stack.m, "out is not rows×m");
     let isa = Isa::detect();

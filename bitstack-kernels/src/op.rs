@@ -6,11 +6,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::TiledStackRef;
+use crate::StackRef;
 
-/// Anything that can lend its resident blocks as a [`TiledStackRef`].
+/// Anything that can lend its resident blocks as a [`StackRef`].
 pub trait StackSource: Send + Sync {
-    fn stack(&self) -> TiledStackRef<'_>;
+    fn stack(&self) -> StackRef<'_>;
 }
 
 /// `x·Wᵀ` for `x` of shape `[.., n]`, giving `[.., m]` in `x`'s dtype.

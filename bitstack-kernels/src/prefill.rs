@@ -12,8 +12,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use crate::bits::{tiled_row, SIGN_MASKS};
-use crate::tmac::TiledStackRef as StackRef;
-use crate::{multiversion, Isa};
+use crate::{multiversion, Isa, StackRef};
 
 /// Columns of `W` per panel: a multiple of 8, so panels start on a sign byte.
 pub const PANEL_COLS: usize = 256;

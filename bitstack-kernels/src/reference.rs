@@ -3,7 +3,8 @@
 
 use crate::StackRef;
 
-/// Sign of `W[i, c]` in a packed sign matrix with rows of `n` bits.
+/// Sign of `W[i, c]` in a row-major packed sign matrix with rows of `n`
+/// bits (the checkpoint's layout): what re-tiling is checked against.
 pub fn sign(signs: &[u8], n: usize, i: usize, c: usize) -> f64 {
     let bit = i * n + c;
     if (signs[bit / 8] >> (7 - bit % 8)) & 1 == 1 {
@@ -25,7 +26,8 @@ pub fn matmul_t(x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
                     for j in 0..k {
                         w += b.u[i * k + j].to_f64() * b.vt[j * n + c].to_f64();
                     }
-                    y += sign(b.signs, n, i, c) * w * x[r * n + c] as f64;
+                    let sign = if b.signs.sign(i, c) { 1.0 } else { -1.0 };
+                    y += sign * w * x[r * n + c] as f64;
                 }
             }
             out[r * m + i] = y as f32;

@@ -61,7 +61,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::bits::{row_bits, unaligned_buffer};
-use crate::{multiversion, Isa};
+use crate::{multiversion, BlockRef, Isa, StackRef};
 
 /// Rows of `W` per tile: one 32-byte load of [`TiledSigns`], one `vpshufb`.
 pub const TILE_ROWS: usize = 32;
@@ -213,37 +213,6 @@ impl TiledSigns {
     }
 }
 
-/// One block of a stack with re-tiled signs, borrowed.
-#[derive(Clone, Copy, Debug)]
-pub struct TiledBlockRef<'a> {
-    pub signs: &'a TiledSigns,
-    /// `m×k`, row-major.
-    pub u: &'a [f16],
-    /// `k×n`, row-major.
-    pub vt: &'a [f16],
-}
-
-/// The resident blocks of one `m×n` linear with re-tiled signs, borrowed.
-#[derive(Clone, Debug)]
-pub struct TiledStackRef<'a> {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub blocks: Vec<TiledBlockRef<'a>>,
-}
-
-impl TiledStackRef<'_> {
-    /// Panics unless every block has the sizes `m`, `n` and `k` call for.
-    pub fn check(&self) {
-        let (m, n, k) = (self.m, self.n, self.k);
-        for (i, b) in self.blocks.iter().enumerate() {
-            assert_eq!((b.signs.m, b.signs.n), (m, n), "signs of block {i}");
-            assert_eq!(b.u.len(), m * k, "u of block {i}");
-            assert_eq!(b.vt.len(), k * n, "vt of block {i}");
-        }
-    }
-}
-
 /// Sizes of one call.
 #[derive(Clone, Copy, Debug)]
 struct Plan {
@@ -324,7 +293,7 @@ const fn position_of_row() -> [usize; TILE_ROWS] {
 ///
 /// Multithreaded over tiles of rows; the tables and other buffers are
 /// thread-local and reused from call to call.
-pub fn matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &TiledStackRef, out: &mut [f32]) {
+pub fn matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
     stack.check();
     let (m, n, k, blocks) = (stack.m, stack.n, stack.k, &stack.blocks[..]);
     assert!(isa.is_supported(), "this CPU cannot run {isa:?} code");
@@ -557,7 +526,7 @@ fn entries_scalar(z: &[f32], inv: f32, t: &mut [u8]) {
 fn run_task(
     isa: Isa,
     plan: Plan,
-    blocks: &[TiledBlockRef],
+    blocks: &[BlockRef],
     tables: &[u8],
     scales: &[f32],
     tile0: usize,
@@ -975,7 +944,6 @@ mod tests {
         m: usize,
         n: usize,
         k: usize,
-        signs: Vec<Vec<u8>>,
         tiled: Vec<TiledSigns>,
         u: Vec<Vec<f16>>,
         vt: Vec<Vec<f16>>,
@@ -989,10 +957,8 @@ mod tests {
                     .map(|_| f16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale))
                     .collect()
             };
-            let signs: Vec<Vec<u8>> = (0..blocks).map(|_| random_signs(m, n, &mut rng)).collect();
-            let tiled = signs
-                .iter()
-                .map(|s| TiledSigns::from_row_major(s, m, n))
+            let tiled = (0..blocks)
+                .map(|_| TiledSigns::from_row_major(&random_signs(m, n, &mut rng), m, n))
                 .collect();
             let u = (0..blocks)
                 .map(|b| f(m * k, 1.0 / (b + 1) as f32, &mut rng))
@@ -1002,36 +968,20 @@ mod tests {
                 m,
                 n,
                 k,
-                signs,
                 tiled,
                 u,
                 vt,
             }
         }
 
-        fn tiled(&self) -> TiledStackRef<'_> {
-            TiledStackRef {
-                m: self.m,
-                n: self.n,
-                k: self.k,
-                blocks: (0..self.tiled.len())
-                    .map(|b| TiledBlockRef {
-                        signs: &self.tiled[b],
-                        u: &self.u[b],
-                        vt: &self.vt[b],
-                    })
-                    .collect(),
-            }
-        }
-
-        fn stack(&self) -> StackRef<'_> {
+        fn tiled(&self) -> StackRef<'_> {
             StackRef {
                 m: self.m,
                 n: self.n,
                 k: self.k,
-                blocks: (0..self.signs.len())
+                blocks: (0..self.tiled.len())
                     .map(|b| BlockRef {
-                        signs: &self.signs[b],
+                        signs: &self.tiled[b],
                         u: &self.u[b],
                         vt: &self.vt[b],
                     })
@@ -1114,7 +1064,7 @@ mod tests {
                 let x = random_x(rows, n, 200 + s as u64);
                 let got = case.run(Isa::detect(), &x, rows);
                 let mut want = vec![0f32; rows * m];
-                reference::matmul_t(&x, rows, &case.stack(), &mut want);
+                reference::matmul_t(&x, rows, &case.tiled(), &mut want);
                 let (e_rms, e_max) = errors(&got, &want);
                 // Tiny outputs (few rows and columns) have noisy RMS; the
                 // bounds are for outputs of at least 64 values.
@@ -1143,7 +1093,7 @@ mod tests {
         let x = random_x(1, n, 10);
         let got = case.run(Isa::detect(), &x, 1);
         let mut want = vec![0f32; m];
-        reference::matmul_t(&x, 1, &case.stack(), &mut want);
+        reference::matmul_t(&x, 1, &case.tiled(), &mut want);
         let (e_rms, e_max) = errors(&got, &want);
         eprintln!("{m}×{n} k{k} ×{nb}: rms error {e_rms}, max {e_max}");
         assert!(e_rms <= RELATIVE_RMS_ERROR_BOUND && e_max <= RELATIVE_MAX_ERROR_BOUND);
@@ -1163,7 +1113,7 @@ mod tests {
     fn empty_inputs_give_zeros() {
         let case = Case::random(40, 20, 2, 1, 3);
         let mut out = vec![f32::NAN; 40];
-        let empty = TiledStackRef {
+        let empty = StackRef {
             blocks: vec![],
             ..case.tiled()
         };

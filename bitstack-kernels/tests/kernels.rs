@@ -4,15 +4,14 @@
 use std::sync::Arc;
 
 use bitstack_kernels::{
-    decode, prefill, reference, BlockRef, Isa, StackRef, StackSource, TiledBlockRef, TiledSigns,
-    TiledStackRef,
+    decode, prefill, reference, BlockRef, Isa, StackRef, StackSource, TiledSigns,
 };
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// The owned parts of a random stack, with its signs both row-major (for
-/// the reference) and re-tiled (for the kernels).
+/// The owned parts of a random stack: its signs drawn row-major, as a
+/// checkpoint stores them, and re-tiled for the kernels.
 struct Owned {
     m: usize,
     n: usize,
@@ -58,9 +57,10 @@ impl Owned {
             tiled,
         }
     }
+}
 
-    /// The row-major view the reference reads.
-    fn row_major(&self) -> StackRef<'_> {
+impl StackSource for Owned {
+    fn stack(&self) -> StackRef<'_> {
         StackRef {
             m: self.m,
             n: self.n,
@@ -68,23 +68,8 @@ impl Owned {
             blocks: self
                 .blocks
                 .iter()
-                .map(|(signs, u, vt)| BlockRef { signs, u, vt })
-                .collect(),
-        }
-    }
-}
-
-impl StackSource for Owned {
-    fn stack(&self) -> TiledStackRef<'_> {
-        TiledStackRef {
-            m: self.m,
-            n: self.n,
-            k: self.k,
-            blocks: self
-                .blocks
-                .iter()
                 .zip(&self.tiled)
-                .map(|((_, u, vt), signs)| TiledBlockRef { signs, u, vt })
+                .map(|((_, u, vt), signs)| BlockRef { signs, u, vt })
                 .collect(),
         }
     }
@@ -130,7 +115,7 @@ fn decode_matches_the_reference_on_every_isa() {
         for rows in 1..=decode::MAX_ROWS {
             let x = random_x(rows, n, 100 + s as u64);
             let mut want = vec![0f32; rows * m];
-            reference::matmul_t(&x, rows, &owned.row_major(), &mut want);
+            reference::matmul_t(&x, rows, &owned.stack(), &mut want);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * m];
                 decode::matmul_t(isa, &x, rows, &stack, &mut got);
@@ -153,7 +138,7 @@ fn prefill_matches_the_reference_on_every_isa() {
         for rows in [1, 3, 600] {
             let x = random_x(rows, n, 200 + s as u64);
             let mut want = vec![0f32; rows * m];
-            reference::matmul_t(&x, rows, &owned.row_major(), &mut want);
+            reference::matmul_t(&x, rows, &owned.stack(), &mut want);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * m];
                 prefill::matmul_t(isa, &x, rows, &stack, &mut got);
@@ -174,7 +159,7 @@ fn the_candle_op_takes_f32_f16_and_bf16() {
     for rows in [1, 2, 45] {
         let x = random_x(rows, 90, 7);
         let mut want = vec![0f32; rows * 37];
-        reference::matmul_t(&x, rows, &owned.row_major(), &mut want);
+        reference::matmul_t(&x, rows, &owned.stack(), &mut want);
         let xt = Tensor::from_vec(x, (1, rows, 90), &Device::Cpu).unwrap();
         // Activations rounded to the dtype, then f32 math: the error is the
         // rounding of the inputs and of the outputs, and for a few rows the

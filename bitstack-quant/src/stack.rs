@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use bitstack_kernels::{tiled_row, TiledBlockRef, TiledSigns, TiledStackRef};
+use bitstack_kernels::{tiled_row, BlockRef, StackRef, TiledSigns};
 use half::f16;
 use rayon::prelude::*;
 
@@ -138,15 +138,15 @@ impl WeightStack {
 }
 
 impl bitstack_kernels::StackSource for WeightStack {
-    fn stack(&self) -> TiledStackRef<'_> {
-        TiledStackRef {
+    fn stack(&self) -> StackRef<'_> {
+        StackRef {
             m: self.m,
             n: self.n,
             k: self.k,
             blocks: self
                 .blocks
                 .iter()
-                .map(|b| TiledBlockRef {
+                .map(|b| BlockRef {
                     signs: &b.signs,
                     u: &b.u,
                     vt: &b.vt,
