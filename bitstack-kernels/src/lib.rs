@@ -84,8 +84,10 @@ pub fn matmul_t(x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
     if rows <= DECODE_MAX_ROWS {
         let (n, m) = (stack.n, stack.m);
         let step = tmac::MAX_ROWS.min(decode::MAX_ROWS);
-        for (x, out) in x.chunks(step * n).zip(out.chunks_mut(step * m)) {
-            let rows = x.len() / n.max(1);
+        for r0 in (0..rows).step_by(step) {
+            let rows = step.min(rows - r0);
+            let x = &x[r0 * n..][..rows * n];
+            let out = &mut out[r0 * m..][..rows * m];
             match isa {
                 // The shuffle kernel needs a byte shuffle to be fast;
                 // without AVX2 its scalar emulation loses to the f32 tables.

@@ -144,7 +144,7 @@ impl TiledSigns {
     pub fn from_row_major(signs: &[u8], m: usize, n: usize) -> Self {
         assert_eq!(signs.len(), (m * n).div_ceil(8), "signs are not m×n bits");
         let row_bytes = n.div_ceil(8);
-        let mut data = vec![0u8; m.div_ceil(TILE_ROWS) * TILE_ROWS * row_bytes];
+        let mut data = vec![0u8; Self::bytes_for(m, n)];
         let tail = if n.is_multiple_of(8) {
             0xff
         } else {
@@ -200,6 +200,11 @@ impl TiledSigns {
     /// Memory held: `⌈m/32⌉·32·⌈n/8⌉` bytes.
     pub fn bytes(&self) -> usize {
         self.data.len()
+    }
+
+    /// What [`TiledSigns::bytes`] is for an `m×n` matrix.
+    pub fn bytes_for(m: usize, n: usize) -> usize {
+        m.div_ceil(TILE_ROWS) * TILE_ROWS * n.div_ceil(8)
     }
 
     /// The tiled bytes.

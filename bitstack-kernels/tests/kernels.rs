@@ -156,7 +156,8 @@ fn prefill_matches_the_reference_on_every_isa() {
 #[test]
 fn the_candle_op_takes_f32_f16_and_bf16() {
     let owned = Arc::new(Owned::random(37, 90, 4, 3, 9));
-    for rows in [1, 2, 45] {
+    // 9 and 20 rows cross the decode kernel's 8-row steps.
+    for rows in [1, 2, 9, 20, 45] {
         let x = random_x(rows, 90, 7);
         let mut want = vec![0f32; rows * 37];
         reference::matmul_t(&x, rows, &owned.stack(), &mut want);
@@ -204,6 +205,9 @@ fn an_empty_stack_gives_zeros() {
         assert!(got.iter().all(|&v| v == 0.0));
         let mut got = vec![f32::NAN; 12];
         prefill::matmul_t(isa, &x, 2, &owned.stack(), &mut got);
+        assert!(got.iter().all(|&v| v == 0.0));
+        let mut got = vec![f32::NAN; 12];
+        bitstack_kernels::matmul_t(&x, 2, &owned.stack(), &mut got);
         assert!(got.iter().all(|&v| v == 0.0));
     }
 }

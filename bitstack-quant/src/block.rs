@@ -19,8 +19,7 @@ pub struct Block {
 /// kernels (`⌈m/32⌉·32·⌈n/8⌉`, which is `m·n/8` for every real model
 /// shape) plus `2·k·(m+n)` for the f16 factors.
 pub fn block_bytes(m: usize, n: usize, k: usize) -> usize {
-    let tile = bitstack_kernels::tmac::TILE_ROWS;
-    m.div_ceil(tile) * tile * n.div_ceil(8) + 2 * k * (m + n)
+    bitstack_kernels::TiledSigns::bytes_for(m, n) + 2 * k * (m + n)
 }
 
 impl Block {
