@@ -26,9 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use half::f16;
 use indicatif::ProgressBar;
-use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde::Serialize;
 
@@ -168,29 +167,12 @@ pub fn set_threads(threads: Option<usize>) -> Result<usize> {
     Ok(n)
 }
 
-/// A random `m×n` BitStack weight of `blocks` blocks of rank `k`: uniform
-/// signs, and `u`, `vt` Gaussian and scaled so that each block's `u·vt` has
-/// entries of standard deviation `1/√n`, like an initialized layer.
+/// A random `m×n` BitStack weight of `blocks` blocks of rank `k`
+/// ([`crate::synthetic::random_block`]).
 pub fn random_stack(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> WeightStack {
     let mut rng = StdRng::seed_from_u64(seed);
-    let (su, sv) = (1.0 / (k as f32).sqrt(), 1.0 / (n as f32).sqrt());
     let blocks: Vec<Block> = (0..blocks)
-        .map(|_| {
-            let mut signs = vec![0u8; crate::pack::packed_len(m * n)];
-            rng.fill_bytes(&mut signs);
-            if !(m * n).is_multiple_of(8) {
-                // Unused low bits of the last byte stay 0, as packing leaves them.
-                *signs.last_mut().expect("m·n > 0") &= 0xFFu8 << (8 - (m * n) % 8);
-            }
-            let mut gauss = |len: usize, scale: f32| -> Vec<f16> {
-                (0..len)
-                    .map(|_| f16::from_f32(scale * rng.sample::<f32, _>(StandardNormal)))
-                    .collect()
-            };
-            let u = gauss(m * k, su);
-            let vt = gauss(k * n, sv);
-            Block { signs, u, vt }
-        })
+        .map(|_| crate::synthetic::random_block(m, n, k, 1.0, &mut rng))
         .collect();
     WeightStack::new(m, n, k, blocks)
 }

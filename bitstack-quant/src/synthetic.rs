@@ -209,7 +209,7 @@ impl SyntheticSpec {
 
 /// A random `m×n` block of rank `k`: random signs (padding bits 0, as the
 /// format asks) and `u·vt` entries of about `scale / (3·√n)`.
-fn random_block(m: usize, n: usize, k: usize, scale: f32, rng: &mut StdRng) -> Block {
+pub fn random_block(m: usize, n: usize, k: usize, scale: f32, rng: &mut StdRng) -> Block {
     let mut signs = vec![0u8; packed_len(m * n)];
     rng.fill_bytes(&mut signs);
     let used = (m * n) % 8;
