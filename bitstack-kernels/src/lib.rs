@@ -19,11 +19,15 @@
 //!   against.
 //!
 //! [`BitStackMatmul`] wraps them as a candle custom op for f32, f16 and bf16
-//! activations.
+//! activations; with the `cuda` feature the same op runs the kernels of
+//! `cuda` on candle CUDA tensors.
 
 mod bits;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod decode;
 mod isa;
+pub mod mma;
 pub mod op;
 pub mod prefill;
 pub mod reference;

@@ -11,12 +11,24 @@ use crate::StackRef;
 /// Anything that can lend its resident blocks as a [`StackRef`].
 pub trait StackSource: Send + Sync {
     fn stack(&self) -> StackRef<'_>;
+
+    /// The blocks on a CUDA device. This default uploads them on every
+    /// call; a source that lives across calls should keep the upload.
+    #[cfg(feature = "cuda")]
+    fn cuda_stack(
+        &self,
+        device: &candle_core::cuda_backend::CudaDevice,
+    ) -> candle_core::Result<Arc<crate::cuda::CudaStack>> {
+        crate::cuda::CudaStack::upload(device, &self.stack()).map(Arc::new)
+    }
 }
 
 /// `x·Wᵀ` for `x` of shape `[.., n]`, giving `[.., m]` in `x`'s dtype.
 ///
-/// The arithmetic is f32 whatever the activation dtype: f16 and bf16
-/// inputs are widened on the way in and rounded on the way out.
+/// On the CPU the arithmetic is f32 whatever the activation dtype: f16 and
+/// bf16 inputs are widened on the way in and rounded on the way out. On
+/// CUDA the tensor cores take f16 operands (bf16 for bf16 activations) and
+/// sum in f32.
 pub struct BitStackMatmul {
     source: Arc<dyn StackSource>,
 }
@@ -86,5 +98,16 @@ impl CustomOp1 for BitStackMatmul {
             *last = stack.m;
         }
         Ok((out, Shape::from(shape)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.source
+            .cuda_stack(&storage.device)?
+            .matmul_t(storage, layout)
     }
 }

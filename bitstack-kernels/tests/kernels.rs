@@ -3,96 +3,12 @@
 
 use std::sync::Arc;
 
-use bitstack_kernels::{
-    decode, prefill, reference, BlockRef, Isa, StackRef, StackSource, TiledSigns,
-};
+use bitstack_kernels::{decode, mma, prefill, reference, Isa, StackSource, TiledSigns};
 use candle_core::{DType, Device, Tensor};
-use half::f16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// The owned parts of a random stack: its signs drawn row-major, as a
-/// checkpoint stores them, and re-tiled for the kernels.
-struct Owned {
-    m: usize,
-    n: usize,
-    k: usize,
-    blocks: Vec<(Vec<u8>, Vec<f16>, Vec<f16>)>,
-    tiled: Vec<TiledSigns>,
-}
-
-impl Owned {
-    fn random(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut f = |len: usize, scale: f32| -> Vec<f16> {
-            (0..len)
-                .map(|_| f16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale))
-                .collect()
-        };
-        let blocks = (0..blocks)
-            .map(|b| {
-                let u = f(m * k, 1.0 / (b + 1) as f32);
-                let vt = f(k * n, 0.5);
-                (Vec::<u8>::new(), u, vt)
-            })
-            .collect::<Vec<_>>();
-        let mut rng = StdRng::seed_from_u64(seed ^ 0xabcd);
-        let blocks = blocks
-            .into_iter()
-            .map(|(_, u, vt)| {
-                let signs: Vec<u8> = (0..(m * n).div_ceil(8))
-                    .map(|_| rng.random::<u8>())
-                    .collect();
-                (signs, u, vt)
-            })
-            .collect::<Vec<_>>();
-        let tiled = blocks
-            .iter()
-            .map(|(signs, _, _)| TiledSigns::from_row_major(signs, m, n))
-            .collect();
-        Self {
-            m,
-            n,
-            k,
-            blocks,
-            tiled,
-        }
-    }
-}
-
-impl StackSource for Owned {
-    fn stack(&self) -> StackRef<'_> {
-        StackRef {
-            m: self.m,
-            n: self.n,
-            k: self.k,
-            blocks: self
-                .blocks
-                .iter()
-                .zip(&self.tiled)
-                .map(|((_, u, vt), signs)| BlockRef { signs, u, vt })
-                .collect(),
-        }
-    }
-}
-
-fn random_x(rows: usize, n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..rows * n)
-        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
-        .collect()
-}
-
-/// Fails unless `got` is `want` within `tol` of the output's RMS, element by element.
-fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len().max(1) as f32).sqrt();
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * (rms + 1e-6),
-            "{what}: element {i} is {g}, the reference says {w} (rms {rms})"
-        );
-    }
-}
+mod common;
+use common::{assert_close, random_x, Owned};
 
 /// (m, n, k, blocks): n not a multiple of 8 or of the group size, one row of
 /// W, k = 1, 4, 16 and 1 or 16 blocks.
@@ -209,5 +125,56 @@ fn an_empty_stack_gives_zeros() {
         let mut got = vec![f32::NAN; 12];
         bitstack_kernels::matmul_t(&x, 2, &owned.stack(), &mut got);
         assert!(got.iter().all(|&v| v == 0.0));
+    }
+}
+
+/// The CUDA decode kernel's sign layout, read back the way the kernel reads
+/// it: lane `l`, 16-column step `s`, A register `reg` holds row
+/// `l/4 + 8·(reg odd)` and columns `16s + 2(l%4) + 8·(reg ≥ 2)` (bit
+/// `4s + reg`) and the column after it (bit `4s + reg + 16`); set = −1.
+#[test]
+fn mma_sign_words_hold_every_sign_where_the_tensor_core_fragment_wants_it() {
+    for (seed, (m, n)) in [
+        (1usize, 1usize),
+        (16, 64),
+        (17, 65),
+        (3, 200),
+        (40, 129),
+        (33, 7),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut rng = StdRng::seed_from_u64(seed as u64);
+        let bytes: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
+        let signs = TiledSigns::from_row_major(&bytes, m, n);
+        let words = mma::pack_signs(&signs);
+        assert_eq!(words.len(), mma::words_for(m, n));
+        let chunks = n.div_ceil(mma::CHUNK_COLS);
+        let mut seen = vec![false; m * n];
+        for (w, &word) in words.iter().enumerate() {
+            let (lane, piece) = (w % 32, w / 32);
+            let (tile, chunk) = (piece / chunks, piece % chunks);
+            for step in 0..4 {
+                for reg in 0..4 {
+                    for half in 0..2 {
+                        let row = tile * 16 + lane / 4 + 8 * (reg % 2);
+                        let col = chunk * 64 + step * 16 + 2 * (lane % 4) + 8 * (reg / 2) + half;
+                        let negative = (word >> (4 * step + reg + 16 * half)) & 1 == 1;
+                        if row < m && col < n {
+                            assert_eq!(
+                                negative,
+                                !signs.sign(row, col),
+                                "{m}×{n}: sign of ({row}, {col})"
+                            );
+                            seen[row * n + col] = true;
+                        } else {
+                            assert!(!negative, "{m}×{n}: padding ({row}, {col}) is set");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "{m}×{n}: some sign has no bit");
     }
 }

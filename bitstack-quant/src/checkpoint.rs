@@ -96,6 +96,7 @@ pub fn read_stack_block(
         signs: TiledSigns::from_row_major(checked.signs, m, n),
         u: checked.u,
         vt: checked.vt,
+        device: Default::default(),
     })
 }
 

@@ -16,6 +16,7 @@ pub mod compress;
 pub mod config;
 pub mod decompose;
 pub mod device;
+pub mod device_copy;
 pub mod elastic;
 pub mod feedback;
 pub mod generate;

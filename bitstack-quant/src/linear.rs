@@ -39,12 +39,13 @@ impl Linear {
 
     /// `x` is `[.., n]`; the result is `[.., m]`.
     ///
-    /// On the CPU a BitStack weight runs the packed-sign kernels of
-    /// `bitstack-kernels`; elsewhere `W` is rebuilt for the call.
+    /// A BitStack weight runs the packed-sign kernels of `bitstack-kernels`
+    /// on the CPU and, in a build with the `cuda` feature, on CUDA; elsewhere
+    /// `W` is rebuilt for the call.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => matmul_t(x, w)?,
-            LinearWeight::BitStack(s) if x.device().is_cpu() => {
+            LinearWeight::BitStack(s) if x.device().is_cpu() || x.device().is_cuda() => {
                 bitstack_kernels::op::matmul_t(x, s.clone())?
             }
             LinearWeight::BitStack(s) => matmul_t(x, &stack_tensor(s, x.device(), x.dtype())?)?,

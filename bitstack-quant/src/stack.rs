@@ -7,6 +7,16 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::block::{block_bytes, Block};
+use crate::device_copy::DeviceCopy;
+
+#[cfg(feature = "cuda")]
+type BlockUpload = bitstack_kernels::cuda::CudaBlock;
+#[cfg(not(feature = "cuda"))]
+type BlockUpload = ();
+#[cfg(feature = "cuda")]
+type StackUpload = bitstack_kernels::cuda::CudaStack;
+#[cfg(not(feature = "cuda"))]
+type StackUpload = ();
 
 /// A block as a running model holds it: the signs re-tiled for the kernels
 /// (see [`TiledSigns`]), the factors as stored.
@@ -17,6 +27,8 @@ pub struct StackBlock {
     pub u: Vec<f16>,
     /// `k×n`, row-major.
     pub vt: Vec<f16>,
+    /// The upload for CUDA forwards, made on first use (none on the CPU).
+    pub device: DeviceCopy<BlockUpload>,
 }
 
 impl StackBlock {
@@ -26,6 +38,7 @@ impl StackBlock {
             signs: TiledSigns::from_row_major(&block.signs, m, n),
             u: block.u,
             vt: block.vt,
+            device: DeviceCopy::default(),
         }
     }
 
@@ -73,6 +86,9 @@ pub struct WeightStack {
     pub n: usize,
     pub k: usize,
     pub blocks: Vec<Arc<StackBlock>>,
+    /// The blocks' uploads and their pointer table, for CUDA forwards.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    device: DeviceCopy<StackUpload>,
 }
 
 impl WeightStack {
@@ -86,7 +102,13 @@ impl WeightStack {
             .into_iter()
             .map(|b| b.into_stack_block(m, n))
             .collect();
-        Self { m, n, k, blocks }
+        Self {
+            m,
+            n,
+            k,
+            blocks,
+            device: DeviceCopy::default(),
+        }
     }
 
     /// The stack of the first `b` blocks (all of them when there are fewer).
@@ -153,6 +175,33 @@ impl bitstack_kernels::StackSource for WeightStack {
                 })
                 .collect(),
         }
+    }
+
+    /// Uploads each block the first time a CUDA forward needs it; the
+    /// blocks a resize keeps keep their uploads.
+    #[cfg(feature = "cuda")]
+    fn cuda_stack(
+        &self,
+        device: &candle_core::cuda_backend::CudaDevice,
+    ) -> candle_core::Result<Arc<bitstack_kernels::cuda::CudaStack>> {
+        use bitstack_kernels::cuda::{CudaBlock, CudaStack};
+        self.device.get_or_try_make(device, || {
+            let blocks = self
+                .blocks
+                .iter()
+                .map(|b| {
+                    b.device.get_or_try_make(device, || {
+                        let block = BlockRef {
+                            signs: &b.signs,
+                            u: &b.u,
+                            vt: &b.vt,
+                        };
+                        CudaBlock::upload(device, block, self.m, self.n, self.k)
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            CudaStack::new(device, self.m, self.n, self.k, blocks)
+        })
     }
 }
 

@@ -1,0 +1,307 @@
+// CUDA kernels for BitStack linears: y = x·Wᵀ with W = Σ_b S_b ⊙ (u_b·vt_b).
+//
+// Sign layout ("mma tiles", made on the host by `cuda::mma_sign_words`):
+// rows in tiles of 16, columns in chunks of 64. Word (tile·chunks + chunk)·32
+// + lane holds exactly the 64 signs that warp lane `lane` needs as the A
+// operand of four m16n8k16 mma steps over that 16×64 piece, so a warp reads
+// a tile's signs as one coalesced 128-byte load per chunk. For step s (16
+// columns) and A register `reg` (0: row g, cols 2t..; 1: row g+8, cols 2t..;
+// 2: row g, cols 2t+8..; 3: row g+8, cols 2t+8.., with g = lane/4 and
+// t = lane%4), the sign of the lower column is bit s·4 + reg and that of
+// the upper one bit s·4 + reg + 16. A set bit is −1: it is the sign bit of
+// the ±1 operand, so two shifts and a mask turn the word into two halves.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+// Output rows per decode block: 8 warps of one 16-row tile each.
+constexpr int DECODE_WARPS = 8;
+constexpr int DECODE_ROWS = DECODE_WARPS * 16;
+// Columns staged per step (four 64-column sign chunks).
+constexpr int STAGE_COLS = 256;
+// Rank columns (rows of x times rank index) per pass: eight n8 mma tiles.
+constexpr int PASS_COLS = 64;
+// Row stride of the staged operand in halves: 132 words puts the 32 lanes
+// of a fragment load on 32 different banks.
+constexpr int Z_STRIDE = STAGE_COLS + 8;
+// Largest rows of x one decode call takes (the host splits larger calls).
+constexpr int DECODE_MAX_ROWS = 32;
+// Outputs (row of W, row of x) each thread accumulates.
+constexpr int OUTS_PER_THREAD = DECODE_ROWS * DECODE_MAX_ROWS / (DECODE_WARPS * 32);
+
+struct BlockPtrs {
+  const uint32_t* signs;
+  const __half* u;
+  const __half* vt;
+};
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+
+// The operand type of the mma: f16 for f32 and f16 activations, bf16 for
+// bf16 ones (whose range f16 does not cover).
+template <bool BF16> struct Mma;
+
+template <> struct Mma<false> {
+  typedef __half T;
+  static constexpr uint32_t ONES = 0x3C003C00u;  // two f16 1.0
+  static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <> struct Mma<true> {
+  typedef __nv_bfloat16 T;
+  static constexpr uint32_t ONES = 0x3F803F80u;  // two bf16 1.0
+  static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// A register `reg` of step `s` from a lane's sign word: bit q goes to the
+// sign of the low half, bit q + 16 to that of the high half.
+template <int Q>
+__device__ __forceinline__ uint32_t sign_pair(uint32_t word, uint32_t ones) {
+  return ((word << (15 - Q)) & 0x80008000u) | ones;
+}
+
+// Decode: partial[split][r][i] = Σ_b Σ_j u_b[i,j] · Σ_{c in split} S_b[i,c]·vt_b[j,c]·x[r,c].
+//
+// Grid: (⌈m/128⌉, splits). Each warp owns one 16-row tile of W; the block
+// stages Z[(r,j), c] = vt_b[j,c]·x[r,c] for 256 columns in shared memory,
+// and the warps multiply their sign tiles by it on the tensor cores. The
+// u-weighted sum over j runs once per block and pass, from shared memory.
+template <typename T, bool BF16>
+__device__ void decode(const BlockPtrs* __restrict__ blocks, int nblocks, const T* __restrict__ x,
+                       float* __restrict__ partial, int m, int n, int k, int rows,
+                       int stages_per_split) {
+  typedef typename Mma<BF16>::T Z;
+  __shared__ __align__(16) unsigned char smem[PASS_COLS * Z_STRIDE * 2];
+  Z* zs = reinterpret_cast<Z*>(smem);
+  float* cs = reinterpret_cast<float*>(smem);  // reused for the epilogue: DECODE_ROWS × PASS_COLS
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int mtiles = (m + 15) / 16;
+  const int chunks = (n + 63) / 64;
+  const int tile = blockIdx.x * DECODE_WARPS + warp;
+  const int row0 = blockIdx.x * DECODE_ROWS;
+  const int stages = (n + STAGE_COLS - 1) / STAGE_COLS;
+  const int stage_begin = blockIdx.y * stages_per_split;
+  const int stage_end = min(stages, stage_begin + stages_per_split);
+  const int rank_cols = rows * k;
+
+  float ys[OUTS_PER_THREAD];
+#pragma unroll
+  for (int e = 0; e < OUTS_PER_THREAD; ++e) ys[e] = 0.f;
+
+  for (int n0 = 0; n0 < rank_cols; n0 += PASS_COLS) {
+    const int pass_cols = min(PASS_COLS, rank_cols - n0);
+    const int ntiles = (pass_cols + 7) / 8;
+    for (int b = 0; b < nblocks; ++b) {
+      const BlockPtrs blk = blocks[b];
+      float acc[8][4];
+#pragma unroll
+      for (int q = 0; q < 8; ++q) acc[q][0] = acc[q][1] = acc[q][2] = acc[q][3] = 0.f;
+
+      for (int stage = stage_begin; stage < stage_end; ++stage) {
+        const int c0 = stage * STAGE_COLS;
+        // This warp's sign words for the stage's four chunks.
+        uint32_t words[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int chunk = stage * 4 + q;
+          words[q] = (tile < mtiles && chunk < chunks)
+                         ? blk.signs[((size_t)tile * chunks + chunk) * 32 + lane]
+                         : 0u;
+        }
+        // Stage Z for this pass's rank columns; zero past n and past rows·k.
+        for (int idx = tid; idx < ntiles * 8 * STAGE_COLS; idx += DECODE_WARPS * 32) {
+          const int nn = idx / STAGE_COLS;
+          const int c = idx % STAGE_COLS;
+          const int gnn = n0 + nn;
+          const int gc = c0 + c;
+          float z = 0.f;
+          if (gnn < rank_cols && gc < n) {
+            const int r = gnn / k;
+            const int j = gnn - r * k;
+            z = __half2float(blk.vt[(size_t)j * n + gc]) * to_f32(x[(size_t)r * n + gc]);
+          }
+          zs[nn * Z_STRIDE + c] = from_f32<Z>(z);
+        }
+        __syncthreads();
+        if (tile < mtiles) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const uint32_t w = words[q];
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+              uint32_t a[4];
+              const uint32_t ones = Mma<BF16>::ONES;
+              switch (s) {
+                case 0: a[0] = sign_pair<0>(w, ones); a[1] = sign_pair<1>(w, ones);
+                        a[2] = sign_pair<2>(w, ones); a[3] = sign_pair<3>(w, ones); break;
+                case 1: a[0] = sign_pair<4>(w, ones); a[1] = sign_pair<5>(w, ones);
+                        a[2] = sign_pair<6>(w, ones); a[3] = sign_pair<7>(w, ones); break;
+                case 2: a[0] = sign_pair<8>(w, ones); a[1] = sign_pair<9>(w, ones);
+                        a[2] = sign_pair<10>(w, ones); a[3] = sign_pair<11>(w, ones); break;
+                default: a[0] = sign_pair<12>(w, ones); a[1] = sign_pair<13>(w, ones);
+                         a[2] = sign_pair<14>(w, ones); a[3] = sign_pair<15>(w, ones); break;
+              }
+              const int kc = q * 64 + s * 16 + 2 * t;
+#pragma unroll
+              for (int nt = 0; nt < 8; ++nt) {
+                if (nt < ntiles) {
+                  const Z* zrow = zs + (nt * 8 + g) * Z_STRIDE + kc;
+                  const uint32_t b0 = *reinterpret_cast<const uint32_t*>(zrow);
+                  const uint32_t b1 = *reinterpret_cast<const uint32_t*>(zrow + 8);
+                  Mma<BF16>::run(acc[nt], a, b0, b1);
+                }
+              }
+            }
+          }
+        }
+        __syncthreads();
+      }
+
+      // Epilogue: y[r, i] += Σ_j u_b[i, j] · P[i, (r, j)] over this pass.
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        if (nt < ntiles) {
+          const int rl = warp * 16 + g;
+          const int col = nt * 8 + 2 * t;
+          cs[rl * PASS_COLS + col] = acc[nt][0];
+          cs[rl * PASS_COLS + col + 1] = acc[nt][1];
+          cs[(rl + 8) * PASS_COLS + col] = acc[nt][2];
+          cs[(rl + 8) * PASS_COLS + col + 1] = acc[nt][3];
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int e = 0; e < OUTS_PER_THREAD; ++e) {
+        const int idx = tid + e * DECODE_WARPS * 32;
+        const int il = idx % DECODE_ROWS;
+        const int r = idx / DECODE_ROWS;
+        const int i = row0 + il;
+        if (r < rows && i < m) {
+          const int lo = max(r * k, n0);
+          const int hi = min(r * k + k, n0 + pass_cols);
+          float sum = 0.f;
+          for (int nn = lo; nn < hi; ++nn) {
+            sum += __half2float(blk.u[(size_t)i * k + (nn - r * k)]) * cs[il * PASS_COLS + nn - n0];
+          }
+          ys[e] += sum;
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+#pragma unroll
+  for (int e = 0; e < OUTS_PER_THREAD; ++e) {
+    const int idx = tid + e * DECODE_WARPS * 32;
+    const int il = idx % DECODE_ROWS;
+    const int r = idx / DECODE_ROWS;
+    const int i = row0 + il;
+    if (r < rows && i < m) partial[((size_t)blockIdx.y * rows + r) * m + i] = ys[e];
+  }
+}
+
+// out[r, i] = Σ_split partial[split][r][i], in the activations' dtype.
+template <typename T>
+__device__ void reduce_splits(const float* __restrict__ partial, T* __restrict__ out, int splits,
+                              int len) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= len) return;
+  float s = 0.f;
+  for (int p = 0; p < splits; ++p) s += partial[(size_t)p * len + idx];
+  out[idx] = from_f32<T>(s);
+}
+
+// Prefill: W[i, c] = Σ_b ±(Σ_j u_b[i,j]·vt_b[j,c]) for one 16×64 piece per
+// thread block (256 threads, four consecutive columns each), written in the
+// activations' dtype for the GEMM that follows.
+template <typename T>
+__device__ void reconstruct(const BlockPtrs* __restrict__ blocks, int nblocks, T* __restrict__ w,
+                            int m, int n, int k) {
+  __shared__ uint32_t words[32];
+  const int chunks = (n + 63) / 64;
+  const int chunk = blockIdx.x;
+  const int tile = blockIdx.y;
+  const int rr = threadIdx.x / 16;
+  const int cc0 = (threadIdx.x % 16) * 4;
+  const int i = tile * 16 + rr;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int b = 0; b < nblocks; ++b) {
+    const BlockPtrs blk = blocks[b];
+    __syncthreads();
+    if (threadIdx.x < 32) words[threadIdx.x] = blk.signs[((size_t)tile * chunks + chunk) * 32 + threadIdx.x];
+    __syncthreads();
+    if (i >= m) continue;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int cc = cc0 + e;
+      const int c = chunk * 64 + cc;
+      if (c >= n) continue;
+      float v = 0.f;
+      for (int j = 0; j < k; ++j) {
+        v += __half2float(blk.u[(size_t)i * k + j]) * __half2float(blk.vt[(size_t)j * n + c]);
+      }
+      const int s = cc / 16;
+      const int c16 = cc % 16;
+      const int lane = (rr % 8) * 4 + (c16 % 8) / 2;
+      const int bit = s * 4 + rr / 8 + 2 * (c16 / 8) + 16 * (c16 % 2);
+      acc[e] += ((words[lane] >> bit) & 1u) ? -v : v;
+    }
+  }
+  if (i >= m) return;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int c = chunk * 64 + cc0 + e;
+    if (c < n) w[(size_t)i * n + c] = from_f32<T>(acc[e]);
+  }
+}
+
+}  // namespace
+
+#define BITSTACK_KERNELS(NAME, T, BF16)                                                          \
+  extern "C" __global__ void __launch_bounds__(DECODE_WARPS * 32)                                \
+      bitstack_decode_##NAME(const BlockPtrs* blocks, int nblocks, const T* x, float* partial,   \
+                             int m, int n, int k, int rows, int stages_per_split) {              \
+    decode<T, BF16>(blocks, nblocks, x, partial, m, n, k, rows, stages_per_split);               \
+  }                                                                                              \
+  extern "C" __global__ void bitstack_reduce_##NAME(const float* partial, T* out, int splits,    \
+                                                    int len) {                                   \
+    reduce_splits<T>(partial, out, splits, len);                                                 \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(256)                                              \
+      bitstack_reconstruct_##NAME(const BlockPtrs* blocks, int nblocks, T* w, int m, int n,      \
+                                  int k) {                                                       \
+    reconstruct<T>(blocks, nblocks, w, m, n, k);                                                 \
+  }
+
+BITSTACK_KERNELS(f32, float, false)
+BITSTACK_KERNELS(f16, __half, false)
+BITSTACK_KERNELS(bf16, __nv_bfloat16, true)
