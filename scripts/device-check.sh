@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The CUDA checks, on a machine with an NVIDIA GPU (compute capability 8.0 or
+# newer, driver for CUDA 13) and no toolchain: the binaries come from
+# `scripts/build-cuda.sh --bundle DIR` on any other machine.
+#
+#   scripts/device-check.sh [DIR]     # DIR: the bundle (default .devrun/cuda)
+#
+# Runs, writing everything to $OUT (default ./device-check-out):
+#   tests.log       the CUDA tests: every kernel and dtype against the f64 CPU
+#                   reference on fresh random stacks of awkward shapes, with
+#                   freed device memory poisoned (NaN) before each call
+#   bench-k4.md     decode (1 row, 1–8 blocks) and prefill (2048 rows, 4
+#   bench-k16.md    blocks) on Llama-3-8B shapes, against the copy bandwidth,
+#                   cuBLAS f16 GEMV and GEMM measured in the same run
+#   *.json          the same numbers, one object per row
+#   summary.md      GPU, test verdict and both tables
+# The exit status is the tests' (0 = all passed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bundle="${1:-.devrun/cuda}"
+out="${OUT:-device-check-out}"
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+for f in cuda-test cuda-bench; do
+  [ -f "$bundle/$f.xz" ] || { echo "device-check: $bundle/$f.xz is missing (run scripts/build-cuda.sh --bundle $bundle)" >&2; exit 2; }
+  (xz -dc "$bundle/$f.xz" 2>/dev/null \
+    || python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$bundle/$f.xz") > "$work/$f"
+  chmod +x "$work/$f"
+done
+
+# The driver and cuBLAS/cuRAND come from this machine (too big to carry);
+# the CUDA runtime from the bundle when this machine has none.
+dirs=""
+for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
+  p=$(find / \( -path /proc -o -path /sys \) -prune -o -name "$lib" -print 2>/dev/null | head -1)
+  echo "$lib: ${p:-not found}" | tee -a "$out/libs.txt"
+  [ -n "$p" ] && dirs="$dirs:$(dirname "$p")"
+done
+export LD_LIBRARY_PATH="${dirs#:}:$(cd "$bundle" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv > "$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+
+"$work/cuda-test" --test-threads 1 --nocapture > "$out/tests.log" 2>&1
+tests=$?
+tail -3 "$out/tests.log"
+
+for k in 4 16; do
+  timeout 240 "$work/cuda-bench" --k "$k" --json "$out/bench-k$k.json" > "$out/bench-k$k.md" 2> "$out/bench-k$k.err"
+  echo "bench k=$k: exit $?"
+done
+
+{
+  echo "# CUDA device check"
+  echo
+  echo '```'
+  cat "$out/gpu.txt"
+  echo '```'
+  echo
+  echo "tests: $(grep -E '^test result' "$out/tests.log" | tail -1) (exit $tests)"
+  for k in 4 16; do echo; echo "## k = $k"; echo; cat "$out/bench-k$k.md"; done
+} > "$out/summary.md"
+cat "$out/summary.md"
+exit $tests
