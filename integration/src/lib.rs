@@ -1,0 +1,214 @@
+//! BitStack for mistral.rs.
+//!
+//! A BitStack checkpoint's `config.json` says `"quant_method": "bitstack"`.
+//! With the upstream patches of `integration/upstream/`, mistral.rs hands
+//! every linear of such a model to the factory registered under that name;
+//! [`register`] registers one over a [`BitStackHandle`], so all linears of
+//! the mistral.rs model run on the handle's current snapshot and resize
+//! together. With a memory budget for weights plus KV cache, the handle is
+//! also registered with mistral.rs's weight arbiter, which shrinks the
+//! weights before the KV cache would overflow the budget and grows them
+//! back when it empties.
+
+pub mod linear;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use bitstack_quant::budget::{plan_for_dir, Budget};
+use bitstack_quant::elastic::{BitStackHandle, ResizeError};
+use candle_core::{DType, Device};
+use mistralrs_core::weight_arbiter::{self, ElasticWeights};
+use mistralrs_quant::{ExternalQuantFactory, QuantMethod, ShardedVarBuilder};
+
+pub use linear::{BitStackLinear, LinearSite};
+
+/// The `quant_method` of BitStack checkpoints.
+pub const QUANT_METHOD: &str = "bitstack";
+
+/// Builds mistral.rs linears over one [`BitStackHandle`].
+pub struct BitStackFactory {
+    handle: BitStackHandle,
+    dtype: DType,
+}
+
+impl BitStackFactory {
+    pub fn new(handle: BitStackHandle, dtype: DType) -> Self {
+        Self { handle, dtype }
+    }
+}
+
+impl ExternalQuantFactory for BitStackFactory {
+    fn linear(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        _config: &serde_json::Value,
+        vb: ShardedVarBuilder,
+    ) -> candle_core::Result<Arc<dyn QuantMethod>> {
+        let prefix = vb.prefix();
+        match LinearSite::from_prefix(&prefix) {
+            Some(site) => Ok(Arc::new(BitStackLinear::new(
+                self.handle.clone(),
+                site,
+                in_dim,
+                out_dim,
+                self.dtype,
+            )?)),
+            // BitStack stacks the seven projections of each decoder layer;
+            // anything else (an untied lm_head) is stored dense.
+            None => {
+                let weight = vb.get((out_dim, in_dim), "weight")?;
+                let bias = if bias {
+                    Some(vb.get(out_dim, "bias")?)
+                } else {
+                    None
+                };
+                let linear = candle_nn::Linear::new(weight, bias);
+                Ok(Arc::new(<mistralrs_quant::UnquantLinear as QuantMethod>::new(
+                    mistralrs_quant::QuantMethodConfig::Unquantized(linear),
+                )?))
+            }
+        }
+    }
+
+    /// How many 16-bit weights one stored weight stands for, for mistral.rs's
+    /// memory estimates: 16 over the bits per weight of the current level.
+    fn pack_factor(&self, _config: &serde_json::Value, _dtype: DType) -> usize {
+        let geometry = self.handle.geometry();
+        let bits = 8.0 * self.handle.resident_bytes() as f64 / geometry.parameters.max(1) as f64;
+        (16.0 / bits.max(1e-3)).floor().max(1.0) as usize
+    }
+}
+
+/// A [`BitStackHandle`] as weights the mistral.rs arbiter may resize.
+pub struct ElasticBitStack {
+    handle: BitStackHandle,
+}
+
+impl ElasticWeights for ElasticBitStack {
+    fn name(&self) -> String {
+        format!("bitstack (level {}/{})", self.handle.level(), self.handle.max_level())
+    }
+
+    fn resident_bytes(&self) -> usize {
+        self.handle.resident_bytes() as usize
+    }
+
+    fn floor_bytes(&self) -> usize {
+        self.handle.floor_bytes() as usize
+    }
+
+    fn max_bytes(&self) -> usize {
+        self.handle.max_bytes() as usize
+    }
+
+    fn shrink_by(&self, bytes: usize) -> usize {
+        let before = self.handle.resident_bytes();
+        let result = match self.handle.shrink_by(bytes as u64) {
+            // Not that much above the floor: go down to it.
+            Err(ResizeError::BelowFloor { .. }) => self.handle.set_level(0),
+            other => other,
+        };
+        if let Err(e) = result {
+            tracing::error!("bitstack: shrink by {bytes} bytes failed: {e}");
+        }
+        before.saturating_sub(self.handle.resident_bytes()) as usize
+    }
+
+    fn grow_by(&self, bytes: usize) -> usize {
+        match self.handle.grow_by(bytes as u64) {
+            Ok(resize) => resize.bytes_taken() as usize,
+            Err(e) => {
+                tracing::error!("bitstack: grow by {bytes} bytes failed: {e}");
+                0
+            }
+        }
+    }
+}
+
+/// What [`register`] set up.
+pub struct Registration {
+    pub handle: BitStackHandle,
+    /// The budget for weights plus KV cache, when elastic.
+    pub memory_budget: Option<u64>,
+}
+
+/// Opens the BitStack checkpoint in `dir` within `weight_budget` (all blocks
+/// when `None`) and registers it with mistral.rs: as the `bitstack`
+/// quantization method and, with a `memory_budget` (weights plus KV cache,
+/// in bytes or a percent of the 16-bit model), as elastic weights.
+pub fn register(
+    dir: &Path,
+    weight_budget: Option<Budget>,
+    memory_budget: Option<Budget>,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<Registration> {
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+    let config: serde_json::Value = serde_json::from_str(&config)
+        .with_context(|| format!("parsing {}", dir.join("config.json").display()))?;
+    let method = config
+        .pointer("/quantization_config/quant_method")
+        .and_then(|m| m.as_str());
+    if method != Some(QUANT_METHOD) {
+        bail!(
+            "{} is not a BitStack checkpoint: its config.json has quant_method {:?}, not \"{QUANT_METHOD}\" (make one with `bitstack compress`)",
+            dir.display(),
+            method.unwrap_or("(none)")
+        );
+    }
+    let weight_bytes = match weight_budget {
+        Some(b) => Some(plan_for_dir(dir, b)?.rung.total_bytes as u64),
+        None => None,
+    };
+    let memory_budget = match memory_budget {
+        None => None,
+        Some(b @ Budget::BitsPerWeight(_)) => {
+            bail!("--memory-budget {b} counts weights and KV cache together: give bytes (e.g. 900MiB) or a percent")
+        }
+        Some(b) => Some(plan_bytes(dir, b)?),
+    };
+    let handle = BitStackHandle::open(dir, weight_bytes, device)
+        .with_context(|| format!("opening the BitStack checkpoint in {}", dir.display()))?;
+    if let Some(budget) = memory_budget {
+        if budget < handle.floor_bytes() {
+            bail!(
+                "--memory-budget {budget} bytes is below the weights' floor of {} bytes ({:.1} MiB): nothing would be left for the KV cache",
+                handle.floor_bytes(),
+                handle.floor_bytes() as f64 / 1048576.0
+            );
+        }
+    }
+    mistralrs_quant::register_quant_method(
+        QUANT_METHOD,
+        Arc::new(BitStackFactory::new(handle.clone(), dtype)),
+    )?;
+    handle.subscribe(|resize| tracing::info!("bitstack resize: {resize}"));
+    if let Some(budget) = memory_budget {
+        weight_arbiter::register_elastic_weights(Arc::new(ElasticBitStack {
+            handle: handle.clone(),
+        }));
+        weight_arbiter::set_memory_budget(Some(budget as usize));
+    }
+    Ok(Registration {
+        handle,
+        memory_budget,
+    })
+}
+
+/// Bytes of a budget given in bytes or as a percent of the 16-bit model.
+fn plan_bytes(dir: &Path, budget: Budget) -> anyhow::Result<u64> {
+    Ok(match budget {
+        Budget::Bytes(b) => b,
+        Budget::Percent(p) => {
+            let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(dir)?;
+            let geometry = bitstack_quant::order::Geometry::from_config(&cfg)?;
+            (p / 100.0 * 2.0 * geometry.parameters as f64) as u64
+        }
+        Budget::BitsPerWeight(_) => unreachable!("refused by the caller"),
+    })
+}

@@ -1,0 +1,335 @@
+//! `mistralrs-bitstack`: mistral.rs with BitStack weights.
+//!
+//! The published mistral.rs crates (with the patches of
+//! `integration/upstream/`) do the serving; this binary registers the
+//! BitStack quantization method over an elastic handle and starts them.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bitstack_mistralrs::{register, Registration};
+use bitstack_quant::budget::Budget;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mistralrs::{
+    IsqType, MistralRs, Model, ModelDType, RequestBuilder, TextMessageRole, TextMessages, TextModelBuilder,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "mistralrs-bitstack",
+    version,
+    about = "mistral.rs with BitStack weights: any memory size, resized while serving",
+    long_about = "mistral.rs with BitStack weights: any memory size, resized while serving.\n\n\
+        A BitStack checkpoint (made with `bitstack compress` and `bitstack sort`) loads at \
+        whatever size --weight-budget allows. With --memory-budget (weights and KV cache \
+        together) the weights give memory to the KV cache under load, block by block in \
+        the checkpoint's order, and take it back when the load falls.",
+    after_help = "Examples:\n  \
+        mistralrs-bitstack run -m smollm2-bitstack --quant bitstack --weight-budget 4bpw --prompt 'What is the capital of France?' --max-tokens 32 --temperature 0\n  \
+        mistralrs-bitstack serve -m smollm2-bitstack --quant bitstack --memory-budget 120MiB --port 8080\n  \
+        mistralrs-bitstack bench -m smollm2-bitstack --quant bitstack --weight-budget 3bpw,4bpw,6bpw --dense SmolLM2-135M-Instruct"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat with the model: one prompt with --prompt, else line by line from stdin.
+    Run(RunArgs),
+    /// Serve the OpenAI-compatible HTTP API of mistral.rs.
+    Serve(ServeArgs),
+    /// Tokens per second at several weight budgets, and of mistral.rs's own
+    /// unquantized and ISQ Q4K models, in one run.
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Quant {
+    /// A BitStack checkpoint (`quant_method: bitstack`).
+    Bitstack,
+    /// A dense model, as mistral.rs loads it.
+    None,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// The model directory (a BitStack checkpoint for --quant bitstack).
+    #[arg(short = 'm', long = "model")]
+    model: PathBuf,
+    /// How the weights are stored.
+    #[arg(long, value_enum, default_value = "bitstack")]
+    quant: Quant,
+    /// Weights at load time: bytes (900MiB), bits per linear weight (3.5bpw)
+    /// or a percent of the 16-bit model (30%); all blocks when left out.
+    #[arg(long, value_name = "SPEC")]
+    weight_budget: Option<Budget>,
+    /// Weights plus KV cache, in bytes (1.2GiB) or a percent of the 16-bit
+    /// model: makes the weights elastic under load.
+    #[arg(long, value_name = "SPEC")]
+    memory_budget: Option<Budget>,
+    /// Sequences run together at most.
+    #[arg(long, default_value_t = 16)]
+    max_seqs: usize,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The user message; without it, each line of stdin is one.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed at start-up).
+    #[arg(short, long, default_value_t = 8080)]
+    port: u16,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The BitStack checkpoint.
+    #[arg(short = 'm', long = "model")]
+    model: PathBuf,
+    /// Must be bitstack (kept for symmetry with run and serve).
+    #[arg(long, value_enum, default_value = "bitstack")]
+    quant: Quant,
+    /// Weight budgets to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "3bpw,4bpw,6bpw")]
+    weight_budget: Vec<Budget>,
+    /// The dense model the checkpoint was made from: also timed unquantized
+    /// and with mistral.rs's ISQ Q4K.
+    #[arg(long)]
+    dense: Option<PathBuf>,
+    /// Tokens to generate per run.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Runs per model (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,mistralrs_core=warn,mistralrs_core::weight_arbiter=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Serve(args) => serve(args).await,
+            Command::Bench(args) => bench(args).await,
+        }
+    })
+}
+
+/// Registers the checkpoint (for --quant bitstack) and loads the model.
+async fn load(args: &ModelArgs) -> Result<(Arc<MistralRs>, Option<Registration>)> {
+    let dir = args.model.to_str().context("the model path is not UTF-8")?;
+    let registration = match args.quant {
+        Quant::Bitstack => Some(register(
+            &args.model,
+            args.weight_budget,
+            args.memory_budget,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )?),
+        Quant::None => {
+            if args.weight_budget.is_some() || args.memory_budget.is_some() {
+                bail!("--weight-budget and --memory-budget need --quant bitstack");
+            }
+            None
+        }
+    };
+    if let Some(r) = &registration {
+        tracing::info!(
+            "bitstack: level {}/{} ({:.1} MiB of weights{})",
+            r.handle.level(),
+            r.handle.max_level(),
+            r.handle.resident_bytes() as f64 / 1048576.0,
+            r.memory_budget.map_or(String::new(), |b| format!(
+                ", memory budget {:.1} MiB for weights and KV cache",
+                b as f64 / 1048576.0
+            ))
+        );
+    }
+    let builder = TextModelBuilder::new(dir)
+        .with_force_cpu()
+        .with_dtype(ModelDType::F32)
+        .with_max_num_seqs(args.max_seqs);
+    let runner = build(builder)
+        .await
+        .with_context(|| format!("loading {dir}"))?;
+    Ok((runner, registration))
+}
+
+/// The engine for `builder`, shared: the chat API and the HTTP server both
+/// send to it.
+async fn build(builder: TextModelBuilder) -> Result<Arc<MistralRs>> {
+    let (pipeline, scheduler, add) =
+        mistralrs::model_builder_trait::build_text_pipeline(builder).await?;
+    let engine = add.engine_config;
+    Ok(mistralrs_core::MistralRsBuilder::new(
+        pipeline,
+        scheduler,
+        engine.throughput_logging_enabled,
+        engine.search_embedding_model,
+    )
+    .with_no_kv_cache(engine.no_kv_cache)
+    .with_no_prefix_cache(engine.no_prefix_cache)
+    .with_prefix_cache_n(engine.prefix_cache_n)
+    .build()
+    .await)
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let (runner, _registration) = load(&args.model).await?;
+    let model = Model::new(runner);
+    let ask = |prompt: String| {
+        let request = RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
+            .set_sampler_max_len(args.max_tokens)
+            .set_sampler_temperature(args.temperature);
+        let request = if args.temperature == 0.0 {
+            request.set_deterministic_sampler()
+        } else {
+            request
+        };
+        let model = &model;
+        async move { model.send_chat_request(request).await }
+    };
+    match args.prompt {
+        Some(prompt) => {
+            let response = ask(prompt).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let text = response.choices[0].message.content.clone().unwrap_or_default();
+            println!("{text}");
+            tracing::info!(
+                "{} prompt tokens, {} generated at {:.1} tokens/s",
+                response.usage.prompt_tokens,
+                response.usage.completion_tokens,
+                response.usage.avg_compl_tok_per_sec
+            );
+        }
+        None => {
+            let stdin = std::io::stdin();
+            eprint!("> ");
+            for line in stdin.lock().lines() {
+                let line = line?;
+                if !line.trim().is_empty() {
+                    let response = ask(line).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    println!("{}", response.choices[0].message.content.clone().unwrap_or_default());
+                }
+                eprint!("> ");
+                std::io::stderr().flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let (runner, _registration) = load(&args.model).await?;
+    let router = mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder::new()
+        .with_mistralrs(runner)
+        .build()
+        .await?;
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
+    // Tests and scripts read the address from this line.
+    println!("listening on http://{}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn bench(args: BenchArgs) -> Result<()> {
+    if args.quant != Quant::Bitstack {
+        bail!("bench times a BitStack checkpoint: use --quant bitstack (and --dense for the baselines)");
+    }
+    let prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle.";
+    let mut rows = Vec::new();
+    for budget in &args.weight_budget {
+        let model_args = ModelArgs {
+            model: args.model.clone(),
+            quant: Quant::Bitstack,
+            weight_budget: Some(*budget),
+            memory_budget: None,
+            max_seqs: 1,
+        };
+        let (runner, registration) = load(&model_args).await?;
+        let model = Model::new(runner);
+        let bytes = registration.as_ref().map(|r| r.handle.resident_bytes());
+        rows.push((format!("bitstack {budget}"), bytes, time(&model, prompt, &args).await?));
+    }
+    if let Some(dense) = &args.dense {
+        let dir = dense.to_str().context("the dense path is not UTF-8")?;
+        for (name, isq) in [("unquantized f32", None), ("ISQ Q4K", Some(IsqType::Q4K))] {
+            let mut builder = TextModelBuilder::new(dir)
+                .with_force_cpu()
+                .with_dtype(ModelDType::F32)
+                .with_max_num_seqs(1);
+            if let Some(isq) = isq {
+                builder = builder.with_isq(isq);
+            }
+            let model = Model::new(build(builder).await.with_context(|| format!("loading {dir}"))?);
+            rows.push((name.to_string(), None, time(&model, prompt, &args).await?));
+        }
+    }
+    println!("| model | weights MiB | decode tokens/s | prompt tokens/s |");
+    println!("|---|---|---|---|");
+    for (name, bytes, (decode, prompt)) in rows {
+        let bytes = bytes.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / 1048576.0));
+        println!("| {name} | {bytes} | {decode:.1} | {prompt:.1} |");
+    }
+    Ok(())
+}
+
+/// Median decode and prompt tokens/s over `args.repeats` greedy runs.
+async fn time(model: &Model, prompt: &str, args: &BenchArgs) -> Result<(f64, f64)> {
+    let mut decode = Vec::new();
+    let mut prefill = Vec::new();
+    for _ in 0..args.repeats.max(1) {
+        let request = RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
+            .set_sampler_max_len(args.gen_tokens)
+            .set_deterministic_sampler();
+        let start = Instant::now();
+        let response = model.send_chat_request(request).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        tracing::debug!("run took {:?}", start.elapsed());
+        decode.push(response.usage.avg_compl_tok_per_sec as f64);
+        prefill.push(response.usage.avg_prompt_tok_per_sec as f64);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(decode), median(prefill)))
+}

@@ -1,0 +1,297 @@
+//! mistral.rs with BitStack layers, end to end on the real
+//! SmolLM2-135M-Instruct (fetched and pinned by `bitstack-assets`, then
+//! compressed once into the assets folder): logits equal our runner's at
+//! several levels, a server under a memory budget lends weight memory to
+//! the KV cache of concurrent requests and takes it back, and bad input
+//! fails at start-up with a clear error.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bitstack_mistralrs::register;
+use bitstack_quant::budget::Budget;
+use bitstack_quant::compress::{compress, CompressOptions};
+use bitstack_quant::elastic::BitStackHandle;
+use bitstack_quant::svd::SvdMethod;
+use candle_core::{DType, Device, Tensor};
+use mistralrs::{ModelDType, TextMessageRole, TextMessages, TextModelBuilder};
+
+/// A quick BitStack checkpoint of SmolLM2 (4 blocks of rank 4 per linear,
+/// round-robin order), made once per assets folder.
+fn checkpoint() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
+        let dense = assets.dir.join("SmolLM2-135M-Instruct");
+        if !dense.join("config.json").exists() {
+            bitstack_assets::import_gguf(&assets.gguf, &dense, DType::F32).expect("import");
+        }
+        let out = assets.dir.join("SmolLM2-135M-Instruct-bitstack-k4x4");
+        if !out.join("config.json").exists() {
+            let opts = CompressOptions {
+                k: 4,
+                k_per_kind: Default::default(),
+                niter: 4,
+                calib_text: assets.calib_text.clone(),
+                calib_windows: 8,
+                seq_len: 256,
+                batch: 4,
+                svd: SvdMethod::randomized(0),
+                feedback: None,
+            };
+            let partial = out.with_extension("partial");
+            let _ = std::fs::remove_dir_all(&partial);
+            compress(&dense, &partial, &opts).expect("compress");
+            std::fs::rename(&partial, &out).expect("rename");
+        }
+        out
+    })
+}
+
+fn cpu() -> Device {
+    Device::Cpu
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logits_equal_our_runner_at_several_levels() {
+    let dir = checkpoint();
+    let probe = BitStackHandle::open(dir, None, &cpu()).unwrap();
+    let max = probe.max_level();
+    let levels = [0, max / 2, max];
+    let bytes: Vec<u64> = levels.iter().map(|&l| probe.bytes_at_level(l)).collect();
+    drop(probe);
+    for (&level, &bytes) in levels.iter().zip(&bytes) {
+        let reg = register(dir, Some(Budget::Bytes(bytes)), None, &cpu(), DType::F32).unwrap();
+        assert_eq!(reg.handle.level(), level);
+        let model = TextModelBuilder::new(dir.to_str().unwrap())
+            .with_force_cpu()
+            .with_dtype(ModelDType::F32)
+            .build()
+            .await
+            .unwrap();
+        let messages =
+            TextMessages::new().add_message(TextMessageRole::User, "What is the capital of France?");
+        let (chunks, tokens) = model.send_raw_chat_request(messages).await.unwrap();
+        let theirs: Vec<f32> = chunks
+            .last()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let ids = Tensor::new(tokens.as_slice(), &cpu()).unwrap().unsqueeze(0).unwrap();
+        let ours: Vec<f32> = reg
+            .handle
+            .snapshot()
+            .model
+            .forward(&ids)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Both end with the logits of the last prompt position.
+        let vocab = 49152;
+        assert!(theirs.len() >= vocab && ours.len() >= vocab);
+        let theirs = &theirs[theirs.len() - vocab..];
+        let ours = &ours[ours.len() - vocab..];
+        let scale = ours.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = theirs.iter().zip(ours).fold(0f32, |a, (t, o)| a.max((t - o).abs()));
+        println!("level {level}: {} prompt tokens, max |Δ logit| {worst:.2e} of {scale:.2}", tokens.len());
+        assert!(worst <= 1e-3 * scale, "level {level}: logits differ by {worst} (scale {scale})");
+        let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+        assert_eq!(argmax(theirs), argmax(ours), "level {level}: greedy tokens differ");
+    }
+}
+
+/// The server, its stdout's address line read, stderr collected in a file.
+struct Server {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(args: &[&str], log: &Path) -> Result<Self, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mistralrs-bitstack"))
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("listening on http://") => Ok(Self {
+                addr: line.trim_start_matches("listening on http://").to_string(),
+                child,
+                log: log.to_path_buf(),
+            }),
+            _ => {
+                let status = child.wait().unwrap();
+                Err(format!("{status}: {}", std::fs::read_to_string(log).unwrap()))
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Streams one chat completion; returns its finish reason and text.
+fn stream_chat(addr: &str, prompt: &str, max_tokens: usize) -> (String, String) {
+    let body = serde_json::json!({
+        "model": "default",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": true,
+    });
+    let mut response = reqwest::blocking::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&body)
+        .timeout(Duration::from_secs(600))
+        .send()
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let mut sse = String::new();
+    response.read_to_string(&mut sse).unwrap();
+    let (mut text, mut finish) = (String::new(), String::new());
+    for data in sse.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if data.trim() == "[DONE]" {
+            break;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(data).unwrap();
+        let choice = &chunk["choices"][0];
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (finish, text)
+}
+
+#[test]
+fn a_server_under_a_memory_budget_lends_weights_to_the_kv_cache_and_takes_them_back() {
+    let dir = checkpoint();
+    let probe = BitStackHandle::open(dir, None, &cpu()).unwrap();
+    // Full weights fit with 8 MiB to spare; four long prompts' KV cache
+    // (46 KiB per token in f32) does not.
+    let budget = probe.max_bytes() + (8 << 20);
+    drop(probe);
+    let log = std::env::temp_dir().join(format!("mistralrs-bitstack-serve-{}.log", std::process::id()));
+    let budget_arg = format!("{budget}B");
+    let server = Server::start(
+        &["-m", dir.to_str().unwrap(), "--quant", "bitstack", "--memory-budget", &budget_arg, "--port", "0"],
+        &log,
+    )
+    .unwrap();
+
+    let topic = ["rivers", "mountains", "libraries", "trains"];
+    let threads: Vec<_> = topic
+        .iter()
+        .map(|t| {
+            let addr = server.addr.clone();
+            let prompt = format!(
+                "{} Summarize the text above about {t} in one sentence.",
+                format!("This is a long note about {t}, written to fill the context. ").repeat(40)
+            );
+            std::thread::spawn(move || stream_chat(&addr, &prompt, 24))
+        })
+        .collect();
+    let results: Vec<(String, String)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for (i, (finish, text)) in results.iter().enumerate() {
+        assert!(
+            finish == "stop" || finish == "length",
+            "request {i} ended with {finish:?}: {text:?}"
+        );
+        assert!(!text.is_empty(), "request {i} produced nothing");
+    }
+
+    // Idle again: the weights grow back to the whole budget's room.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log_text = loop {
+        let text = server.log();
+        let gave = text.rfind("gave back");
+        let grew = text.rfind("grew by");
+        if matches!((gave, grew), (Some(g), Some(r)) if r > g) || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(log_text.contains("gave back"), "the weights never shrank:\n{log_text}");
+    let (gave, grew) = (log_text.rfind("gave back").unwrap(), log_text.rfind("grew by"));
+    assert!(matches!(grew, Some(r) if r > gave), "the weights did not grow back:\n{log_text}");
+    assert!(!log_text.to_lowercase().contains("preempt"), "a sequence was preempted:\n{log_text}");
+    assert!(log_text.contains("bitstack resize:"), "no resize was logged:\n{log_text}");
+}
+
+#[test]
+fn bad_input_fails_at_start_up_with_a_clear_error() {
+    let dir = checkpoint();
+    let tmp = std::env::temp_dir().join(format!("mistralrs-bitstack-bad-{}", std::process::id()));
+    let log = tmp.with_extension("log");
+    std::fs::create_dir_all(&tmp).unwrap();
+
+    // A budget below the floor.
+    let err = Server::start(
+        &["-m", dir.to_str().unwrap(), "--quant", "bitstack", "--weight-budget", "1MiB", "--port", "0"],
+        &log,
+    )
+    .err()
+    .expect("a budget below the floor starts");
+    assert!(err.contains("below the floor"), "{err}");
+
+    // An unknown quant_method (not registered): mistral.rs names the ones it knows.
+    let unknown = tmp.join("unknown");
+    copy_dir(dir, &unknown);
+    let config = std::fs::read_to_string(unknown.join("config.json")).unwrap();
+    std::fs::write(unknown.join("config.json"), config.replace("\"bitstack\"", "\"bitstack9\"")).unwrap();
+    let err = Server::start(&["-m", unknown.to_str().unwrap(), "--quant", "none", "--port", "0"], &log)
+        .err()
+        .expect("an unknown quant_method loads");
+    assert!(err.contains("Unknown quantization method: bitstack9"), "{err}");
+    let err = Server::start(&["-m", unknown.to_str().unwrap(), "--quant", "bitstack", "--port", "0"], &log)
+        .err()
+        .expect("--quant bitstack on a non-BitStack config loads");
+    assert!(err.contains("is not a BitStack checkpoint"), "{err}");
+
+    // Missing tensors: the last shard of blocks is gone.
+    let missing = tmp.join("missing");
+    copy_dir(dir, &missing);
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(&missing)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    shards.sort();
+    std::fs::remove_file(&shards[0]).unwrap();
+    let err = Server::start(&["-m", missing.to_str().unwrap(), "--quant", "bitstack", "--port", "0"], &log)
+        .err()
+        .expect("a checkpoint with missing tensors loads");
+    assert!(err.contains(shards[0].file_name().unwrap().to_str().unwrap()) || err.contains("model.layers.0"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
