@@ -3,7 +3,7 @@
 # crates that the integration crate patches, with integration/upstream/*.patch
 # applied on top. Builds nothing. Re-running starts again from pristine copies.
 #
-#   scripts/setup-mistralrs.sh
+#   scripts/setup-mistralrs.sh [--force]
 #
 # integration/Cargo.toml points [patch.crates-io] at the resulting directories.
 set -euo pipefail
@@ -13,6 +13,14 @@ VERSION=0.8.1
 CRATES=(mistralrs-quant mistralrs-core)
 PATCHES=integration/upstream
 DEST=integration/upstream-src
+
+# Already set up from these very patches: leave the tree (and its
+# timestamps, which cargo's rebuild checks read) alone.
+stamp=$(cat "$0" "$PATCHES"/*.patch 2>/dev/null | cksum | cut -d' ' -f1)
+if [[ -f $DEST/.stamp && $(cat "$DEST/.stamp") == "$stamp" && ${1:-} != --force ]]; then
+    echo "integration/upstream-src is up to date with integration/upstream (--force to redo)"
+    exit 0
+fi
 
 # 1. Have cargo fetch the published crates through whatever registry and
 #    source replacement it is configured with, then ask it where they are.
@@ -72,6 +80,8 @@ for crate in "${CRATES[@]}"; do
         echo "$crate: applied $(basename "$p")"
     done
 done
+
+echo "$stamp" >"$DEST/.stamp"
 
 # 3. Report.
 echo "Done: ${CRATES[*]} $VERSION with the patches above are in $DEST/"
