@@ -67,9 +67,11 @@ impl ExternalQuantFactory for BitStackFactory {
                     None
                 };
                 let linear = candle_nn::Linear::new(weight, bias);
-                Ok(Arc::new(<mistralrs_quant::UnquantLinear as QuantMethod>::new(
-                    mistralrs_quant::QuantMethodConfig::Unquantized(linear),
-                )?))
+                Ok(Arc::new(
+                    <mistralrs_quant::UnquantLinear as QuantMethod>::new(
+                        mistralrs_quant::QuantMethodConfig::Unquantized(linear),
+                    )?,
+                ))
             }
         }
     }
@@ -90,7 +92,11 @@ pub struct ElasticBitStack {
 
 impl ElasticWeights for ElasticBitStack {
     fn name(&self) -> String {
-        format!("bitstack (level {}/{})", self.handle.level(), self.handle.max_level())
+        format!(
+            "bitstack (level {}/{})",
+            self.handle.level(),
+            self.handle.max_level()
+        )
     }
 
     fn resident_bytes(&self) -> usize {

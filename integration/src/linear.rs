@@ -67,7 +67,10 @@ impl BitStackLinear {
         }
         if let bitstack_quant::linear::LinearWeight::BitStack(s) = &linear.weight {
             if s.n != in_dim {
-                candle_core::bail!("bitstack: {path} has {} inputs, the model asks for {in_dim}", s.n);
+                candle_core::bail!(
+                    "bitstack: {path} has {} inputs, the model asks for {in_dim}",
+                    s.n
+                );
             }
         }
         Ok(Self {
@@ -117,7 +120,9 @@ impl QuantMethod for BitStackLinear {
 
     fn forward(&self, a: &Tensor) -> Result<Tensor> {
         let snapshot = self.handle.snapshot();
-        let y = snapshot.layers[self.site.layer].linear(self.site.kind).forward(a)?;
+        let y = snapshot.layers[self.site.layer]
+            .linear(self.site.kind)
+            .forward(a)?;
         y.to_dtype(a.dtype())
     }
 
@@ -154,10 +159,17 @@ mod tests {
         let site = LinearSite::from_prefix("model.layers.12.mlp.down_proj").unwrap();
         assert_eq!((site.layer, site.kind), (12, LinearKind::Down));
         assert_eq!(
-            LinearSite::from_prefix("model.layers.0.self_attn.q_proj").unwrap().kind,
+            LinearSite::from_prefix("model.layers.0.self_attn.q_proj")
+                .unwrap()
+                .kind,
             LinearKind::Q
         );
-        for bad in ["lm_head", "model.layers.x.mlp.up_proj", "model.layers.1.mlp.fc1", "model.layers.1"] {
+        for bad in [
+            "lm_head",
+            "model.layers.x.mlp.up_proj",
+            "model.layers.1.mlp.fc1",
+            "model.layers.1",
+        ] {
             assert_eq!(LinearSite::from_prefix(bad), None, "{bad}");
         }
     }

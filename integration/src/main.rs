@@ -14,7 +14,8 @@ use bitstack_mistralrs::{register, Registration};
 use bitstack_quant::budget::Budget;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mistralrs::{
-    IsqType, MistralRs, Model, ModelDType, RequestBuilder, TextMessageRole, TextMessages, TextModelBuilder,
+    IsqType, MistralRs, Model, ModelDType, RequestBuilder, TextMessageRole, TextMessages,
+    TextModelBuilder,
 };
 
 #[derive(Parser)]
@@ -130,8 +131,9 @@ struct BenchArgs {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,mistralrs_core=warn,mistralrs_core::weight_arbiter=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,mistralrs_core=warn,mistralrs_core::weight_arbiter=info".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -211,9 +213,10 @@ async fn run(args: RunArgs) -> Result<()> {
     let (runner, _registration) = load(&args.model).await?;
     let model = Model::new(runner);
     let ask = |prompt: String| {
-        let request = RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
-            .set_sampler_max_len(args.max_tokens)
-            .set_sampler_temperature(args.temperature);
+        let request =
+            RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
+                .set_sampler_max_len(args.max_tokens)
+                .set_sampler_temperature(args.temperature);
         let request = if args.temperature == 0.0 {
             request.set_deterministic_sampler()
         } else {
@@ -225,7 +228,11 @@ async fn run(args: RunArgs) -> Result<()> {
     match args.prompt {
         Some(prompt) => {
             let response = ask(prompt).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            let text = response.choices[0].message.content.clone().unwrap_or_default();
+            let text = response.choices[0]
+                .message
+                .content
+                .clone()
+                .unwrap_or_default();
             println!("{text}");
             tracing::info!(
                 "{} prompt tokens, {} generated at {:.1} tokens/s",
@@ -241,7 +248,14 @@ async fn run(args: RunArgs) -> Result<()> {
                 let line = line?;
                 if !line.trim().is_empty() {
                     let response = ask(line).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                    println!("{}", response.choices[0].message.content.clone().unwrap_or_default());
+                    println!(
+                        "{}",
+                        response.choices[0]
+                            .message
+                            .content
+                            .clone()
+                            .unwrap_or_default()
+                    );
                 }
                 eprint!("> ");
                 std::io::stderr().flush()?;
@@ -253,10 +267,11 @@ async fn run(args: RunArgs) -> Result<()> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let (runner, _registration) = load(&args.model).await?;
-    let router = mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder::new()
-        .with_mistralrs(runner)
-        .build()
-        .await?;
+    let router =
+        mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder::new()
+            .with_mistralrs(runner)
+            .build()
+            .await?;
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
@@ -288,7 +303,11 @@ async fn bench(args: BenchArgs) -> Result<()> {
         let (runner, registration) = load(&model_args).await?;
         let model = Model::new(runner);
         let bytes = registration.as_ref().map(|r| r.handle.resident_bytes());
-        rows.push((format!("bitstack {budget}"), bytes, time(&model, prompt, &args).await?));
+        rows.push((
+            format!("bitstack {budget}"),
+            bytes,
+            time(&model, prompt, &args).await?,
+        ));
     }
     if let Some(dense) = &args.dense {
         let dir = dense.to_str().context("the dense path is not UTF-8")?;
@@ -300,7 +319,11 @@ async fn bench(args: BenchArgs) -> Result<()> {
             if let Some(isq) = isq {
                 builder = builder.with_isq(isq);
             }
-            let model = Model::new(build(builder).await.with_context(|| format!("loading {dir}"))?);
+            let model = Model::new(
+                build(builder)
+                    .await
+                    .with_context(|| format!("loading {dir}"))?,
+            );
             rows.push((name.to_string(), None, time(&model, prompt, &args).await?));
         }
     }
@@ -318,11 +341,15 @@ async fn time(model: &Model, prompt: &str, args: &BenchArgs) -> Result<(f64, f64
     let mut decode = Vec::new();
     let mut prefill = Vec::new();
     for _ in 0..args.repeats.max(1) {
-        let request = RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
-            .set_sampler_max_len(args.gen_tokens)
-            .set_deterministic_sampler();
+        let request =
+            RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
+                .set_sampler_max_len(args.gen_tokens)
+                .set_deterministic_sampler();
         let start = Instant::now();
-        let response = model.send_chat_request(request).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let response = model
+            .send_chat_request(request)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         tracing::debug!("run took {:?}", start.elapsed());
         decode.push(response.usage.avg_compl_tok_per_sec as f64);
         prefill.push(response.usage.avg_prompt_tok_per_sec as f64);

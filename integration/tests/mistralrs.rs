@@ -72,8 +72,8 @@ async fn logits_equal_our_runner_at_several_levels() {
             .build()
             .await
             .unwrap();
-        let messages =
-            TextMessages::new().add_message(TextMessageRole::User, "What is the capital of France?");
+        let messages = TextMessages::new()
+            .add_message(TextMessageRole::User, "What is the capital of France?");
         let (chunks, tokens) = model.send_raw_chat_request(messages).await.unwrap();
         let theirs: Vec<f32> = chunks
             .last()
@@ -84,7 +84,10 @@ async fn logits_equal_our_runner_at_several_levels() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let ids = Tensor::new(tokens.as_slice(), &cpu()).unwrap().unsqueeze(0).unwrap();
+        let ids = Tensor::new(tokens.as_slice(), &cpu())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let ours: Vec<f32> = reg
             .handle
             .snapshot()
@@ -101,11 +104,24 @@ async fn logits_equal_our_runner_at_several_levels() {
         let theirs = &theirs[theirs.len() - vocab..];
         let ours = &ours[ours.len() - vocab..];
         let scale = ours.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let worst = theirs.iter().zip(ours).fold(0f32, |a, (t, o)| a.max((t - o).abs()));
-        println!("level {level}: {} prompt tokens, max |Δ logit| {worst:.2e} of {scale:.2}", tokens.len());
-        assert!(worst <= 1e-3 * scale, "level {level}: logits differ by {worst} (scale {scale})");
+        let worst = theirs
+            .iter()
+            .zip(ours)
+            .fold(0f32, |a, (t, o)| a.max((t - o).abs()));
+        println!(
+            "level {level}: {} prompt tokens, max |Δ logit| {worst:.2e} of {scale:.2}",
+            tokens.len()
+        );
+        assert!(
+            worst <= 1e-3 * scale,
+            "level {level}: logits differ by {worst} (scale {scale})"
+        );
         let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
-        assert_eq!(argmax(theirs), argmax(ours), "level {level}: greedy tokens differ");
+        assert_eq!(
+            argmax(theirs),
+            argmax(ours),
+            "level {level}: greedy tokens differ"
+        );
     }
 }
 
@@ -134,7 +150,10 @@ impl Server {
             }),
             _ => {
                 let status = child.wait().unwrap();
-                Err(format!("{status}: {}", std::fs::read_to_string(log).unwrap()))
+                Err(format!(
+                    "{status}: {}",
+                    std::fs::read_to_string(log).unwrap()
+                ))
             }
         }
     }
@@ -190,14 +209,39 @@ fn stream_chat(addr: &str, prompt: &str, max_tokens: usize) -> (String, String) 
 fn a_server_under_a_memory_budget_lends_weights_to_the_kv_cache_and_takes_them_back() {
     let dir = checkpoint();
     let probe = BitStackHandle::open(dir, None, &cpu()).unwrap();
-    // Full weights fit with 8 MiB to spare; four long prompts' KV cache
-    // (46 KiB per token in f32) does not.
-    let budget = probe.max_bytes() + (8 << 20);
+    // KV cache per token in f32: layers × (K and V) × KV heads × head dim × 4.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let field = |k: &str| config[k].as_u64().unwrap();
+    let kv_per_token =
+        field("num_hidden_layers") * 2 * field("num_key_value_heads") * field("head_dim") * 4;
+    // Four requests of about 600 tokens each: the floor and their KV cache
+    // (with the arbiter's headroom) fit, the full weights and their KV cache
+    // do not.
+    let kv_peak = 4 * 720 * kv_per_token;
+    let budget = probe.floor_bytes() + kv_peak;
+    let (floor, max_bytes, max_level) = (probe.floor_bytes(), probe.max_bytes(), probe.max_level());
+    assert!(
+        max_bytes + 3 * kv_peak / 4 > budget,
+        "the budget holds everything: no test"
+    );
     drop(probe);
-    let log = std::env::temp_dir().join(format!("mistralrs-bitstack-serve-{}.log", std::process::id()));
+    let log = std::env::temp_dir().join(format!(
+        "mistralrs-bitstack-serve-{}.log",
+        std::process::id()
+    ));
     let budget_arg = format!("{budget}B");
     let server = Server::start(
-        &["-m", dir.to_str().unwrap(), "--quant", "bitstack", "--memory-budget", &budget_arg, "--port", "0"],
+        &[
+            "-m",
+            dir.to_str().unwrap(),
+            "--quant",
+            "bitstack",
+            "--memory-budget",
+            &budget_arg,
+            "--port",
+            "0",
+        ],
         &log,
     )
     .unwrap();
@@ -234,11 +278,47 @@ fn a_server_under_a_memory_budget_lends_weights_to_the_kv_cache_and_takes_them_b
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!(log_text.contains("gave back"), "the weights never shrank:\n{log_text}");
-    let (gave, grew) = (log_text.rfind("gave back").unwrap(), log_text.rfind("grew by"));
-    assert!(matches!(grew, Some(r) if r > gave), "the weights did not grow back:\n{log_text}");
-    assert!(!log_text.to_lowercase().contains("preempt"), "a sequence was preempted:\n{log_text}");
-    assert!(log_text.contains("bitstack resize:"), "no resize was logged:\n{log_text}");
+    assert!(
+        log_text.contains("gave back"),
+        "the weights never shrank:\n{log_text}"
+    );
+    let (gave, grew) = (
+        log_text.rfind("gave back").unwrap(),
+        log_text.rfind("grew by"),
+    );
+    assert!(
+        matches!(grew, Some(r) if r > gave),
+        "the weights did not grow back:\n{log_text}"
+    );
+    assert!(
+        !log_text.to_lowercase().contains("preempt"),
+        "a sequence was preempted:\n{log_text}"
+    );
+    assert!(
+        !log_text.contains("exceed the budget"),
+        "weights and KV cache went over the budget:\n{log_text}"
+    );
+    // The levels the weights visited: down part of the way, then back up.
+    let levels: Vec<usize> = log_text
+        .lines()
+        .filter_map(|l| l.split("bitstack resize: level ").nth(1))
+        .filter_map(|l| l.split(" → ").nth(1)?.split(',').next()?.parse().ok())
+        .collect();
+    println!(
+        "budget {:.1} MiB (floor {:.1}, full {:.1}, KV per token {kv_per_token} B); levels visited {levels:?} of {max_level}",
+        budget as f64 / 1048576.0,
+        floor as f64 / 1048576.0,
+        max_bytes as f64 / 1048576.0
+    );
+    let lowest = *levels.iter().min().expect("no resize was logged");
+    assert!(lowest < max_level, "the weights never shrank: {levels:?}");
+    // The floor was not needed: the arbiter shrank only as far as it had to.
+    assert!(lowest > 0, "the weights shrank to the floor: {levels:?}");
+    assert_eq!(
+        *levels.last().unwrap(),
+        max_level,
+        "the weights did not grow back: {levels:?}"
+    );
 }
 
 #[test]
@@ -250,7 +330,16 @@ fn bad_input_fails_at_start_up_with_a_clear_error() {
 
     // A budget below the floor.
     let err = Server::start(
-        &["-m", dir.to_str().unwrap(), "--quant", "bitstack", "--weight-budget", "1MiB", "--port", "0"],
+        &[
+            "-m",
+            dir.to_str().unwrap(),
+            "--quant",
+            "bitstack",
+            "--weight-budget",
+            "1MiB",
+            "--port",
+            "0",
+        ],
         &log,
     )
     .err()
@@ -261,14 +350,41 @@ fn bad_input_fails_at_start_up_with_a_clear_error() {
     let unknown = tmp.join("unknown");
     copy_dir(dir, &unknown);
     let config = std::fs::read_to_string(unknown.join("config.json")).unwrap();
-    std::fs::write(unknown.join("config.json"), config.replace("\"bitstack\"", "\"bitstack9\"")).unwrap();
-    let err = Server::start(&["-m", unknown.to_str().unwrap(), "--quant", "none", "--port", "0"], &log)
-        .err()
-        .expect("an unknown quant_method loads");
-    assert!(err.contains("Unknown quantization method: bitstack9"), "{err}");
-    let err = Server::start(&["-m", unknown.to_str().unwrap(), "--quant", "bitstack", "--port", "0"], &log)
-        .err()
-        .expect("--quant bitstack on a non-BitStack config loads");
+    std::fs::write(
+        unknown.join("config.json"),
+        config.replace("\"bitstack\"", "\"bitstack9\""),
+    )
+    .unwrap();
+    let err = Server::start(
+        &[
+            "-m",
+            unknown.to_str().unwrap(),
+            "--quant",
+            "none",
+            "--port",
+            "0",
+        ],
+        &log,
+    )
+    .err()
+    .expect("an unknown quant_method loads");
+    assert!(
+        err.contains("Unknown quantization method: bitstack9"),
+        "{err}"
+    );
+    let err = Server::start(
+        &[
+            "-m",
+            unknown.to_str().unwrap(),
+            "--quant",
+            "bitstack",
+            "--port",
+            "0",
+        ],
+        &log,
+    )
+    .err()
+    .expect("--quant bitstack on a non-BitStack config loads");
     assert!(err.contains("is not a BitStack checkpoint"), "{err}");
 
     // Missing tensors: the last shard of blocks is gone.
@@ -281,10 +397,24 @@ fn bad_input_fails_at_start_up_with_a_clear_error() {
         .collect();
     shards.sort();
     std::fs::remove_file(&shards[0]).unwrap();
-    let err = Server::start(&["-m", missing.to_str().unwrap(), "--quant", "bitstack", "--port", "0"], &log)
-        .err()
-        .expect("a checkpoint with missing tensors loads");
-    assert!(err.contains(shards[0].file_name().unwrap().to_str().unwrap()) || err.contains("model.layers.0"), "{err}");
+    let err = Server::start(
+        &[
+            "-m",
+            missing.to_str().unwrap(),
+            "--quant",
+            "bitstack",
+            "--port",
+            "0",
+        ],
+        &log,
+    )
+    .err()
+    .expect("a checkpoint with missing tensors loads");
+    assert!(
+        err.contains(shards[0].file_name().unwrap().to_str().unwrap())
+            || err.contains("model.layers.0"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
