@@ -14,8 +14,8 @@ use bitstack_mistralrs::{register, Registration};
 use bitstack_quant::budget::Budget;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mistralrs::{
-    IsqType, MistralRs, Model, ModelDType, RequestBuilder, TextMessageRole, TextMessages,
-    TextModelBuilder,
+    IsqType, MistralRs, Model, ModelDType, RequestBuilder, SamplingParams, TextMessageRole,
+    TextMessages, TextModelBuilder,
 };
 
 #[derive(Parser)]
@@ -213,15 +213,15 @@ async fn run(args: RunArgs) -> Result<()> {
     let (runner, _registration) = load(&args.model).await?;
     let model = Model::new(runner);
     let ask = |prompt: String| {
+        let mut sampling = SamplingParams::deterministic();
+        sampling.max_len = Some(args.max_tokens);
+        if args.temperature > 0.0 {
+            sampling.top_k = None;
+            sampling.temperature = Some(args.temperature);
+        }
         let request =
             RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
-                .set_sampler_max_len(args.max_tokens)
-                .set_sampler_temperature(args.temperature);
-        let request = if args.temperature == 0.0 {
-            request.set_deterministic_sampler()
-        } else {
-            request
-        };
+                .set_sampling(sampling);
         let model = &model;
         async move { model.send_chat_request(request).await }
     };
@@ -341,10 +341,12 @@ async fn time(model: &Model, prompt: &str, args: &BenchArgs) -> Result<(f64, f64
     let mut decode = Vec::new();
     let mut prefill = Vec::new();
     for _ in 0..args.repeats.max(1) {
+        // Greedy, at most `gen_tokens` tokens.
+        let mut sampling = SamplingParams::deterministic();
+        sampling.max_len = Some(args.gen_tokens);
         let request =
             RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
-                .set_sampler_max_len(args.gen_tokens)
-                .set_deterministic_sampler();
+                .set_sampling(sampling);
         let start = Instant::now();
         let response = model
             .send_chat_request(request)
