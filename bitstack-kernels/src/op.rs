@@ -56,18 +56,12 @@ impl CustomOp1 for BitStackMatmul {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let stack = self.source.stack();
-        let dims = layout.shape().dims();
-        let n = dims.last().copied().unwrap_or(0);
-        if n != stack.n {
-            candle_core::bail!(
-                "bitstack-matmul: input has {n} features, the weight takes {}",
-                stack.n
-            );
-        }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("bitstack-matmul: the input must be contiguous");
-        };
-        let rows = (end - start).checked_div(n).unwrap_or(0);
+        let Rows {
+            start,
+            end,
+            rows,
+            out_shape,
+        } = rows_of(layout, stack.m, stack.n)?;
         let mut out = vec![0f32; rows * stack.m];
         let widened;
         let x: &[f32] = match storage {
@@ -93,11 +87,7 @@ impl CustomOp1 for BitStackMatmul {
             }
             _ => CpuStorage::F32(out),
         };
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = stack.m;
-        }
-        Ok((out, Shape::from(shape)))
+        Ok((out, out_shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -110,4 +100,36 @@ impl CustomOp1 for BitStackMatmul {
             .cuda_stack(&storage.device)?
             .matmul_t(storage, layout)
     }
+}
+
+/// The rows of `x` one call multiplies: elements `start..end` of the
+/// storage, `rows` rows of `n` features, giving `out_shape` (`x`'s shape
+/// with `m` last).
+pub(crate) struct Rows {
+    pub start: usize,
+    pub end: usize,
+    pub rows: usize,
+    pub out_shape: Shape,
+}
+
+/// Checks that `x` (laid out as `layout`) is contiguous with `n` features.
+pub(crate) fn rows_of(layout: &Layout, m: usize, n: usize) -> candle_core::Result<Rows> {
+    let dims = layout.shape().dims();
+    let features = dims.last().copied().unwrap_or(0);
+    if features != n {
+        candle_core::bail!("bitstack-matmul: input has {features} features, the weight takes {n}");
+    }
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("bitstack-matmul: the input must be contiguous");
+    };
+    let mut out_shape = dims.to_vec();
+    if let Some(last) = out_shape.last_mut() {
+        *last = m;
+    }
+    Ok(Rows {
+        start,
+        end,
+        rows: (end - start).checked_div(n).unwrap_or(0),
+        out_shape: Shape::from(out_shape),
+    })
 }

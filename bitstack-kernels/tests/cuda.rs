@@ -8,7 +8,7 @@ use bitstack_kernels::{reference, StackSource};
 use candle_core::{DType, Device, Tensor};
 
 mod common;
-use common::{random_x, Owned};
+use common::{random_x, values, Owned};
 
 /// RMS error relative to the reference's RMS, per activation dtype: the
 /// operands of the tensor cores are rounded to f16 (f32 and f16
@@ -44,13 +44,7 @@ fn check(owned: &Arc<Owned>, rows: usize, seed: u64, device: &Device) {
             bitstack_kernels::op::matmul_t(&xt.to_dtype(dtype).unwrap(), owned.clone()).unwrap();
         assert_eq!(y.dims(), &[rows, m]);
         assert_eq!(y.dtype(), dtype);
-        let got: Vec<f32> = y
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = values(&y);
         let what = format!(
             "{m}×{n} k{} ×{} blocks, {rows} rows, {dtype:?}",
             owned.k,
@@ -124,13 +118,7 @@ fn an_empty_stack_gives_zeros_and_a_wrong_width_is_an_error() {
     let owned = Arc::new(Owned::random(6, 10, 2, 0, 1));
     let x = Tensor::ones((2, 10), DType::F16, &device).unwrap();
     let y = bitstack_kernels::op::matmul_t(&x, owned.clone()).unwrap();
-    let y: Vec<f32> = y
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let y = values(&y);
     assert_eq!(y, vec![0.0; 12]);
     let bad = Tensor::ones((2, 11), DType::F16, &device).unwrap();
     let e = bitstack_kernels::op::matmul_t(&bad, owned as Arc<dyn StackSource>).unwrap_err();

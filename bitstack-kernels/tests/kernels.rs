@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
-use common::{assert_close, random_x, Owned};
+use common::{assert_close, random_x, values, Owned};
 
 /// (m, n, k, blocks): n not a multiple of 8 or of the group size, one row of
 /// W, k = 1, 4, 16 and 1 or 16 blocks.
@@ -95,13 +95,7 @@ fn the_candle_op_takes_f32_f16_and_bf16() {
                 .unwrap();
             assert_eq!(y.dims(), &[1, rows, 37]);
             assert_eq!(y.dtype(), dtype);
-            let got: Vec<f32> = y
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let got = values(&y);
             assert_close(&got, &want, tol, &format!("{dtype:?}, {rows} rows"));
         }
     }

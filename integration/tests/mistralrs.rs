@@ -321,6 +321,23 @@ fn a_server_under_a_memory_budget_lends_weights_to_the_kv_cache_and_takes_them_b
     );
 }
 
+/// The start-up error of `serve -m model --quant quant extra…`, which must fail.
+fn start_error(model: &Path, quant: &str, extra: &[&str], log: &Path) -> String {
+    let mut args = vec![
+        "-m",
+        model.to_str().unwrap(),
+        "--quant",
+        quant,
+        "--port",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    match Server::start(&args, log) {
+        Ok(_) => panic!("serve {args:?} started"),
+        Err(e) => e,
+    }
+}
+
 #[test]
 fn bad_input_fails_at_start_up_with_a_clear_error() {
     let dir = checkpoint();
@@ -328,66 +345,24 @@ fn bad_input_fails_at_start_up_with_a_clear_error() {
     let log = tmp.with_extension("log");
     std::fs::create_dir_all(&tmp).unwrap();
 
-    // A budget below the floor.
-    let err = Server::start(
-        &[
-            "-m",
-            dir.to_str().unwrap(),
-            "--quant",
-            "bitstack",
-            "--weight-budget",
-            "1MiB",
-            "--port",
-            "0",
-        ],
-        &log,
-    )
-    .err()
-    .expect("a budget below the floor starts");
+    let err = start_error(dir, "bitstack", &["--weight-budget", "1MiB"], &log);
     assert!(err.contains("below the floor"), "{err}");
 
     // An unknown quant_method (not registered): mistral.rs names the ones it knows.
     let unknown = tmp.join("unknown");
     copy_dir(dir, &unknown);
     let config = std::fs::read_to_string(unknown.join("config.json")).unwrap();
-    std::fs::write(
-        unknown.join("config.json"),
-        config.replace("\"bitstack\"", "\"bitstack9\""),
-    )
-    .unwrap();
-    let err = Server::start(
-        &[
-            "-m",
-            unknown.to_str().unwrap(),
-            "--quant",
-            "none",
-            "--port",
-            "0",
-        ],
-        &log,
-    )
-    .err()
-    .expect("an unknown quant_method loads");
+    let config = config.replace("\"bitstack\"", "\"bitstack9\"");
+    std::fs::write(unknown.join("config.json"), config).unwrap();
+    let err = start_error(&unknown, "none", &[], &log);
     assert!(
         err.contains("Unknown quantization method: bitstack9"),
         "{err}"
     );
-    let err = Server::start(
-        &[
-            "-m",
-            unknown.to_str().unwrap(),
-            "--quant",
-            "bitstack",
-            "--port",
-            "0",
-        ],
-        &log,
-    )
-    .err()
-    .expect("--quant bitstack on a non-BitStack config loads");
+    let err = start_error(&unknown, "bitstack", &[], &log);
     assert!(err.contains("is not a BitStack checkpoint"), "{err}");
 
-    // Missing tensors: the last shard of blocks is gone.
+    // Missing tensors: the first shard (layer 0's blocks) is gone.
     let missing = tmp.join("missing");
     copy_dir(dir, &missing);
     let mut shards: Vec<PathBuf> = std::fs::read_dir(&missing)
@@ -397,22 +372,10 @@ fn bad_input_fails_at_start_up_with_a_clear_error() {
         .collect();
     shards.sort();
     std::fs::remove_file(&shards[0]).unwrap();
-    let err = Server::start(
-        &[
-            "-m",
-            missing.to_str().unwrap(),
-            "--quant",
-            "bitstack",
-            "--port",
-            "0",
-        ],
-        &log,
-    )
-    .err()
-    .expect("a checkpoint with missing tensors loads");
+    let err = start_error(&missing, "bitstack", &[], &log);
+    let shard = shards[0].file_name().unwrap().to_str().unwrap();
     assert!(
-        err.contains(shards[0].file_name().unwrap().to_str().unwrap())
-            || err.contains("model.layers.0"),
+        err.contains(shard) || err.contains("model.layers.0"),
         "{err}"
     );
     std::fs::remove_dir_all(&tmp).unwrap();

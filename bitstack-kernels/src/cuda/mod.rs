@@ -170,22 +170,12 @@ impl CudaStack {
 
     /// `x·Wᵀ` for a contiguous `x` of shape `[.., n]` on this stack's device.
     pub fn matmul_t(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dims = layout.shape().dims();
-        let n = dims.last().copied().unwrap_or(0);
-        if n != self.n {
-            candle_core::bail!(
-                "bitstack-matmul: input has {n} features, the weight takes {}",
-                self.n
-            );
-        }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("bitstack-matmul: the input must be contiguous");
-        };
-        let rows = (end - start).checked_div(n).unwrap_or(0);
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = self.m;
-        }
+        let crate::op::Rows {
+            start,
+            rows,
+            out_shape,
+            ..
+        } = crate::op::rows_of(layout, self.m, self.n)?;
         let out = if rows == 0 || self.m == 0 {
             zeros(&self.device, x.dtype(), rows * self.m)?
         } else if rows <= DECODE_MAX_ROWS {
@@ -193,7 +183,7 @@ impl CudaStack {
         } else {
             self.prefill(x, start, rows)?
         };
-        Ok((out, Shape::from(shape)))
+        Ok((out, out_shape))
     }
 
     fn decode(&self, x: &CudaStorage, start: usize, rows: usize) -> Result<CudaStorage> {

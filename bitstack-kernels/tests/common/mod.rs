@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use bitstack_kernels::{BlockRef, StackRef, StackSource, TiledSigns};
+use candle_core::{DType, Tensor};
 use half::f16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -87,4 +88,14 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
             "{what}: element {i} is {g}, the reference says {w} (rms {rms})"
         );
     }
+}
+
+/// The elements of `t`, as f32, flattened.
+pub fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
