@@ -12,7 +12,7 @@
 #    12.x wheels ship no nvcc.
 # 2. Links against a stub libcuda.so made from the driver entry points
 #    cudarc declares (no wheel ships the driver; the real one is loaded at
-#    run time on the GPU machine).
+#    run time on the machine with the GPU).
 # 3. Builds the workspace with the `cuda` features into target/cuda (its own
 #    folder, so CPU and CUDA builds do not evict each other): the `bitstack`
 #    binary, the CUDA tests and the CUDA benchmark. Our kernels are PTX for
