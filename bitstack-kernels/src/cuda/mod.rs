@@ -112,6 +112,10 @@ pub struct CudaStack {
     blocks: Vec<Arc<CudaBlock>>,
     /// Per block, the device addresses of its signs, `u` and `vt`.
     table: CudaSlice<u64>,
+    /// Streaming multiprocessors of the device (sizes the column split).
+    sms: usize,
+    /// The PTX module for the device's architecture: (name, source).
+    module: (&'static str, &'static str),
 }
 
 impl CudaStack {
@@ -139,6 +143,17 @@ impl CudaStack {
             table.push(b.vt.device_ptr(&stream).0);
         }
         let table = upload(device, &table)?;
+        let ctx = stream.context();
+        let sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .w()? as usize;
+        let module = match ctx.compute_capability().w()?.0 {
+            major @ ..=7 => candle_core::bail!(
+                "bitstack cuda: the kernels need compute capability 8.0 or newer, the device has {major}.x"
+            ),
+            8 => ("bitstack_sm80", PTX_SM80),
+            _ => ("bitstack_sm90", PTX_SM90),
+        };
         Ok(Self {
             m,
             n,
@@ -146,6 +161,8 @@ impl CudaStack {
             device: device.clone(),
             blocks,
             table,
+            sms,
+            module,
         })
     }
 
@@ -189,14 +206,10 @@ impl CudaStack {
     fn decode(&self, x: &CudaStorage, start: usize, rows: usize) -> Result<CudaStorage> {
         let (m, n) = (self.m, self.n);
         let dev = &self.device;
-        let ctx = dev.cuda_stream().context().clone();
-        let sms = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .w()? as usize;
         let row_blocks = m.div_ceil(DECODE_ROWS);
         let stages = n.div_ceil(STAGE_COLS).max(1);
         // Two thread blocks per SM fit; aim for that many in all.
-        let want = (2 * sms).div_ceil(row_blocks).clamp(1, stages);
+        let want = (2 * self.sms).div_ceil(row_blocks).clamp(1, stages);
         let stages_per_split = stages.div_ceil(want);
         let splits = stages.div_ceil(stages_per_split);
         let partial = unsafe { dev.alloc::<f32>(splits * rows * m)? };
@@ -283,15 +296,7 @@ impl CudaStack {
 
     /// A kernel of the PTX built for the newest architecture the device runs.
     fn func(&self, name: &str) -> Result<CudaFunction> {
-        let ctx = self.device.cuda_stream().context().clone();
-        let (major, _) = ctx.compute_capability().w()?;
-        let (module, ptx) = match major {
-            ..=7 => candle_core::bail!(
-                "bitstack cuda: the kernels need compute capability 8.0 or newer, the device has {major}.x"
-            ),
-            8 => ("bitstack_sm80", PTX_SM80),
-            _ => ("bitstack_sm90", PTX_SM90),
-        };
+        let (module, ptx) = self.module;
         Ok(self
             .device
             .get_or_load_custom_func(name, module, ptx)?
