@@ -84,6 +84,18 @@ impl fmt::Display for Budget {
     }
 }
 
+impl Budget {
+    /// Total resident bytes the budget allows for a model of `parameters`
+    /// parameters; `None` for bits per weight, which counts blocks only.
+    pub fn total_bytes(self, parameters: usize) -> Option<u64> {
+        match self {
+            Budget::Bytes(b) => Some(b),
+            Budget::Percent(p) => Some((p / 100.0 * 2.0 * parameters as f64).floor() as u64),
+            Budget::BitsPerWeight(_) => None,
+        }
+    }
+}
+
 /// What a budget resolved to.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -94,12 +106,9 @@ pub struct Plan {
 /// The highest rung of `order` within `budget`; below the floor is an error that says the floor.
 pub fn resolve(budget: Budget, order: &BlockOrder, geometry: &Geometry) -> Result<Plan> {
     let ladder = order.ladder(geometry);
-    let fits = |r: &Rung| match budget {
-        Budget::Bytes(b) => r.total_bytes as u64 <= b,
-        Budget::BitsPerWeight(bpw) => r.bits_per_linear_weight <= bpw + 1e-9,
-        Budget::Percent(p) => {
-            (r.total_bytes as f64) <= p / 100.0 * 2.0 * geometry.parameters as f64
-        }
+    let fits = |r: &Rung| match (budget, budget.total_bytes(geometry.parameters)) {
+        (Budget::BitsPerWeight(bpw), _) => r.bits_per_linear_weight <= bpw + 1e-9,
+        (_, bytes) => Some(r.total_bytes as u64) <= bytes,
     };
     let floor = &ladder[0];
     // The ladder is increasing in bytes, so the fitting rungs are a prefix.

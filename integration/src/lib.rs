@@ -171,15 +171,14 @@ pub fn register(
         Some(b) => Some(plan_for_dir(dir, b)?.rung.total_bytes as u64),
         None => None,
     };
-    let memory_budget = match memory_budget {
-        None => None,
-        Some(b @ Budget::BitsPerWeight(_)) => {
-            bail!("--memory-budget {b} counts weights and KV cache together: give bytes (e.g. 900MiB) or a percent")
-        }
-        Some(b) => Some(plan_bytes(dir, b)?),
-    };
     let handle = BitStackHandle::open(dir, weight_bytes, device)
         .with_context(|| format!("opening the BitStack checkpoint in {}", dir.display()))?;
+    let memory_budget = match memory_budget {
+        None => None,
+        Some(b) => Some(b.total_bytes(handle.geometry().parameters).with_context(|| {
+            format!("--memory-budget {b} counts weights and KV cache together: give bytes (e.g. 900MiB) or a percent")
+        })?),
+    };
     if let Some(budget) = memory_budget {
         if budget < handle.floor_bytes() {
             bail!(
@@ -203,18 +202,5 @@ pub fn register(
     Ok(Registration {
         handle,
         memory_budget,
-    })
-}
-
-/// Bytes of a budget given in bytes or as a percent of the 16-bit model.
-fn plan_bytes(dir: &Path, budget: Budget) -> anyhow::Result<u64> {
-    Ok(match budget {
-        Budget::Bytes(b) => b,
-        Budget::Percent(p) => {
-            let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(dir)?;
-            let geometry = bitstack_quant::order::Geometry::from_config(&cfg)?;
-            (p / 100.0 * 2.0 * geometry.parameters as f64) as u64
-        }
-        Budget::BitsPerWeight(_) => unreachable!("refused by the caller"),
     })
 }
