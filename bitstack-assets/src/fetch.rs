@@ -94,7 +94,7 @@ fn fetch_assets_with(dir: &Path, python: &OsString) -> Result<Assets> {
 
     let attribution = dir.join(pin::ATTRIBUTION_FILE);
     if std::fs::read(&attribution).ok().as_deref() != Some(pin::ATTRIBUTION.as_bytes()) {
-        crate::atomic::write(&attribution, pin::ATTRIBUTION.as_bytes())?;
+        crate::atomic::write_file(&attribution, pin::ATTRIBUTION.as_bytes())?;
     }
     Ok(assets)
 }
@@ -122,7 +122,7 @@ fn write_pinned(path: &Path, bytes: &[u8], sha256: &str) -> Result<()> {
         }
         .into());
     }
-    crate::atomic::write(path, bytes)
+    crate::atomic::write_file(path, bytes)
 }
 
 struct Fetcher<'a> {

@@ -53,7 +53,8 @@ pub fn read_gguf(path: &Path) -> Result<(Content, BufReader<File>)> {
 /// failed import leaves nothing behind.
 pub fn import_gguf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<ImportReport> {
     llama::torch_dtype(dtype)?;
-    let replace_empty = check_out_dir(out_dir)?;
+    // Checked before the GGUF is read: a bad destination fails at once.
+    let out = crate::atomic::AtomicDir::create(out_dir)?;
     let (content, mut reader) = read_gguf(gguf)?;
     let file = gguf.display();
 
@@ -116,14 +117,8 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<ImportRe
     }
     pb.finish_and_clear();
 
-    let parent = crate::atomic::parent_dir(out_dir);
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".bitstack-import-")
-        .tempdir_in(parent)
-        .with_context(|| format!("creating a temp dir in {}", parent.display()))?;
     let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
-        let path = tmp.path().join(name);
+        let path = out.path().join(name);
         let text = serde_json::to_string_pretty(value)? + "\n";
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
     };
@@ -133,45 +128,24 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<ImportRe
         "tokenizer_config.json",
         &crate::tokenizer::tokenizer_config_json(&content, params.context_length)?,
     )?;
-    let tok_path = tmp.path().join("tokenizer.json");
+    let tok_path = out.path().join("tokenizer.json");
     tokenizer
         .save(&tok_path, false)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", tok_path.display()))?;
-    let st_path = tmp.path().join("model.safetensors");
+    let st_path = out.path().join("model.safetensors");
     let st_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let views = tensors.iter().map(|(name, t)| (name.as_str(), t));
     safetensors::serialize_to_file(views, Some(st_meta), &st_path)
         .with_context(|| format!("writing {}", st_path.display()))?;
 
-    if replace_empty {
-        std::fs::remove_dir(out_dir)
-            .with_context(|| format!("replacing empty directory {}", out_dir.display()))?;
-    }
-    let kept = tmp.keep();
-    if let Err(e) = std::fs::rename(&kept, out_dir) {
-        let _ = std::fs::remove_dir_all(&kept);
-        return Err(e).with_context(|| format!("moving the import into {}", out_dir.display()));
-    }
+    out.commit()
+        .with_context(|| format!("moving the import into {}", out_dir.display()))?;
     Ok(ImportReport {
         tensors: tensors.len(),
         parameters,
         architecture: arch.to_string(),
         out_dir: out_dir.to_path_buf(),
     })
-}
-
-/// Refuses to overwrite: returns whether `out_dir` is an empty directory
-/// that the import may replace.
-fn check_out_dir(out_dir: &Path) -> Result<bool> {
-    let exists = || format!("{} exists; remove it or choose another", out_dir.display());
-    match std::fs::read_dir(out_dir) {
-        Ok(mut entries) => match entries.next() {
-            None => Ok(true),
-            Some(_) => bail!(exists()),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(_) => bail!(exists()),
-    }
 }
 
 /// The GGUF must hold exactly the expected tensors: a missing one would

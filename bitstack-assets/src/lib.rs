@@ -6,7 +6,7 @@
 //! GGUF into a Hugging Face model directory so the rest of BitStack only ever
 //! reads safetensors.
 
-mod atomic;
+pub mod atomic;
 mod digest;
 mod progress;
 

@@ -1,7 +1,7 @@
 //! Top-k SVD and one AVD block: exact (faer thin SVD) against randomized
 //! subspace iteration, on SmolLM2-shaped matrices with random entries.
 
-use bitstack_quant::svd::{top_k, SvdMethod};
+use bitstack_quant::method::svd::{top_k, SvdMethod};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use faer::Mat;
 use rand::{rngs::StdRng, Rng, SeedableRng};

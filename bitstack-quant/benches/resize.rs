@@ -26,10 +26,10 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bitstack_quant::checkpoint::{qweight_name, u_name, vt_name};
-use bitstack_quant::elastic::BitStackHandle;
-use bitstack_quant::store::safetensors_files;
-use bitstack_quant::synthetic::SyntheticSpec;
+use bitstack_quant::format::block::names;
+use bitstack_quant::format::store::safetensors_files;
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::runtime::elastic::BitStackHandle;
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 
@@ -183,9 +183,9 @@ impl Level {
             .iter()
             .flat_map(|l| {
                 [
-                    qweight_name(&l.name, last),
-                    u_name(&l.name, last),
-                    vt_name(&l.name, last),
+                    names::qweight(&l.name, last),
+                    names::u(&l.name, last),
+                    names::vt(&l.name, last),
                 ]
             })
             .collect();

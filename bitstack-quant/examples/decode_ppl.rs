@@ -9,9 +9,8 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use bitstack_quant::budget::{plan_for_dir, Budget};
-use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::model::{load_tokenizer, KvCache, Llama};
+use bitstack_quant::runtime::model::{load_tokenizer, KvCache, Llama};
+use bitstack_quant::{BlockCounts, Budget, Checkpoint};
 use candle_core::{Device, Tensor, D};
 use clap::Parser;
 
@@ -34,11 +33,14 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let counts = match args.budget {
-        Some(b) => plan_for_dir(&args.model, b)?.counts,
-        None => BlockCounts::all(),
+    let model = match args.budget {
+        Some(b) => {
+            let checkpoint = Checkpoint::open(&args.model)?;
+            let plan = checkpoint.plan(b)?;
+            Llama::from_checkpoint(&checkpoint, &plan.counts, &Device::Cpu)?
+        }
+        None => Llama::load(&args.model, &BlockCounts::all(), &Device::Cpu)?,
     };
-    let model = Llama::load(&args.model, &counts, &Device::Cpu)?;
     let tokenizer = load_tokenizer(&args.model)?;
     let text = match args.text {
         Some(p) => std::fs::read_to_string(p)?,

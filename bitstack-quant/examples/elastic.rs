@@ -17,9 +17,11 @@ use std::sync::{mpsc, Arc};
 use anyhow::Result;
 use clap::Parser;
 
-use bitstack_quant::elastic::BitStackHandle;
-use bitstack_quant::generate::{eos_token_ids, generate_elastic, SamplingOptions, TextStream};
-use bitstack_quant::model::load_tokenizer;
+use bitstack_quant::runtime::elastic::BitStackHandle;
+use bitstack_quant::runtime::generate::{
+    eos_token_ids, generate_elastic, SamplingOptions, TextStream,
+};
+use bitstack_quant::runtime::model::load_tokenizer;
 
 #[derive(Parser)]
 #[command(about = "Generate text while another thread moves the budget between floor and full")]

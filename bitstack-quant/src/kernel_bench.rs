@@ -31,9 +31,9 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde::Serialize;
 
-use crate::block::{block_bytes, Block};
-use crate::linear::{Linear, LinearWeight};
-use crate::stack::WeightStack;
+use crate::format::block::{block_bytes, Block};
+use crate::runtime::linear::{Linear, LinearWeight};
+use crate::runtime::stack::WeightStack;
 
 /// The default shapes (`m×n`): a Llama-3-8B attention projection, SmolLM2's
 /// attention, up/gate and down projections, and Llama-3-8B's up/gate and down
@@ -168,11 +168,11 @@ pub fn set_threads(threads: Option<usize>) -> Result<usize> {
 }
 
 /// A random `m×n` BitStack weight of `blocks` blocks of rank `k`
-/// ([`crate::synthetic::random_block`]).
+/// ([`crate::format::synthetic::random_block`]).
 pub fn random_stack(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> WeightStack {
     let mut rng = StdRng::seed_from_u64(seed);
     let blocks: Vec<Block> = (0..blocks)
-        .map(|_| crate::synthetic::random_block(m, n, k, 1.0, &mut rng))
+        .map(|_| crate::format::synthetic::random_block(m, n, k, 1.0, &mut rng))
         .collect();
     WeightStack::new(m, n, k, blocks)
 }

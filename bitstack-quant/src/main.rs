@@ -6,25 +6,25 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
-use bitstack_quant::budget::{plan_for_dir, Budget, Plan};
-use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::compress::{
+use bitstack_quant::eval::inspect::inspect;
+use bitstack_quant::eval::perplexity::{evaluate, PerplexityReport};
+use bitstack_quant::eval::sort::{sort_checkpoint, SortMethod, SortOptions};
+use bitstack_quant::format::budget::{plan_for_dir, Budget, Plan};
+use bitstack_quant::format::checkpoint::BlockCounts;
+use bitstack_quant::format::order::{BlockOrder, DenseMeasurement, Geometry, Measurement};
+use bitstack_quant::hub::resolve_model;
+use bitstack_quant::kernel_bench;
+use bitstack_quant::method::compress::{
     compress_on, CompressOptions, FeedbackOptions, DEFAULT_K, DEFAULT_NITER,
 };
-use bitstack_quant::decompose::Refit;
-use bitstack_quant::device::DeviceSpec;
-use bitstack_quant::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
-use bitstack_quant::hub::resolve_model;
-use bitstack_quant::inspect::inspect;
-use bitstack_quant::kernel_bench;
-use bitstack_quant::model::{load_tokenizer, LinearKind, Llama};
-use bitstack_quant::order::{BlockOrder, DenseMeasurement, Geometry, Measurement};
-use bitstack_quant::perplexity::{evaluate, PerplexityReport};
+use bitstack_quant::method::decompose::Refit;
+use bitstack_quant::method::rtn::apply_rtn;
+use bitstack_quant::method::svd::SvdMethod;
 use bitstack_quant::plot::LadderPlot;
 use bitstack_quant::progress::progress_bar;
-use bitstack_quant::rtn::apply_rtn;
-use bitstack_quant::sort::{sort_checkpoint, SortMethod, SortOptions};
-use bitstack_quant::svd::SvdMethod;
+use bitstack_quant::runtime::device::DeviceSpec;
+use bitstack_quant::runtime::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
+use bitstack_quant::runtime::model::{load_tokenizer, LinearKind, Llama};
 
 #[derive(Parser)]
 #[command(
@@ -609,7 +609,7 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         &args.device.open()?,
     )?;
     if let (true, Some(plan)) = (args.record, &plan) {
-        let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(&dir)?;
+        let (cfg, _) = bitstack_quant::format::config::ModelConfig::from_dir(&dir)?;
         let geometry = Geometry::from_config(&cfg)?;
         let mut order = BlockOrder::load(&dir, &geometry)?;
         order.measured.push(Measurement {
@@ -631,7 +631,7 @@ fn eval_dense_reference(
     dense: &str,
     text_path: &Path,
 ) -> Result<PerplexityReport> {
-    use bitstack_quant::config::ModelConfig;
+    use bitstack_quant::format::config::ModelConfig;
     // Check both models before spending minutes on the evaluation.
     let (cfg, _) = ModelConfig::from_dir(checkpoint)?;
     let geometry = Geometry::from_config(&cfg)
@@ -758,7 +758,10 @@ fn demo(dir: Option<PathBuf>, budgets: &[Budget], windows: usize, device: &Devic
         let opts = CompressOptions::recommended(assets.calib_text.clone());
         compress_on(&dense, &packed, &opts, device)?;
     }
-    if !packed.join(bitstack_quant::order::ORDER_FILE).exists() {
+    if !packed
+        .join(bitstack_quant::format::order::ORDER_FILE)
+        .exists()
+    {
         eprintln!("sorting the blocks of {}", packed.display());
         let opts = SortOptions {
             method: SortMethod::Fast,
@@ -843,14 +846,16 @@ fn sort(dir: &Path, opts: &SortOptions) -> Result<()> {
         opts.method,
         report.elapsed.as_secs_f64(),
         report.layer_passes,
-        dir.join(bitstack_quant::order::ORDER_FILE).display(),
-        dir.join(bitstack_quant::order::REFERENCE_FILE).display()
+        dir.join(bitstack_quant::format::order::ORDER_FILE)
+            .display(),
+        dir.join(bitstack_quant::format::order::REFERENCE_FILE)
+            .display()
     );
     Ok(())
 }
 
 fn ladder(dir: &Path, json: bool, plot: Option<&Path>, dense_ppl: Option<f64>) -> Result<()> {
-    let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(dir)?;
+    let (cfg, _) = bitstack_quant::format::config::ModelConfig::from_dir(dir)?;
     let geometry = Geometry::from_config(&cfg)?;
     let order = BlockOrder::load(dir, &geometry)?;
     let ladder = order.ladder(&geometry);
@@ -879,7 +884,7 @@ fn ladder(dir: &Path, json: bool, plot: Option<&Path>, dense_ppl: Option<f64>) -
     Ok(())
 }
 
-fn print_ladder(order: &BlockOrder, ladder: &[bitstack_quant::order::Rung]) {
+fn print_ladder(order: &BlockOrder, ladder: &[bitstack_quant::format::order::Rung]) {
     println!("order: {} ({} rungs)", order.method, ladder.len());
     if let Some(d) = &order.dense {
         println!(
@@ -913,7 +918,7 @@ fn print_ladder(order: &BlockOrder, ladder: &[bitstack_quant::order::Rung]) {
 fn ladder_plot<'a>(
     dir: &Path,
     order: &BlockOrder,
-    ladder: &'a [bitstack_quant::order::Rung],
+    ladder: &'a [bitstack_quant::format::order::Rung],
     dense_ppl: Option<f64>,
 ) -> Result<LadderPlot<'a>> {
     let name = dir

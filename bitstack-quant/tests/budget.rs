@@ -2,11 +2,8 @@
 
 mod common;
 
-use bitstack_quant::budget::{plan_for_dir, Budget};
-use bitstack_quant::compress::compress;
-use bitstack_quant::model::Llama;
-use bitstack_quant::order::{BlockOrder, Geometry};
-use bitstack_quant::synthetic::SyntheticSpec;
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::{compress, Budget, Checkpoint, Llama};
 use candle_core::Device;
 
 #[test]
@@ -30,9 +27,9 @@ fn budget_bytes_match_what_is_resident() {
     let opts = common::small_options(calib, 3, 4);
     compress(&dense, &out, &opts).unwrap();
 
-    let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(&out).unwrap();
-    let geometry = Geometry::from_config(&cfg).unwrap();
-    let ladder = BlockOrder::load(&out, &geometry).unwrap().ladder(&geometry);
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    let geometry = checkpoint.geometry();
+    let ladder = checkpoint.ladder();
     assert_eq!(ladder.len(), 1 + 14 * 3);
     assert!(ladder
         .windows(2)
@@ -44,26 +41,28 @@ fn budget_bytes_match_what_is_resident() {
             Budget::Bytes(rung.total_bytes as u64),
             Budget::Bytes(rung.total_bytes as u64 + 1),
         ] {
-            let plan = plan_for_dir(&out, budget).unwrap();
+            let plan = checkpoint.plan(budget).unwrap();
             assert_eq!(plan.rung.level, rung.level, "{budget}");
-            let model = Llama::load(&out, &plan.counts, &Device::Cpu).unwrap();
+            let model = Llama::from_checkpoint(&checkpoint, &plan.counts, &Device::Cpu).unwrap();
             assert_eq!(model.stack_bytes(), plan.rung.linear_bytes);
             assert_eq!(model.resident_bytes(), plan.rung.total_bytes);
         }
     }
     let bpw = Budget::BitsPerWeight(ladder[7].bits_per_linear_weight);
-    assert_eq!(plan_for_dir(&out, bpw).unwrap().rung.level, 7);
+    assert_eq!(checkpoint.plan(bpw).unwrap().rung.level, 7);
     // percent of the model at 16 bits per parameter
     let pct = 100.0 * ladder[10].total_bytes as f64 / (2.0 * geometry.parameters as f64);
     assert_eq!(
-        plan_for_dir(&out, Budget::Percent(pct + 1e-9))
+        checkpoint
+            .plan(Budget::Percent(pct + 1e-9))
             .unwrap()
             .rung
             .level,
         10
     );
 
-    let e = plan_for_dir(&out, Budget::Bytes(ladder[0].total_bytes as u64 - 1))
+    let e = checkpoint
+        .plan(Budget::Bytes(ladder[0].total_bytes as u64 - 1))
         .unwrap_err()
         .to_string();
     assert!(

@@ -6,14 +6,14 @@ use std::path::Path;
 
 use common::{edit_safetensors, relative_error};
 
-use bitstack_quant::checkpoint::{read_block, BlockCounts};
-use bitstack_quant::compress::{compress, CompressOptions, FeedbackOptions};
-use bitstack_quant::inspect::inspect;
-use bitstack_quant::linear::LinearWeight;
-use bitstack_quant::model::{linear_shape, load_tokenizer, LinearKind, Llama};
-use bitstack_quant::store::TensorStore;
-use bitstack_quant::svd::SvdMethod;
-use bitstack_quant::synthetic::SyntheticSpec;
+use bitstack_quant::eval::inspect::inspect;
+use bitstack_quant::format::checkpoint::{BlockCounts, Checkpoint};
+use bitstack_quant::format::store::TensorStore;
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::method::compress::{compress, CompressOptions, FeedbackOptions};
+use bitstack_quant::method::svd::SvdMethod;
+use bitstack_quant::runtime::linear::LinearWeight;
+use bitstack_quant::runtime::model::{linear_shape, load_tokenizer, LinearKind, Llama};
 use candle_core::{Device, Tensor};
 
 const K: usize = 4;
@@ -102,10 +102,16 @@ fn round_trip_and_more_blocks_fit_better() {
     assert!(errors[2] < 0.2, "{errors:?}");
 
     // blocks read back byte for byte as stored
-    let store = TensorStore::open_dir(&out).unwrap();
-    let m = Llama::load(&out, &BlockCounts::all(), &Device::Cpu).unwrap();
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    let m = Llama::from_checkpoint(&checkpoint, &BlockCounts::all(), &Device::Cpu).unwrap();
     let (rows, cols) = linear_shape(&m.cfg, LinearKind::Down);
-    let b = read_block(&store, &LinearKind::Down.path(1), 2, rows, cols, K).unwrap();
+    let slot = checkpoint.geometry().linears[7 + 6].clone();
+    assert_eq!(
+        (slot.name.as_str(), slot.m, slot.n, slot.k),
+        (LinearKind::Down.path(1).as_str(), rows, cols, K)
+    );
+    let b = checkpoint.read_block(&slot, 2).unwrap();
+    drop(checkpoint);
     match &m.layers[1].down.weight {
         LinearWeight::BitStack(s) => assert_eq!(s.blocks[2].to_block(), b),
         LinearWeight::Dense(_) => unreachable!(),

@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use bitstack_quant::compress::compress;
-use bitstack_quant::config::ModelConfig;
-use bitstack_quant::elastic::{BitStackHandle, ResizeError};
-use bitstack_quant::model::Llama;
-use bitstack_quant::order::{BlockOrder, Geometry};
-use bitstack_quant::synthetic::SyntheticSpec;
+use bitstack_quant::format::config::ModelConfig;
+use bitstack_quant::format::order::{BlockOrder, Geometry};
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::method::compress::compress;
+use bitstack_quant::runtime::elastic::{BitStackHandle, ResizeError};
+use bitstack_quant::runtime::model::Llama;
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -28,7 +28,7 @@ fn compressed(root: &Path) -> PathBuf {
     let out = root.join("packed");
     compress(&dense, &out, &common::small_options(calib, 3, 4)).unwrap();
 
-    let (cfg, _) = ModelConfig::from_dir(&out).unwrap();
+    let cfg = ModelConfig::from_dir(&out).unwrap();
     let geometry = Geometry::from_config(&cfg).unwrap();
     let mut order = BlockOrder::round_robin(&geometry);
     let mut rng = StdRng::seed_from_u64(3);
@@ -64,7 +64,7 @@ fn every_level_equals_a_fresh_load_of_that_level() {
     let root = tempfile::tempdir().unwrap();
     let dir = compressed(root.path());
     let handle = BitStackHandle::open(&dir, None, &Device::Cpu).unwrap();
-    let (cfg, _) = ModelConfig::from_dir(&dir).unwrap();
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
     let geometry = Geometry::from_config(&cfg).unwrap();
     let order = BlockOrder::load(&dir, &geometry).unwrap();
     let ladder = order.ladder(&geometry);
@@ -177,7 +177,7 @@ fn a_corrupted_block_is_refused_on_grow_and_the_model_stays() {
 
     // Flip bytes of the block at position 20 of the order, in place: the
     // running model reads it through its memory map.
-    let (cfg, _) = ModelConfig::from_dir(&dir).unwrap();
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
     let geometry = Geometry::from_config(&cfg).unwrap();
     let (name, block) = BlockOrder::load(&dir, &geometry).unwrap().order[20].clone();
     let tensor = format!("{name}.vt_{block}");

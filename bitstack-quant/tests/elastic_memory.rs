@@ -8,9 +8,9 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use bitstack_quant::compress::compress;
-use bitstack_quant::elastic::BitStackHandle;
-use bitstack_quant::synthetic::SyntheticSpec;
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::method::compress::compress;
+use bitstack_quant::runtime::elastic::BitStackHandle;
 use candle_core::Device;
 
 /// The system allocator, counting the bytes currently allocated.

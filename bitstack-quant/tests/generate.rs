@@ -2,10 +2,10 @@
 
 mod common;
 
-use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::generate::{generate, SamplingOptions};
-use bitstack_quant::model::{KvCache, Llama};
-use bitstack_quant::synthetic::SyntheticSpec;
+use bitstack_quant::format::checkpoint::BlockCounts;
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::runtime::generate::{generate, SamplingOptions};
+use bitstack_quant::runtime::model::{KvCache, Llama};
 use candle_core::{Device, Tensor};
 use common::relative_error;
 

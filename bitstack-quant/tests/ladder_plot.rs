@@ -6,11 +6,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use bitstack_quant::compress::compress;
-use bitstack_quant::order::{BlockOrder, Geometry, Rung};
+use bitstack_quant::eval::sort::{sort_on_windows, SortMethod};
+use bitstack_quant::format::order::{BlockOrder, Geometry, Rung};
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::method::compress::compress;
 use bitstack_quant::plot::{LadderPlot, BACKGROUND_RGB, DENSE_RGB, HEIGHT, SERIES_RGB, WIDTH};
-use bitstack_quant::sort::{sort_on_windows, SortMethod};
-use bitstack_quant::synthetic::SyntheticSpec;
 
 /// A dense synthetic model, its BitStack checkpoint (4 blocks per linear)
 /// and a text to score.
@@ -26,7 +26,7 @@ fn checkpoint(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 fn ladder_of(dir: &Path) -> Vec<Rung> {
-    let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(dir).unwrap();
+    let cfg = bitstack_quant::format::config::ModelConfig::from_dir(dir).unwrap();
     let geometry = Geometry::from_config(&cfg).unwrap();
     BlockOrder::load(dir, &geometry).unwrap().ladder(&geometry)
 }
@@ -187,7 +187,7 @@ fn eval_records_then_ladder_plots_a_png() {
     .unwrap();
     assert!(sorted.measured.is_empty());
     assert_eq!(sorted.dense.as_ref().map(|d| d.ppl), Some(dense_ppl));
-    let (cfg, _) = bitstack_quant::config::ModelConfig::from_dir(&packed).unwrap();
+    let cfg = bitstack_quant::format::config::ModelConfig::from_dir(&packed).unwrap();
     let reloaded = BlockOrder::load(&packed, &Geometry::from_config(&cfg).unwrap()).unwrap();
     assert_eq!(reloaded, sorted);
 }

@@ -2,11 +2,11 @@
 
 mod common;
 
-use bitstack_quant::calibrate::{calibrate, windows};
-use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::model::{LinearKind, Llama};
-use bitstack_quant::scale::{fold, o_is_scalable, LayerScales};
-use bitstack_quant::synthetic::SyntheticSpec;
+use bitstack_quant::eval::calibrate::{calibrate, windows};
+use bitstack_quant::format::checkpoint::BlockCounts;
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::method::scale::{fold, o_is_scalable, LayerScales};
+use bitstack_quant::runtime::model::{LinearKind, Llama};
 use candle_core::{Device, Tensor};
 use common::{dense_weight, logits, relative_error};
 use indicatif::ProgressBar;

@@ -7,14 +7,14 @@ mod common;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use bitstack_quant::calibrate::{calibrate, windows};
-use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::decompose::decompose;
-use bitstack_quant::generate::{generate, SamplingOptions};
-use bitstack_quant::model::{load_tokenizer, LinearKind, Llama};
-use bitstack_quant::perplexity::mean_nll;
-use bitstack_quant::scale::{fold, o_is_scalable, LayerScales};
-use bitstack_quant::svd::SvdMethod;
+use bitstack_quant::eval::calibrate::{calibrate, windows};
+use bitstack_quant::eval::perplexity::mean_nll;
+use bitstack_quant::format::checkpoint::BlockCounts;
+use bitstack_quant::method::decompose::decompose;
+use bitstack_quant::method::scale::{fold, o_is_scalable, LayerScales};
+use bitstack_quant::method::svd::SvdMethod;
+use bitstack_quant::runtime::generate::{generate, SamplingOptions};
+use bitstack_quant::runtime::model::{load_tokenizer, LinearKind, Llama};
 use candle_core::{DType, Device, Tensor};
 use common::{dense_weight, logits, relative_error};
 use indicatif::ProgressBar;
@@ -108,7 +108,7 @@ fn residual_decreases_on_real_matrices() {
     let model = Llama::load(dir, &BlockCounts::all(), &Device::Cpu).unwrap();
     for (layer, kind) in [(0, LinearKind::K), (29, LinearKind::Down)] {
         let w = dense_weight(&model, layer, kind);
-        let (m, n) = bitstack_quant::model::linear_shape(&model.cfg, kind);
+        let (m, n) = bitstack_quant::runtime::model::linear_shape(&model.cfg, kind);
         let d = decompose(&w, m, n, 16, 8, SvdMethod::Exact).unwrap();
         for pair in d.residual_norms.windows(2) {
             assert!(
@@ -131,7 +131,7 @@ fn randomized_svd_matches_exact_on_real_matrices() {
     let model = Llama::load(dir, &BlockCounts::all(), &Device::Cpu).unwrap();
     for (layer, kind) in [(3, LinearKind::Q), (17, LinearKind::Up)] {
         let w = dense_weight(&model, layer, kind);
-        let (m, n) = bitstack_quant::model::linear_shape(&model.cfg, kind);
+        let (m, n) = bitstack_quant::runtime::model::linear_shape(&model.cfg, kind);
         let exact = decompose(&w, m, n, 16, 4, SvdMethod::Exact).unwrap();
         let fast = decompose(&w, m, n, 16, 4, SvdMethod::randomized(0)).unwrap();
         for (i, (e, f)) in exact

@@ -10,11 +10,12 @@ mod common;
 
 use std::path::Path;
 
-use bitstack_quant::checkpoint::BlockCounts;
-use bitstack_quant::compress::compress;
-use bitstack_quant::model::Llama;
-use bitstack_quant::sort::{sort_on_windows, SortMethod};
-use bitstack_quant::synthetic::SyntheticSpec;
+use bitstack_quant::eval::sort::{sort_on_windows, SortMethod};
+use bitstack_quant::format::checkpoint::BlockCounts;
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::method::compress::compress;
+use bitstack_quant::runtime::model::Llama;
+use bitstack_quant::Checkpoint;
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -98,7 +99,8 @@ fn every_method_puts_the_only_useful_blocks_first() {
     let wins = sample(&out, 48, 64);
 
     let sort = |method| {
-        sort_on_windows(&out, method, &wins, 3, &ProgressBar::hidden())
+        let mut checkpoint = Checkpoint::open(&out).unwrap();
+        sort_on_windows(&mut checkpoint, method, &wins, 3, &ProgressBar::hidden())
             .unwrap()
             .0
     };

@@ -1,10 +1,10 @@
 //! Random BitStack checkpoints written directly open, resize and run like
 //! compressed ones: the resize benchmarks rely on them.
 
-use bitstack_quant::checkpoint::read_block;
-use bitstack_quant::elastic::BitStackHandle;
-use bitstack_quant::store::TensorStore;
-use bitstack_quant::synthetic::SyntheticSpec;
+use bitstack_quant::format::store::TensorStore;
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::runtime::elastic::BitStackHandle;
+use bitstack_quant::Checkpoint;
 use candle_core::{Device, Tensor};
 
 fn finite_logits(handle: &BitStackHandle, vocab: usize) -> Vec<f32> {
@@ -59,10 +59,10 @@ fn a_random_bitstack_checkpoint_opens_resizes_and_runs() {
         assert_eq!(finite_logits(&handle, spec.vocab), top);
 
         // Every stored block reads back with its checksum, padding included.
-        let store = TensorStore::open_dir(&dir).unwrap();
-        for slot in &handle.geometry().linears {
+        let checkpoint = handle.checkpoint();
+        for slot in &checkpoint.geometry().linears {
             for b in 0..blocks {
-                read_block(&store, &slot.name, b, slot.m, slot.n, slot.k).unwrap();
+                checkpoint.read_block(slot, b).unwrap();
             }
         }
     }
@@ -75,20 +75,25 @@ fn writing_is_deterministic_and_refuses_a_full_dir() {
     let (a, b) = (root.path().join("a"), root.path().join("b"));
     spec.write_bitstack(&a, 2, 2).unwrap();
     spec.write_bitstack(&b, 2, 2).unwrap();
-    let (sa, sb) = (
-        TensorStore::open_dir(&a).unwrap(),
-        TensorStore::open_dir(&b).unwrap(),
-    );
+    let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
     for name in [
         "model.layers.1.mlp.down_proj.vt_1",
         "model.embed_tokens.weight",
     ] {
-        assert_eq!(sa.f32(name).unwrap(), sb.f32(name).unwrap(), "{name}");
+        assert_eq!(
+            ca.store().f32(name).unwrap(),
+            cb.store().f32(name).unwrap(),
+            "{name}"
+        );
     }
-    let down = "model.layers.1.mlp.down_proj";
+    let down = &ca.geometry().linears[7 + 6];
     assert_eq!(
-        read_block(&sa, down, 1, 48, 104, 2).unwrap(),
-        read_block(&sb, down, 1, 48, 104, 2).unwrap()
+        (down.name.as_str(), down.m, down.n, down.k),
+        ("model.layers.1.mlp.down_proj", 48, 104, 2)
+    );
+    assert_eq!(
+        ca.read_block(down, 1).unwrap(),
+        cb.read_block(down, 1).unwrap()
     );
     assert!(spec.write_bitstack(&a, 2, 2).is_err());
 }

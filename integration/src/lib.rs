@@ -16,16 +16,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use bitstack_quant::budget::{plan_for_dir, Budget};
-use bitstack_quant::elastic::{BitStackHandle, ResizeError};
+use bitstack_quant::{BitStackHandle, Budget, Checkpoint, ResizeError, QUANT_METHOD};
 use candle_core::{DType, Device};
 use mistralrs_core::weight_arbiter::{self, ElasticWeights};
 use mistralrs_quant::{ExternalQuantFactory, QuantMethod, ShardedVarBuilder};
 
 pub use linear::{BitStackLinear, LinearSite};
-
-/// The `quant_method` of BitStack checkpoints.
-pub const QUANT_METHOD: &str = "bitstack";
 
 /// Builds mistral.rs linears over one [`BitStackHandle`].
 pub struct BitStackFactory {
@@ -80,7 +76,10 @@ impl ExternalQuantFactory for BitStackFactory {
     /// memory estimates: 16 over the bits per weight of the current level.
     fn pack_factor(&self, _config: &serde_json::Value, _dtype: DType) -> usize {
         let geometry = self.handle.geometry();
-        let bits = 8.0 * self.handle.resident_bytes() as f64 / geometry.parameters.max(1) as f64;
+        let bits = bitstack_quant::bits_per_weight(
+            self.handle.resident_bytes() as usize,
+            geometry.parameters.max(1),
+        );
         (16.0 / bits.max(1e-3)).floor().max(1.0) as usize
     }
 }
@@ -153,26 +152,33 @@ pub fn register(
     device: &Device,
     dtype: DType,
 ) -> anyhow::Result<Registration> {
-    let config = std::fs::read_to_string(dir.join("config.json"))
-        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
-    let config: serde_json::Value = serde_json::from_str(&config)
-        .with_context(|| format!("parsing {}", dir.join("config.json").display()))?;
-    let method = config
-        .pointer("/quantization_config/quant_method")
-        .and_then(|m| m.as_str());
-    if method != Some(QUANT_METHOD) {
-        bail!(
-            "{} is not a BitStack checkpoint: its config.json has quant_method {:?}, not \"{QUANT_METHOD}\" (make one with `bitstack compress`)",
-            dir.display(),
-            method.unwrap_or("(none)")
-        );
-    }
-    let weight_bytes = match weight_budget {
-        Some(b) => Some(plan_for_dir(dir, b)?.rung.total_bytes as u64),
-        None => None,
+    let checkpoint = Checkpoint::open(dir).map_err(|e| {
+        // Say what to do about a model of another kind: mistral.rs users
+        // meet it when they pick `--quant bitstack` for a plain model.
+        let method = std::fs::read(dir.join("config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
+            .map(|config| {
+                config
+                    .pointer("/quantization_config/quant_method")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("(none)")
+                    .to_string()
+            });
+        match method {
+            Some(m) if m != QUANT_METHOD => anyhow::anyhow!(
+                "{} is not a BitStack checkpoint: its config.json has quant_method {m:?}, not \"{QUANT_METHOD}\" (make one with `bitstack compress`)",
+                dir.display()
+            ),
+            _ => e.context(format!("opening the BitStack checkpoint in {}", dir.display())),
+        }
+    })?;
+    let plan = match weight_budget {
+        Some(b) => checkpoint.plan(b)?,
+        None => checkpoint.plan_all(),
     };
-    let handle = BitStackHandle::open(dir, weight_bytes, device)
-        .with_context(|| format!("opening the BitStack checkpoint in {}", dir.display()))?;
+    let handle = BitStackHandle::from_checkpoint(checkpoint, &plan, device)
+        .with_context(|| format!("loading the BitStack checkpoint in {}", dir.display()))?;
     let memory_budget = match memory_budget {
         None => None,
         Some(b) => Some(b.total_bytes(handle.geometry().parameters).with_context(|| {

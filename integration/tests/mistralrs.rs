@@ -12,10 +12,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bitstack_mistralrs::register;
-use bitstack_quant::budget::Budget;
-use bitstack_quant::compress::{compress, CompressOptions};
-use bitstack_quant::elastic::BitStackHandle;
-use bitstack_quant::svd::SvdMethod;
+use bitstack_quant::format::budget::Budget;
+use bitstack_quant::method::compress::{compress, CompressOptions};
+use bitstack_quant::runtime::elastic::BitStackHandle;
+use bitstack_quant::method::svd::SvdMethod;
 use candle_core::{DType, Device, Tensor};
 use mistralrs::{ModelDType, TextMessageRole, TextMessages, TextModelBuilder};
 

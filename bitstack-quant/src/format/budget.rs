@@ -1,16 +1,14 @@
 //! Memory budgets: `900MiB`, `3.2GB`, `3.5bpw`, `30%`.
 //!
-//! A budget resolves to the longest prefix of the block order that fits.
+//! A budget resolves to the longest prefix of the block order that fits
+//! ([`crate::format::checkpoint::Checkpoint::plan`]).
 //! Bytes and percentages count everything resident (dense parts included);
 //! bits per weight count only the decoder linears' blocks.
 
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{bail, Result};
-
-use crate::checkpoint::BlockCounts;
-use crate::order::{BlockOrder, Geometry, Rung};
+use crate::format::order::{Geometry, Rung};
 
 /// A memory budget as the user writes it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -94,46 +92,14 @@ impl Budget {
             Budget::BitsPerWeight(_) => None,
         }
     }
-}
 
-/// What a budget resolved to.
-#[derive(Clone, Debug)]
-pub struct Plan {
-    pub rung: Rung,
-    pub counts: BlockCounts,
-}
-
-/// The highest rung of `order` within `budget`; below the floor is an error that says the floor.
-pub fn resolve(budget: Budget, order: &BlockOrder, geometry: &Geometry) -> Result<Plan> {
-    let ladder = order.ladder(geometry);
-    let fits = |r: &Rung| match (budget, budget.total_bytes(geometry.parameters)) {
-        (Budget::BitsPerWeight(bpw), _) => r.bits_per_linear_weight <= bpw + 1e-9,
-        (_, bytes) => Some(r.total_bytes as u64) <= bytes,
-    };
-    let floor = &ladder[0];
-    // The ladder is increasing in bytes, so the fitting rungs are a prefix.
-    let count = ladder.partition_point(fits);
-    if count == 0 {
-        bail!(
-            "budget {budget} is below the floor of this checkpoint: one block in every linear needs {} bytes in all ({:.2} MiB, {:.3} bits per linear weight)",
-            floor.total_bytes,
-            floor.total_bytes as f64 / 1048576.0,
-            floor.bits_per_linear_weight
-        );
+    /// Whether `rung` of a checkpoint of `geometry` fits this budget.
+    pub fn fits(self, rung: &Rung, geometry: &Geometry) -> bool {
+        match (self, self.total_bytes(geometry.parameters)) {
+            (Budget::BitsPerWeight(bpw), _) => rung.bits_per_linear_weight <= bpw + 1e-9,
+            (_, bytes) => Some(rung.total_bytes as u64) <= bytes,
+        }
     }
-    let rung = ladder[count - 1].clone();
-    Ok(Plan {
-        counts: order.counts_at(geometry, rung.level),
-        rung,
-    })
-}
-
-/// Resolves `budget` against the checkpoint in `dir` (its config and block order).
-pub fn plan_for_dir(dir: &std::path::Path, budget: Budget) -> Result<Plan> {
-    let (cfg, _) = crate::config::ModelConfig::from_dir(dir)?;
-    let geometry = Geometry::from_config(&cfg)?;
-    let order = BlockOrder::load(dir, &geometry)?;
-    resolve(budget, &order, &geometry)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
-use crate::model::{Llama, TapPoint, Taps};
+use crate::runtime::model::{Llama, TapPoint, Taps};
 
 /// Input statistics of one decoder layer's linears.
 #[derive(Clone, Debug, Default)]

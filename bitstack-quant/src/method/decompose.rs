@@ -8,10 +8,10 @@
 use faer::Mat;
 use half::f16;
 
-use crate::block::Block;
-use crate::feedback::Feedback;
-use crate::pack;
-use crate::svd::{top_k, SvdMethod};
+use crate::format::block::Block;
+use crate::format::pack;
+use crate::method::feedback::Feedback;
+use crate::method::svd::{top_k, SvdMethod};
 
 /// Errors of the decomposition.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +67,7 @@ pub fn decompose(
 }
 
 /// [`decompose`], choosing signs with error feedback when `feedback` is given
-/// (see [`crate::feedback`]); the factors are then re-fitted to the chosen
+/// (see [`crate::method::feedback`]); the factors are then re-fitted to the chosen
 /// signs, and with more than one round the signs chosen again for the new
 /// factors.
 pub fn decompose_with(
@@ -193,7 +193,7 @@ fn frobenius(x: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::reconstruct;
+    use crate::format::block::reconstruct;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn random(m: usize, n: usize, seed: u64) -> Vec<f32> {

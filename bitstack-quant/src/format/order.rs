@@ -11,12 +11,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use bitstack_assets::atomic::write_file;
 use serde::{Deserialize, Serialize};
 
-use crate::block::block_bytes;
-use crate::checkpoint::BlockCounts;
-use crate::config::ModelConfig;
-use crate::model::{linear_shape, LinearKind};
+use crate::format::architecture::{linear_shape, LinearKind};
+use crate::format::block::{bits_per_weight, BlockShape};
+use crate::format::checkpoint::BlockCounts;
+use crate::format::config::ModelConfig;
 
 pub const ORDER_FILE: &str = "bitstack_order.json";
 pub const REFERENCE_FILE: &str = "compression_config.json";
@@ -34,8 +35,12 @@ pub struct LinearSlot {
 }
 
 impl LinearSlot {
+    pub fn shape(&self) -> BlockShape {
+        BlockShape::new(self.m, self.n, self.k)
+    }
+
     pub fn block_bytes(&self) -> usize {
-        block_bytes(self.m, self.n, self.k)
+        self.shape().resident_bytes()
     }
 }
 
@@ -235,7 +240,7 @@ impl BlockOrder {
             level,
             linear_bytes,
             total_bytes: linear_bytes + geometry.dense_bytes,
-            bits_per_linear_weight: linear_bytes as f64 * 8.0 / geometry.linear_weights as f64,
+            bits_per_linear_weight: bits_per_weight(linear_bytes, geometry.linear_weights),
             ppl: self
                 .measured
                 .iter()
@@ -275,8 +280,8 @@ impl BlockOrder {
     /// Writes our order file and the reference's `compression_config.json`, atomically.
     pub fn save(&self, dir: &Path, geometry: &Geometry) -> Result<()> {
         self.validate(geometry)?;
-        write_atomic(&dir.join(ORDER_FILE), &serde_json::to_vec(self)?)?;
-        write_atomic(
+        write_file(&dir.join(ORDER_FILE), &serde_json::to_vec(self)?)?;
+        write_file(
             &dir.join(REFERENCE_FILE),
             &serde_json::to_vec(&self.to_reference(geometry))?,
         )
@@ -368,25 +373,6 @@ pub fn our_name(reference: &str) -> Option<String> {
     reference
         .strip_prefix("layer.")
         .map(|rest| format!("model.layers.{rest}"))
-}
-
-/// Writes `path` through a temporary file in the same directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    // Temporary files are private; the result should read like any other file.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
-    }
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

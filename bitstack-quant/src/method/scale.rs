@@ -8,10 +8,10 @@
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 
-use crate::calibrate::LayerStats;
-use crate::config::ModelConfig;
-use crate::linear::LinearWeight;
-use crate::model::{linear_shape, DecoderLayer, LinearKind, TapPoint};
+use crate::eval::calibrate::LayerStats;
+use crate::format::config::ModelConfig;
+use crate::runtime::linear::LinearWeight;
+use crate::runtime::model::{linear_shape, DecoderLayer, LinearKind, TapPoint};
 
 /// The reference's epsilon added to every scale.
 pub const SCALE_EPS: f64 = 1e-3;

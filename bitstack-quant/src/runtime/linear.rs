@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::stack::WeightStack;
+use crate::runtime::stack::WeightStack;
 
 /// The weight of a linear `y = x·Wᵀ (+ b)`.
 #[derive(Clone, Debug)]

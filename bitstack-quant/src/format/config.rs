@@ -32,6 +32,12 @@ fn max_pos() -> usize {
     8192
 }
 
+/// The `quant_method` of BitStack checkpoints, in `config.json` and as the
+/// name mistral.rs's registry knows the method by.
+pub const QUANT_METHOD: &str = "bitstack";
+/// The version of the layout this crate reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
 /// The `quantization_config` block of a BitStack checkpoint.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct QuantizationConfig {
@@ -48,10 +54,26 @@ pub struct QuantizationConfig {
 }
 
 fn format_v1() -> u32 {
-    1
+    FORMAT_VERSION
 }
 
 impl QuantizationConfig {
+    /// The block of a checkpoint written now: rank `k` (`k_per_linear`
+    /// where a linear differs) and `niter` blocks per linear.
+    pub fn new(
+        k: usize,
+        niter: usize,
+        k_per_linear: std::collections::BTreeMap<String, usize>,
+    ) -> Self {
+        Self {
+            quant_method: QUANT_METHOD.into(),
+            k,
+            niter,
+            format_version: FORMAT_VERSION,
+            k_per_linear,
+        }
+    }
+
     /// Rank of the blocks of linear `name`.
     pub fn k_of(&self, name: &str) -> usize {
         self.k_per_linear.get(name).copied().unwrap_or(self.k)
@@ -97,7 +119,13 @@ fn rope_theta() -> f64 {
 
 impl ModelConfig {
     /// Reads and validates `dir/config.json`.
-    pub fn from_dir(dir: &Path) -> Result<(Self, serde_json::Value)> {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        Ok(Self::from_dir_with_json(dir)?.0)
+    }
+
+    /// As [`ModelConfig::from_dir`], with the whole file as JSON, for a
+    /// writer that keeps the fields the runner does not read.
+    pub fn from_dir_with_json(dir: &Path) -> Result<(Self, serde_json::Value)> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -133,15 +161,15 @@ impl ModelConfig {
             );
         }
         if let Some(q) = &self.quantization_config {
-            if q.quant_method != "bitstack" {
+            if q.quant_method != QUANT_METHOD {
                 bail!(
-                    "quant_method `{}` is not supported (only bitstack)",
+                    "quant_method `{}` is not supported (only {QUANT_METHOD})",
                     q.quant_method
                 );
             }
-            if q.format_version != 1 {
+            if q.format_version != FORMAT_VERSION {
                 bail!(
-                    "BitStack format_version {} is not supported (only 1)",
+                    "BitStack format_version {} is not supported (only {FORMAT_VERSION})",
                     q.format_version
                 );
             }
@@ -200,7 +228,7 @@ mod tests {
             "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
             "rms_norm_eps":1e-5,"vocab_size":100,"tie_word_embeddings":true}"#,
         );
-        let (c, _) = ModelConfig::from_dir(d.path()).unwrap();
+        let c = ModelConfig::from_dir(d.path()).unwrap();
         assert_eq!((c.head_dim(), c.kv_heads(), c.qkv_bias()), (16, 2, false));
 
         write(

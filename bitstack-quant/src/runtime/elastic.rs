@@ -19,7 +19,7 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! use bitstack_quant::elastic::BitStackHandle;
+//! use bitstack_quant::runtime::elastic::BitStackHandle;
 //! let handle = BitStackHandle::open("smollm2-bitstack".as_ref(), None, &candle_core::Device::Cpu)?;
 //! handle.subscribe(|r| eprintln!("resize: level {} → {}", r.from_level, r.to_level));
 //! // The KV cache needs 20 MiB: free at least that much, in reverse order.
@@ -42,13 +42,12 @@ use candle_core::Device;
 use parking_lot::{Condvar, Mutex, RwLock};
 use rayon::prelude::*;
 
-use crate::checkpoint::{read_stack_block, BlockCounts};
-use crate::config::ModelConfig;
-use crate::linear::LinearWeight;
-use crate::model::{LinearKind, Llama};
-use crate::order::{BlockOrder, Geometry};
-use crate::stack::StackBlock;
-use crate::store::TensorStore;
+use crate::format::budget::Budget;
+use crate::format::checkpoint::{Checkpoint, Plan};
+use crate::format::order::Geometry;
+use crate::runtime::linear::LinearWeight;
+use crate::runtime::model::{LinearKind, Llama};
+use crate::runtime::stack::StackBlock;
 
 /// Why a resize was refused. A refused resize changes nothing.
 #[derive(Debug, thiserror::Error)]
@@ -137,8 +136,7 @@ type Subscriber = Arc<dyn Fn(&Resize) + Send + Sync>;
 pub struct SubscriptionId(u64);
 
 struct Shared {
-    store: TensorStore,
-    geometry: Geometry,
+    checkpoint: Checkpoint,
     /// `order.order` as (linear index, block index).
     order: Vec<(usize, usize)>,
     /// Total resident bytes at each level, `0..=order.len()`.
@@ -228,51 +226,64 @@ impl BitStackHandle {
     /// Opens the BitStack checkpoint in `dir` on `device` at the highest
     /// level within `budget` bytes (all blocks when `None`).
     pub fn open(dir: &Path, budget: Option<u64>, device: &Device) -> anyhow::Result<Self> {
-        let (cfg, _) = ModelConfig::from_dir(dir)?;
-        let geometry = Geometry::from_config(&cfg)?;
-        let order = BlockOrder::load(dir, &geometry)?;
-        let store = TensorStore::open_dir(dir)?;
-        Self::from_parts(cfg, store, geometry, &order, budget, device)
+        let checkpoint = Checkpoint::open(dir)?;
+        let plan = match budget {
+            None => checkpoint.plan_all(),
+            Some(bytes) => {
+                let floor = checkpoint.ladder()[0].total_bytes as u64;
+                if bytes < floor {
+                    return Err(ResizeError::BelowFloor {
+                        requested: bytes,
+                        floor,
+                    }
+                    .into());
+                }
+                checkpoint.plan(Budget::Bytes(bytes))?
+            }
+        };
+        let max = checkpoint.plan_all().rung.total_bytes as u64;
+        Self::start(checkpoint, &plan, budget.unwrap_or(max).min(max), device)
     }
 
-    /// As [`BitStackHandle::open`] from parts already read.
-    pub fn from_parts(
-        cfg: ModelConfig,
-        store: TensorStore,
-        geometry: Geometry,
-        order: &BlockOrder,
-        budget: Option<u64>,
+    /// Runs `checkpoint` on `device` at the rung `plan` chose (see
+    /// [`Checkpoint::plan`]); the budget in force is that rung's bytes.
+    pub fn from_checkpoint(
+        checkpoint: Checkpoint,
+        plan: &Plan,
         device: &Device,
     ) -> anyhow::Result<Self> {
-        order.validate(&geometry)?;
+        let budget = plan.rung.total_bytes as u64;
+        Self::start(checkpoint, plan, budget, device)
+    }
+
+    fn start(
+        checkpoint: Checkpoint,
+        plan: &Plan,
+        budget: u64,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let geometry = checkpoint.geometry();
         let index = geometry.index();
-        let order_ix: Vec<(usize, usize)> = order
+        let order_ix: Vec<(usize, usize)> = checkpoint
+            .order()
             .order
             .iter()
             .map(|(name, b)| (index[name.as_str()], *b))
             .collect();
-        let ladder: Vec<u64> = order
-            .ladder(&geometry)
+        let ladder: Vec<u64> = checkpoint
+            .ladder()
             .iter()
             .map(|r| r.total_bytes as u64)
             .collect();
-        let max = *ladder.last().expect("the ladder has a floor");
-        let budget = budget.unwrap_or(max).min(max);
-        let level = level_within(&ladder, budget).ok_or(ResizeError::BelowFloor {
-            requested: budget,
-            floor: ladder[0],
-        })?;
-        let counts: BlockCounts = order.counts_at(&geometry, level);
-        let model = Llama::from_store(cfg, &store, &counts, device)?;
+        let model = Llama::from_checkpoint(&checkpoint, &plan.counts, device)?;
         let snapshot = Snapshot {
             model,
-            level,
+            level: plan.level(),
             epoch: 0,
         };
         Ok(Self {
             shared: Arc::new(Shared {
-                store,
-                geometry,
+                checkpoint,
                 order: order_ix,
                 ladder,
                 current: RwLock::new(Arc::new(snapshot)),
@@ -329,7 +340,12 @@ impl BitStackHandle {
 
     /// The checkpoint's linears and the bytes outside them.
     pub fn geometry(&self) -> &Geometry {
-        &self.shared.geometry
+        self.shared.checkpoint.geometry()
+    }
+
+    /// The checkpoint the handle reads its blocks from.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.shared.checkpoint
     }
 
     /// Moves to the highest level whose resident bytes fit `budget`. A budget
@@ -442,8 +458,8 @@ impl BitStackHandle {
         let blocks: Vec<Arc<StackBlock>> = wanted
             .par_iter()
             .map(|&(li, b)| {
-                let slot = &shared.geometry.linears[li];
-                read_stack_block(&shared.store, &slot.name, b, slot.m, slot.n, slot.k)
+                let slot = &shared.checkpoint.geometry().linears[li];
+                StackBlock::read(shared.checkpoint.store(), &slot.name, b, slot.shape())
                     .map(Arc::new)
                     .with_context(|| format!("reading block {b} of {}", slot.name))
             })
@@ -490,7 +506,7 @@ impl BitStackHandle {
 }
 
 /// The linear with geometry index `li` (layer-major, kinds in [`LinearKind::ALL`] order).
-fn model_slot(model: &mut Llama, li: usize) -> &mut crate::linear::Linear {
+fn model_slot(model: &mut Llama, li: usize) -> &mut crate::runtime::linear::Linear {
     let kinds = LinearKind::ALL.len();
     model.layers[li / kinds].linear_mut(LinearKind::ALL[li % kinds])
 }

@@ -7,19 +7,19 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use rayon::prelude::*;
 
-use crate::calibrate::{windows, LayerByLayer};
-use crate::checkpoint::{
-    block_checksum, block_tensors, BlockCounts, CheckpointWriter, OwnedTensor,
-};
-use crate::config::{ModelConfig, QuantizationConfig};
-use crate::decompose::{decompose_with, Refit};
-use crate::feedback::Feedback;
-use crate::linear::LinearWeight;
-use crate::model::{linear_shape, load_tokenizer, LinearKind, Llama};
+use crate::eval::calibrate::{windows, LayerByLayer};
+use crate::format::block::BlockShape;
+use crate::format::checkpoint::BlockCounts;
+use crate::format::config::{ModelConfig, QuantizationConfig};
+use crate::format::store::TensorStore;
+use crate::format::writer::{CheckpointWriter, LinearBlocks, OwnedTensor};
+use crate::method::decompose::{decompose_with, Refit};
+use crate::method::feedback::Feedback;
+use crate::method::scale::{fold, LayerScales};
+use crate::method::svd::SvdMethod;
 use crate::progress::progress_bar;
-use crate::scale::{fold, LayerScales};
-use crate::store::TensorStore;
-use crate::svd::SvdMethod;
+use crate::runtime::linear::LinearWeight;
+use crate::runtime::model::{linear_shape, load_tokenizer, LinearKind, Llama};
 
 /// Rank of the blocks by default. On SmolLM2's 576-wide matrices a block of
 /// rank 4 costs about 1.2 bits per weight (rank 16: 1.6–2.8), so the ladder
@@ -47,7 +47,7 @@ pub struct CompressOptions {
     /// Top-k SVD algorithm of the decomposition.
     pub svd: SvdMethod,
     /// Choose signs with activation-aware error feedback (see
-    /// [`crate::feedback`]) instead of `sign(R)`; `None` keeps the paper's AVD.
+    /// [`crate::method::feedback`]) instead of `sign(R)`; `None` keeps the paper's AVD.
     pub feedback: Option<FeedbackOptions>,
 }
 
@@ -125,7 +125,7 @@ pub fn compress_on(
     opts: &CompressOptions,
     device: &Device,
 ) -> Result<CompressReport> {
-    let (cfg, raw_cfg) = ModelConfig::from_dir(model_dir)?;
+    let (cfg, raw_cfg) = ModelConfig::from_dir_with_json(model_dir)?;
     if cfg.quantization_config.is_some() {
         bail!("{} is already a BitStack checkpoint", model_dir.display());
     }
@@ -153,7 +153,18 @@ pub fn compress_on(
     }
     let tokenizer = load_tokenizer(model_dir)?;
     // Fail on an unwritable or occupied output before the long work starts.
-    let mut writer = CheckpointWriter::new(out_dir, cfg.num_hidden_layers + 1)?;
+    let quantization = QuantizationConfig::new(
+        opts.k,
+        opts.niter,
+        (0..cfg.num_hidden_layers)
+            .flat_map(|l| LinearKind::ALL.iter().map(move |&kind| (l, kind)))
+            .filter(|&(_, kind)| opts.k_of(kind) != opts.k)
+            .map(|(l, kind)| (kind.path(l), opts.k_of(kind)))
+            .collect(),
+    );
+    let mut out_cfg = raw_cfg;
+    out_cfg["torch_dtype"] = "float32".into();
+    let mut writer = CheckpointWriter::create(out_dir, out_cfg, &quantization)?;
 
     let text = std::fs::read_to_string(&opts.calib_text)
         .with_context(|| format!("cannot read calibration text {}", opts.calib_text.display()))?;
@@ -241,30 +252,31 @@ pub fn compress_on(
             })
             .collect::<Result<_>>()?;
 
-        let mut tensors = Vec::new();
-        let mut checksums = Vec::new();
+        let mut linears = Vec::new();
+        let mut dense = Vec::new();
         for (kind, d) in &decomposed {
             let (m, n) = linear_shape(&cfg, *kind);
             let path = kind.path(l);
-            for (i, b) in d.blocks.iter().enumerate() {
-                blocks_bytes += b.bytes();
-                tensors.extend(block_tensors(&path, i, b, m, n, opts.k_of(*kind)));
-                checksums.push((path.clone(), i, block_checksum(b)));
-            }
+            blocks_bytes += d.blocks.iter().map(|b| b.bytes()).sum::<usize>();
+            linears.push(LinearBlocks {
+                path: path.clone(),
+                shape: BlockShape::new(m, n, opts.k_of(*kind)),
+                blocks: &d.blocks,
+            });
             if let Some(bias) = &layer.linear(*kind).bias {
-                tensors.push((format!("{path}.bias"), OwnedTensor::from_tensor(bias)?));
+                dense.push((format!("{path}.bias"), OwnedTensor::from_tensor(bias)?));
             }
             residuals.push(d.residual_norms[opts.niter] / d.residual_norms[0]);
         }
-        tensors.push((
+        dense.push((
             format!("model.layers.{l}.input_layernorm.weight"),
             OwnedTensor::from_tensor(&layer.input_layernorm)?,
         ));
-        tensors.push((
+        dense.push((
             format!("model.layers.{l}.post_attention_layernorm.weight"),
             OwnedTensor::from_tensor(&layer.post_attention_layernorm)?,
         ));
-        writer.write_shard(&tensors, &checksums)?;
+        writer.write_layer(l, &linears, dense)?;
         decomposition_time += t1.elapsed();
     }
     pb.finish();
@@ -285,25 +297,7 @@ pub fn compress_on(
             OwnedTensor::from_tensor(head)?,
         ));
     }
-    writer.write_shard(&dense, &[])?;
-
-    let mut out_cfg = raw_cfg;
-    out_cfg["quantization_config"] = serde_json::to_value(QuantizationConfig {
-        quant_method: "bitstack".into(),
-        k: opts.k,
-        niter: opts.niter,
-        format_version: 1,
-        k_per_linear: (0..cfg.num_hidden_layers)
-            .flat_map(|l| LinearKind::ALL.iter().map(move |&kind| (l, kind)))
-            .filter(|&(_, kind)| opts.k_of(kind) != opts.k)
-            .map(|(l, kind)| (kind.path(l), opts.k_of(kind)))
-            .collect(),
-    })?;
-    out_cfg["torch_dtype"] = "float32".into();
-    writer.write_file(
-        "config.json",
-        serde_json::to_string_pretty(&out_cfg)?.as_bytes(),
-    )?;
+    writer.write_dense(dense)?;
     for extra in [
         "tokenizer.json",
         "tokenizer_config.json",

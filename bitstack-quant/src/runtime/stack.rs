@@ -6,8 +6,12 @@ use bitstack_kernels::{tiled_row, BlockRef, StackRef, TiledSigns};
 use half::f16;
 use rayon::prelude::*;
 
-use crate::block::{block_bytes, Block};
-use crate::device_copy::DeviceCopy;
+use anyhow::Result;
+
+use crate::format::block::{block_bytes, Block, BlockShape};
+use crate::format::checkpoint::CheckedBlock;
+use crate::format::store::TensorStore;
+use crate::runtime::device_copy::DeviceCopy;
 
 #[cfg(feature = "cuda")]
 type BlockUpload = bitstack_kernels::cuda::CudaBlock;
@@ -32,6 +36,19 @@ pub struct StackBlock {
 }
 
 impl StackBlock {
+    /// Reads block `i` of linear `path` (see [`CheckedBlock::read`]), with
+    /// the signs re-tiled for the kernels straight out of the memory map:
+    /// the grow path of a resize, which copies each sign byte once.
+    pub fn read(store: &TensorStore, path: &str, i: usize, shape: BlockShape) -> Result<Self> {
+        let checked = CheckedBlock::read(store, path, i, shape)?;
+        Ok(Self {
+            signs: TiledSigns::from_row_major(checked.signs, shape.m, shape.n),
+            u: checked.u,
+            vt: checked.vt,
+            device: Default::default(),
+        })
+    }
+
     /// Re-tiles `block` of an `m×n` weight (its row-major signs are dropped).
     pub fn new(block: Block, m: usize, n: usize) -> Self {
         Self {
@@ -216,8 +233,8 @@ fn add_signed(signs: &[u8], row: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::reconstruct;
-    use crate::pack::pack_signs;
+    use crate::format::block::reconstruct;
+    use crate::format::pack::pack_signs;
     use half::f16;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 

@@ -10,85 +10,15 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::checkpoint::{self, BlockCounts};
-use crate::config::{ModelConfig, RopeScaling};
-use crate::linear::{tensor_bytes, Linear};
-use crate::store::TensorStore;
-
-/// The seven linears of a decoder layer, in the order the reference names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LinearKind {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl LinearKind {
-    pub const ALL: [LinearKind; 7] = [
-        LinearKind::Q,
-        LinearKind::K,
-        LinearKind::V,
-        LinearKind::O,
-        LinearKind::Gate,
-        LinearKind::Up,
-        LinearKind::Down,
-    ];
-
-    /// Name inside a layer, e.g. `self_attn.q_proj`.
-    pub fn name(self) -> &'static str {
-        match self {
-            LinearKind::Q => "self_attn.q_proj",
-            LinearKind::K => "self_attn.k_proj",
-            LinearKind::V => "self_attn.v_proj",
-            LinearKind::O => "self_attn.o_proj",
-            LinearKind::Gate => "mlp.gate_proj",
-            LinearKind::Up => "mlp.up_proj",
-            LinearKind::Down => "mlp.down_proj",
-        }
-    }
-
-    /// The short module name, e.g. `q_proj`.
-    pub fn short_name(self) -> &'static str {
-        self.name().rsplit('.').next().expect("names have a dot")
-    }
-
-    /// Parses a short module name (`q_proj`, …).
-    pub fn from_short_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.short_name() == name)
-    }
-
-    /// Full tensor prefix, e.g. `model.layers.3.self_attn.q_proj`.
-    pub fn path(self, layer: usize) -> String {
-        format!("model.layers.{layer}.{}", self.name())
-    }
-
-    /// Where this linear's input comes from.
-    pub fn input(self) -> TapPoint {
-        match self {
-            LinearKind::Q | LinearKind::K | LinearKind::V => TapPoint::AttnInput,
-            LinearKind::O => TapPoint::OInput,
-            LinearKind::Gate | LinearKind::Up => TapPoint::MlpInput,
-            LinearKind::Down => TapPoint::DownInput,
-        }
-    }
-}
-
-/// The four distinct linear inputs of a decoder layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum TapPoint {
-    /// `input_layernorm(x)`, read by q, k, v.
-    AttnInput,
-    /// The attention mix, read by o.
-    OInput,
-    /// `post_attention_layernorm(x)`, read by gate, up.
-    MlpInput,
-    /// `silu(gate)·up`, read by down.
-    DownInput,
-}
+pub use crate::format::architecture::{linear_shape, linear_weight_count, LinearKind, TapPoint};
+use crate::format::block::{names, BlockShape};
+use crate::format::checkpoint::{stored_blocks, BlockCounts, Checkpoint};
+use crate::format::model_dir::ModelDir;
+use crate::format::config::{ModelConfig, RopeScaling};
+use crate::format::store::TensorStore;
+use crate::runtime::linear::LinearWeight;
+use crate::runtime::linear::{tensor_bytes, Linear};
+use crate::runtime::stack::{StackBlock, WeightStack};
 
 /// Observes the input of each linear during a forward.
 pub trait Taps {
@@ -213,9 +143,23 @@ impl Llama {
     /// Loads a dense or BitStack model dir. `blocks` picks how many blocks
     /// each BitStack linear keeps (ignored for dense linears).
     pub fn load(dir: &Path, blocks: &BlockCounts, device: &Device) -> Result<Self> {
-        let (cfg, _) = ModelConfig::from_dir(dir)?;
+        let cfg = ModelConfig::from_dir(dir)?;
         let store = TensorStore::open_dir(dir)?;
         Self::from_store(cfg, &store, blocks, device)
+    }
+
+    /// The model of checkpoint `ckpt` with `blocks` per linear.
+    pub fn from_checkpoint(
+        ckpt: &Checkpoint,
+        blocks: &BlockCounts,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::from_store(ckpt.config().clone(), ckpt.store(), blocks, device)
+    }
+
+    /// The model in `dir` (dense, or a checkpoint) with `blocks` per linear.
+    pub fn from_model_dir(dir: &ModelDir, blocks: &BlockCounts, device: &Device) -> Result<Self> {
+        Self::from_store(dir.config().clone(), dir.store(), blocks, device)
     }
 
     pub fn from_store(
@@ -253,8 +197,7 @@ impl Llama {
                 } else {
                     None
                 };
-                let weight =
-                    checkpoint::load_linear_weight(store, &cfg, &path, m, n, blocks, device)?;
+                let weight = load_linear_weight(store, &cfg, &path, m, n, blocks, device)?;
                 Ok(Linear { weight, bias })
             };
             layers.push(DecoderLayer {
@@ -473,32 +416,51 @@ impl Llama {
     }
 }
 
-/// `(out, in)` of a decoder linear.
-pub fn linear_shape(cfg: &ModelConfig, kind: LinearKind) -> (usize, usize) {
-    let (d, hd) = (cfg.hidden_size, cfg.head_dim());
-    let (q, kv, ff) = (
-        cfg.num_attention_heads * hd,
-        cfg.kv_heads() * hd,
-        cfg.intermediate_size,
-    );
-    match kind {
-        LinearKind::Q => (q, d),
-        LinearKind::K | LinearKind::V => (kv, d),
-        LinearKind::O => (d, q),
-        LinearKind::Gate | LinearKind::Up => (ff, d),
-        LinearKind::Down => (d, ff),
+/// The weight of linear `path`: dense if `path.weight` exists, else the
+/// first `blocks.for_linear(..)` BitStack blocks.
+fn load_linear_weight(
+    store: &TensorStore,
+    cfg: &ModelConfig,
+    path: &str,
+    m: usize,
+    n: usize,
+    blocks: &BlockCounts,
+    device: &Device,
+) -> Result<LinearWeight> {
+    let dense = format!("{path}.weight");
+    if store.contains(&dense) {
+        let v = store.f32_shaped(&dense, &[m, n])?;
+        return Ok(LinearWeight::Dense(Tensor::from_vec(v, (m, n), device)?));
     }
-}
-
-pub fn linear_weight_count(cfg: &ModelConfig) -> usize {
-    let per_layer: usize = LinearKind::ALL
-        .iter()
-        .map(|&k| {
-            let (m, n) = linear_shape(cfg, k);
-            m * n
-        })
-        .sum();
-    per_layer * cfg.num_hidden_layers
+    let first = names::qweight(path, 0);
+    if !store.contains(&first) {
+        bail!("linear `{path}` has neither `{dense}` nor BitStack blocks (`{first}`)");
+    }
+    let q = cfg.quantization_config.as_ref().with_context(|| {
+        format!("`{path}` holds BitStack blocks but config.json has no quantization_config")
+    })?;
+    let shape = BlockShape::new(m, n, q.k_of(path));
+    let stored = stored_blocks(store, path);
+    if stored < q.niter {
+        bail!(
+            "linear `{path}`: config says {} blocks, but `{}` is missing",
+            q.niter,
+            names::qweight(path, stored)
+        );
+    }
+    let count = blocks.for_linear(path, q.niter);
+    if count == 0 || count > q.niter {
+        bail!(
+            "linear `{path}`: cannot load {count} blocks (the checkpoint stores 1…{})",
+            q.niter
+        );
+    }
+    let blocks = (0..count)
+        .map(|i| StackBlock::read(store, path, i, shape).map(std::sync::Arc::new))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(LinearWeight::BitStack(std::sync::Arc::new(
+        WeightStack::new(m, n, shape.k, blocks),
+    )))
 }
 
 fn repeat_kv(x: Tensor, times: usize) -> candle_core::Result<Tensor> {

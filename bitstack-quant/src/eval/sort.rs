@@ -22,7 +22,7 @@
 //!   linear matters to the loss, and measures far worse (4× `exact`'s PPL
 //!   at 2.0 bits per weight).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,15 +32,14 @@ use faer::Mat;
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
-use crate::calibrate::{window_batches, windows, LayerByLayer};
-use crate::checkpoint::BlockCounts;
-use crate::config::ModelConfig;
-use crate::linear::{stack_tensor, LinearWeight};
-use crate::model::{load_tokenizer, LinearKind, Llama, NoTaps};
-use crate::order::{BlockOrder, Geometry};
-use crate::perplexity::nll_sum;
-use crate::stack::WeightStack;
-use crate::store::TensorStore;
+use crate::eval::calibrate::{window_batches, windows, LayerByLayer};
+use crate::eval::perplexity::nll_sum;
+use crate::format::block::block_bytes;
+use crate::format::checkpoint::{BlockCounts, Checkpoint};
+use crate::format::order::{BlockOrder, Geometry};
+use crate::runtime::linear::{stack_tensor, LinearWeight};
+use crate::runtime::model::{load_tokenizer, LinearKind, Llama, NoTaps};
+use crate::runtime::stack::WeightStack;
 
 /// Which algorithm orders the blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,13 +75,13 @@ pub struct SortReport {
     pub layer_passes: usize,
 }
 
-/// Sorts the checkpoint in `dir` and writes its order files.
+/// Sorts `checkpoint` and writes its order files.
 pub fn sort_checkpoint(
-    dir: &Path,
+    checkpoint: &mut Checkpoint,
     opts: &SortOptions,
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, SortReport)> {
-    let tokenizer = load_tokenizer(dir)?;
+    let tokenizer = load_tokenizer(checkpoint.dir())?;
     let text = std::fs::read_to_string(&opts.calib_text)
         .with_context(|| format!("cannot read {}", opts.calib_text.display()))?;
     let ids = tokenizer
@@ -102,39 +101,44 @@ pub fn sort_checkpoint(
             opts.windows
         );
     }
-    sort_on_device(dir, opts.method, &wins, opts.batch, &opts.device, progress)
+    sort_on_device(
+        checkpoint,
+        opts.method,
+        &wins,
+        opts.batch,
+        &opts.device,
+        progress,
+    )
 }
 
-/// Sorts the checkpoint in `dir` scoring on token windows `wins` (equal
-/// lengths) and writes its order files.
+/// Sorts `checkpoint` scoring on token windows `wins` (equal lengths) and
+/// writes its order files.
 pub fn sort_on_windows(
-    dir: &Path,
+    checkpoint: &mut Checkpoint,
     method: SortMethod,
     wins: &[Vec<u32>],
     batch: usize,
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, SortReport)> {
-    sort_on_device(dir, method, wins, batch, &Device::Cpu, progress)
+    sort_on_device(checkpoint, method, wins, batch, &Device::Cpu, progress)
 }
 
 /// As [`sort_on_windows`], running the forward passes on `device`.
 pub fn sort_on_device(
-    dir: &Path,
+    checkpoint: &mut Checkpoint,
     method: SortMethod,
     wins: &[Vec<u32>],
     batch: usize,
     device: &Device,
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, SortReport)> {
-    let (cfg, _) = ModelConfig::from_dir(dir)?;
-    let geometry = Geometry::from_config(&cfg)?;
     if wins.is_empty() {
         bail!("sorting needs at least one scoring window");
     }
-    let store = TensorStore::open_dir(dir)?;
-    let model = Llama::from_store(cfg, &store, &BlockCounts::all(), device)?;
+    let geometry = checkpoint.geometry().clone();
+    let model = Llama::from_checkpoint(checkpoint, &BlockCounts::all(), device)?;
     let start = Instant::now();
-    let (mut order, layer_passes) = match method {
+    let (order, layer_passes) = match method {
         SortMethod::Local => {
             let (scores, passes) = proxy_scores(&model, &geometry, wins, batch, progress)?;
             (order_by_scores(&geometry, &scores, "local"), passes)
@@ -142,14 +146,9 @@ pub fn sort_on_device(
         SortMethod::Exact => exact(model, &geometry, wins, batch, progress)?,
         SortMethod::Fast => gradient(model, &geometry, wins, progress)?,
     };
-    // Perplexities measured at rungs of the old order no longer apply; the
-    // dense model's does.
-    if let Ok(old) = BlockOrder::load(dir, &geometry) {
-        order.dense = old.dense;
-    }
-    order.save(dir, &geometry)?;
+    checkpoint.set_order(order)?;
     Ok((
-        order,
+        checkpoint.order().clone(),
         SortReport {
             elapsed: start.elapsed(),
             layer_passes,
@@ -251,7 +250,7 @@ fn proxy_scores(
                 let n = stack.n;
                 let gram = Mat::from_fn(n, n, |i, j| g[i * n + j] as f32);
                 let (gains, energy) = block_gains(&stack, &gram);
-                let bytes = crate::block::block_bytes(stack.m, stack.n, stack.k) as f64;
+                let bytes = block_bytes(stack.m, stack.n, stack.k) as f64;
                 let s = gains
                     .iter()
                     .map(|g| g / energy.max(f64::MIN_POSITIVE) / bytes)
@@ -394,7 +393,7 @@ fn gradient(
             let len = ids.dim(1)?;
             let logits = model.logits(&hidden.get(0)?.narrow(0, 0, len - 1)?)?;
             let targets = ids.get(0)?.narrow(0, 1, len - 1)?;
-            let nll = crate::model::target_log_probs(&logits, &targets)?
+            let nll = crate::runtime::model::target_log_probs(&logits, &targets)?
                 .sum_all()?
                 .neg()?;
             let store = nll.backward()?;

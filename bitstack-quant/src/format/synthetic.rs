@@ -12,11 +12,13 @@ use anyhow::{ensure, Result};
 use half::f16;
 use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 
-use crate::block::Block;
-use crate::checkpoint::{block_checksum, block_tensors, CheckpointWriter, OwnedTensor};
-use crate::config::{ModelConfig, QuantizationConfig};
-use crate::model::{linear_shape, LinearKind};
-use crate::pack::packed_len;
+use bitstack_assets::atomic::AtomicDir;
+
+use crate::format::architecture::{linear_shape, LinearKind};
+use crate::format::block::{Block, BlockShape};
+use crate::format::config::{ModelConfig, QuantizationConfig};
+use crate::format::pack::packed_len;
+use crate::format::writer::{CheckpointWriter, LinearBlocks, OwnedTensor};
 
 /// Shape of a synthetic model.
 #[derive(Clone, Debug)]
@@ -70,11 +72,11 @@ impl SyntheticSpec {
 
     /// Writes the model dir (which must not exist yet or be empty).
     pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir)?;
+        let out = AtomicDir::create(dir)?;
         let json = self.config_json();
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_string_pretty(&json)?,
+        out.write(
+            "config.json",
+            serde_json::to_string_pretty(&json)?.as_bytes(),
         )?;
         let cfg: ModelConfig = serde_json::from_value(json)?;
         let mut rng = StdRng::seed_from_u64(self.seed);
@@ -121,8 +123,12 @@ impl SyntheticSpec {
             ));
         }
         let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
-        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
-        std::fs::write(dir.join("tokenizer.json"), byte_tokenizer_json(self.vocab)?)?;
+        safetensors::serialize_to_file(views, None, &out.path().join("model.safetensors"))?;
+        out.write(
+            "tokenizer.json",
+            byte_tokenizer_json(self.vocab)?.as_bytes(),
+        )?;
+        out.commit()?;
         Ok(())
     }
 
@@ -141,43 +147,44 @@ impl SyntheticSpec {
             blocks_per_linear >= 1 && k >= 1,
             "a BitStack checkpoint needs at least one block of rank at least 1"
         );
-        let mut json = self.config_json();
-        json["quantization_config"] = serde_json::to_value(QuantizationConfig {
-            quant_method: "bitstack".into(),
-            k,
-            niter: blocks_per_linear,
-            format_version: 1,
-            k_per_linear: Default::default(),
-        })?;
+        let json = self.config_json();
         let cfg: ModelConfig = serde_json::from_value(json.clone())?;
-        let mut writer = CheckpointWriter::new(dir, self.layers + 1)?;
+        let quantization = QuantizationConfig::new(k, blocks_per_linear, Default::default());
+        let mut writer = CheckpointWriter::create(dir, json, &quantization)?;
         let d = self.hidden;
         for l in 0..self.layers {
             // A seed per layer: a layer's contents do not depend on the others.
             let mut rng = StdRng::seed_from_u64(self.seed.wrapping_add(1000 + l as u64));
-            let mut tensors = Vec::new();
-            let mut checksums = Vec::new();
+            let mut blocks = Vec::new();
+            let mut dense = Vec::new();
             for kind in LinearKind::ALL {
                 let (m, n) = linear_shape(&cfg, kind);
                 let path = kind.path(l);
-                for i in 0..blocks_per_linear {
-                    let b = random_block(m, n, k, 0.5f32.powi(i as i32), &mut rng);
-                    checksums.push((path.clone(), i, block_checksum(&b)));
-                    tensors.extend(block_tensors(&path, i, &b, m, n, k));
-                }
+                let stack: Vec<Block> = (0..blocks_per_linear)
+                    .map(|i| random_block(m, n, k, 0.5f32.powi(i as i32), &mut rng))
+                    .collect();
+                blocks.push((path.clone(), BlockShape::new(m, n, k), stack));
                 if cfg.qkv_bias() && matches!(kind, LinearKind::Q | LinearKind::K | LinearKind::V) {
-                    tensors.push((format!("{path}.bias"), uniform_f32(&[m], 0.1, &mut rng)));
+                    dense.push((format!("{path}.bias"), uniform_f32(&[m], 0.1, &mut rng)));
                 }
             }
-            tensors.push((
+            dense.push((
                 format!("model.layers.{l}.input_layernorm.weight"),
                 norm_weight(d, &mut rng),
             ));
-            tensors.push((
+            dense.push((
                 format!("model.layers.{l}.post_attention_layernorm.weight"),
                 norm_weight(d, &mut rng),
             ));
-            writer.write_shard(&tensors, &checksums)?;
+            let linears: Vec<LinearBlocks> = blocks
+                .iter()
+                .map(|(path, shape, stack)| LinearBlocks {
+                    path: path.clone(),
+                    shape: *shape,
+                    blocks: stack,
+                })
+                .collect();
+            writer.write_layer(l, &linears, dense)?;
         }
         let mut rng = StdRng::seed_from_u64(self.seed);
         let mut dense = vec![
@@ -193,11 +200,7 @@ impl SyntheticSpec {
                 uniform_f32(&[self.vocab, d], 0.2, &mut rng),
             ));
         }
-        writer.write_shard(&dense, &[])?;
-        writer.write_file(
-            "config.json",
-            serde_json::to_string_pretty(&json)?.as_bytes(),
-        )?;
+        writer.write_dense(dense)?;
         writer.write_file(
             "tokenizer.json",
             byte_tokenizer_json(self.vocab)?.as_bytes(),

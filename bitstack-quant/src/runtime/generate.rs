@@ -6,8 +6,8 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::elastic::BitStackHandle;
-use crate::model::{KvCache, Llama};
+use crate::runtime::elastic::BitStackHandle;
+use crate::runtime::model::{KvCache, Llama};
 
 /// Sampling settings.
 #[derive(Clone, Debug)]

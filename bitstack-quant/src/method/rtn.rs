@@ -34,17 +34,17 @@ pub fn rtn_in_place(w: &mut [f32], n: usize, bits: u32, group: usize) {
 /// Applies RTN to every dense decoder linear of `model`; returns the bytes
 /// the quantized linears would occupy.
 pub fn apply_rtn(
-    model: &mut crate::model::Llama,
+    model: &mut crate::runtime::model::Llama,
     bits: u32,
     group: usize,
 ) -> anyhow::Result<usize> {
-    use crate::linear::LinearWeight;
+    use crate::runtime::linear::LinearWeight;
     if !(1..=8).contains(&bits) {
         anyhow::bail!("--rtn takes 1…8 bits, got {bits}");
     }
     let mut bytes = 0f64;
     for layer in &mut model.layers {
-        for kind in crate::model::LinearKind::ALL {
+        for kind in crate::runtime::model::LinearKind::ALL {
             let lin = layer.linear_mut(kind);
             let LinearWeight::Dense(w) = &lin.weight else {
                 anyhow::bail!("--rtn needs a dense model ({} is BitStack)", kind.name());

@@ -5,11 +5,11 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::block::block_bytes;
-use crate::checkpoint::stored_blocks;
-use crate::config::ModelConfig;
-use crate::model::{linear_shape, linear_weight_count, LinearKind};
-use crate::store::TensorStore;
+use crate::format::block::block_bytes;
+use crate::format::checkpoint::stored_blocks;
+use crate::format::config::ModelConfig;
+use crate::format::store::TensorStore;
+use crate::runtime::model::{linear_shape, linear_weight_count, LinearKind};
 
 #[derive(Debug, Serialize)]
 pub struct LinearInfo {
@@ -40,7 +40,7 @@ pub struct Inspection {
 }
 
 pub fn inspect(dir: &Path) -> Result<Inspection> {
-    let (cfg, _) = ModelConfig::from_dir(dir)?;
+    let cfg = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_dir(dir)?;
     let q = cfg.quantization_config.as_ref();
     let mut linears = Vec::new();
@@ -73,7 +73,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
             });
         }
     }
-    let file_bytes = crate::store::safetensors_files(dir)?
+    let file_bytes = crate::format::store::safetensors_files(dir)?
         .iter()
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();

@@ -1,0 +1,21 @@
+//! The checkpoint format: what is on disk and the one type that reads it.
+//!
+//! A checkpoint is a Hugging Face model dir whose `config.json` carries a
+//! `quantization_config` ([`config`]) and whose safetensors files
+//! ([`store`]) hold every block of every linear under the reference's names
+//! ([`block`], signs packed as in [`pack`]), plus the global block order
+//! and its memory ladder ([`order`]). [`Checkpoint`] opens all of it once;
+//! [`CheckpointWriter`] is the one writer of the layout, used by
+//! compression and by [`synthetic`] checkpoints.
+
+pub mod architecture;
+pub mod block;
+pub mod budget;
+pub mod checkpoint;
+pub mod config;
+pub mod model_dir;
+pub mod order;
+pub mod pack;
+pub mod store;
+pub mod synthetic;
+pub mod writer;

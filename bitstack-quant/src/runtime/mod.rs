@@ -1,0 +1,15 @@
+//! The runtime: a model of stacks that runs and resizes.
+//!
+//! [`stack`] holds the resident blocks of one linear, [`linear`] the layer
+//! that runs them through the kernels, [`model`] a Llama-family runner on
+//! candle, [`elastic`] the control handle that resizes a running model and
+//! [`generate`] text generation on it. [`device`] parses `--device`, and
+//! [`device_copy`] keeps the uploads of blocks on a GPU.
+
+pub mod device;
+pub mod device_copy;
+pub mod elastic;
+pub mod generate;
+pub mod linear;
+pub mod model;
+pub mod stack;
