@@ -9,9 +9,7 @@ use clap::{Parser, Subcommand};
 use bitstack_quant::eval::inspect::inspect;
 use bitstack_quant::eval::perplexity::{evaluate, PerplexityReport};
 use bitstack_quant::eval::sort::{sort_checkpoint, SortMethod, SortOptions};
-use bitstack_quant::format::budget::{plan_for_dir, Budget, Plan};
-use bitstack_quant::format::checkpoint::BlockCounts;
-use bitstack_quant::format::order::{BlockOrder, DenseMeasurement, Geometry, Measurement};
+use bitstack_quant::format::order::{BlockOrder, DenseMeasurement, Measurement};
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::kernel_bench;
 use bitstack_quant::method::compress::{
@@ -25,6 +23,7 @@ use bitstack_quant::progress::progress_bar;
 use bitstack_quant::runtime::device::DeviceSpec;
 use bitstack_quant::runtime::generate::{eos_token_ids, generate, SamplingOptions, TextStream};
 use bitstack_quant::runtime::model::{load_tokenizer, LinearKind, Llama};
+use bitstack_quant::{bits_per_weight, BlockCounts, Budget, Checkpoint, ModelDir, Plan, Selection};
 
 #[derive(Parser)]
 #[command(
@@ -535,37 +534,38 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             device,
         } => {
-            let dir = resolve_model(&model)?;
-            let (counts, _) = block_counts(&dir, budget, blocks)?;
+            let model = ModelDir::open(&resolve_model(&model)?)?;
+            let (counts, _) = select(&model, budget, blocks)?;
             let opts = SamplingOptions {
                 max_tokens,
                 temperature,
                 seed,
             };
-            run_generate(&dir, &prompt, &counts, &opts, &device.open()?)
+            run_generate(&model, &prompt, &counts, &opts, &device.open()?)
         }
     }
 }
 
 /// Blocks per linear from `--budget` (reporting the rung it resolved to) or
 /// `--blocks`; all stored blocks when neither is given.
-fn block_counts(
-    dir: &Path,
+fn select(
+    model: &ModelDir,
     budget: Option<Budget>,
     blocks: Option<usize>,
 ) -> Result<(BlockCounts, Option<Plan>)> {
-    match (budget, blocks) {
-        (Some(budget), _) => {
-            let plan = plan_for_dir(dir, budget)?;
-            eprintln!(
-                "budget {budget}: level {} of the block order, {} bytes resident ({:.3} bits per linear weight)",
-                plan.rung.level, plan.rung.total_bytes, plan.rung.bits_per_linear_weight
-            );
-            Ok((plan.counts.clone(), Some(plan)))
-        }
-        (None, Some(n)) => Ok((BlockCounts::uniform(n), None)),
-        (None, None) => Ok((BlockCounts::all(), None)),
+    let selection = match (budget, blocks) {
+        (Some(budget), _) => Selection::Budget(budget),
+        (None, Some(n)) => Selection::Blocks(n),
+        (None, None) => Selection::All,
+    };
+    let (counts, plan) = model.select(selection)?;
+    if let (Some(budget), Some(plan)) = (budget, &plan) {
+        eprintln!(
+            "budget {budget}: level {} of the block order, {} bytes resident ({:.3} bits per linear weight)",
+            plan.rung.level, plan.rung.total_bytes, plan.rung.bits_per_linear_weight
+        );
     }
+    Ok((counts, plan))
 }
 
 fn parse_dtype(s: &str) -> DType {
@@ -597,9 +597,10 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         return eval_dense_reference(args, &dir, dense, &text_path);
     }
     let rtn = args.rtn.map(|b| (b, args.rtn_group));
-    let (counts, plan) = block_counts(&dir, args.budget, args.blocks)?;
-    let report = eval_dir(
-        &dir,
+    let mut model = ModelDir::open(&dir)?;
+    let (counts, plan) = select(&model, args.budget, args.blocks)?;
+    let report = eval_model(
+        &model,
         &text_path,
         counts,
         rtn,
@@ -608,17 +609,13 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
         args.batch,
         &args.device.open()?,
     )?;
-    if let (true, Some(plan)) = (args.record, &plan) {
-        let (cfg, _) = bitstack_quant::format::config::ModelConfig::from_dir(&dir)?;
-        let geometry = Geometry::from_config(&cfg)?;
-        let mut order = BlockOrder::load(&dir, &geometry)?;
-        order.measured.push(Measurement {
-            level: plan.rung.level,
+    if let (true, Some(plan), Some(checkpoint)) = (args.record, &plan, model.checkpoint_mut()) {
+        checkpoint.record(Measurement {
+            level: plan.level(),
             ppl: report.ppl,
             windows: report.windows,
             text: file_name(&text_path),
-        });
-        order.save(&dir, &geometry)?;
+        })?;
     }
     Ok(report)
 }
@@ -633,13 +630,13 @@ fn eval_dense_reference(
 ) -> Result<PerplexityReport> {
     use bitstack_quant::format::config::ModelConfig;
     // Check both models before spending minutes on the evaluation.
-    let (cfg, _) = ModelConfig::from_dir(checkpoint)?;
-    let geometry = Geometry::from_config(&cfg)
+    let mut target = Checkpoint::open(checkpoint)
         .with_context(|| format!("--record-dense stores into {}", checkpoint.display()))?;
-    let mut order = BlockOrder::load(checkpoint, &geometry)?;
+    let cfg = target.config().clone();
     let dense_dir = resolve_model(dense)?;
-    let (dense_cfg, _) = ModelConfig::from_dir(&dense_dir)?;
-    if dense_cfg.quantization_config.is_some() {
+    let dense_model = ModelDir::open(&dense_dir)?;
+    let dense_cfg = dense_model.config();
+    if dense_model.checkpoint().is_some() {
         bail!(
             "{} is a BitStack checkpoint: --record-dense takes the dense model it was compressed from",
             dense_dir.display()
@@ -653,17 +650,17 @@ fn eval_dense_reference(
             c.vocab_size,
         )
     };
-    if shape(&dense_cfg) != shape(&cfg) {
+    if shape(dense_cfg) != shape(&cfg) {
         bail!(
             "{} (hidden, intermediate, layers, vocab = {:?}) is not the model {} was compressed from ({:?})",
             dense_dir.display(),
-            shape(&dense_cfg),
+            shape(dense_cfg),
             checkpoint.display(),
             shape(&cfg)
         );
     }
-    let report = eval_dir(
-        &dense_dir,
+    let report = eval_model(
+        &dense_model,
         text_path,
         BlockCounts::all(),
         None,
@@ -672,13 +669,12 @@ fn eval_dense_reference(
         args.batch,
         &args.device.open()?,
     )?;
-    order.dense = Some(DenseMeasurement {
+    target.record_dense(DenseMeasurement {
         model: dense.to_string(),
         ppl: report.ppl,
         windows: report.windows,
         text: file_name(text_path),
-    });
-    order.save(checkpoint, &geometry)?;
+    })?;
     Ok(report)
 }
 
@@ -688,8 +684,8 @@ fn file_name(path: &Path) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn eval_dir(
-    dir: &Path,
+fn eval_model(
+    model_dir: &ModelDir,
     text_path: &Path,
     counts: BlockCounts,
     rtn: Option<(u32, usize)>,
@@ -700,8 +696,8 @@ fn eval_dir(
 ) -> Result<PerplexityReport> {
     let text = std::fs::read_to_string(text_path)
         .with_context(|| format!("cannot read {}", text_path.display()))?;
-    let tokenizer = load_tokenizer(dir)?;
-    let mut model = Llama::load(dir, &counts, device)?;
+    let tokenizer = load_tokenizer(model_dir.dir())?;
+    let mut model = Llama::from_model_dir(model_dir, &counts, device)?;
     let rtn_bytes = match rtn {
         Some((bits, group)) => Some(apply_rtn(&mut model, bits, group)?),
         None => None,
@@ -721,12 +717,12 @@ fn eval_dir(
     pb.finish_and_clear();
     r.resident_linear_bytes = linear_bytes;
     r.resident_total_bytes = total_bytes;
-    r.bits_per_linear_weight = linear_bytes as f64 * 8.0 / model.linear_weight_count() as f64;
+    r.bits_per_linear_weight = bits_per_weight(linear_bytes, model.linear_weight_count());
     if let Some(bytes) = rtn_bytes {
         // Report what the quantized linears would occupy, not the f32 copies.
         r.resident_total_bytes = r.resident_total_bytes - r.resident_linear_bytes + bytes;
         r.resident_linear_bytes = bytes;
-        r.bits_per_linear_weight = bytes as f64 * 8.0 / model.linear_weight_count() as f64;
+        r.bits_per_linear_weight = bits_per_weight(bytes, model.linear_weight_count());
     }
     Ok(r)
 }
@@ -787,9 +783,9 @@ fn demo(dir: Option<PathBuf>, budgets: &[Budget], windows: usize, device: &Devic
             r.resident_linear_bytes as f64 / (1 << 20) as f64
         )
     };
-    let eval = |dir: &Path, counts: BlockCounts| {
-        eval_dir(
-            dir,
+    let eval = |model: &ModelDir, counts: BlockCounts| {
+        eval_model(
+            model,
             &assets.eval_text,
             counts,
             None,
@@ -799,9 +795,13 @@ fn demo(dir: Option<PathBuf>, budgets: &[Budget], windows: usize, device: &Devic
             device,
         )
     };
-    row("dense", &eval(&dense, BlockCounts::all())?);
+    row(
+        "dense",
+        &eval(&ModelDir::open(&dense)?, BlockCounts::all())?,
+    );
+    let packed = ModelDir::open(&packed)?;
     for &budget in budgets {
-        let (counts, _) = block_counts(&packed, Some(budget), None)?;
+        let (counts, _) = select(&packed, Some(budget), None)?;
         row(&budget.to_string(), &eval(&packed, counts)?);
     }
     Ok(())
@@ -838,7 +838,8 @@ fn bench(args: &BenchArgs) -> Result<()> {
 
 fn sort(dir: &Path, opts: &SortOptions) -> Result<()> {
     let pb = progress_bar(0, "sorting");
-    let (order, report) = sort_checkpoint(dir, opts, &pb)?;
+    let mut checkpoint = Checkpoint::open_to_reorder(dir)?;
+    let (order, report) = sort_checkpoint(&mut checkpoint, opts, &pb)?;
     pb.finish_and_clear();
     println!(
         "sorted {} blocks ({:?}) in {:.1}s ({} layer passes); wrote {} and {}",
@@ -855,10 +856,9 @@ fn sort(dir: &Path, opts: &SortOptions) -> Result<()> {
 }
 
 fn ladder(dir: &Path, json: bool, plot: Option<&Path>, dense_ppl: Option<f64>) -> Result<()> {
-    let (cfg, _) = bitstack_quant::format::config::ModelConfig::from_dir(dir)?;
-    let geometry = Geometry::from_config(&cfg)?;
-    let order = BlockOrder::load(dir, &geometry)?;
-    let ladder = order.ladder(&geometry);
+    let checkpoint = Checkpoint::open(dir)?;
+    let order = checkpoint.order();
+    let ladder = checkpoint.ladder();
     // Refuse before printing anything, so a failed plot leaves no half output.
     if plot.is_some() && ladder.iter().all(|r| r.ppl.is_none()) {
         bail!(
@@ -870,10 +870,10 @@ fn ladder(dir: &Path, json: bool, plot: Option<&Path>, dense_ppl: Option<f64>) -
     if json {
         println!("{}", serde_json::to_string(&ladder)?);
     } else {
-        print_ladder(&order, &ladder);
+        print_ladder(order, &ladder);
     }
     if let Some(path) = plot {
-        ladder_plot(dir, &order, &ladder, dense_ppl)?.write_png(path)?;
+        ladder_plot(dir, order, &ladder, dense_ppl)?.write_png(path)?;
         let msg = format!("wrote {}", path.display());
         if json {
             eprintln!("{msg}");
@@ -991,15 +991,16 @@ fn parse_ppl(s: &str) -> Result<f64, String> {
 }
 
 fn run_generate(
-    dir: &Path,
+    model_dir: &ModelDir,
     prompt: &str,
     counts: &BlockCounts,
     opts: &SamplingOptions,
     device: &Device,
 ) -> Result<()> {
     use std::io::Write;
+    let dir = model_dir.dir();
     let tokenizer = load_tokenizer(dir)?;
-    let mut model = Llama::load(dir, counts, device)?;
+    let mut model = Llama::from_model_dir(model_dir, counts, device)?;
     let resident_bytes = model.resident_bytes();
     let linear_bytes: usize = model.linears().map(|(_, _, l)| l.weight_bytes()).sum();
     if !device.is_cpu() {
@@ -1028,7 +1029,7 @@ fn run_generate(
         g.prefill.as_secs_f64(),
         g.decode_tokens_per_second(),
         resident_bytes as f64 / 1048576.0,
-        linear_bytes as f64 * 8.0 / model.linear_weight_count() as f64,
+        bits_per_weight(linear_bytes, model.linear_weight_count()),
         g.kv_bytes as f64 / 1048576.0
     );
     Ok(())

@@ -8,7 +8,6 @@ use common::{edit_safetensors, relative_error};
 
 use bitstack_quant::eval::inspect::inspect;
 use bitstack_quant::format::checkpoint::{BlockCounts, Checkpoint};
-use bitstack_quant::format::store::TensorStore;
 use bitstack_quant::format::synthetic::SyntheticSpec;
 use bitstack_quant::method::compress::{compress, CompressOptions, FeedbackOptions};
 use bitstack_quant::method::svd::SvdMethod;

@@ -178,7 +178,7 @@ fn eval_records_then_ladder_plots_a_png() {
         .map(|w| (0..32).map(|i| (w * 37 + i * 11) % 300).collect())
         .collect();
     let (sorted, _) = sort_on_windows(
-        &packed,
+        &mut bitstack_quant::Checkpoint::open(&packed).unwrap(),
         SortMethod::Fast,
         &wins,
         2,

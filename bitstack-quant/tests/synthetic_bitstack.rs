@@ -1,7 +1,6 @@
 //! Random BitStack checkpoints written directly open, resize and run like
 //! compressed ones: the resize benchmarks rely on them.
 
-use bitstack_quant::format::store::TensorStore;
 use bitstack_quant::format::synthetic::SyntheticSpec;
 use bitstack_quant::runtime::elastic::BitStackHandle;
 use bitstack_quant::Checkpoint;

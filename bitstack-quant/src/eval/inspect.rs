@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::format::block::block_bytes;
+use crate::format::block::{bits_per_weight, block_bytes};
 use crate::format::checkpoint::stored_blocks;
 use crate::format::config::ModelConfig;
 use crate::format::store::TensorStore;
@@ -88,6 +88,6 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
         linears,
         linear_bytes,
         file_bytes,
-        max_bits_per_linear_weight: linear_bytes as f64 * 8.0 / count as f64,
+        max_bits_per_linear_weight: bits_per_weight(linear_bytes, count),
     })
 }

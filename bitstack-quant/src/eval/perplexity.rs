@@ -9,6 +9,7 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::eval::calibrate::{window_batches, windows};
+use crate::format::block::bits_per_weight;
 use crate::runtime::model::{target_log_probs, Llama};
 
 /// The result of an evaluation, as `bitstack eval --json` prints it.
@@ -87,7 +88,7 @@ pub fn evaluate(
         nll,
         tokens: scored,
         windows: used,
-        bits_per_linear_weight: linear_bytes as f64 * 8.0 / model.linear_weight_count() as f64,
+        bits_per_linear_weight: bits_per_weight(linear_bytes, model.linear_weight_count()),
         resident_linear_bytes: linear_bytes,
         resident_total_bytes: model.resident_bytes(),
     })
