@@ -6,9 +6,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use bitstack_cli::plot::{LadderPlot, BACKGROUND_RGB, DENSE_RGB, HEIGHT, SERIES_RGB, WIDTH};
 use bitstack_quant::compress::compress;
 use bitstack_quant::order::{BlockOrder, Geometry, Rung};
-use bitstack_quant::plot::{LadderPlot, BACKGROUND_RGB, DENSE_RGB, HEIGHT, SERIES_RGB, WIDTH};
 use bitstack_quant::sort::{sort_on_windows, SortMethod};
 use bitstack_quant::synthetic::SyntheticSpec;
 

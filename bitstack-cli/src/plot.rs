@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
-use crate::order::{write_atomic, Rung};
+use bitstack_quant::order::{write_atomic, Rung};
 
 /// Width of the picture in pixels.
 pub const WIDTH: u32 = 1000;
