@@ -66,7 +66,7 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export LIBRARY_PATH="$cuda_home/lib:$cuda_home/lib/stubs:${LIBRARY_PATH:-}"
 export CARGO_TARGET_DIR="${BITSTACK_CUDA_TARGET_DIR:-target/cuda}"
 
-features="bitstack-kernels/cuda,bitstack-quant/cuda"
+features="bitstack-kernels/cuda,bitstack-quant/cuda,bitstack-cli/cuda"
 cargo build --release --workspace --features "$features" --bins --tests --benches
 echo "built: $CARGO_TARGET_DIR/release/bitstack (needs libcuda.so.1, libcublas.so.13, libcurand.so.10, libcudart.so.13 at run time)" >&2
 

@@ -35,9 +35,7 @@
 pub mod eval;
 pub mod format;
 pub mod hub;
-pub mod kernel_bench;
 pub mod method;
-pub mod plot;
 pub mod progress;
 pub mod runtime;
 

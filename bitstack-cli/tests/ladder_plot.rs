@@ -6,11 +6,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use bitstack_cli::plot::{LadderPlot, BACKGROUND_RGB, DENSE_RGB, HEIGHT, SERIES_RGB, WIDTH};
 use bitstack_quant::eval::sort::{sort_on_windows, SortMethod};
 use bitstack_quant::format::order::{BlockOrder, Geometry, Rung};
 use bitstack_quant::format::synthetic::SyntheticSpec;
 use bitstack_quant::method::compress::compress;
-use bitstack_quant::plot::{LadderPlot, BACKGROUND_RGB, DENSE_RGB, HEIGHT, SERIES_RGB, WIDTH};
 
 /// A dense synthetic model, its BitStack checkpoint (4 blocks per linear)
 /// and a text to score.

@@ -11,8 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
-use crate::format::order::Rung;
 use bitstack_assets::atomic::write_file as write_atomic;
+use bitstack_quant::Rung;
 
 /// Width of the picture in pixels.
 pub const WIDTH: u32 = 1000;

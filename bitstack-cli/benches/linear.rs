@@ -2,12 +2,13 @@
 //! (both layouts of `Wᵀ`) and Q4K, on random weights (the helpers
 //! `bitstack bench` uses).
 //!
-//! `cargo bench -p bitstack-quant --bench linear`; `bitstack bench` covers
+//! `cargo bench -p bitstack-cli --bench linear`; `bitstack bench` covers
 //! more shapes and prints a table.
 
-use bitstack_quant::kernel_bench::{
-    random_input, random_stack, set_threads, stack_linear, DenseBaselines, DenseLayout,
+use bitstack_cli::bench::kernels::{
+    random_input, random_stack, stack_linear, DenseBaselines, DenseLayout,
 };
+use bitstack_cli::bench::size_thread_pool;
 use candle_core::DType;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::time::Duration;
@@ -17,7 +18,7 @@ const K: usize = 16;
 fn linear(c: &mut Criterion) {
     // Every contender on the same threads (RAYON_NUM_THREADS, else all
     // CPUs); if rayon's pool were already running it keeps its size.
-    let _ = set_threads(None);
+    let _ = size_thread_pool(None);
     for (m, n) in [(4096, 4096), (1536, 576)] {
         let mut group = c.benchmark_group(format!("linear_{m}x{n}"));
         group

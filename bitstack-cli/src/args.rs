@@ -1,0 +1,87 @@
+//! Flag groups that several commands share, declared once and flattened into
+//! each (`#[command(flatten)]`), and the defaults they and `demo` agree on.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use bitstack_quant::runtime::device::DeviceSpec;
+use clap::Args;
+
+/// Tokens per window of text, for calibration, sorting and evaluation alike.
+pub const SEQ_LEN: usize = 512;
+/// Windows per forward pass.
+pub const BATCH: usize = 4;
+/// Calibration windows for the activation scales; sorting skips as many, so
+/// it scores on text the scales were not fitted to.
+pub const CALIB_WINDOWS: usize = 128;
+/// Windows of the eval text scored by `eval` and `demo`.
+pub const EVAL_WINDOWS: usize = 64;
+/// Calibration windows `sort` scores on.
+pub const SORT_WINDOWS: usize = 4;
+
+/// `--device`, for every command that runs the model.
+#[derive(Args, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceArgs {
+    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: DeviceSpec,
+}
+
+/// `--seq-len` and `--batch`: how a text is cut into windows and fed to the model.
+#[derive(Args, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowArgs {
+    /// Tokens per window.
+    #[arg(long, default_value_t = SEQ_LEN)]
+    pub seq_len: usize,
+    /// Windows per forward pass (memory vs speed).
+    #[arg(long, default_value_t = BATCH)]
+    pub batch: usize,
+}
+
+impl Default for WindowArgs {
+    /// The flags' defaults, for `demo`.
+    fn default() -> Self {
+        Self {
+            seq_len: SEQ_LEN,
+            batch: BATCH,
+        }
+    }
+}
+
+/// `--calib`, for the commands that run the model on calibration text.
+#[derive(Args, Clone, Debug, Default, PartialEq, Eq)]
+pub struct CalibArgs {
+    /// Calibration text [default: the wiki calibration text of fetch-assets].
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+}
+
+impl CalibArgs {
+    /// The text given, else the one `fetch-assets` stored.
+    pub fn path(&self) -> Result<PathBuf> {
+        match &self.calib {
+            Some(p) => Ok(p.clone()),
+            None => default_asset("wiki-calib.txt"),
+        }
+    }
+}
+
+/// `--windows` of `eval` and `demo`.
+#[derive(Args, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScoreArgs {
+    /// Windows of the text to score (non-overlapping, from the start).
+    #[arg(long, default_value_t = EVAL_WINDOWS)]
+    pub windows: usize,
+}
+
+/// A file `fetch-assets` stores, or an error that says to run it.
+pub fn default_asset(name: &str) -> Result<PathBuf> {
+    let p = bitstack_assets::default_assets_dir()?.join(name);
+    if !p.exists() {
+        bail!(
+            "{} does not exist: run `bitstack fetch-assets` first (or pass a file)",
+            p.display()
+        );
+    }
+    Ok(p)
+}

@@ -1,0 +1,250 @@
+//! `eval`: perplexity of a model at some size, optionally recorded with the
+//! checkpoint's ladder; also which blocks to load for `--budget`/`--blocks`,
+//! which `generate` and `demo` share.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use bitstack_quant::eval::perplexity::{evaluate, PerplexityReport};
+use bitstack_quant::format::order::{DenseMeasurement, Measurement};
+use bitstack_quant::hub::resolve_model;
+use bitstack_quant::method::rtn::apply_rtn;
+use bitstack_quant::progress::progress_bar;
+use bitstack_quant::runtime::model::load_tokenizer;
+use bitstack_quant::{
+    bits_per_weight, BlockCounts, Budget, Checkpoint, Llama, ModelConfig, ModelDir, Plan, Selection,
+};
+use candle_core::Device;
+use clap::Args;
+
+use crate::args::{default_asset, DeviceArgs, ScoreArgs, WindowArgs};
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model dir (dense or BitStack) or Hugging Face model id.
+    pub model: String,
+    /// Text to score [default: the wiki eval text of fetch-assets].
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    #[command(flatten)]
+    pub score: ScoreArgs,
+    #[command(flatten)]
+    pub windows: WindowArgs,
+    /// Load N blocks in every BitStack linear [default: all stored].
+    #[arg(long, conflicts_with = "budget")]
+    pub blocks: Option<usize>,
+    /// Load the longest prefix of the block order that fits: bytes with a
+    /// unit (900MiB, 3.2GB), bits per linear weight (3.5bpw) or a percent of
+    /// the 16-bit model (30%).
+    #[arg(long, value_name = "SPEC")]
+    pub budget: Option<Budget>,
+    /// Store the measured perplexity with the rung in the checkpoint's
+    /// block order, so `bitstack ladder` shows it.
+    #[arg(long, requires = "budget")]
+    pub record: bool,
+    /// Score DENSE_MODEL (the dense model MODEL was compressed from, a dir
+    /// or Hugging Face id) instead, and store its perplexity in MODEL's block
+    /// order as the reference line of `bitstack ladder MODEL --plot`.
+    #[arg(
+        long,
+        value_name = "DENSE_MODEL",
+        conflicts_with_all = ["blocks", "budget", "record", "rtn"]
+    )]
+    pub record_dense: Option<String>,
+    /// Baseline instead of BitStack: round-to-nearest with this many bits
+    /// (asymmetric, f16 scale and zero per group), applied to a dense model.
+    #[arg(long, value_name = "BITS")]
+    pub rtn: Option<u32>,
+    /// Group size along the input dimension for --rtn.
+    #[arg(long, default_value_t = 128)]
+    pub rtn_group: usize,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `bitstack eval`: the report as JSON or a sentence.
+pub fn run(args: &EvalArgs) -> Result<()> {
+    let report = eval(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(args.record_dense.as_ref().unwrap_or(&args.model), &report);
+    }
+    Ok(())
+}
+
+fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
+    let dir = resolve_model(&args.model)?;
+    let text_path = match &args.text {
+        Some(p) => p.clone(),
+        None => default_asset("wiki-eval.txt")?,
+    };
+    if let Some(dense) = &args.record_dense {
+        return eval_dense_reference(args, &dir, dense, &text_path);
+    }
+    let rtn = args.rtn.map(|b| (b, args.rtn_group));
+    let mut model = ModelDir::open(&dir)?;
+    let (counts, plan) = select(&model, args.budget, args.blocks)?;
+    let report = eval_model(
+        &model,
+        &text_path,
+        counts,
+        rtn,
+        args.score.windows,
+        args.windows,
+        &args.device.device.open()?,
+    )?;
+    if let (true, Some(plan), Some(checkpoint)) = (args.record, &plan, model.checkpoint_mut()) {
+        checkpoint.record(Measurement {
+            level: plan.level(),
+            ppl: report.ppl,
+            windows: report.windows,
+            text: file_name(&text_path),
+        })?;
+    }
+    Ok(report)
+}
+
+/// `eval CHECKPOINT --record-dense DENSE`: scores the dense model and stores
+/// its perplexity with the checkpoint's ladder.
+fn eval_dense_reference(
+    args: &EvalArgs,
+    checkpoint: &Path,
+    dense: &str,
+    text_path: &Path,
+) -> Result<PerplexityReport> {
+    // Check both models before spending minutes on the evaluation.
+    let mut target = Checkpoint::open(checkpoint)
+        .with_context(|| format!("--record-dense stores into {}", checkpoint.display()))?;
+    let cfg = target.config().clone();
+    let dense_dir = resolve_model(dense)?;
+    let dense_model = ModelDir::open(&dense_dir)?;
+    let dense_cfg = dense_model.config();
+    if dense_model.checkpoint().is_some() {
+        bail!(
+            "{} is a BitStack checkpoint: --record-dense takes the dense model it was compressed from",
+            dense_dir.display()
+        );
+    }
+    let shape = |c: &ModelConfig| {
+        (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.vocab_size,
+        )
+    };
+    if shape(dense_cfg) != shape(&cfg) {
+        bail!(
+            "{} (hidden, intermediate, layers, vocab = {:?}) is not the model {} was compressed from ({:?})",
+            dense_dir.display(),
+            shape(dense_cfg),
+            checkpoint.display(),
+            shape(&cfg)
+        );
+    }
+    let report = eval_model(
+        &dense_model,
+        text_path,
+        BlockCounts::all(),
+        None,
+        args.score.windows,
+        args.windows,
+        &args.device.device.open()?,
+    )?;
+    target.record_dense(DenseMeasurement {
+        model: dense.to_string(),
+        ppl: report.ppl,
+        windows: report.windows,
+        text: file_name(text_path),
+    })?;
+    Ok(report)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+}
+
+/// Blocks per linear from `--budget` (reporting the rung it resolved to) or
+/// `--blocks`; all stored blocks when neither is given.
+pub fn select(
+    model: &ModelDir,
+    budget: Option<Budget>,
+    blocks: Option<usize>,
+) -> Result<(BlockCounts, Option<Plan>)> {
+    let selection = match (budget, blocks) {
+        (Some(budget), _) => Selection::Budget(budget),
+        (None, Some(n)) => Selection::Blocks(n),
+        (None, None) => Selection::All,
+    };
+    let (counts, plan) = model.select(selection)?;
+    if let (Some(budget), Some(plan)) = (budget, &plan) {
+        eprintln!(
+            "budget {budget}: level {} of the block order, {} bytes resident ({:.3} bits per linear weight)",
+            plan.rung.level, plan.rung.total_bytes, plan.rung.bits_per_linear_weight
+        );
+    }
+    Ok((counts, plan))
+}
+
+/// Perplexity of `model_dir` loaded with `counts` (and rounded to
+/// nearest first with `rtn = (bits, group)`), with the bytes it holds.
+pub fn eval_model(
+    model_dir: &ModelDir,
+    text_path: &Path,
+    counts: BlockCounts,
+    rtn: Option<(u32, usize)>,
+    windows: usize,
+    shape: WindowArgs,
+    device: &Device,
+) -> Result<PerplexityReport> {
+    let WindowArgs { seq_len, batch } = shape;
+    let text = std::fs::read_to_string(text_path)
+        .with_context(|| format!("cannot read {}", text_path.display()))?;
+    let tokenizer = load_tokenizer(model_dir.dir())?;
+    let mut model = Llama::from_model_dir(model_dir, &counts, device)?;
+    let rtn_bytes = match rtn {
+        Some((bits, group)) => Some(apply_rtn(&mut model, bits, group)?),
+        None => None,
+    };
+    // Report the bytes of the blocks, measured before the stacks become
+    // dense weights (built once here instead of in every forward).
+    let linear_bytes: usize = model.linears().map(|(_, _, l)| l.weight_bytes()).sum();
+    let total_bytes = model.resident_bytes();
+    model.materialize()?;
+    let ids = tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", text_path.display()))?
+        .get_ids()
+        .to_vec();
+    let pb = progress_bar(windows.min(ids.len() / seq_len.max(1)) as u64, "evaluating");
+    let mut r = evaluate(&model, &ids, seq_len, windows, batch, &pb)?;
+    pb.finish_and_clear();
+    r.resident_linear_bytes = linear_bytes;
+    r.resident_total_bytes = total_bytes;
+    r.bits_per_linear_weight = bits_per_weight(linear_bytes, model.linear_weight_count());
+    if let Some(bytes) = rtn_bytes {
+        // Report what the quantized linears would occupy, not the f32 copies.
+        r.resident_total_bytes = r.resident_total_bytes - r.resident_linear_bytes + bytes;
+        r.resident_linear_bytes = bytes;
+        r.bits_per_linear_weight = bits_per_weight(bytes, model.linear_weight_count());
+    }
+    Ok(r)
+}
+
+fn print_report(name: &str, r: &PerplexityReport) {
+    println!(
+        "{name}: PPL {:.3} (NLL {:.4} over {} tokens, {} windows); {:.3} bits per linear weight; linears {:.2} MiB, total {:.2} MiB",
+        r.ppl,
+        r.nll,
+        r.tokens,
+        r.windows,
+        r.bits_per_linear_weight,
+        r.resident_linear_bytes as f64 / (1 << 20) as f64,
+        r.resident_total_bytes as f64 / (1 << 20) as f64
+    );
+}

@@ -1,0 +1,229 @@
+//! The flags with a fixed set of values, as clap `ValueEnum`s.
+//!
+//! Clap checks the spelling (a wrong one exits with status 2 and lists the
+//! accepted values), and each enum becomes the library's own type here and
+//! nowhere else, by exhaustive matches: a value added on either side fails to
+//! compile until it is mapped.
+
+use bitstack_quant::eval::sort::SortMethod;
+use bitstack_quant::method::compress::FeedbackOptions;
+use bitstack_quant::method::decompose::Refit;
+use bitstack_quant::method::svd::SvdMethod;
+use candle_core::DType;
+use clap::ValueEnum;
+
+/// `import-gguf --dtype`: storage dtype of the safetensors weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// `compress --svd`: the top-k SVD of the decomposition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SvdArg {
+    Exact,
+    Randomized,
+}
+
+impl From<SvdArg> for SvdMethod {
+    fn from(s: SvdArg) -> Self {
+        match s {
+            SvdArg::Exact => SvdMethod::Exact,
+            // Seed 0, as the tool always used: compressing twice gives the same blocks.
+            SvdArg::Randomized => SvdMethod::randomized(0),
+        }
+    }
+}
+
+/// `compress --signs`: how each block's signs are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SignsArg {
+    Avd,
+    Feedback,
+}
+
+impl SignsArg {
+    /// The library's `CompressOptions::feedback`: `None` is the paper's AVD
+    /// signs, so the feedback settings only count with `feedback`.
+    pub fn feedback(self, settings: FeedbackOptions) -> Option<FeedbackOptions> {
+        match self {
+            SignsArg::Avd => None,
+            SignsArg::Feedback => Some(settings),
+        }
+    }
+}
+
+/// `compress --refit`: how u·vt follow the signs chosen by feedback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RefitArg {
+    None,
+    Svd,
+    Weighted,
+}
+
+impl From<RefitArg> for Refit {
+    fn from(r: RefitArg) -> Self {
+        match r {
+            RefitArg::None => Refit::None,
+            RefitArg::Svd => Refit::Svd,
+            RefitArg::Weighted => Refit::Weighted,
+        }
+    }
+}
+
+/// `sort --method`: how one level of the block order is ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SortMethodArg {
+    Fast,
+    Exact,
+    Local,
+}
+
+impl From<SortMethodArg> for SortMethod {
+    fn from(m: SortMethodArg) -> Self {
+        match m {
+            SortMethodArg::Fast => SortMethod::Fast,
+            SortMethodArg::Exact => SortMethod::Exact,
+            SortMethodArg::Local => SortMethod::Local,
+        }
+    }
+}
+
+/// Every value each command line accepts reaches the library as the variant
+/// it names: parsed by the real `Cli`, mapped by the code the commands run.
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use bitstack_quant::eval::sort::SortOptions;
+    use bitstack_quant::method::compress::CompressOptions;
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Command {
+        let argv = std::iter::once("bitstack").chain(args.iter().copied());
+        match Cli::try_parse_from(argv) {
+            Ok(cli) => cli.command,
+            Err(e) => panic!("bitstack {args:?}: {e}"),
+        }
+    }
+
+    fn compress(extra: &[&str]) -> CompressOptions {
+        let mut args = vec!["compress", "model", "out"];
+        args.extend(extra);
+        match parse(&args) {
+            Command::Compress(c) => c.options(PathBuf::from("calib.txt")),
+            _ => panic!("not compress"),
+        }
+    }
+
+    fn sort(extra: &[&str]) -> SortOptions {
+        let mut args = vec!["sort", "dir"];
+        args.extend(extra);
+        match parse(&args) {
+            Command::Sort(s) => s.options(PathBuf::from("calib.txt"), candle_core::Device::Cpu),
+            _ => panic!("not sort"),
+        }
+    }
+
+    #[test]
+    fn every_dtype_reaches_import_gguf() {
+        for (name, want) in [
+            ("f32", DType::F32),
+            ("f16", DType::F16),
+            ("bf16", DType::BF16),
+        ] {
+            match parse(&["import-gguf", "a.gguf", "out", "--dtype", name]) {
+                Command::ImportGguf(a) => assert_eq!(DType::from(a.dtype), want, "{name}"),
+                _ => panic!("not import-gguf"),
+            }
+        }
+        match parse(&["import-gguf", "a.gguf", "out"]) {
+            Command::ImportGguf(a) => assert_eq!(DType::from(a.dtype), DType::F32, "default"),
+            _ => panic!("not import-gguf"),
+        }
+    }
+
+    #[test]
+    fn every_svd_method_reaches_compress() {
+        assert_eq!(compress(&["--svd", "exact"]).svd, SvdMethod::Exact);
+        assert_eq!(
+            compress(&["--svd", "randomized"]).svd,
+            SvdMethod::randomized(0)
+        );
+        assert_eq!(compress(&[]).svd, SvdMethod::randomized(0), "default");
+    }
+
+    #[test]
+    fn every_signs_choice_reaches_compress() {
+        assert!(compress(&["--signs", "avd"]).feedback.is_none());
+        let f = compress(&["--signs", "feedback", "--damp", "0.5", "--rounds", "3"])
+            .feedback
+            .expect("--signs feedback has feedback options");
+        assert_eq!((f.damp, f.rounds), (0.5, 3));
+        let f = compress(&[]).feedback.expect("feedback is the default");
+        assert_eq!((f.damp, f.refit, f.rounds), (0.01, Refit::Weighted, 1));
+    }
+
+    #[test]
+    fn every_refit_reaches_compress() {
+        for (name, want) in [
+            ("none", Refit::None),
+            ("svd", Refit::Svd),
+            ("weighted", Refit::Weighted),
+        ] {
+            let f = compress(&["--signs", "feedback", "--refit", name])
+                .feedback
+                .expect("feedback options");
+            assert_eq!(f.refit, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_sort_method_reaches_sort() {
+        for (name, want) in [
+            ("fast", SortMethod::Fast),
+            ("exact", SortMethod::Exact),
+            ("local", SortMethod::Local),
+        ] {
+            assert_eq!(sort(&["--method", name]).method, want, "{name}");
+        }
+        assert_eq!(sort(&[]).method, SortMethod::Fast, "default");
+    }
+
+    /// The spellings, in the order clap lists them: the tests above map each
+    /// of these, so a value added to an enum fails here until it is tested.
+    #[test]
+    fn the_tests_above_cover_every_value() {
+        fn names<E: ValueEnum>() -> Vec<String> {
+            E::value_variants()
+                .iter()
+                .map(|v| {
+                    v.to_possible_value()
+                        .expect("no skipped values")
+                        .get_name()
+                        .to_string()
+                })
+                .collect()
+        }
+        assert_eq!(names::<DTypeArg>(), ["f32", "f16", "bf16"]);
+        assert_eq!(names::<SvdArg>(), ["exact", "randomized"]);
+        assert_eq!(names::<SignsArg>(), ["avd", "feedback"]);
+        assert_eq!(names::<RefitArg>(), ["none", "svd", "weighted"]);
+        assert_eq!(names::<SortMethodArg>(), ["fast", "exact", "local"]);
+    }
+}
