@@ -14,15 +14,15 @@
 //!   ([`TiledSigns`]), and the blocks of a linear, borrowed ([`BlockRef`],
 //!   [`StackRef`]) and owned ([`OwnedStack`]).
 //! - The CPU kernels, each `x·Wᵀ` over a [`StackRef`]:
-//!   - [`reference`]: [`reference_matmul_t`](reference::reference_matmul_t),
-//!     one weight at a time in f64, what every fast path is tested against;
-//!   - [`tmac`]: [`shuffle_matmul_t`](tmac::shuffle_matmul_t), up to 8 rows
-//!     of `x`: int8 tables of signed sums, looked up for 32 rows of `W` at a
-//!     time by a byte shuffle (AVX2);
-//!   - [`decode`]: [`table_matmul_t`](decode::table_matmul_t), the same for
-//!     CPUs without AVX2: f32 tables, one lookup feeding `k` sums;
-//!   - [`prefill`]: [`panel_matmul_t`](prefill::panel_matmul_t), many rows:
-//!     `W` rebuilt a panel of columns at a time and multiplied with `gemm`.
+//!   - [`reference::reference_matmul_t`], one weight at a time in f64, what
+//!     every fast path is tested against;
+//!   - [`tmac::shuffle_matmul_t`], up to 8 rows of `x`: int8 tables of
+//!     signed sums, looked up for 32 rows of `W` at a time by a byte
+//!     shuffle (AVX2);
+//!   - [`decode::table_matmul_t`], the same for CPUs without AVX2: f32
+//!     tables, one lookup feeding `k` sums;
+//!   - [`prefill::panel_matmul_t`], many rows: `W` rebuilt a panel of
+//!     columns at a time and multiplied with `gemm`.
 //! - [`cuda`]: the sign layout of the CUDA kernels ([`cuda::pack`]) and,
 //!   with the `cuda` feature, the blocks on the device and the kernels'
 //!   launches (`CudaBlock`, `CudaStack`).
