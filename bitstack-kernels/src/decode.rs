@@ -17,7 +17,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::layout::{tiled_row, StackRef};
+use crate::layout::{nibble_sign, tiled_row, StackRef};
 use crate::{multiversion, Isa};
 
 /// Bytes of tables (one block, one column chunk, all rows of `x`) that the
@@ -155,7 +155,7 @@ fn build_tables_body(t: &mut [f32], vt: &[half::f16], x: &[f32], col0: usize, la
             for (p, entry) in entries.chunks_exact_mut(k).enumerate() {
                 // Bit 3 of the nibble is the group's first column.
                 let s = |q: usize| {
-                    if (p >> (3 - q)) & 1 == 1 {
+                    if nibble_sign(p, q) {
                         1.0f32
                     } else {
                         -1.0

@@ -12,9 +12,10 @@
 //!
 //! # Layout
 //!
-//! [`TiledSigns`](crate::layout::TiledSigns) regroups the packed signs so that one 32-byte load gives
-//! sign byte `q` (columns `8q..8q+8`) of 32 consecutive rows: its high
-//! nibbles index group `2q`, its low nibbles group `2q+1`.
+//! [`TiledSigns`](crate::layout::TiledSigns) regroups the packed signs so
+//! that one 32-byte load gives sign byte `q` (columns `8q..8q+8`) of 32
+//! consecutive rows: its high nibbles index group `2q`, its low nibbles
+//! group `2q+1`.
 //!
 //! # Arithmetic
 //!
@@ -60,7 +61,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::layout::{BlockRef, StackRef, TILE_ROWS};
+use crate::layout::{nibble_sign, BlockRef, StackRef, TILE_ROWS};
 use crate::{multiversion, Isa};
 
 /// Largest number of rows of `x` [`shuffle_matmul_t`] takes in one call.
@@ -378,11 +379,7 @@ const fn entry_signs() -> [[[f32; 8]; 4]; 2] {
             let entry = (l / 4) * 8 + half * 4 + l % 4;
             let mut q = 0;
             while q < 4 {
-                signs[half][q][l] = if (entry >> (3 - q)) & 1 == 1 {
-                    1.0
-                } else {
-                    -1.0
-                };
+                signs[half][q][l] = if nibble_sign(entry, q) { 1.0 } else { -1.0 };
                 q += 1;
             }
             l += 1;

@@ -12,6 +12,14 @@ pub(crate) const fn byte_sign(byte: u8, t: usize) -> bool {
     (byte >> (7 - t)) & 1 == 1
 }
 
+/// Whether column `q` (0..4) of a four-column group is +1 in `nibble`, the
+/// group's half of a sign byte (bit 3 = the group's first column): the
+/// sign pattern a lookup-table entry stands for.
+#[inline(always)]
+pub(crate) const fn nibble_sign(nibble: usize, q: usize) -> bool {
+    byte_sign(nibble as u8, 4 + q)
+}
+
 /// Whether `W[i, c]` is +1 in a row-major packed sign matrix with rows of
 /// `n` bits (the checkpoint's layout).
 #[inline(always)]
