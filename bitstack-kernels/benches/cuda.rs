@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bitstack_kernels::cuda::CudaStack;
-use bitstack_kernels::{BlockRef, StackRef, StackSource, TiledSigns};
+use bitstack_kernels::op::bitstack_matmul;
+use bitstack_kernels::{OwnedStack, StackRef, StackSource};
 use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Result, Tensor};
@@ -76,25 +77,13 @@ fn parse_args() -> Args {
 
 /// Random blocks on the host and their upload.
 struct Bench {
-    m: usize,
-    n: usize,
-    k: usize,
-    host: Vec<(TiledSigns, Vec<f16>, Vec<f16>)>,
+    host: OwnedStack,
     device: Arc<CudaStack>,
 }
 
 impl StackSource for Bench {
     fn stack(&self) -> StackRef<'_> {
-        StackRef {
-            m: self.m,
-            n: self.n,
-            k: self.k,
-            blocks: self
-                .host
-                .iter()
-                .map(|(signs, u, vt)| BlockRef { signs, u, vt })
-                .collect(),
-        }
+        self.host.stack_ref()
     }
 
     fn cuda_stack(&self, _: &CudaDevice) -> Result<Arc<CudaStack>> {
@@ -110,29 +99,19 @@ fn random_stack(
     blocks: usize,
     rng: &mut StdRng,
 ) -> Result<Bench> {
-    let host: Vec<_> = (0..blocks)
-        .map(|_| {
-            let signs: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
-            let mut f = |len: usize| -> Vec<f16> {
-                (0..len)
-                    .map(|_| f16::from_f32(rng.random::<f32>() * 0.02 - 0.01))
-                    .collect()
-            };
-            (TiledSigns::from_row_major(&signs, m, n), f(m * k), f(k * n))
-        })
-        .collect();
-    let blocks = host
-        .iter()
-        .map(|(signs, u, vt)| BlockRef { signs, u, vt })
-        .collect();
-    let device = Arc::new(CudaStack::upload(dev, &StackRef { m, n, k, blocks })?);
-    Ok(Bench {
-        m,
-        n,
-        k,
-        host,
-        device,
-    })
+    let blocks = (0..blocks).map(|_| {
+        let signs: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
+        let mut f = |len: usize| -> Vec<f16> {
+            (0..len)
+                .map(|_| f16::from_f32(rng.random::<f32>() * 0.02 - 0.01))
+                .collect()
+        };
+        let (u, vt) = (f(m * k), f(k * n));
+        (signs, u, vt)
+    });
+    let host = OwnedStack::from_row_major(m, n, k, blocks);
+    let device = Arc::new(CudaStack::upload(dev, &host.stack_ref())?);
+    Ok(Bench { host, device })
 }
 
 /// Median seconds per call of `f`.
@@ -184,9 +163,7 @@ fn main() -> Result<()> {
         for &nb in &args.blocks {
             let stack = Arc::new(random_stack(dev, m, n, args.k, nb, &mut rng)?);
             let source: Arc<dyn StackSource> = stack.clone();
-            let ours_s = time(dev, || {
-                bitstack_kernels::op::matmul_t(&x1, source.clone()).map(|_| ())
-            })?;
+            let ours_s = time(dev, || bitstack_matmul(&x1, source.clone()).map(|_| ()))?;
             let bytes = stack.device.bytes() as f64;
             let bw = bytes / ours_s;
             println!(
@@ -218,9 +195,7 @@ fn main() -> Result<()> {
         let wt = w.t()?;
         let dense_s = time(dev, || x.matmul(&wt).map(|_| ()))?;
         let stack: Arc<dyn StackSource> = Arc::new(random_stack(dev, m, n, args.k, 4, &mut rng)?);
-        let ours_s = time(dev, || {
-            bitstack_kernels::op::matmul_t(&x, stack.clone()).map(|_| ())
-        })?;
+        let ours_s = time(dev, || bitstack_matmul(&x, stack.clone()).map(|_| ()))?;
         println!(
             "| {m}×{n} | {:.3} | {:.3} | {:.2}× |",
             ours_s * 1e3,

@@ -3,28 +3,28 @@
 
 use std::time::Duration;
 
-use bitstack_kernels::{decode, prefill, tmac, BlockRef, Isa, StackRef, TiledSigns};
+use bitstack_kernels::decode::table_matmul_t;
+use bitstack_kernels::prefill::panel_matmul_t;
+use bitstack_kernels::tmac::{self, shuffle_matmul_t};
+use bitstack_kernels::{Isa, OwnedStack};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::f16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-type OwnedBlock = (Vec<u8>, Vec<f16>, Vec<f16>);
-
-fn random_blocks(m: usize, n: usize, k: usize, blocks: usize) -> Vec<OwnedBlock> {
+fn random_stack(m: usize, n: usize, k: usize, blocks: usize) -> OwnedStack {
     let mut rng = StdRng::seed_from_u64(1);
-    (0..blocks)
-        .map(|_| {
-            let signs = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
-            let u = (0..m * k)
-                .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
-                .collect();
-            let vt = (0..k * n)
-                .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
-                .collect();
-            (signs, u, vt)
-        })
-        .collect()
+    let blocks = (0..blocks).map(|_| {
+        let signs: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
+        let u = (0..m * k)
+            .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
+            .collect();
+        let vt = (0..k * n)
+            .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
+            .collect();
+        (signs, u, vt)
+    });
+    OwnedStack::from_row_major(m, n, k, blocks)
 }
 
 fn kernels(c: &mut Criterion) {
@@ -42,21 +42,8 @@ fn kernels(c: &mut Criterion) {
             .sample_size(10)
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3));
-        let blocks = random_blocks(m, n, k, nb);
-        let tiled: Vec<TiledSigns> = blocks
-            .iter()
-            .map(|(signs, _, _)| TiledSigns::from_row_major(signs, m, n))
-            .collect();
-        let stack = StackRef {
-            m,
-            n,
-            k,
-            blocks: blocks
-                .iter()
-                .zip(&tiled)
-                .map(|((_, u, vt), signs)| BlockRef { signs, u, vt })
-                .collect(),
-        };
+        let owned = random_stack(m, n, k, nb);
+        let stack = owned.stack_ref();
         let mut rng = StdRng::seed_from_u64(2);
         let x: Vec<f32> = (0..rows * n).map(|_| rng.random::<f32>() - 0.5).collect();
         let mut out = vec![0f32; rows * m];
@@ -68,15 +55,15 @@ fn kernels(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new(name, format!("{isa:?}")), |b| {
             b.iter(|| {
                 if rows <= bitstack_kernels::DECODE_MAX_ROWS {
-                    decode::matmul_t(isa, &x, rows, &stack, &mut out)
+                    table_matmul_t(isa, &x, rows, &stack, &mut out)
                 } else {
-                    prefill::matmul_t(isa, &x, rows, &stack, &mut out)
+                    panel_matmul_t(isa, &x, rows, &stack, &mut out)
                 }
             })
         });
         if rows <= tmac::MAX_ROWS {
             group.bench_function(BenchmarkId::new("tmac", format!("{isa:?}")), |b| {
-                b.iter(|| tmac::matmul_t(isa, &x, rows, &stack, &mut out))
+                b.iter(|| shuffle_matmul_t(isa, &x, rows, &stack, &mut out))
             });
         }
         let xt = Tensor::from_vec(x.clone(), (rows, n), &Device::Cpu).unwrap();

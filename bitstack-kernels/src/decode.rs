@@ -17,8 +17,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::bits::tiled_row;
-use crate::{multiversion, Isa, StackRef};
+use crate::layout::{nibble_sign, tiled_row, StackRef};
+use crate::{multiversion, Isa};
 
 /// Bytes of tables (one block, one column chunk, all rows of `x`) that the
 /// row scan keeps hot.
@@ -70,7 +70,7 @@ impl Layout {
 }
 
 /// `out = x·Wᵀ` (`x`: `rows×n`, `out`: `rows×m`) with the code compiled for `isa`.
-pub fn matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
+pub fn table_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
     stack.check();
     let (m, n, k) = (stack.m, stack.n, stack.k);
     assert_eq!(x.len(), rows * n, "x is not rows×n");
@@ -155,7 +155,7 @@ fn build_tables_body(t: &mut [f32], vt: &[half::f16], x: &[f32], col0: usize, la
             for (p, entry) in entries.chunks_exact_mut(k).enumerate() {
                 // Bit 3 of the nibble is the group's first column.
                 let s = |q: usize| {
-                    if (p >> (3 - q)) & 1 == 1 {
+                    if nibble_sign(p, q) {
                         1.0f32
                     } else {
                         -1.0

@@ -6,7 +6,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::StackRef;
+use crate::dispatch::stack_matmul_t;
+use crate::layout::{rows_of, OwnedStack, Rows, StackRef};
 
 /// Anything that can lend its resident blocks as a [`StackRef`].
 pub trait StackSource: Send + Sync {
@@ -20,6 +21,12 @@ pub trait StackSource: Send + Sync {
         device: &candle_core::cuda_backend::CudaDevice,
     ) -> candle_core::Result<Arc<crate::cuda::CudaStack>> {
         crate::cuda::CudaStack::upload(device, &self.stack()).map(Arc::new)
+    }
+}
+
+impl StackSource for OwnedStack {
+    fn stack(&self) -> StackRef<'_> {
+        self.stack_ref()
     }
 }
 
@@ -40,7 +47,7 @@ impl BitStackMatmul {
 }
 
 /// Applies [`BitStackMatmul`] to `x` (made contiguous first).
-pub fn matmul_t(x: &Tensor, source: Arc<dyn StackSource>) -> candle_core::Result<Tensor> {
+pub fn bitstack_matmul(x: &Tensor, source: Arc<dyn StackSource>) -> candle_core::Result<Tensor> {
     x.contiguous()?
         .apply_op1_no_bwd(&BitStackMatmul::new(source))
 }
@@ -79,7 +86,7 @@ impl CustomOp1 for BitStackMatmul {
                 other.dtype()
             ),
         };
-        crate::matmul_t(x, rows, &stack, &mut out);
+        stack_matmul_t(x, rows, &stack, &mut out);
         let out = match storage {
             CpuStorage::F16(_) => CpuStorage::F16(out.iter().map(|&y| f16::from_f32(y)).collect()),
             CpuStorage::BF16(_) => {
@@ -98,38 +105,6 @@ impl CustomOp1 for BitStackMatmul {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         self.source
             .cuda_stack(&storage.device)?
-            .matmul_t(storage, layout)
+            .cuda_matmul_t(storage, layout)
     }
-}
-
-/// The rows of `x` one call multiplies: elements `start..end` of the
-/// storage, `rows` rows of `n` features, giving `out_shape` (`x`'s shape
-/// with `m` last).
-pub(crate) struct Rows {
-    pub start: usize,
-    pub end: usize,
-    pub rows: usize,
-    pub out_shape: Shape,
-}
-
-/// Checks that `x` (laid out as `layout`) is contiguous with `n` features.
-pub(crate) fn rows_of(layout: &Layout, m: usize, n: usize) -> candle_core::Result<Rows> {
-    let dims = layout.shape().dims();
-    let features = dims.last().copied().unwrap_or(0);
-    if features != n {
-        candle_core::bail!("bitstack-matmul: input has {features} features, the weight takes {n}");
-    }
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("bitstack-matmul: the input must be contiguous");
-    };
-    let mut out_shape = dims.to_vec();
-    if let Some(last) = out_shape.last_mut() {
-        *last = m;
-    }
-    Ok(Rows {
-        start,
-        end,
-        rows: (end - start).checked_div(n).unwrap_or(0),
-        out_shape: Shape::from(out_shape),
-    })
 }

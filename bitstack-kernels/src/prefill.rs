@@ -11,8 +11,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::bits::{tiled_row, SIGN_MASKS};
-use crate::{multiversion, Isa, StackRef};
+use crate::layout::{tiled_row, StackRef, SIGN_MASKS};
+use crate::{multiversion, Isa};
 
 /// Columns of `W` per panel: a multiple of 8, so panels start on a sign byte.
 pub const PANEL_COLS: usize = 256;
@@ -27,7 +27,7 @@ thread_local! {
 }
 
 /// `out = x·Wᵀ` (`x`: `rows×n`, `out`: `rows×m`) with the rebuild compiled for `isa`.
-pub fn matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
+pub fn panel_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
     stack.check();
     let (m, n) = (stack.m, stack.n);
     assert_eq!(x.len(), rows * n, "x is not rows×n");

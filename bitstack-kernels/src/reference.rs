@@ -1,21 +1,10 @@
 //! The straightforward kernel: one weight at a time, in f64. Slow and
 //! obviously right; every fast path is tested against it.
 
-use crate::StackRef;
-
-/// Sign of `W[i, c]` in a row-major packed sign matrix with rows of `n`
-/// bits (the checkpoint's layout): what re-tiling is checked against.
-pub fn sign(signs: &[u8], n: usize, i: usize, c: usize) -> f64 {
-    let bit = i * n + c;
-    if (signs[bit / 8] >> (7 - bit % 8)) & 1 == 1 {
-        1.0
-    } else {
-        -1.0
-    }
-}
+use crate::layout::StackRef;
 
 /// `out = x·Wᵀ` (`x`: `rows×n`, `out`: `rows×m`).
-pub fn matmul_t(x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
+pub fn reference_matmul_t(x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
     let (m, n, k) = (stack.m, stack.n, stack.k);
     for r in 0..rows {
         for i in 0..m {

@@ -12,9 +12,10 @@
 //!
 //! # Layout
 //!
-//! [`TiledSigns`] regroups the packed signs so that one 32-byte load gives
-//! sign byte `q` (columns `8q..8q+8`) of 32 consecutive rows: its high
-//! nibbles index group `2q`, its low nibbles group `2q+1`.
+//! [`TiledSigns`](crate::layout::TiledSigns) regroups the packed signs so
+//! that one 32-byte load gives sign byte `q` (columns `8q..8q+8`) of 32
+//! consecutive rows: its high nibbles index group `2q`, its low nibbles
+//! group `2q+1`.
 //!
 //! # Arithmetic
 //!
@@ -60,13 +61,10 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::bits::{row_bits, unaligned_buffer};
-use crate::{multiversion, BlockRef, Isa, StackRef};
+use crate::layout::{nibble_sign, BlockRef, StackRef, TILE_ROWS};
+use crate::{multiversion, Isa};
 
-/// Rows of `W` per tile: one 32-byte load of [`TiledSigns`], one `vpshufb`.
-pub const TILE_ROWS: usize = 32;
-
-/// Largest number of rows of `x` [`matmul_t`] takes in one call.
+/// Largest number of rows of `x` [`shuffle_matmul_t`] takes in one call.
 pub const MAX_ROWS: usize = 8;
 
 /// Sign bytes (8 columns each) per chunk.
@@ -123,100 +121,6 @@ pub const RELATIVE_MAX_ERROR_BOUND: f32 = 0.004;
 const _: () = assert!(CHUNK_BYTES * 2 * (QMAX as usize + BIAS as usize) < 1 << 16);
 const _: () = assert!(LO_RUN * 4 * LO_MAX as usize <= 255);
 const _: () = assert!(CHUNK_BYTES * 2 * (QMAX as usize) * (LO_STEPS as usize + 1) < 1 << 24);
-
-/// A packed ±1 sign matrix re-tiled for [`matmul_t`].
-///
-/// Rows are taken in tiles of [`TILE_ROWS`]; within a tile, byte `q` of
-/// each of the 32 rows is stored consecutively: byte `(t·⌈n/8⌉ + q)·32 + l`
-/// is byte `q` of row `32t + l` (bit 7 = column `8q`, bit 1 = +1). Missing
-/// rows of the last tile and the columns past `n` in a row's last byte are
-/// zero bits.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TiledSigns {
-    m: usize,
-    n: usize,
-    data: Vec<u8>,
-}
-
-impl TiledSigns {
-    /// Re-tiles `⌈m·n/8⌉` row-major packed bytes (bit `i·n + c`, most
-    /// significant bit first, is the sign of `W[i, c]`).
-    pub fn from_row_major(signs: &[u8], m: usize, n: usize) -> Self {
-        assert_eq!(signs.len(), (m * n).div_ceil(8), "signs are not m×n bits");
-        let row_bytes = n.div_ceil(8);
-        let mut data = vec![0u8; Self::bytes_for(m, n)];
-        let tail = if n.is_multiple_of(8) {
-            0xff
-        } else {
-            0xffu8 << (8 - n % 8)
-        };
-        let mut aligned = unaligned_buffer(n);
-        for i in 0..m {
-            let bits = row_bits(signs, n, i, row_bytes, &mut aligned);
-            let (t, l) = (i / TILE_ROWS, i % TILE_ROWS);
-            for (q, &byte) in bits.iter().enumerate() {
-                let byte = if q + 1 == row_bytes {
-                    byte & tail
-                } else {
-                    byte
-                };
-                data[(t * row_bytes + q) * TILE_ROWS + l] = byte;
-            }
-        }
-        Self { m, n, data }
-    }
-
-    /// The row-major packed bytes this was built from.
-    pub fn to_row_major(&self) -> Vec<u8> {
-        let mut signs = vec![0u8; (self.m * self.n).div_ceil(8)];
-        for i in 0..self.m {
-            for c in 0..self.n {
-                if self.sign(i, c) {
-                    let bit = i * self.n + c;
-                    signs[bit / 8] |= 0x80 >> (bit % 8);
-                }
-            }
-        }
-        signs
-    }
-
-    /// Whether `W[i, c]` is positive.
-    pub fn sign(&self, i: usize, c: usize) -> bool {
-        assert!(i < self.m && c < self.n, "({i}, {c}) is outside the matrix");
-        let byte = self.data[self.offset(i / TILE_ROWS, c / 8) + i % TILE_ROWS];
-        (byte >> (7 - c % 8)) & 1 == 1
-    }
-
-    /// Rows.
-    pub fn m(&self) -> usize {
-        self.m
-    }
-
-    /// Columns.
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    /// Memory held: `⌈m/32⌉·32·⌈n/8⌉` bytes.
-    pub fn bytes(&self) -> usize {
-        self.data.len()
-    }
-
-    /// What [`TiledSigns::bytes`] is for an `m×n` matrix.
-    pub fn bytes_for(m: usize, n: usize) -> usize {
-        m.div_ceil(TILE_ROWS) * TILE_ROWS * n.div_ceil(8)
-    }
-
-    /// The tiled bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.data
-    }
-
-    /// Offset of byte `q` of the first row of tile `t`.
-    fn offset(&self, t: usize, q: usize) -> usize {
-        (t * self.n.div_ceil(8) + q) * TILE_ROWS
-    }
-}
 
 /// Sizes of one call.
 #[derive(Clone, Copy, Debug)]
@@ -298,7 +202,7 @@ const fn position_of_row() -> [usize; TILE_ROWS] {
 ///
 /// Multithreaded over tiles of rows; the tables and other buffers are
 /// thread-local and reused from call to call.
-pub fn matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
+pub fn shuffle_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
     stack.check();
     let (m, n, k, blocks) = (stack.m, stack.n, stack.k, &stack.blocks[..]);
     assert!(isa.is_supported(), "this CPU cannot run {isa:?} code");
@@ -416,7 +320,7 @@ fn build_tables(
     to_f32(isa, &vt[col0..col0 + cols], &mut z[..cols]);
     times(isa, &mut z[..cols], &x[col0..col0 + cols]);
     let max = match isa {
-        // SAFETY: matmul_t checked that the CPU runs `isa`; z holds whole runs.
+        // SAFETY: shuffle_matmul_t checked that the CPU runs `isa`; z holds whole runs.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => unsafe { avx2::group_max(&z[..32 * groups.div_ceil(8)]) },
         _ => group_max_scalar(&z[..4 * groups]),
@@ -435,7 +339,7 @@ fn build_tables(
 /// `dst = src` in f32.
 fn to_f32(isa: Isa, src: &[f16], dst: &mut [f32]) {
     match isa {
-        // SAFETY: matmul_t checked that the CPU runs `isa`, which includes F16C.
+        // SAFETY: shuffle_matmul_t checked that the CPU runs `isa`, which includes F16C.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => unsafe { avx2::to_f32(src, dst) },
         _ => src.convert_to_f32_slice(dst),
@@ -475,11 +379,7 @@ const fn entry_signs() -> [[[f32; 8]; 4]; 2] {
             let entry = (l / 4) * 8 + half * 4 + l % 4;
             let mut q = 0;
             while q < 4 {
-                signs[half][q][l] = if (entry >> (3 - q)) & 1 == 1 {
-                    1.0
-                } else {
-                    -1.0
-                };
+                signs[half][q][l] = if nibble_sign(entry, q) { 1.0 } else { -1.0 };
                 q += 1;
             }
             l += 1;
@@ -554,7 +454,7 @@ fn run_task(
         // The lookups of tile t, chunk c, rank rows jj0..jj0 + jn.
         let lookups = |t: usize, c: usize, jj0: usize, jn: usize, f: &mut [f32]| {
             let at = block.signs.offset(tile0 + t, c * CHUNK_BYTES);
-            let signs = &block.signs.data[at..][..plan.chunk_bytes(c) * TILE_ROWS];
+            let signs = &block.signs.as_bytes()[at..][..plan.chunk_bytes(c) * TILE_ROWS];
             let unit = c * rk + jj0;
             let tables = &tables[unit * UNIT_BYTES..][..jn * UNIT_BYTES];
             let f = &mut f[jj0 * TILE_ROWS..][..jn * TILE_ROWS];
@@ -638,7 +538,7 @@ fn chunk_sums(isa: Isa, signs: &[u8], tables: &[u8], scales: &[f32], f: &mut [f3
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
-            // SAFETY: matmul_t checked that the CPU runs `isa`, which
+            // SAFETY: shuffle_matmul_t checked that the CPU runs `isa`, which
             // includes AVX2 and FMA; the sizes are checked above.
             unsafe { avx2::chunk_sums(signs, tables, scales, f) }
         }
@@ -872,7 +772,8 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{reference, BlockRef, StackRef};
+    use crate::layout::OwnedStack;
+    use crate::reference::reference_matmul_t;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn random_signs(m: usize, n: usize, rng: &mut StdRng) -> Vec<u8> {
@@ -889,116 +790,36 @@ mod tests {
         assert!(seen.iter().all(|&s| s));
     }
 
-    #[test]
-    fn tiled_signs_round_trip() {
-        let mut rng = StdRng::seed_from_u64(7);
-        for (m, n) in [
-            (1, 1),
-            (1, 13),
-            (33, 9),
-            (70, 200),
-            (32, 64),
-            (5, 1030),
-            (64, 7),
-        ] {
-            let signs = random_signs(m, n, &mut rng);
-            let tiled = TiledSigns::from_row_major(&signs, m, n);
-            assert_eq!(tiled.bytes(), m.div_ceil(32) * 32 * n.div_ceil(8));
-            for i in 0..m {
-                for c in 0..n {
-                    assert_eq!(
-                        tiled.sign(i, c),
-                        reference::sign(&signs, n, i, c) > 0.0,
-                        "{m}×{n} ({i}, {c})"
-                    );
-                }
-            }
-            let mut back = tiled.to_row_major();
-            // Bits past m·n in the last byte are not part of the matrix.
-            if (m * n) % 8 != 0 {
-                let last = signs.len() - 1;
-                let mask = 0xffu8 << (8 - (m * n) % 8);
-                assert_eq!(back[last] & !mask, 0);
-                back[last] |= signs[last] & !mask;
-            }
-            assert_eq!(back, signs, "{m}×{n}");
-            // Padding is zero.
-            let row_bytes = n.div_ceil(8);
-            for t in 0..m.div_ceil(32) {
-                for q in 0..row_bytes {
-                    for l in 0..32 {
-                        let byte = tiled.as_bytes()[tiled.offset(t, q) + l];
-                        let live_bits = if 32 * t + l >= m {
-                            0
-                        } else {
-                            (n - 8 * q).min(8)
-                        };
-                        let mask = if live_bits == 0 {
-                            0
-                        } else {
-                            0xffu8 << (8 - live_bits)
-                        };
-                        assert_eq!(byte & !mask, 0, "{m}×{n} tile {t} byte {q} row {l}");
-                    }
-                }
-            }
-        }
+    /// A random stack: every block's signs, then every block's `u`, then
+    /// every block's `vt`, from one generator.
+    fn random_stack(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> OwnedStack {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let f = |len: usize, scale: f32, rng: &mut StdRng| -> Vec<f16> {
+            (0..len)
+                .map(|_| f16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale))
+                .collect()
+        };
+        let signs: Vec<Vec<u8>> = (0..blocks).map(|_| random_signs(m, n, &mut rng)).collect();
+        let u: Vec<Vec<f16>> = (0..blocks)
+            .map(|b| f(m * k, 1.0 / (b + 1) as f32, &mut rng))
+            .collect();
+        let vt: Vec<Vec<f16>> = (0..blocks).map(|_| f(k * n, 0.5, &mut rng)).collect();
+        OwnedStack::from_row_major(
+            m,
+            n,
+            k,
+            signs
+                .into_iter()
+                .zip(u)
+                .zip(vt)
+                .map(|((s, u), vt)| (s, u, vt)),
+        )
     }
 
-    struct Case {
-        m: usize,
-        n: usize,
-        k: usize,
-        tiled: Vec<TiledSigns>,
-        u: Vec<Vec<f16>>,
-        vt: Vec<Vec<f16>>,
-    }
-
-    impl Case {
-        fn random(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> Self {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let f = |len: usize, scale: f32, rng: &mut StdRng| -> Vec<f16> {
-                (0..len)
-                    .map(|_| f16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale))
-                    .collect()
-            };
-            let tiled = (0..blocks)
-                .map(|_| TiledSigns::from_row_major(&random_signs(m, n, &mut rng), m, n))
-                .collect();
-            let u = (0..blocks)
-                .map(|b| f(m * k, 1.0 / (b + 1) as f32, &mut rng))
-                .collect();
-            let vt = (0..blocks).map(|_| f(k * n, 0.5, &mut rng)).collect();
-            Self {
-                m,
-                n,
-                k,
-                tiled,
-                u,
-                vt,
-            }
-        }
-
-        fn tiled(&self) -> StackRef<'_> {
-            StackRef {
-                m: self.m,
-                n: self.n,
-                k: self.k,
-                blocks: (0..self.tiled.len())
-                    .map(|b| BlockRef {
-                        signs: &self.tiled[b],
-                        u: &self.u[b],
-                        vt: &self.vt[b],
-                    })
-                    .collect(),
-            }
-        }
-
-        fn run(&self, isa: Isa, x: &[f32], rows: usize) -> Vec<f32> {
-            let mut out = vec![f32::NAN; rows * self.m];
-            matmul_t(isa, x, rows, &self.tiled(), &mut out);
-            out
-        }
+    fn run(stack: &OwnedStack, isa: Isa, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; rows * stack.m];
+        shuffle_matmul_t(isa, x, rows, &stack.stack_ref(), &mut out);
+        out
     }
 
     fn random_x(rows: usize, n: usize, seed: u64) -> Vec<f32> {
@@ -1025,13 +846,13 @@ mod tests {
     #[test]
     fn every_isa_gives_the_same_bits() {
         for (s, &(m, n, k, nb)) in SHAPES.iter().enumerate() {
-            let case = Case::random(m, n, k, nb, s as u64);
+            let case = random_stack(m, n, k, nb, s as u64);
             for rows in 1..=MAX_ROWS {
                 let x = random_x(rows, n, 100 + s as u64);
-                let want = case.run(Isa::Baseline, &x, rows);
+                let want = run(&case, Isa::Baseline, &x, rows);
                 assert!(want.iter().all(|v| v.is_finite()));
                 for isa in Isa::available() {
-                    let got = case.run(isa, &x, rows);
+                    let got = run(&case, isa, &x, rows);
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert_eq!(
                             g.to_bits(),
@@ -1064,12 +885,12 @@ mod tests {
     fn close_to_the_reference() {
         let (mut worst_rms, mut worst_max) = (0f32, 0f32);
         for (s, &(m, n, k, nb)) in SHAPES.iter().enumerate() {
-            let case = Case::random(m, n, k, nb, 50 + s as u64);
+            let case = random_stack(m, n, k, nb, 50 + s as u64);
             for rows in 1..=MAX_ROWS {
                 let x = random_x(rows, n, 200 + s as u64);
-                let got = case.run(Isa::detect(), &x, rows);
+                let got = run(&case, Isa::detect(), &x, rows);
                 let mut want = vec![0f32; rows * m];
-                reference::matmul_t(&x, rows, &case.tiled(), &mut want);
+                reference_matmul_t(&x, rows, &case.stack_ref(), &mut want);
                 let (e_rms, e_max) = errors(&got, &want);
                 // Tiny outputs (few rows and columns) have noisy RMS; the
                 // bounds are for outputs of at least 64 values.
@@ -1094,11 +915,11 @@ mod tests {
     #[test]
     fn large_shape_error() {
         let (m, n, k, nb) = (512, 4096, 16, 4);
-        let case = Case::random(m, n, k, nb, 9);
+        let case = random_stack(m, n, k, nb, 9);
         let x = random_x(1, n, 10);
-        let got = case.run(Isa::detect(), &x, 1);
+        let got = run(&case, Isa::detect(), &x, 1);
         let mut want = vec![0f32; m];
-        reference::matmul_t(&x, 1, &case.tiled(), &mut want);
+        reference_matmul_t(&x, 1, &case.stack_ref(), &mut want);
         let (e_rms, e_max) = errors(&got, &want);
         eprintln!("{m}×{n} k{k} ×{nb}: rms error {e_rms}, max {e_max}");
         assert!(e_rms <= RELATIVE_RMS_ERROR_BOUND && e_max <= RELATIVE_MAX_ERROR_BOUND);
@@ -1106,25 +927,25 @@ mod tests {
 
     #[test]
     fn calls_from_rayon_tasks_agree() {
-        let case = Case::random(100, 300, 4, 2, 11);
+        let case = random_stack(100, 300, 4, 2, 11);
         let x = random_x(2, 300, 12);
-        let want = case.run(Isa::detect(), &x, 2);
+        let want = run(&case, Isa::detect(), &x, 2);
         (0..16).into_par_iter().for_each(|_| {
-            assert_eq!(case.run(Isa::detect(), &x, 2), want);
+            assert_eq!(run(&case, Isa::detect(), &x, 2), want);
         });
     }
 
     #[test]
     fn empty_inputs_give_zeros() {
-        let case = Case::random(40, 20, 2, 1, 3);
+        let case = random_stack(40, 20, 2, 1, 3);
         let mut out = vec![f32::NAN; 40];
         let empty = StackRef {
             blocks: vec![],
-            ..case.tiled()
+            ..case.stack_ref()
         };
-        matmul_t(Isa::detect(), &random_x(1, 20, 1), 1, &empty, &mut out);
+        shuffle_matmul_t(Isa::detect(), &random_x(1, 20, 1), 1, &empty, &mut out);
         assert!(out.iter().all(|&v| v == 0.0));
         let mut out = vec![];
-        matmul_t(Isa::detect(), &[], 0, &case.tiled(), &mut out);
+        shuffle_matmul_t(Isa::detect(), &[], 0, &case.stack_ref(), &mut out);
     }
 }

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use bitstack_kernels::{reference, StackSource};
+use bitstack_kernels::reference::reference_matmul_t;
+use bitstack_kernels::{OwnedStack, StackSource};
 use candle_core::{DType, Device, Tensor};
 
 mod common;
-use common::{random_x, values, Owned};
+use common::{random_stack, random_x, values};
 
 /// RMS error relative to the reference's RMS, per activation dtype: the
 /// operands of the tensor cores are rounded to f16 (f32 and f16
@@ -31,17 +32,17 @@ fn poison(device: &Device) {
     drop(nan.sum_all().unwrap());
 }
 
-fn check(owned: &Arc<Owned>, rows: usize, seed: u64, device: &Device) {
+fn check(owned: &Arc<OwnedStack>, rows: usize, seed: u64, device: &Device) {
     let (m, n) = (owned.m, owned.n);
     let x = random_x(rows, n, seed);
     let mut want = vec![0f32; rows * m];
-    reference::matmul_t(&x, rows, &owned.stack(), &mut want);
+    reference_matmul_t(&x, rows, &owned.stack(), &mut want);
     let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len().max(1) as f32).sqrt();
     let xt = Tensor::from_vec(x, (rows, n), device).unwrap();
     for dtype in [DType::F16, DType::BF16, DType::F32] {
         poison(device);
-        let y =
-            bitstack_kernels::op::matmul_t(&xt.to_dtype(dtype).unwrap(), owned.clone()).unwrap();
+        let y = bitstack_kernels::op::bitstack_matmul(&xt.to_dtype(dtype).unwrap(), owned.clone())
+            .unwrap();
         assert_eq!(y.dims(), &[rows, m]);
         assert_eq!(y.dtype(), dtype);
         let got = values(&y);
@@ -95,7 +96,7 @@ fn decode_and_prefill_match_the_reference() {
         (129, 77, 16, 1),
     ];
     for (s, &(m, n, k, nb)) in shapes.iter().enumerate() {
-        let owned = Arc::new(Owned::random(m, n, k, nb, seed.wrapping_add(s as u64)));
+        let owned = Arc::new(random_stack(m, n, k, nb, seed.wrapping_add(s as u64)));
         // 1–32 rows decode, more prefill.
         for rows in [1, 3, 8, 32, 33, 600] {
             check(&owned, rows, seed ^ (rows as u64), &device);
@@ -107,7 +108,7 @@ fn decode_and_prefill_match_the_reference() {
 fn a_large_stack_is_split_across_thread_blocks_and_summed() {
     let device = device();
     let seed = seed();
-    let owned = Arc::new(Owned::random(4099, 4111, 4, 2, seed));
+    let owned = Arc::new(random_stack(4099, 4111, 4, 2, seed));
     check(&owned, 1, seed, &device);
     check(&owned, 5, seed + 1, &device);
 }
@@ -115,12 +116,12 @@ fn a_large_stack_is_split_across_thread_blocks_and_summed() {
 #[test]
 fn an_empty_stack_gives_zeros_and_a_wrong_width_is_an_error() {
     let device = device();
-    let owned = Arc::new(Owned::random(6, 10, 2, 0, 1));
+    let owned = Arc::new(random_stack(6, 10, 2, 0, 1));
     let x = Tensor::ones((2, 10), DType::F16, &device).unwrap();
-    let y = bitstack_kernels::op::matmul_t(&x, owned.clone()).unwrap();
+    let y = bitstack_kernels::op::bitstack_matmul(&x, owned.clone()).unwrap();
     let y = values(&y);
     assert_eq!(y, vec![0.0; 12]);
     let bad = Tensor::ones((2, 11), DType::F16, &device).unwrap();
-    let e = bitstack_kernels::op::matmul_t(&bad, owned as Arc<dyn StackSource>).unwrap_err();
+    let e = bitstack_kernels::op::bitstack_matmul(&bad, owned as Arc<dyn StackSource>).unwrap_err();
     assert!(e.to_string().contains("11 features"), "{e}");
 }

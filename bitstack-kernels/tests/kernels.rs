@@ -3,12 +3,16 @@
 
 use std::sync::Arc;
 
-use bitstack_kernels::{decode, mma, prefill, reference, Isa, StackSource, TiledSigns};
+use bitstack_kernels::cuda::pack;
+use bitstack_kernels::decode::{self, table_matmul_t};
+use bitstack_kernels::prefill::panel_matmul_t;
+use bitstack_kernels::reference::reference_matmul_t;
+use bitstack_kernels::{Isa, StackSource, TiledSigns};
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod common;
-use common::{assert_close, random_x, values, Owned};
+use common::{assert_close, random_stack, random_x, values};
 
 /// (m, n, k, blocks): n not a multiple of 8 or of the group size, one row of
 /// W, k = 1, 4, 16 and 1 or 16 blocks.
@@ -26,15 +30,15 @@ const SHAPES: &[(usize, usize, usize, usize)] = &[
 #[test]
 fn decode_matches_the_reference_on_every_isa() {
     for (s, &(m, n, k, nb)) in SHAPES.iter().enumerate() {
-        let owned = Owned::random(m, n, k, nb, s as u64);
+        let owned = random_stack(m, n, k, nb, s as u64);
         let stack = owned.stack();
         for rows in 1..=decode::MAX_ROWS {
             let x = random_x(rows, n, 100 + s as u64);
             let mut want = vec![0f32; rows * m];
-            reference::matmul_t(&x, rows, &owned.stack(), &mut want);
+            reference_matmul_t(&x, rows, &owned.stack(), &mut want);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * m];
-                decode::matmul_t(isa, &x, rows, &stack, &mut got);
+                table_matmul_t(isa, &x, rows, &stack, &mut got);
                 assert_close(
                     &got,
                     &want,
@@ -49,15 +53,15 @@ fn decode_matches_the_reference_on_every_isa() {
 #[test]
 fn prefill_matches_the_reference_on_every_isa() {
     for (s, &(m, n, k, nb)) in SHAPES.iter().enumerate() {
-        let owned = Owned::random(m, n, k, nb, 50 + s as u64);
+        let owned = random_stack(m, n, k, nb, 50 + s as u64);
         let stack = owned.stack();
         for rows in [1, 3, 600] {
             let x = random_x(rows, n, 200 + s as u64);
             let mut want = vec![0f32; rows * m];
-            reference::matmul_t(&x, rows, &owned.stack(), &mut want);
+            reference_matmul_t(&x, rows, &owned.stack(), &mut want);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * m];
-                prefill::matmul_t(isa, &x, rows, &stack, &mut got);
+                panel_matmul_t(isa, &x, rows, &stack, &mut got);
                 assert_close(
                     &got,
                     &want,
@@ -71,12 +75,12 @@ fn prefill_matches_the_reference_on_every_isa() {
 
 #[test]
 fn the_candle_op_takes_f32_f16_and_bf16() {
-    let owned = Arc::new(Owned::random(37, 90, 4, 3, 9));
+    let owned = Arc::new(random_stack(37, 90, 4, 3, 9));
     // 9 and 20 rows cross the decode kernel's 8-row steps.
     for rows in [1, 2, 9, 20, 45] {
         let x = random_x(rows, 90, 7);
         let mut want = vec![0f32; rows * 37];
-        reference::matmul_t(&x, rows, &owned.stack(), &mut want);
+        reference_matmul_t(&x, rows, &owned.stack(), &mut want);
         let xt = Tensor::from_vec(x, (1, rows, 90), &Device::Cpu).unwrap();
         // Activations rounded to the dtype, then f32 math: the error is the
         // rounding of the inputs and of the outputs, and for a few rows the
@@ -91,8 +95,9 @@ fn the_candle_op_takes_f32_f16_and_bf16() {
             (DType::F16, 1e-2),
             (DType::BF16, 5e-2),
         ] {
-            let y = bitstack_kernels::op::matmul_t(&xt.to_dtype(dtype).unwrap(), owned.clone())
-                .unwrap();
+            let y =
+                bitstack_kernels::op::bitstack_matmul(&xt.to_dtype(dtype).unwrap(), owned.clone())
+                    .unwrap();
             assert_eq!(y.dims(), &[1, rows, 37]);
             assert_eq!(y.dtype(), dtype);
             let got = values(&y);
@@ -101,23 +106,23 @@ fn the_candle_op_takes_f32_f16_and_bf16() {
     }
     // A wrong feature count is an error, not a panic.
     let bad = Tensor::zeros((2, 91), DType::F32, &Device::Cpu).unwrap();
-    let e = bitstack_kernels::op::matmul_t(&bad, owned.clone()).unwrap_err();
+    let e = bitstack_kernels::op::bitstack_matmul(&bad, owned.clone()).unwrap_err();
     assert!(e.to_string().contains("91 features"), "{e}");
 }
 
 #[test]
 fn an_empty_stack_gives_zeros() {
-    let owned = Owned::random(6, 10, 2, 0, 1);
+    let owned = random_stack(6, 10, 2, 0, 1);
     let x = random_x(2, 10, 3);
     for isa in Isa::available() {
         let mut got = vec![f32::NAN; 12];
-        decode::matmul_t(isa, &x, 2, &owned.stack(), &mut got);
+        table_matmul_t(isa, &x, 2, &owned.stack(), &mut got);
         assert!(got.iter().all(|&v| v == 0.0));
         let mut got = vec![f32::NAN; 12];
-        prefill::matmul_t(isa, &x, 2, &owned.stack(), &mut got);
+        panel_matmul_t(isa, &x, 2, &owned.stack(), &mut got);
         assert!(got.iter().all(|&v| v == 0.0));
         let mut got = vec![f32::NAN; 12];
-        bitstack_kernels::matmul_t(&x, 2, &owned.stack(), &mut got);
+        bitstack_kernels::stack_matmul_t(&x, 2, &owned.stack(), &mut got);
         assert!(got.iter().all(|&v| v == 0.0));
     }
 }
@@ -142,9 +147,9 @@ fn mma_sign_words_hold_every_sign_where_the_tensor_core_fragment_wants_it() {
         let mut rng = StdRng::seed_from_u64(seed as u64);
         let bytes: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
         let signs = TiledSigns::from_row_major(&bytes, m, n);
-        let words = mma::pack_signs(&signs);
-        assert_eq!(words.len(), mma::words_for(m, n));
-        let chunks = n.div_ceil(mma::CHUNK_COLS);
+        let words = pack::mma_sign_words(&signs);
+        assert_eq!(words.len(), pack::words_for(m, n));
+        let chunks = n.div_ceil(pack::CHUNK_COLS);
         let mut seen = vec![false; m * n];
         for (w, &word) in words.iter().enumerate() {
             let (lane, piece) = (w % 32, w / 32);

@@ -1,6 +1,6 @@
 // CUDA kernels for BitStack linears: y = x·Wᵀ with W = Σ_b S_b ⊙ (u_b·vt_b).
 //
-// Sign layout ("mma tiles", made on the host by `cuda::mma_sign_words`):
+// Sign layout ("mma tiles", made on the host by `cuda::pack::mma_sign_words`):
 // rows in tiles of 16, columns in chunks of 64. Word (tile·chunks + chunk)·32
 // + lane holds exactly the 64 signs that warp lane `lane` needs as the A
 // operand of four m16n8k16 mma steps over that 16×64 piece, so a warp reads

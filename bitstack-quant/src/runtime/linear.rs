@@ -46,7 +46,7 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => matmul_t(x, w)?,
             LinearWeight::BitStack(s) if x.device().is_cpu() || x.device().is_cuda() => {
-                bitstack_kernels::op::matmul_t(x, s.clone())?
+                bitstack_kernels::op::bitstack_matmul(x, s.clone())?
             }
             LinearWeight::BitStack(s) => matmul_t(x, &stack_tensor(s, x.device(), x.dtype())?)?,
         };

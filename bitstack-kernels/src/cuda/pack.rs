@@ -1,4 +1,5 @@
-//! The sign layout of the CUDA decode kernel, made on the host.
+//! The sign layout of the CUDA kernels, made on the host. Plain Rust,
+//! compiled with or without the `cuda` feature.
 //!
 //! An `m16n8k16` tensor-core product takes its `16×16` A operand as four
 //! 32-bit registers per lane, each two halves of one row. Packing the signs
@@ -11,14 +12,14 @@
 
 use rayon::prelude::*;
 
-use crate::TiledSigns;
+use crate::layout::TiledSigns;
 
 /// Rows of `W` per tile: the M of one tensor-core product.
 pub const TILE_ROWS: usize = 16;
 /// Columns of `W` per 32-bit word of each lane: four products' K of 16.
 pub const CHUNK_COLS: usize = 64;
 
-/// Words [`pack_signs`] makes for an `m×n` matrix.
+/// Words [`mma_sign_words`] makes for an `m×n` matrix.
 pub fn words_for(m: usize, n: usize) -> usize {
     m.div_ceil(TILE_ROWS) * n.div_ceil(CHUNK_COLS) * 32
 }
@@ -41,7 +42,7 @@ pub fn position(row: usize, col: usize) -> (usize, u32) {
 }
 
 /// The signs of `signs` in the decode kernel's layout.
-pub fn pack_signs(signs: &TiledSigns) -> Vec<u32> {
+pub fn mma_sign_words(signs: &TiledSigns) -> Vec<u32> {
     let (m, n) = (signs.m(), signs.n());
     let chunks = n.div_ceil(CHUNK_COLS);
     let mut words = vec![0u32; words_for(m, n)];

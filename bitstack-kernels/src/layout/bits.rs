@@ -1,6 +1,32 @@
-//! Reading rows of a packed sign matrix.
+//! Packed sign bits: the one place that says which bit is which sign.
+//!
+//! Signs are packed most significant bit first; a set bit is +1, a clear
+//! bit −1. Row-major packed signs (the checkpoint's layout) hold `W[i, c]`
+//! of an `m×n` matrix at bit `i·n + c`, so rows do not start on a byte
+//! unless `n` is a multiple of 8.
 
-use crate::tmac::{TiledSigns, TILE_ROWS};
+/// Whether bit `t` of `byte`, counted from the most significant (bit 7 is
+/// `t = 0`), is set: the sign it packs is +1.
+#[inline(always)]
+pub(crate) const fn byte_sign(byte: u8, t: usize) -> bool {
+    (byte >> (7 - t)) & 1 == 1
+}
+
+/// Whether column `q` (0..4) of a four-column group is +1 in `nibble`, the
+/// group's half of a sign byte (bit 3 = the group's first column): the
+/// sign pattern a lookup-table entry stands for.
+#[inline(always)]
+pub(crate) const fn nibble_sign(nibble: usize, q: usize) -> bool {
+    byte_sign(nibble as u8, 4 + q)
+}
+
+/// Whether `W[i, c]` is +1 in a row-major packed sign matrix with rows of
+/// `n` bits (the checkpoint's layout).
+#[inline(always)]
+pub fn row_major_sign(signs: &[u8], n: usize, i: usize, c: usize) -> bool {
+    let bit = i * n + c;
+    byte_sign(signs[bit / 8], bit % 8)
+}
 
 /// Room for one row's realigned sign bits, needed only when rows do not
 /// start on a byte.
@@ -41,19 +67,6 @@ pub(crate) fn row_bits<'a>(
     aligned
 }
 
-/// Bytes `q0..q0 + out.len()` of row `i` of re-tiled signs into `out`
-/// (bit 7 of byte `q` is column `8q`).
-#[inline(always)]
-pub fn tiled_row(signs: &TiledSigns, i: usize, q0: usize, out: &mut [u8]) {
-    let row_bytes = signs.n().div_ceil(8);
-    let (t, l) = (i / TILE_ROWS, i % TILE_ROWS);
-    let data = signs.as_bytes();
-    let base = (t * row_bytes + q0) * TILE_ROWS + l;
-    for (q, o) in out.iter_mut().enumerate() {
-        *o = data[base + q * TILE_ROWS];
-    }
-}
-
 /// `SIGN_MASKS[byte][t]` flips a float's sign bit where bit `7 − t` of
 /// `byte` is 0 (sign −1): XOR-ing it in applies eight signs without a branch.
 pub(crate) static SIGN_MASKS: [[u32; 8]; 256] = sign_masks();
@@ -64,7 +77,7 @@ const fn sign_masks() -> [[u32; 8]; 256] {
     while byte < 256 {
         let mut t = 0;
         while t < 8 {
-            if (byte >> (7 - t)) & 1 == 0 {
+            if !byte_sign(byte as u8, t) {
                 table[byte][t] = 0x8000_0000;
             }
             t += 1;
@@ -94,7 +107,7 @@ mod tests {
             let row = row_bits(&signs, n, i, 2, &mut aligned).to_vec();
             for c in 0..n {
                 assert_eq!(
-                    (row[c / 8] >> (7 - c % 8)) & 1 == 1,
+                    row_major_sign(&row, n, 0, c),
                     bits[i * n + c],
                     "row {i} col {c}"
                 );

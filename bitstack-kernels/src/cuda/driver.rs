@@ -1,0 +1,333 @@
+//! The CUDA kernels' host side (feature `cuda`), for candle CUDA tensors.
+//!
+//! - **Decode** (up to [`DECODE_MAX_ROWS`] rows of `x`): one launch over all
+//!   resident blocks. With `Z_b[(r,j), c] = vt_b[j,c]·x[r,c]`, the ±1 matrix
+//!   times the `rows·k` columns of `Z_b` runs on the tensor cores
+//!   (`mma.m16n8k16`, f16 or bf16 operands, f32 sums): each lane reads its
+//!   packed signs ([`super::pack`]) once, coalesced, and expands them to ±1
+//!   halves in registers. Columns are split over thread blocks so that even
+//!   one row of `x` fills the GPU; a second launch adds the splits up.
+//! - **Prefill** (more rows): the weight is rebuilt from all resident
+//!   blocks into a scratch matrix in the activations' dtype, then cuBLAS
+//!   multiplies (candle's matmul). The scratch (`m·n` elements) lives for
+//!   the call.
+//!
+//! Blocks are uploaded once ([`CudaBlock::upload`]) and a stack of them
+//! ([`CudaStack`]) holds a device table of their pointers, so a call
+//! uploads nothing.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{DType, Layout, Result, Shape};
+use half::{bf16, f16};
+
+use super::pack::{self, mma_sign_words};
+use crate::layout::{rows_of, BlockRef, Rows, StackRef};
+
+const PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/bitstack_sm80.ptx"));
+const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/bitstack_sm90.ptx"));
+
+/// Rows of `x` up to which a call takes the decode kernel; the kernel's
+/// accumulators are sized for it.
+pub const DECODE_MAX_ROWS: usize = 32;
+/// Output rows per decode thread block (8 warps of 16).
+const DECODE_ROWS: usize = 128;
+/// Columns of `x` a decode thread block stages at a time.
+const STAGE_COLS: usize = 256;
+/// Threads per decode and per reconstruction thread block.
+const THREADS: u32 = 256;
+
+/// One block on the device: signs in the decode kernel's layout, f16 factors.
+pub struct CudaBlock {
+    m: usize,
+    n: usize,
+    k: usize,
+    signs: CudaSlice<u32>,
+    u: CudaSlice<f16>,
+    vt: CudaSlice<f16>,
+}
+
+impl CudaBlock {
+    /// Packs `block`'s signs for the kernels and copies it to `device`.
+    pub fn upload(
+        device: &CudaDevice,
+        block: BlockRef,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<Self> {
+        if (block.signs.m(), block.signs.n()) != (m, n)
+            || block.u.len() != m * k
+            || block.vt.len() != k * n
+        {
+            candle_core::bail!(
+                "bitstack cuda: block does not have the sizes of a {m}×{n} rank-{k} stack"
+            );
+        }
+        let words = mma_sign_words(block.signs);
+        Ok(Self {
+            m,
+            n,
+            k,
+            signs: upload(device, &words)?,
+            u: upload(device, block.u)?,
+            vt: upload(device, block.vt)?,
+        })
+    }
+
+    /// Device memory held.
+    pub fn bytes(&self) -> usize {
+        Self::bytes_for(self.m, self.n, self.k)
+    }
+
+    /// What [`CudaBlock::bytes`] is for an `m×n` rank-`k` block.
+    pub fn bytes_for(m: usize, n: usize, k: usize) -> usize {
+        4 * pack::words_for(m, n) + 2 * k * (m + n)
+    }
+}
+
+fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    device: &CudaDevice,
+    host: &[T],
+) -> Result<CudaSlice<T>> {
+    // A zero-length device allocation is an error: keep one element.
+    let mut dev = unsafe { device.alloc::<T>(host.len().max(1))? };
+    if !host.is_empty() {
+        device.memcpy_htod(host, &mut dev.slice_mut(..host.len()))?;
+    }
+    Ok(dev)
+}
+
+/// The resident blocks of one `m×n` linear on one device.
+pub struct CudaStack {
+    m: usize,
+    n: usize,
+    k: usize,
+    device: CudaDevice,
+    blocks: Vec<Arc<CudaBlock>>,
+    /// Per block, the device addresses of its signs, `u` and `vt`.
+    table: CudaSlice<u64>,
+    /// Streaming multiprocessors of the device (sizes the column split).
+    sms: usize,
+    /// The PTX module for the device's architecture: (name, source).
+    module: (&'static str, &'static str),
+}
+
+impl CudaStack {
+    /// A stack over blocks already on `device`.
+    pub fn new(
+        device: &CudaDevice,
+        m: usize,
+        n: usize,
+        k: usize,
+        blocks: Vec<Arc<CudaBlock>>,
+    ) -> Result<Self> {
+        let stream = device.cuda_stream();
+        let mut table = Vec::with_capacity(3 * blocks.len());
+        for (i, b) in blocks.iter().enumerate() {
+            if (b.m, b.n, b.k) != (m, n, k) {
+                candle_core::bail!(
+                    "bitstack cuda: block {i} is {}×{} rank {}, the stack {m}×{n} rank {k}",
+                    b.m,
+                    b.n,
+                    b.k
+                );
+            }
+            table.push(b.signs.device_ptr(&stream).0);
+            table.push(b.u.device_ptr(&stream).0);
+            table.push(b.vt.device_ptr(&stream).0);
+        }
+        let table = upload(device, &table)?;
+        let ctx = stream.context();
+        let sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .w()? as usize;
+        let module = match ctx.compute_capability().w()?.0 {
+            major @ ..=7 => candle_core::bail!(
+                "bitstack cuda: the kernels need compute capability 8.0 or newer, the device has {major}.x"
+            ),
+            8 => ("bitstack_sm80", PTX_SM80),
+            _ => ("bitstack_sm90", PTX_SM90),
+        };
+        Ok(Self {
+            m,
+            n,
+            k,
+            device: device.clone(),
+            blocks,
+            table,
+            sms,
+            module,
+        })
+    }
+
+    /// Uploads every block of `stack`.
+    pub fn upload(device: &CudaDevice, stack: &StackRef) -> Result<Self> {
+        let blocks = stack
+            .blocks
+            .iter()
+            .map(|&b| CudaBlock::upload(device, b, stack.m, stack.n, stack.k).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(device, stack.m, stack.n, stack.k, blocks)
+    }
+
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
+    /// Device memory of the blocks (the pointer table aside).
+    pub fn bytes(&self) -> usize {
+        self.blocks.iter().map(|b| b.bytes()).sum()
+    }
+
+    /// `x·Wᵀ` for a contiguous `x` of shape `[.., n]` on this stack's device.
+    pub fn cuda_matmul_t(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let Rows {
+            start,
+            rows,
+            out_shape,
+            ..
+        } = rows_of(layout, self.m, self.n)?;
+        let out = if rows == 0 || self.m == 0 {
+            zeros(&self.device, x.dtype(), rows * self.m)?
+        } else if rows <= DECODE_MAX_ROWS {
+            self.decode(x, start, rows)?
+        } else {
+            self.prefill(x, start, rows)?
+        };
+        Ok((out, out_shape))
+    }
+
+    fn decode(&self, x: &CudaStorage, start: usize, rows: usize) -> Result<CudaStorage> {
+        let (m, n) = (self.m, self.n);
+        let dev = &self.device;
+        let row_blocks = m.div_ceil(DECODE_ROWS);
+        let stages = n.div_ceil(STAGE_COLS).max(1);
+        // Two thread blocks per SM fit; aim for that many in all.
+        let want = (2 * self.sms).div_ceil(row_blocks).clamp(1, stages);
+        let stages_per_split = stages.div_ceil(want);
+        let splits = stages.div_ceil(stages_per_split);
+        let partial = unsafe { dev.alloc::<f32>(splits * rows * m)? };
+        let cfg = LaunchConfig {
+            grid_dim: (row_blocks as u32, splits as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (name, len) = (dtype_name(x.dtype())?, rows * m);
+        let stream = dev.cuda_stream();
+        let func = self.func(&format!("bitstack_decode_{name}"))?;
+        let args = [self.blocks.len(), m, n, self.k, rows, stages_per_split].map(|v| v as i32);
+        let reduce = self.func(&format!("bitstack_reduce_{name}"))?;
+        let reduce_cfg = LaunchConfig::for_num_elems(len as u32);
+        let (splits, len) = (splits as i32, len as i32);
+        macro_rules! run {
+            ($slice:expr, $t:ty, $wrap:ident) => {{
+                let x: CudaView<$t> = $slice.slice(start..start + rows * n);
+                let mut b = stream.launch_builder(&func);
+                b.arg(&self.table).arg(&args[0]).arg(&x).arg(&partial);
+                for a in &args[1..] {
+                    b.arg(a);
+                }
+                unsafe { b.launch(cfg) }.w()?;
+                let out = unsafe { dev.alloc::<$t>(rows * m)? };
+                let mut b = stream.launch_builder(&reduce);
+                b.arg(&partial).arg(&out).arg(&splits).arg(&len);
+                unsafe { b.launch(reduce_cfg) }.w()?;
+                CudaStorageSlice::$wrap(out)
+            }};
+        }
+        let slice = match &x.slice {
+            CudaStorageSlice::F32(s) => run!(s, f32, F32),
+            CudaStorageSlice::F16(s) => run!(s, f16, F16),
+            CudaStorageSlice::BF16(s) => run!(s, bf16, BF16),
+            _ => unreachable!("dtype_name admits f32, f16 and bf16 only"),
+        };
+        Ok(CudaStorage {
+            slice,
+            device: dev.clone(),
+        })
+    }
+
+    fn prefill(&self, x: &CudaStorage, start: usize, rows: usize) -> Result<CudaStorage> {
+        let (m, n) = (self.m, self.n);
+        let dev = &self.device;
+        let stream = dev.cuda_stream();
+        let func = self.func(&format!("bitstack_reconstruct_{}", dtype_name(x.dtype())?))?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                n.div_ceil(pack::CHUNK_COLS) as u32,
+                m.div_ceil(pack::TILE_ROWS) as u32,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [self.blocks.len(), m, n, self.k].map(|v| v as i32);
+        macro_rules! rebuild {
+            ($t:ty, $wrap:ident) => {{
+                let w = unsafe { dev.alloc::<$t>(m * n)? };
+                let mut b = stream.launch_builder(&func);
+                b.arg(&self.table).arg(&args[0]).arg(&w);
+                for a in &args[1..] {
+                    b.arg(a);
+                }
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorageSlice::$wrap(w)
+            }};
+        }
+        let w = match x.dtype() {
+            DType::F32 => rebuild!(f32, F32),
+            DType::F16 => rebuild!(f16, F16),
+            _ => rebuild!(bf16, BF16),
+        };
+        let w = CudaStorage {
+            slice: w,
+            device: dev.clone(),
+        };
+        let x_layout = Layout::contiguous_with_offset((rows, n), start);
+        let wt_layout = Layout::contiguous((m, n)).transpose(0, 1)?;
+        x.matmul(&w, (1, rows, m, n), &x_layout, &wt_layout)
+    }
+
+    /// A kernel of the PTX built for the newest architecture the device runs.
+    fn func(&self, name: &str) -> Result<CudaFunction> {
+        let (module, ptx) = self.module;
+        Ok(self
+            .device
+            .get_or_load_custom_func(name, module, ptx)?
+            .into_cuda_function())
+    }
+}
+
+fn dtype_name(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!(
+            "bitstack-matmul: activations must be f32, f16 or bf16, not {other:?}"
+        ),
+    })
+}
+
+fn zeros(dev: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
+    let len = len.max(1);
+    let slice = match dtype {
+        DType::F32 => CudaStorageSlice::F32(dev.alloc_zeros::<f32>(len)?),
+        DType::F16 => CudaStorageSlice::F16(dev.alloc_zeros::<f16>(len)?),
+        DType::BF16 => CudaStorageSlice::BF16(dev.alloc_zeros::<bf16>(len)?),
+        other => candle_core::bail!(
+            "bitstack-matmul: activations must be f32, f16 or bf16, not {other:?}"
+        ),
+    };
+    Ok(CudaStorage {
+        slice,
+        device: dev.clone(),
+    })
+}
