@@ -40,7 +40,7 @@ pub enum Command {
     ImportGguf(ImportGgufArgs),
     /// Compress a dense model dir into a BitStack checkpoint.
     Compress(CompressArgs),
-    /// Perplexity on a text (DESIGN §7): non-overlapping windows, no BOS.
+    /// Perplexity on a text, by the quality protocol: non-overlapping windows, no BOS.
     Eval(EvalArgs),
     /// Show layers, shapes, k, blocks and bytes of a checkpoint.
     Inspect(InspectArgs),

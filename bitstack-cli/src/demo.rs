@@ -10,13 +10,13 @@ use bitstack_quant::format::budget::Budget;
 use bitstack_quant::format::checkpoint::BlockCounts;
 use bitstack_quant::format::order::ORDER_FILE;
 use bitstack_quant::method::compress::{compress_on, CompressOptions};
-use bitstack_quant::ModelDir;
+use bitstack_quant::{Checkpoint, ModelDir};
 use candle_core::DType;
 use clap::Args;
 
 use crate::args::{DeviceArgs, ScoreArgs, WindowArgs};
 use crate::eval::{eval_model, select};
-use crate::order::{sort_dir, SortSettings};
+use crate::order::{sort_and_report, SortSettings};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -48,15 +48,19 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         let opts = CompressOptions::recommended(assets.calib_text.clone());
         compress_on(&dense, &packed, &opts, &device)?;
     }
-    if !packed.join(ORDER_FILE).exists() {
+    let checkpoint = if packed.join(ORDER_FILE).exists() {
+        Checkpoint::open(&packed)?
+    } else {
         eprintln!("sorting the blocks of {}", packed.display());
         let opts = SortSettings::default().options(
             assets.calib_text.clone(),
             WindowArgs::default(),
             device.clone(),
         );
-        sort_dir(&packed, &opts)?;
-    }
+        let mut checkpoint = Checkpoint::open_to_reorder(&packed)?;
+        sort_and_report(&mut checkpoint, &opts)?;
+        checkpoint
+    };
     println!(
         "{:<10} {:>8} {:>12} {:>14}",
         "model", "bits/w", "PPL", "linear MiB"
@@ -85,7 +89,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "dense",
         &eval(&ModelDir::open(&dense)?, BlockCounts::all())?,
     );
-    let packed = ModelDir::open(&packed)?;
+    let packed = ModelDir::BitStack(checkpoint);
     for &budget in &args.budgets {
         let (counts, _) = select(&packed, Some(budget), None)?;
         row(&budget.to_string(), &eval(&packed, counts)?);

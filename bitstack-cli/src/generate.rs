@@ -66,7 +66,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let mut stream = TextStream::new(&tokenizer);
     let mut out = std::io::stdout().lock();
     write!(out, "{prompt}")?;
-    let g = generate(&model, &ids, &eos_token_ids(&dir), &opts, |id| {
+    let g = generate(&model, &ids, &eos_token_ids(dir), &opts, |id| {
         write!(out, "{}", stream.push(id)?)?;
         out.flush()?;
         Ok(())

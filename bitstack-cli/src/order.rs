@@ -88,15 +88,17 @@ impl SortArgs {
 /// `bitstack sort`.
 pub fn sort(args: &SortArgs) -> Result<()> {
     let opts = args.options(args.calib.path()?, args.device.device.open()?);
-    sort_dir(&args.dir, &opts)
+    let mut checkpoint = Checkpoint::open_to_reorder(&args.dir)?;
+    sort_and_report(&mut checkpoint, &opts)
 }
 
-/// Sorts the checkpoint in `dir` and says what was written. An order file
-/// that no longer fits is replaced, not refused: sorting is how it is fixed.
-pub fn sort_dir(dir: &Path, opts: &SortOptions) -> Result<()> {
-    let mut checkpoint = Checkpoint::open_to_reorder(dir)?;
+/// Sorts `checkpoint` and says what was written. It is opened with
+/// [`Checkpoint::open_to_reorder`]: an order file that no longer fits is
+/// replaced, not refused, since sorting is how it is fixed.
+pub fn sort_and_report(checkpoint: &mut Checkpoint, opts: &SortOptions) -> Result<()> {
     let pb = progress_bar(0, "sorting");
-    let (order, report) = sort_checkpoint(&mut checkpoint, opts, &pb)?;
+    let (order, report) = sort_checkpoint(checkpoint, opts, &pb)?;
+    let dir = checkpoint.dir();
     pb.finish_and_clear();
     println!(
         "sorted {} blocks ({:?}) in {:.1}s ({} layer passes); wrote {} and {}",
@@ -145,10 +147,10 @@ pub fn ladder(args: &LadderArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&ladder)?);
     } else {
-        print_ladder(&order, &ladder);
+        print_ladder(order, &ladder);
     }
     if let Some(path) = &args.plot {
-        ladder_plot(dir, &order, &ladder, args.dense_ppl)?.write_png(path)?;
+        ladder_plot(dir, order, &ladder, args.dense_ppl)?.write_png(path)?;
         let msg = format!("wrote {}", path.display());
         if args.json {
             eprintln!("{msg}");

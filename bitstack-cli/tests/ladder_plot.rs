@@ -1,6 +1,7 @@
 //! `bitstack ladder DIR --plot FILE.png`: measured rungs and the dense model
 //! drawn into a real PNG, and the errors when there is nothing to draw.
 
+#[path = "../../bitstack-quant/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};

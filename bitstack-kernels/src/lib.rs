@@ -45,6 +45,6 @@ pub mod tmac;
 pub use dispatch::{stack_matmul_t, DECODE_MAX_ROWS};
 pub use isa::Isa;
 pub use layout::{
-    row_major_sign, tiled_row, BlockRef, OwnedBlock, OwnedStack, StackRef, TiledSigns,
+    packed_sign, row_major_sign, tiled_row, BlockRef, OwnedBlock, OwnedStack, StackRef, TiledSigns,
 };
 pub use op::{bitstack_matmul, BitStackMatmul, StackSource};

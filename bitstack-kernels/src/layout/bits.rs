@@ -20,12 +20,18 @@ pub(crate) const fn nibble_sign(nibble: usize, q: usize) -> bool {
     byte_sign(nibble as u8, 4 + q)
 }
 
+/// Whether sign `bit` of a packed run of signs (eight to a byte, the first
+/// in the most significant bit) is +1: the one place a sign bit is read.
+#[inline(always)]
+pub fn packed_sign(signs: &[u8], bit: usize) -> bool {
+    byte_sign(signs[bit / 8], bit % 8)
+}
+
 /// Whether `W[i, c]` is +1 in a row-major packed sign matrix with rows of
 /// `n` bits (the checkpoint's layout).
 #[inline(always)]
 pub fn row_major_sign(signs: &[u8], n: usize, i: usize, c: usize) -> bool {
-    let bit = i * n + c;
-    byte_sign(signs[bit / 8], bit % 8)
+    packed_sign(signs, i * n + c)
 }
 
 /// Room for one row's realigned sign bits, needed only when rows do not

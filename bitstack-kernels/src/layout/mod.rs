@@ -14,8 +14,8 @@ mod rows;
 mod stack;
 mod tiled;
 
-pub use bits::row_major_sign;
 pub(crate) use bits::{nibble_sign, SIGN_MASKS};
+pub use bits::{packed_sign, row_major_sign};
 pub(crate) use rows::{rows_of, Rows};
 pub use stack::{BlockRef, OwnedBlock, OwnedStack, StackRef};
 pub use tiled::{tiled_row, TiledSigns, TILE_ROWS};

@@ -1,4 +1,4 @@
-//! Perplexity exactly as DESIGN §7 measures it.
+//! Perplexity exactly as the quality protocol measures it (docs/design.md, "Quality protocol").
 //!
 //! Tokenize the whole text without BOS, cut non-overlapping windows from the
 //! start, run each window as an independent forward, score positions 1…L−1.

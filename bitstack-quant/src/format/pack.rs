@@ -33,16 +33,11 @@ pub fn pack_signs(values: &[f32]) -> Vec<u8> {
 /// The sign (+1.0 or −1.0) of element `index` of a packed matrix.
 #[inline]
 pub fn sign_at(packed: &[u8], index: usize) -> f32 {
-    if packed[index / 8] & (0x80 >> (index % 8)) != 0 {
+    if bitstack_kernels::packed_sign(packed, index) {
         1.0
     } else {
         -1.0
     }
-}
-
-/// Unpacks `len` signs as ±1.0.
-pub fn unpack_signs(packed: &[u8], len: usize) -> Vec<f32> {
-    (0..len).map(|i| sign_at(packed, i)).collect()
 }
 
 #[cfg(test)]
@@ -87,9 +82,8 @@ mod tests {
             })
             .collect();
         let p = pack_signs(&v);
-        let u = unpack_signs(&p, v.len());
-        for (a, b) in v.iter().zip(&u) {
-            assert_eq!(*b, if *a >= 0.0 { 1.0 } else { -1.0 });
+        for (i, a) in v.iter().enumerate() {
+            assert_eq!(sign_at(&p, i), if *a >= 0.0 { 1.0 } else { -1.0 });
         }
     }
 }

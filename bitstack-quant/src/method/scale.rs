@@ -1,4 +1,4 @@
-//! Activation-aware scaling with folding (DESIGN §1.1).
+//! Activation-aware scaling with folding (docs/design.md, "The method", step 1).
 //!
 //! `s[c] = mean over windows of ‖x[window, :, c]‖₂ + 1e-3`; the weight is
 //! multiplied by `diag(s)` before decomposition so that channels with large

@@ -225,8 +225,8 @@ impl bitstack_kernels::StackSource for WeightStack {
 /// `out[c] += sign(bit c) · row[c]`, flipping the float's sign bit.
 fn add_signed(signs: &[u8], row: &[f32], out: &mut [f32]) {
     for (c, (o, r)) in out.iter_mut().zip(row).enumerate() {
-        let bit = (signs[c >> 3] >> (7 - (c & 7))) & 1;
-        *o += f32::from_bits(r.to_bits() ^ (((bit ^ 1) as u32) << 31));
+        let negative = !bitstack_kernels::packed_sign(signs, c) as u32;
+        *o += f32::from_bits(r.to_bits() ^ (negative << 31));
     }
 }
 

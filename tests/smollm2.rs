@@ -2,6 +2,7 @@
 //! `bitstack-assets`). Slow: `#[ignore]`d in the fast suite, run by CI with
 //! `--include-ignored`.
 
+#[path = "../bitstack-quant/tests/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;
