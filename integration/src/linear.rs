@@ -10,8 +10,8 @@ use std::fmt;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use bitstack_quant::runtime::elastic::BitStackHandle;
-use bitstack_quant::runtime::model::LinearKind;
+use bitstack_quant::runtime::linear::{stack_tensor, LinearWeight};
+use bitstack_quant::{BitStackHandle, LinearKind};
 use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_quant::{IsqType, QuantMethod, QuantMethodConfig, QuantizeOntoGuard, QuantizedSerde};
 
@@ -65,7 +65,7 @@ impl BitStackLinear {
         if m != out_dim {
             candle_core::bail!("bitstack: {path} has {m} outputs, the model asks for {out_dim}");
         }
-        if let bitstack_quant::runtime::linear::LinearWeight::BitStack(s) = &linear.weight {
+        if let LinearWeight::BitStack(s) = &linear.weight {
             if s.n != in_dim {
                 candle_core::bail!(
                     "bitstack: {path} has {} inputs, the model asks for {in_dim}",
@@ -111,10 +111,8 @@ impl QuantMethod for BitStackLinear {
         let snapshot = self.handle.snapshot();
         let linear = snapshot.layers[self.site.layer].linear(self.site.kind);
         match &linear.weight {
-            bitstack_quant::runtime::linear::LinearWeight::BitStack(s) => {
-                bitstack_quant::runtime::linear::stack_tensor(s, &snapshot.device, self.dtype)
-            }
-            bitstack_quant::runtime::linear::LinearWeight::Dense(w) => w.to_dtype(self.dtype),
+            LinearWeight::BitStack(s) => stack_tensor(s, &snapshot.device, self.dtype),
+            LinearWeight::Dense(w) => w.to_dtype(self.dtype),
         }
     }
 

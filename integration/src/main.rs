@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bitstack_mistralrs::{register, Registration};
-use bitstack_quant::format::budget::Budget;
+use bitstack_quant::Budget;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mistralrs::{
     IsqType, MistralRs, Model, ModelDType, RequestBuilder, SamplingParams, TextMessageRole,

@@ -12,10 +12,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bitstack_mistralrs::register;
-use bitstack_quant::format::budget::Budget;
-use bitstack_quant::method::compress::{compress, CompressOptions};
-use bitstack_quant::runtime::elastic::BitStackHandle;
 use bitstack_quant::method::svd::SvdMethod;
+use bitstack_quant::{compress, BitStackHandle, Budget, Checkpoint, CompressOptions};
 use candle_core::{DType, Device, Tensor};
 use mistralrs::{ModelDType, TextMessageRole, TextMessages, TextModelBuilder};
 
@@ -64,7 +62,10 @@ async fn logits_equal_our_runner_at_several_levels() {
     let bytes: Vec<u64> = levels.iter().map(|&l| probe.bytes_at_level(l)).collect();
     drop(probe);
     for (&level, &bytes) in levels.iter().zip(&bytes) {
+        let opened = Checkpoint::opened_count();
         let reg = register(dir, Some(Budget::Bytes(bytes)), None, &cpu(), DType::F32).unwrap();
+        // One read of the checkpoint serves the budget, the handle and the factory.
+        assert_eq!(Checkpoint::opened_count(), opened + 1);
         assert_eq!(reg.handle.level(), level);
         let model = TextModelBuilder::new(dir.to_str().unwrap())
             .with_force_cpu()

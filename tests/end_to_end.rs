@@ -1,0 +1,158 @@
+//! The whole job on the real SmolLM2-135M-Instruct, through the `bitstack`
+//! commands (run in-process, as the binary runs them): compress → sort →
+//! eval at several budgets (recorded with the ladder) → generate, then a
+//! running model resized down and up equals fresh loads of those rungs.
+//! Slow: `#[ignore]`d in the fast suite, run by CI with `--include-ignored`.
+
+use std::path::{Path, PathBuf};
+
+use bitstack::runtime::model::load_tokenizer;
+use bitstack::{BitStackHandle, Budget, Checkpoint, Llama};
+use bitstack_cli::cli::Cli;
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+
+fn bitstack(args: &[&str]) {
+    let cli = Cli::try_parse_from(std::iter::once("bitstack").chain(args.iter().copied()))
+        .unwrap_or_else(|e| panic!("bitstack {args:?}: {e}"));
+    bitstack_cli::run(cli).unwrap_or_else(|e| panic!("bitstack {args:?}: {e:#}"));
+}
+
+/// The dense f32 SmolLM2 dir, imported once per assets dir, and the
+/// calibration and evaluation texts.
+fn smollm2() -> (PathBuf, PathBuf, PathBuf) {
+    let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
+    let dir = assets.dir.join("SmolLM2-135M-Instruct");
+    if !dir.join("config.json").exists() {
+        bitstack_assets::import_gguf(&assets.gguf, &dir, DType::F32).expect("import");
+    }
+    (dir, assets.calib_text, assets.eval_text)
+}
+
+fn last_logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model.forward(&x).unwrap();
+    let last = logits.dim(1).unwrap() - 1;
+    logits
+        .narrow(1, last, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+#[ignore = "end to end: fetches SmolLM2, compresses, sorts and scores it"]
+fn compress_sort_eval_and_resize_the_real_model() {
+    let (dense, calib, eval_text) = smollm2();
+    let root = tempfile::tempdir().unwrap();
+    let packed = root.path().join("smollm2-bitstack");
+    let window = ["--seq-len", "128", "--batch", "4"];
+
+    let compress = [
+        "compress",
+        s(&dense),
+        s(&packed),
+        "--k",
+        "4",
+        "--niter",
+        "3",
+        "--signs",
+        "avd",
+        "--calib",
+        s(&calib),
+        "--calib-windows",
+        "4",
+    ];
+    bitstack(&[&compress[..], &window].concat());
+    let sort = [
+        "sort",
+        s(&packed),
+        "--calib",
+        s(&calib),
+        "--sort-windows",
+        "1",
+        "--skip-windows",
+        "4",
+    ];
+    bitstack(&[&sort[..], &window].concat());
+
+    // Three rungs: the floor, the middle and the top of the ladder.
+    let ladder = Checkpoint::open(&packed).unwrap().ladder();
+    assert_eq!(ladder.len(), 1 + 2 * 210);
+    let rungs = [&ladder[0], &ladder[210], &ladder[420]];
+    for rung in rungs {
+        let budget = format!("{}B", rung.total_bytes);
+        let eval = [
+            "eval",
+            s(&packed),
+            "--text",
+            s(&eval_text),
+            "--windows",
+            "4",
+            "--budget",
+            &budget,
+            "--record",
+        ];
+        bitstack(&[&eval[..], &window].concat());
+    }
+    let checkpoint = Checkpoint::open(&packed).unwrap();
+    let measured: Vec<(usize, f64)> = checkpoint
+        .order()
+        .measured
+        .iter()
+        .map(|m| (m.level, m.ppl))
+        .collect();
+    let levels: Vec<usize> = measured.iter().map(|m| m.0).collect();
+    assert_eq!(levels, [0, 210, 420]);
+    // More blocks, better model; all of them far better than the floor.
+    assert!(
+        measured[0].1 > measured[1].1 && measured[1].1 > measured[2].1,
+        "{measured:?}"
+    );
+    assert!(measured[2].1 < 0.5 * measured[0].1, "{measured:?}");
+    bitstack(&[
+        "generate",
+        s(&packed),
+        "--prompt",
+        "The capital of France is",
+        "--budget",
+        "100%",
+        "--max-tokens",
+        "4",
+    ]);
+
+    // A running model resized down and back up equals fresh loads.
+    let ids = load_tokenizer(&packed)
+        .unwrap()
+        .encode("The capital of France is", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let fresh: Vec<Vec<f32>> = rungs
+        .iter()
+        .map(|r| {
+            let plan = checkpoint.plan_level(r.level).unwrap();
+            let model = Llama::from_checkpoint(&checkpoint, &plan.counts, &Device::Cpu).unwrap();
+            last_logits(&model, &ids)
+        })
+        .collect();
+    let plan = checkpoint
+        .plan(Budget::Bytes(rungs[2].total_bytes as u64))
+        .unwrap();
+    let handle = BitStackHandle::from_checkpoint(checkpoint, &plan, &Device::Cpu).unwrap();
+    for (i, rung) in [2, 0, 1, 2].map(|i| (i, rungs[i])) {
+        handle.set_budget(rung.total_bytes as u64).unwrap();
+        assert_eq!(handle.level(), rung.level);
+        assert_eq!(handle.resident_bytes(), rung.total_bytes as u64);
+        assert_eq!(last_logits(&handle.snapshot(), &ids), fresh[i], "rung {i}");
+    }
+}
