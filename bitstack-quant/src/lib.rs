@@ -15,7 +15,7 @@
 //! - [`eval`]: calibration windows, perplexity as the quality protocol
 //!   defines it, the block sort and checkpoint inspection.
 //! - [`method`]: activation-aware scaling, the residual decomposition, and
-//!   [`compress`](method::compress::compress), the pipeline that turns a
+//!   [`compress`], the pipeline that turns a
 //!   dense model dir into a checkpoint.
 //!
 //! [`hub`] resolves a model argument (a local dir or a Hub id). The kernels

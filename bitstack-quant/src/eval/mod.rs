@@ -1,9 +1,9 @@
-//! Evaluation: calibration data, perplexity, the block sort and budgets.
+//! Evaluation: calibration data, perplexity and the block sort.
 //!
 //! [`calibrate`] windows a text and records a layer's inputs, [`perplexity`]
 //! scores a model as the quality protocol asks, [`sort`] orders the blocks
-//! of a checkpoint by how much each one helps, [`budget`] parses a memory
-//! budget and [`inspect`] summarises a checkpoint.
+//! of a checkpoint by how much each one helps and [`inspect`] summarises a
+//! checkpoint.
 
 pub mod calibrate;
 pub mod inspect;

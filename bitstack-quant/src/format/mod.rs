@@ -4,9 +4,12 @@
 //! `quantization_config` ([`config`]) and whose safetensors files
 //! ([`store`]) hold every block of every linear under the reference's names
 //! ([`block`], signs packed as in [`pack`]), plus the global block order
-//! and its memory ladder ([`order`]). [`Checkpoint`] opens all of it once;
-//! [`CheckpointWriter`] is the one writer of the layout, used by
-//! compression and by [`synthetic`] checkpoints.
+//! and its memory ladder ([`order`]). [`checkpoint::Checkpoint`] opens all
+//! of it once ([`model_dir::ModelDir`] a dir that may be dense);
+//! [`writer::CheckpointWriter`] is the one writer of the layout, used by
+//! compression and by [`synthetic`] checkpoints. [`architecture`] names
+//! the linears of a layer and their shapes, [`budget`] parses a memory
+//! budget.
 
 pub mod architecture;
 pub mod block;

@@ -2,8 +2,7 @@
 
 use std::sync::Arc;
 
-use bitstack_kernels::{tiled_row, BlockRef, StackRef, TiledSigns};
-use half::f16;
+use bitstack_kernels::{tiled_row, OwnedBlock, StackRef};
 use rayon::prelude::*;
 
 use anyhow::Result;
@@ -22,17 +21,21 @@ type StackUpload = bitstack_kernels::cuda::CudaStack;
 #[cfg(not(feature = "cuda"))]
 type StackUpload = ();
 
-/// A block as a running model holds it: the signs re-tiled for the kernels
-/// (see [`TiledSigns`]), the factors as stored.
+/// A block as a running model holds it: the kernels' [`OwnedBlock`] (signs
+/// re-tiled, factors as stored; its fields read through this type) and its
+/// upload for CUDA forwards.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StackBlock {
-    pub signs: TiledSigns,
-    /// `m×k`, row-major.
-    pub u: Vec<f16>,
-    /// `k×n`, row-major.
-    pub vt: Vec<f16>,
+    pub block: OwnedBlock,
     /// The upload for CUDA forwards, made on first use (none on the CPU).
     pub device: DeviceCopy<BlockUpload>,
+}
+
+impl std::ops::Deref for StackBlock {
+    type Target = OwnedBlock;
+    fn deref(&self) -> &OwnedBlock {
+        &self.block
+    }
 }
 
 impl StackBlock {
@@ -42,9 +45,13 @@ impl StackBlock {
     pub fn read(store: &TensorStore, path: &str, i: usize, shape: BlockShape) -> Result<Self> {
         let checked = CheckedBlock::read(store, path, i, shape)?;
         Ok(Self {
-            signs: TiledSigns::from_row_major(checked.signs, shape.m, shape.n),
-            u: checked.u,
-            vt: checked.vt,
+            block: OwnedBlock::from_row_major(
+                checked.signs,
+                shape.m,
+                shape.n,
+                checked.u,
+                checked.vt,
+            ),
             device: Default::default(),
         })
     }
@@ -52,9 +59,7 @@ impl StackBlock {
     /// Re-tiles `block` of an `m×n` weight (its row-major signs are dropped).
     pub fn new(block: Block, m: usize, n: usize) -> Self {
         Self {
-            signs: TiledSigns::from_row_major(&block.signs, m, n),
-            u: block.u,
-            vt: block.vt,
+            block: OwnedBlock::from_row_major(&block.signs, m, n, block.u, block.vt),
             device: DeviceCopy::default(),
         }
     }
@@ -185,11 +190,7 @@ impl bitstack_kernels::StackSource for WeightStack {
             blocks: self
                 .blocks
                 .iter()
-                .map(|b| BlockRef {
-                    signs: &b.signs,
-                    u: &b.u,
-                    vt: &b.vt,
-                })
+                .map(|b| b.block_ref())
                 .collect(),
         }
     }
@@ -208,12 +209,7 @@ impl bitstack_kernels::StackSource for WeightStack {
                 .iter()
                 .map(|b| {
                     b.device.get_or_try_make(device, || {
-                        let block = BlockRef {
-                            signs: &b.signs,
-                            u: &b.u,
-                            vt: &b.vt,
-                        };
-                        CudaBlock::upload(device, block, self.m, self.n, self.k)
+                        CudaBlock::upload(device, b.block_ref(), self.m, self.n, self.k)
                     })
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
