@@ -187,11 +187,7 @@ impl bitstack_kernels::StackSource for WeightStack {
             m: self.m,
             n: self.n,
             k: self.k,
-            blocks: self
-                .blocks
-                .iter()
-                .map(|b| b.block_ref())
-                .collect(),
+            blocks: self.blocks.iter().map(|b| b.block_ref()).collect(),
         }
     }
 
