@@ -101,6 +101,9 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         r.decomposition_time.as_secs_f64(),
         r.mean_relative_residual
     );
+    if let Some(peak) = r.peak_resident_bytes {
+        println!("peak resident memory {} MiB", peak >> 20);
+    }
     Ok(())
 }
 

@@ -35,6 +35,7 @@
 pub mod eval;
 pub mod format;
 pub mod hub;
+pub mod memory;
 pub mod method;
 pub mod progress;
 pub mod runtime;

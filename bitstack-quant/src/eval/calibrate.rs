@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
-use crate::runtime::model::{Llama, TapPoint, Taps};
+use crate::runtime::model::{DecoderContext, DecoderLayer, Llama, TapPoint, Taps};
 
 /// Input statistics of one decoder layer's linears.
 #[derive(Clone, Debug, Default)]
@@ -106,17 +106,58 @@ impl LayerByLayer {
             .iter()
             .map(|ids| model.embed(ids))
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self {
+        Ok(Self::from_hidden(hidden, windows.len(), grams))
+    }
+
+    /// As [`LayerByLayer::new`], looking the tokens up in the embedding
+    /// table `embed` (`[vocab, d]`) alone: the caller may drop the table
+    /// afterwards.
+    pub fn embedding(
+        embed: &Tensor,
+        windows: &[Vec<u32>],
+        batch: usize,
+        grams: bool,
+    ) -> Result<Self> {
+        let d = embed.dim(1)?;
+        let hidden = window_batches(windows, batch, embed.device())?
+            .iter()
+            .map(|ids| {
+                let (b, l) = ids.dims2()?;
+                embed
+                    .index_select(&ids.flatten_all()?, 0)?
+                    .reshape((b, l, d))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self::from_hidden(hidden, windows.len(), grams))
+    }
+
+    fn from_hidden(hidden: Vec<Tensor>, windows: usize, grams: bool) -> Self {
+        Self {
             hidden,
             next: 0,
-            windows: windows.len(),
+            windows,
             grams,
-        })
+        }
+    }
+
+    /// Index of the layer [`next_layer`](Self::next_layer) runs.
+    pub fn next_index(&self) -> usize {
+        self.next
     }
 
     /// Runs the next layer of `model` (which must compute what it computed
     /// for the earlier layers) and returns its input statistics.
     pub fn next_layer(&mut self, model: &Llama) -> Result<LayerStats> {
+        self.next_layer_of(&model.context(), &model.layers[self.next])
+    }
+
+    /// Runs `layer`, the next decoder layer, held alone (the model's other
+    /// layers need not be loaded), and returns its input statistics.
+    pub fn next_layer_of(
+        &mut self,
+        ctx: &DecoderContext,
+        layer: &DecoderLayer,
+    ) -> Result<LayerStats> {
         let mut stats = LayerStats {
             windows: self.windows,
             ..Default::default()
@@ -126,7 +167,7 @@ impl LayerByLayer {
                 stats: &mut stats,
                 grams: self.grams,
             };
-            *h = model.layer_forward(self.next, h, &mut taps)?;
+            *h = layer.forward(ctx, h, &mut taps, None)?;
         }
         self.next += 1;
         Ok(stats)

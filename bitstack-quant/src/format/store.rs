@@ -153,6 +153,31 @@ impl TensorStore {
         }
     }
 
+    /// Lets the kernel drop the resident pages of `name`, already copied
+    /// out: a streaming reader of a large file then holds only what it is
+    /// working on. A later read maps the pages in again from the file.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.entries.get(name) {
+            let map = &self.files[e.file].1;
+            // SAFETY: the mapping is a read-only private map of a file that
+            // is not written while open; dropping its pages only makes the
+            // next access read them again, so no view of it changes.
+            let dropped = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    e.start,
+                    e.end - e.start,
+                )
+            };
+            if let Err(err) = dropped {
+                tracing::debug!("releasing the pages of {}: {err}", self.location(name));
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// Raw bytes of `name`, checked against the expected dtype and shape.
     pub fn bytes(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&[u8]> {
         let e = self.entry(name)?;

@@ -189,6 +189,7 @@ impl CheckpointWriter {
         let metadata = (!checksums.is_empty()).then_some(checksums);
         safetensors::serialize_to_file(views, metadata, &path)
             .with_context(|| format!("cannot write {}", path.display()))?;
+        sort_header_keys(&path).with_context(|| format!("cannot write {}", path.display()))?;
         for (n, _) in tensors {
             self.weight_map.insert(n.clone(), name.clone());
         }
@@ -218,4 +219,33 @@ impl CheckpointWriter {
         }
         self.dir.commit()
     }
+}
+
+/// Rewrites the JSON header of the safetensors file at `path` with its keys
+/// sorted. The crate writes the metadata in hash-map order, which changes
+/// from run to run; sorted, the same compression gives the same bytes.
+fn sort_header_keys(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)?;
+    let len = usize::try_from(u64::from_le_bytes(len))?;
+    let mut header = vec![0u8; len];
+    file.read_exact(&mut header)?;
+    // serde_json's map is ordered by key, so a round trip sorts the keys.
+    let value: serde_json::Value = serde_json::from_slice(&header)?;
+    let mut sorted = serde_json::to_vec(&value)?;
+    ensure!(
+        sorted.len() <= len,
+        "internal: sorted header is longer than the original"
+    );
+    sorted.resize(len, b' ');
+    if sorted != header {
+        file.seek(SeekFrom::Start(8))?;
+        file.write_all(&sorted)?;
+    }
+    Ok(())
 }

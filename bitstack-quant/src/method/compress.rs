@@ -1,5 +1,6 @@
 //! The compression pipeline: calibrate, scale and fold, decompose, write.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,9 @@ use crate::method::scale::{fold, LayerScales};
 use crate::method::svd::SvdMethod;
 use crate::progress::progress_bar;
 use crate::runtime::linear::LinearWeight;
-use crate::runtime::model::{linear_shape, load_tokenizer, LinearKind, Llama};
+use crate::runtime::model::{
+    linear_shape, load_tokenizer, DecoderContext, DecoderLayer, LinearKind, Rope, TapPoint,
+};
 
 /// Rank of the blocks by default. On SmolLM2's 576-wide matrices a block of
 /// rank 4 costs about 1.2 bits per weight (rank 16: 1.6–2.8), so the ladder
@@ -28,6 +31,24 @@ use crate::runtime::model::{linear_shape, load_tokenizer, LinearKind, Llama};
 pub const DEFAULT_K: usize = 4;
 /// Blocks per linear by default: up to about 9.5 bits per weight at k = 4.
 pub const DEFAULT_NITER: usize = 8;
+
+const EMBED: &str = "model.embed_tokens.weight";
+const NORM: &str = "model.norm.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
+/// `name` from `store` as an f32 tensor on `device`.
+fn dense_tensor(
+    store: &TensorStore,
+    name: &str,
+    shape: &[usize],
+    device: &Device,
+) -> Result<candle_core::Tensor> {
+    Ok(candle_core::Tensor::from_vec(
+        store.f32_shaped(name, shape)?,
+        shape,
+        device,
+    )?)
+}
 
 /// Knobs of `bitstack compress`.
 #[derive(Clone, Debug)]
@@ -106,6 +127,8 @@ pub struct CompressReport {
     pub blocks_bytes: usize,
     /// Mean over linears of ‖R_niter‖/‖W‖ (scaled weights).
     pub mean_relative_residual: f64,
+    /// Peak resident memory of the process so far, where the OS reports it.
+    pub peak_resident_bytes: Option<u64>,
 }
 
 /// Compresses the dense model in `model_dir` into a BitStack checkpoint at `out_dir`.
@@ -185,14 +208,26 @@ pub fn compress_on(
         );
     }
 
+    // Streaming: the source is mapped, not loaded. Only the calibration
+    // windows' hidden states, one decoder layer's weights and its input
+    // statistics are held; each tensor's mapped pages are released once
+    // copied out, so the resident set does not grow with the layer count.
     let store = TensorStore::open_dir(model_dir)?;
-    let mut model = Llama::from_store(cfg.clone(), &store, &BlockCounts::all(), device)?;
-    drop(store);
+    let mut calibration = {
+        let embed = dense_tensor(&store, EMBED, &[cfg.vocab_size, cfg.hidden_size], device)?;
+        LayerByLayer::embedding(&embed, &calib, opts.batch, opts.feedback.is_some())?
+    };
+    store.release(EMBED);
+    let rope = Rope::new(&cfg, opts.seq_len, device)?;
+    let ctx = DecoderContext {
+        cfg: &cfg,
+        rope: &rope,
+        differentiable: false,
+    };
 
     // Calibrate and decompose one layer at a time, so that only one layer's
     // statistics (its inputs' Gram matrices) are held at once. Folding keeps
     // each layer's function, so later layers see the same inputs.
-    let mut calibration = LayerByLayer::new(&model, &calib, opts.batch, opts.feedback.is_some())?;
     let (mut calibration_time, mut decomposition_time) = (Duration::ZERO, Duration::ZERO);
     // Rayon parallelises across linears; keep faer single-threaded inside.
     faer::set_global_parallelism(faer::Par::Seq);
@@ -204,13 +239,17 @@ pub fn compress_on(
     let mut residuals = Vec::new();
     for l in 0..cfg.num_hidden_layers {
         let t0 = Instant::now();
-        let layer_stats = &calibration.next_layer(&model)?;
+        let mut layer = DecoderLayer::load(&store, &cfg, l, &BlockCounts::all(), device)?;
+        let prefix = format!("model.layers.{l}.");
+        for name in store.names().filter(|n| n.starts_with(&prefix)) {
+            store.release(name);
+        }
+        let layer_stats = &calibration.next_layer_of(&ctx, &layer)?;
         pb.inc(1);
         calibration_time += t0.elapsed();
         let t1 = Instant::now();
         let scales = LayerScales::from_stats(layer_stats, &cfg)?;
-        let layer = &mut model.layers[l];
-        fold(layer, &scales)?;
+        fold(&mut layer, &scales)?;
         let weights: Vec<(LinearKind, Vec<f32>)> = LinearKind::ALL
             .iter()
             .map(|&kind| match &layer.linear(kind).weight {
@@ -218,22 +257,36 @@ pub fn compress_on(
                 LinearWeight::BitStack(_) => unreachable!("the source model is dense"),
             })
             .collect::<Result<_>>()?;
+        // Linears that read the same input with the same scale (q, k, v;
+        // gate, up) share their feedback weights: one inversion each.
+        let feedbacks: HashMap<TapPoint, Feedback> = match opts.feedback {
+            None => HashMap::new(),
+            Some(f) => {
+                let mut points: Vec<(TapPoint, LinearKind)> = Vec::new();
+                for kind in LinearKind::ALL {
+                    if !points.iter().any(|(p, _)| *p == kind.input()) {
+                        points.push((kind.input(), kind));
+                    }
+                }
+                points
+                    .par_iter()
+                    .map(|&(point, kind)| {
+                        let n = linear_shape(&cfg, kind).1;
+                        let gram = layer_stats.grams.get(&point).with_context(|| {
+                            format!("calibration recorded no input Gram for {}", kind.path(l))
+                        })?;
+                        let fb = Feedback::from_gram(gram, n, scales.of(kind), f.damp)
+                            .with_context(|| format!("input Gram of {}", kind.path(l)))?;
+                        Ok((point, fb))
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
         let decomposed: Vec<_> = weights
             .par_iter()
             .map(|(kind, w)| {
                 let (m, n) = linear_shape(&cfg, *kind);
-                let feedback = match opts.feedback {
-                    None => None,
-                    Some(f) => {
-                        let gram = layer_stats.grams.get(&kind.input()).with_context(|| {
-                            format!("calibration recorded no input Gram for {}", kind.path(l))
-                        })?;
-                        Some(
-                            Feedback::from_gram(gram, n, scales.of(*kind), f.damp)
-                                .with_context(|| format!("input Gram of {}", kind.path(l)))?,
-                        )
-                    }
-                };
+                let feedback = feedbacks.get(&kind.input());
                 let d = decompose_with(
                     w,
                     m,
@@ -242,7 +295,6 @@ pub fn compress_on(
                     opts.niter,
                     opts.svd,
                     feedback
-                        .as_ref()
                         .zip(opts.feedback)
                         .map(|(fb, f)| (fb, f.refit, f.rounds)),
                 )
@@ -281,22 +333,24 @@ pub fn compress_on(
     }
     pb.finish();
 
-    let mut dense = vec![
-        (
-            "model.embed_tokens.weight".to_string(),
-            OwnedTensor::from_tensor(&model.embed)?,
-        ),
-        (
-            "model.norm.weight".to_string(),
-            OwnedTensor::from_tensor(&model.norm)?,
-        ),
-    ];
-    if let Some(head) = &model.lm_head {
-        dense.push((
-            "lm_head.weight".to_string(),
-            OwnedTensor::from_tensor(head)?,
-        ));
+    drop(calibration);
+
+    let d = cfg.hidden_size;
+    let mut dense_names = vec![(EMBED, vec![cfg.vocab_size, d]), (NORM, vec![d])];
+    if !cfg.tie_word_embeddings {
+        if !store.contains(LM_HEAD) {
+            bail!("{LM_HEAD} is missing and tie_word_embeddings is false");
+        }
+        dense_names.push((LM_HEAD, vec![cfg.vocab_size, d]));
     }
+    let dense = dense_names
+        .into_iter()
+        .map(|(name, shape)| {
+            let values = store.f32_shaped(name, &shape)?;
+            store.release(name);
+            Ok((name.to_string(), OwnedTensor::f32(&values, &shape)))
+        })
+        .collect::<Result<Vec<_>>>()?;
     writer.write_dense(dense)?;
     for extra in [
         "tokenizer.json",
@@ -319,5 +373,6 @@ pub fn compress_on(
         linears: residuals.len(),
         blocks_bytes,
         mean_relative_residual: residuals.iter().sum::<f64>() / residuals.len().max(1) as f64,
+        peak_resident_bytes: crate::memory::peak_resident_bytes(),
     })
 }

@@ -71,6 +71,140 @@ impl DecoderLayer {
             LinearKind::Down => &mut self.down,
         }
     }
+
+    /// Decoder layer `l` of the model in `store`, each linear dense or with
+    /// `blocks` of its BitStack blocks.
+    pub fn load(
+        store: &TensorStore,
+        cfg: &ModelConfig,
+        l: usize,
+        blocks: &BlockCounts,
+        device: &Device,
+    ) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let tensor = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let v = store.f32_shaped(name, shape)?;
+            Ok(Tensor::from_vec(v, shape, device)?)
+        };
+        let lin = |kind: LinearKind| -> Result<Linear> {
+            let (m, n) = linear_shape(cfg, kind);
+            let has_bias = match kind {
+                LinearKind::Q | LinearKind::K | LinearKind::V => cfg.qkv_bias(),
+                LinearKind::O => cfg.o_bias(),
+                _ => false,
+            };
+            let path = kind.path(l);
+            let bias = if has_bias {
+                Some(tensor(&format!("{path}.bias"), &[m])?)
+            } else {
+                None
+            };
+            let weight = load_linear_weight(store, cfg, &path, m, n, blocks, device)?;
+            Ok(Linear { weight, bias })
+        };
+        Ok(Self {
+            input_layernorm: tensor(&format!("model.layers.{l}.input_layernorm.weight"), &[d])?,
+            post_attention_layernorm: tensor(
+                &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                &[d],
+            )?,
+            q: lin(LinearKind::Q)?,
+            k: lin(LinearKind::K)?,
+            v: lin(LinearKind::V)?,
+            o: lin(LinearKind::O)?,
+            gate: lin(LinearKind::Gate)?,
+            up: lin(LinearKind::Up)?,
+            down: lin(LinearKind::Down)?,
+        })
+    }
+
+    /// The layer's forward on `x` (`[B, L, d]`), reporting linear inputs to
+    /// `taps` and continuing the sequence held in `cache` when given.
+    pub fn forward(
+        &self,
+        ctx: &DecoderContext,
+        x: &Tensor,
+        taps: &mut dyn Taps,
+        cache: Option<&mut LayerCache>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = ctx.cfg;
+        let (b, l, _) = x.dims3()?;
+        let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+
+        let h = ctx.rms_norm(&x.contiguous()?, &self.input_layernorm)?;
+        taps.record(TapPoint::AttnInput, &h)?;
+        let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, l, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.q.forward(&h)?, heads)?;
+        let k = split(self.k.forward(&h)?, kv_heads)?;
+        let v = split(self.v.forward(&h)?, kv_heads)?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if offset + l > ctx.rope.cos.dim(0)? {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's {} positions",
+                offset + l,
+                ctx.rope.cos.dim(0)?
+            );
+        }
+        let cos = ctx.rope.cos.narrow(0, offset, l)?;
+        let sin = ctx.rope.sin.narrow(0, offset, l)?;
+        let rope = if ctx.differentiable {
+            candle_nn::rotary_emb::rope_slow
+        } else {
+            candle_nn::rotary_emb::rope
+        };
+        let q = rope(&q, &cos, &sin)?;
+        let k = rope(&k, &cos, &sin)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v)?,
+            None => (k, v),
+        };
+        let (k, v) = (
+            repeat_kv(k, heads / kv_heads)?,
+            repeat_kv(v, heads / kv_heads)?,
+        );
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.broadcast_add(&causal_mask(l, offset, x.device())?)?;
+        let probs = if ctx.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let mixed = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, l, heads * hd))?;
+        taps.record(TapPoint::OInput, &mixed)?;
+        let x = (x + self.o.forward(&mixed)?)?;
+
+        let h = ctx.rms_norm(&x, &self.post_attention_layernorm)?;
+        taps.record(TapPoint::MlpInput, &h)?;
+        let act = (candle_nn::ops::silu(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?;
+        taps.record(TapPoint::DownInput, &act)?;
+        x + self.down.forward(&act)?
+    }
+}
+
+/// What every decoder layer's forward shares besides its own weights, so a
+/// layer can run without the rest of the model (streaming compression).
+#[derive(Clone, Copy)]
+pub struct DecoderContext<'a> {
+    pub cfg: &'a ModelConfig,
+    pub rope: &'a Rope,
+    /// Only ops with a backward pass; see [`Llama::differentiable`].
+    pub differentiable: bool,
+}
+
+impl DecoderContext<'_> {
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        if self.differentiable {
+            candle_nn::ops::rms_norm_slow(x, weight, eps)
+        } else {
+            candle_nn::ops::rms_norm(x, weight, eps)
+        }
+    }
 }
 
 /// Precomputed RoPE tables.
@@ -182,39 +316,9 @@ impl Llama {
         } else {
             bail!("lm_head.weight is missing and tie_word_embeddings is false");
         };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            let lin = |kind: LinearKind| -> Result<Linear> {
-                let (m, n) = linear_shape(&cfg, kind);
-                let has_bias = match kind {
-                    LinearKind::Q | LinearKind::K | LinearKind::V => cfg.qkv_bias(),
-                    LinearKind::O => cfg.o_bias(),
-                    _ => false,
-                };
-                let path = kind.path(l);
-                let bias = if has_bias {
-                    Some(tensor(&format!("{path}.bias"), &[m])?)
-                } else {
-                    None
-                };
-                let weight = load_linear_weight(store, &cfg, &path, m, n, blocks, device)?;
-                Ok(Linear { weight, bias })
-            };
-            layers.push(DecoderLayer {
-                input_layernorm: tensor(&format!("model.layers.{l}.input_layernorm.weight"), &[d])?,
-                post_attention_layernorm: tensor(
-                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
-                    &[d],
-                )?,
-                q: lin(LinearKind::Q)?,
-                k: lin(LinearKind::K)?,
-                v: lin(LinearKind::V)?,
-                o: lin(LinearKind::O)?,
-                gate: lin(LinearKind::Gate)?,
-                up: lin(LinearKind::Up)?,
-                down: lin(LinearKind::Down)?,
-            });
-        }
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::load(store, &cfg, l, blocks, device))
+            .collect::<Result<_>>()?;
         let rope = Rope::new(&cfg, cfg.max_position_embeddings.min(32768), device)?;
         Ok(Self {
             cfg,
@@ -256,63 +360,16 @@ impl Llama {
         taps: &mut dyn Taps,
         cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<Tensor> {
-        let layer = &self.layers[index];
-        let cfg = &self.cfg;
-        let (b, l, _) = x.dims3()?;
-        let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        self.layers[index].forward(&self.context(), x, taps, cache)
+    }
 
-        let h = self.rms_norm(&x.contiguous()?, &layer.input_layernorm)?;
-        taps.record(TapPoint::AttnInput, &h)?;
-        let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            t.reshape((b, l, n, hd))?.transpose(1, 2)?.contiguous()
-        };
-        let q = split(layer.q.forward(&h)?, heads)?;
-        let k = split(layer.k.forward(&h)?, kv_heads)?;
-        let v = split(layer.v.forward(&h)?, kv_heads)?;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
-        if offset + l > self.rope.cos.dim(0)? {
-            candle_core::bail!(
-                "sequence of {} tokens exceeds the model's {} positions",
-                offset + l,
-                self.rope.cos.dim(0)?
-            );
+    /// The parts every layer's forward shares.
+    pub fn context(&self) -> DecoderContext<'_> {
+        DecoderContext {
+            cfg: &self.cfg,
+            rope: &self.rope,
+            differentiable: self.differentiable,
         }
-        let cos = self.rope.cos.narrow(0, offset, l)?;
-        let sin = self.rope.sin.narrow(0, offset, l)?;
-        let rope = if self.differentiable {
-            candle_nn::rotary_emb::rope_slow
-        } else {
-            candle_nn::rotary_emb::rope
-        };
-        let q = rope(&q, &cos, &sin)?;
-        let k = rope(&k, &cos, &sin)?;
-        let (k, v) = match cache {
-            Some(c) => c.append(k, v)?,
-            None => (k, v),
-        };
-        let (k, v) = (
-            repeat_kv(k, heads / kv_heads)?,
-            repeat_kv(v, heads / kv_heads)?,
-        );
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.broadcast_add(&causal_mask(l, offset, x.device())?)?;
-        let probs = if self.differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let mixed = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, l, heads * hd))?;
-        taps.record(TapPoint::OInput, &mixed)?;
-        let x = (x + layer.o.forward(&mixed)?)?;
-
-        let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
-        taps.record(TapPoint::MlpInput, &h)?;
-        let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-        taps.record(TapPoint::DownInput, &act)?;
-        x + layer.down.forward(&act)?
     }
 
     /// Final hidden states `[B, L, d]` (after the last norm).
@@ -329,12 +386,7 @@ impl Llama {
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps as f32;
-        if self.differentiable {
-            candle_nn::ops::rms_norm_slow(x, weight, eps)
-        } else {
-            candle_nn::ops::rms_norm(x, weight, eps)
-        }
+        self.context().rms_norm(x, weight)
     }
 
     /// Logits `[B, L, vocab]` of `tokens` (`[B, L]`) following the positions in `cache`.
