@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use candle_core::Tensor;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::{Accum, Mat, MatRef, Par};
 use indicatif::ProgressBar;
 
 use crate::runtime::model::{DecoderContext, DecoderLayer, Llama, TapPoint, Taps};
@@ -47,18 +49,61 @@ impl Taps for StatTaps<'_> {
         }
         if self.grams {
             let n = x.dim(candle_core::D::Minus1)?;
-            let flat = x.reshape(((), n))?;
-            let g = flat.t()?.matmul(&flat)?.flatten_all()?.to_vec1::<f32>()?;
             let acc = self
                 .stats
                 .grams
                 .entry(point)
                 .or_insert_with(|| vec![0.0; n * n]);
-            for (a, v) in acc.iter_mut().zip(g) {
-                *a += v as f64;
-            }
+            add_gram(acc, &x.reshape(((), n))?)?;
         }
         Ok(())
+    }
+}
+
+/// Adds the lower triangle of `xᵀx` (`x`: `[T, n]`) to the row-major
+/// `n×n` accumulator `acc`; [`mirror_lower`] completes it. On the CPU only
+/// the triangle is computed, half the work of the full product, and that
+/// work is as large as the forward's.
+fn add_gram(acc: &mut [f64], x: &Tensor) -> candle_core::Result<()> {
+    let (t, n) = x.dims2()?;
+    if x.device().is_cpu() {
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        let x = MatRef::from_row_major_slice(&values, t, n);
+        let mut g = Mat::<f32>::zeros(n, n);
+        triangular::matmul(
+            g.as_mut(),
+            BlockStructure::TriangularLower,
+            Accum::Replace,
+            x.transpose(),
+            BlockStructure::Rectangular,
+            x,
+            BlockStructure::Rectangular,
+            1.0,
+            Par::rayon(0),
+        );
+        for q in 0..n {
+            let col = g.col(q);
+            for p in q..n {
+                acc[p * n + q] += col[p] as f64;
+            }
+        }
+    } else {
+        let g = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
+        for p in 0..n {
+            for q in 0..=p {
+                acc[p * n + q] += g[p * n + q] as f64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies the lower triangle of the row-major `n×n` `a` onto its upper one.
+fn mirror_lower(a: &mut [f64], n: usize) {
+    for p in 0..n {
+        for q in p + 1..n {
+            a[p * n + q] = a[q * n + p];
+        }
     }
 }
 
@@ -169,6 +214,10 @@ impl LayerByLayer {
             };
             *h = layer.forward(ctx, h, &mut taps, None)?;
         }
+        for gram in stats.grams.values_mut() {
+            let n = (gram.len() as f64).sqrt().round() as usize;
+            mirror_lower(gram, n);
+        }
         self.next += 1;
         Ok(stats)
     }
@@ -192,4 +241,36 @@ pub fn calibrate(
             stats
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn gram_accumulates_x_transpose_x() {
+        for (t, n) in [(1, 1), (37, 13), (5, 130)] {
+            let values: Vec<f32> = (0..t * n)
+                .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let x = Tensor::from_vec(values.clone(), (t, n), &Device::Cpu).unwrap();
+            let mut acc = vec![0f64; n * n];
+            add_gram(&mut acc, &x).unwrap();
+            add_gram(&mut acc, &x).unwrap();
+            mirror_lower(&mut acc, n);
+            for p in 0..n {
+                for q in 0..n {
+                    let want: f64 = (0..t)
+                        .map(|r| 2.0 * values[r * n + p] as f64 * values[r * n + q] as f64)
+                        .sum();
+                    let got = acc[p * n + q];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{t}×{n} at ({p}, {q}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 }
