@@ -144,7 +144,7 @@ pub fn sort_on_device(
             (order_by_scores(&geometry, &scores, "local"), passes)
         }
         SortMethod::Exact => exact(model, &geometry, wins, batch, progress)?,
-        SortMethod::Fast => gradient(model, &geometry, wins, progress)?,
+        SortMethod::Fast => gradient(model, &geometry, wins, batch, progress)?,
     };
     checkpoint.set_order(order)?;
     Ok((
@@ -365,12 +365,15 @@ fn gradient(
     mut model: Llama,
     geometry: &Geometry,
     wins: &[Vec<u32>],
+    batch: usize,
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, usize)> {
     let full = all_stacks(&model)?;
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
     let (device, dtype) = (model.device.clone(), model.embed.dtype());
-    let tokens = window_batches(wins, 1, &device)?;
+    // Windows go through the forward and backward passes `batch` at a time:
+    // the loss is their summed NLL, so the gradient is the same.
+    let tokens = window_batches(wins, batch, &device)?;
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];
     progress.set_length(((stored - 1) * tokens.len()) as u64);
@@ -391,8 +394,8 @@ fn gradient(
         for ids in &tokens {
             let hidden = model.forward_hidden(ids)?;
             let len = ids.dim(1)?;
-            let logits = model.logits(&hidden.get(0)?.narrow(0, 0, len - 1)?)?;
-            let targets = ids.get(0)?.narrow(0, 1, len - 1)?;
+            let logits = model.logits(&hidden.narrow(1, 0, len - 1)?.flatten_to(1)?)?;
+            let targets = ids.narrow(1, 1, len - 1)?.flatten_all()?;
             let nll = crate::runtime::model::target_log_probs(&logits, &targets)?
                 .sum_all()?
                 .neg()?;
