@@ -15,7 +15,8 @@
 #    run time on the machine with the GPU).
 # 3. Builds the workspace with the `cuda` features into target/cuda (its own
 #    folder, so CPU and CUDA builds do not evict each other): the `bitstack`
-#    binary, the CUDA tests and the CUDA benchmark. Our kernels are PTX for
+#    binary, the CUDA tests and the CUDA benchmark (the other tests are the
+#    CPU build's; linking them again would only cost time). Our kernels are PTX for
 #    compute capability 8.0 and 9.0; candle's for $CUDA_COMPUTE_CAP
 #    (default 90: H100/H200).
 set -euo pipefail
@@ -67,14 +68,14 @@ export LIBRARY_PATH="$cuda_home/lib:$cuda_home/lib/stubs:${LIBRARY_PATH:-}"
 export CARGO_TARGET_DIR="${BITSTACK_CUDA_TARGET_DIR:-target/cuda}"
 
 features="bitstack-kernels/cuda,bitstack-quant/cuda,bitstack-cli/cuda"
-cargo build --release --workspace --features "$features" --bins --tests --benches
+cargo build --release --workspace --features "$features" --bins --test cuda --bench cuda
 echo "built: $CARGO_TARGET_DIR/release/bitstack (needs libcuda.so.1, libcublas.so.13, libcurand.so.10, libcudart.so.13 at run time)" >&2
 
 if [ -n "$bundle" ]; then
   # The CUDA test and bench binaries, stripped and xz-compressed (candle's
   # PTX inside compresses well), and the CUDA runtime they link.
   mkdir -p "$bundle"
-  cargo build --release --workspace --features "$features" --tests --benches --message-format=json \
+  cargo build --release --workspace --features "$features" --test cuda --bench cuda --message-format=json \
     | python3 -c '
 import json, sys
 for line in sys.stdin:
