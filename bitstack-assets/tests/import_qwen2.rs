@@ -75,18 +75,78 @@ fn entries() -> Vec<Entry> {
     for i in 0..LAYERS {
         let down = [GgmlDType::Q4K, GgmlDType::Q6K][i];
         let parts: [(&str, &str, Vec<usize>, GgmlDType); 12] = [
-            ("attn_norm.weight", "input_layernorm.weight", vec![HIDDEN], GgmlDType::F32),
-            ("attn_q.weight", "self_attn.q_proj.weight", vec![HIDDEN, HIDDEN], GgmlDType::Q8_0),
-            ("attn_k.weight", "self_attn.k_proj.weight", vec![kv, HIDDEN], GgmlDType::Q5_0),
-            ("attn_v.weight", "self_attn.v_proj.weight", vec![kv, HIDDEN], GgmlDType::Q8_0),
-            ("attn_q.bias", "self_attn.q_proj.bias", vec![HIDDEN], GgmlDType::F32),
-            ("attn_k.bias", "self_attn.k_proj.bias", vec![kv], GgmlDType::F32),
-            ("attn_v.bias", "self_attn.v_proj.bias", vec![kv], GgmlDType::F32),
-            ("attn_output.weight", "self_attn.o_proj.weight", vec![HIDDEN, HIDDEN], GgmlDType::Q5_0),
-            ("ffn_norm.weight", "post_attention_layernorm.weight", vec![HIDDEN], GgmlDType::F32),
-            ("ffn_gate.weight", "mlp.gate_proj.weight", vec![INTER, HIDDEN], GgmlDType::Q5_0),
-            ("ffn_up.weight", "mlp.up_proj.weight", vec![INTER, HIDDEN], GgmlDType::Q8_0),
-            ("ffn_down.weight", "mlp.down_proj.weight", vec![HIDDEN, INTER], down),
+            (
+                "attn_norm.weight",
+                "input_layernorm.weight",
+                vec![HIDDEN],
+                GgmlDType::F32,
+            ),
+            (
+                "attn_q.weight",
+                "self_attn.q_proj.weight",
+                vec![HIDDEN, HIDDEN],
+                GgmlDType::Q8_0,
+            ),
+            (
+                "attn_k.weight",
+                "self_attn.k_proj.weight",
+                vec![kv, HIDDEN],
+                GgmlDType::Q5_0,
+            ),
+            (
+                "attn_v.weight",
+                "self_attn.v_proj.weight",
+                vec![kv, HIDDEN],
+                GgmlDType::Q8_0,
+            ),
+            (
+                "attn_q.bias",
+                "self_attn.q_proj.bias",
+                vec![HIDDEN],
+                GgmlDType::F32,
+            ),
+            (
+                "attn_k.bias",
+                "self_attn.k_proj.bias",
+                vec![kv],
+                GgmlDType::F32,
+            ),
+            (
+                "attn_v.bias",
+                "self_attn.v_proj.bias",
+                vec![kv],
+                GgmlDType::F32,
+            ),
+            (
+                "attn_output.weight",
+                "self_attn.o_proj.weight",
+                vec![HIDDEN, HIDDEN],
+                GgmlDType::Q5_0,
+            ),
+            (
+                "ffn_norm.weight",
+                "post_attention_layernorm.weight",
+                vec![HIDDEN],
+                GgmlDType::F32,
+            ),
+            (
+                "ffn_gate.weight",
+                "mlp.gate_proj.weight",
+                vec![INTER, HIDDEN],
+                GgmlDType::Q5_0,
+            ),
+            (
+                "ffn_up.weight",
+                "mlp.up_proj.weight",
+                vec![INTER, HIDDEN],
+                GgmlDType::Q8_0,
+            ),
+            (
+                "ffn_down.weight",
+                "mlp.down_proj.weight",
+                vec![HIDDEN, INTER],
+                down,
+            ),
         ];
         for (g, h, shape, ty) in parts {
             out.push(entry(

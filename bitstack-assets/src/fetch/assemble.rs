@@ -158,7 +158,10 @@ mod tests {
         );
         assert!(e.contains("chunk 1 of 3 (data/part.bin in "), "{e}");
         assert!(e.contains("p1.whl"), "{e}");
-        assert!(e.contains("it holds chunk 2 of 3, so the chunks are out of order"), "{e}");
+        assert!(
+            e.contains("it holds chunk 2 of 3, so the chunks are out of order"),
+            "{e}"
+        );
         assert_nothing_written(&f);
     }
 

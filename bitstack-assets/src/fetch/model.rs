@@ -105,7 +105,10 @@ mod tests {
         }
         assert_eq!(Model::default(), Model::SmolLm2);
         let e = "llama-7b".parse::<Model>().unwrap_err().to_string();
-        assert!(e.contains("llama-7b") && e.contains("qwen2.5-coder-0.5b"), "{e}");
+        assert!(
+            e.contains("llama-7b") && e.contains("qwen2.5-coder-0.5b"),
+            "{e}"
+        );
     }
 
     /// A single-wheel model's one chunk is the GGUF itself.

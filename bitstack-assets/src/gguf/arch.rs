@@ -79,6 +79,9 @@ mod tests {
     fn unknown_architecture_lists_the_supported() {
         assert_eq!(Arch::from_gguf("qwen2").unwrap(), Arch::Qwen2);
         let e = Arch::from_gguf("gemma2").unwrap_err().to_string();
-        assert_eq!(e, "unsupported architecture gemma2 (supported: llama, qwen2)");
+        assert_eq!(
+            e,
+            "unsupported architecture gemma2 (supported: llama, qwen2)"
+        );
     }
 }

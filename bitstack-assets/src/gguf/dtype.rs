@@ -47,7 +47,10 @@ pub(crate) fn check(tensor: &str, ty: u32) -> Result<()> {
     if let Some((_, _, true)) = known {
         return Ok(());
     }
-    let name = known.map_or_else(|| format!("unknown type {ty}"), |t| format!("{} ({ty})", t.1));
+    let name = known.map_or_else(
+        || format!("unknown type {ty}"),
+        |t| format!("{} ({ty})", t.1),
+    );
     let supported: Vec<&str> = TYPES.iter().filter(|t| t.2).map(|t| t.1).collect();
     bail!(
         "tensor {tensor} has GGML type {name}, which the importer does not handle \
@@ -64,7 +67,10 @@ mod tests {
     fn messages_name_tensor_and_type() {
         assert!(check("a", 12).is_ok());
         let e = check("blk.0.ffn_up.weight", 16).unwrap_err().to_string();
-        assert!(e.starts_with("tensor blk.0.ffn_up.weight has GGML type IQ2_XXS (16)"), "{e}");
+        assert!(
+            e.starts_with("tensor blk.0.ffn_up.weight has GGML type IQ2_XXS (16)"),
+            "{e}"
+        );
         assert!(e.contains("Q4_K") && !e.contains("Q8_1,"), "{e}");
         let e = check("t", 9).unwrap_err().to_string();
         assert!(e.contains("Q8_1 (9)"), "{e}");

@@ -67,7 +67,12 @@ impl LlamaParams {
                 .context("no `tokenizer.ggml.tokens` to take the vocabulary size from")?,
         };
         let rms_norm_eps = meta::opt_f64(c, &key("attention.layer_norm_rms_epsilon"))?
-            .with_context(|| format!("missing GGUF metadata key `{}`", key("attention.layer_norm_rms_epsilon")))?;
+            .with_context(|| {
+                format!(
+                    "missing GGUF metadata key `{}`",
+                    key("attention.layer_norm_rms_epsilon")
+                )
+            })?;
         if arch == Arch::Qwen2 && head_dim * heads != hidden {
             bail!("head dim {head_dim} × {heads} heads ≠ hidden {hidden}; Qwen2ForCausalLM cannot express that");
         }
@@ -153,14 +158,16 @@ pub(crate) fn torch_dtype(dtype: DType) -> Result<&'static str> {
 /// `rope_scaling` from `{arch}.rope.scaling.*`. Linear scaling maps directly;
 /// anything else would silently change the model, so it is an error.
 fn rope_scaling(c: &Content, arch: Arch) -> Result<Option<Value>> {
-    let (type_key, factor_key) = (arch.key("rope.scaling.type"), arch.key("rope.scaling.factor"));
+    let (type_key, factor_key) = (
+        arch.key("rope.scaling.type"),
+        arch.key("rope.scaling.factor"),
+    );
     let kind = meta::opt_str(c, &type_key)?;
     match kind {
         None | Some("none") => Ok(None),
         Some("linear") => {
-            let factor = meta::opt_f64(c, &factor_key)?.with_context(|| {
-                format!("`{type_key}` is linear but `{factor_key}` is missing")
-            })?;
+            let factor = meta::opt_f64(c, &factor_key)?
+                .with_context(|| format!("`{type_key}` is linear but `{factor_key}` is missing"))?;
             Ok(Some(json!({ "rope_type": "linear", "factor": factor })))
         }
         Some(other) => bail!("unsupported rope scaling `{other}` (supported: linear)"),

@@ -75,12 +75,7 @@ pub(crate) fn llama_tensors(p: &LlamaParams, tied: bool) -> Vec<Mapping> {
         };
         out.extend([
             layer("attn_norm", "input_layernorm", vec![h], Fix::None),
-            layer(
-                "attn_q",
-                "self_attn.q_proj",
-                vec![q, h],
-                unpermute(p.heads),
-            ),
+            layer("attn_q", "self_attn.q_proj", vec![q, h], unpermute(p.heads)),
             layer(
                 "attn_k",
                 "self_attn.k_proj",
