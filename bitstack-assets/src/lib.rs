@@ -14,5 +14,5 @@ pub mod fetch;
 pub mod gguf;
 pub mod tokenizer;
 
-pub use fetch::{default_assets_dir, fetch_assets, Assets};
+pub use fetch::{default_assets_dir, fetch_assets, fetch_model_assets, Assets, Model};
 pub use gguf::{import_gguf, ImportReport};

@@ -216,7 +216,7 @@ fn unsupported_architecture_and_dtype() {
     let err = import_gguf(&gguf, &dir.path().join("a"), DType::F32).unwrap_err();
     let msg = format!("{err:#}");
     assert!(
-        msg.contains("unsupported architecture gemma (supported: llama)"),
+        msg.contains("unsupported architecture gemma (supported: llama, qwen2)"),
         "{msg}"
     );
     let err = import_gguf(&gguf, &dir.path().join("b"), DType::U8).unwrap_err();

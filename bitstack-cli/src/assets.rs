@@ -5,18 +5,21 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::options::DTypeArg;
+use crate::options::{DTypeArg, ModelArg};
 
 #[derive(Args, Debug)]
 pub struct FetchAssetsArgs {
     /// Where to keep them [default: $BITSTACK_HOME, else the user cache dir].
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Which pinned model to fetch (the wiki texts come with each).
+    #[arg(long, value_enum, default_value_t = ModelArg::default())]
+    pub model: ModelArg,
 }
 
 #[derive(Args, Debug)]
 pub struct ImportGgufArgs {
-    /// The .gguf file (llama architecture).
+    /// The .gguf file (llama or qwen2 architecture).
     pub gguf: PathBuf,
     /// Where to write the model dir (must not exist or be empty).
     pub out_dir: PathBuf,
@@ -27,7 +30,7 @@ pub struct ImportGgufArgs {
 
 /// `bitstack fetch-assets`: prints where each asset is.
 pub fn fetch(args: &FetchAssetsArgs) -> Result<()> {
-    let a = bitstack_assets::fetch_assets(args.dir.as_deref())?;
+    let a = bitstack_assets::fetch_model_assets(args.dir.as_deref(), args.model.into())?;
     println!("model:       {}", a.gguf.display());
     println!("eval text:   {}", a.eval_text.display());
     println!("calib text:  {}", a.calib_text.display());

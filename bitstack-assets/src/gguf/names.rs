@@ -1,4 +1,4 @@
-//! GGUF tensor names to Hugging Face Llama names, with the expected shapes.
+//! GGUF tensor names to Hugging Face Llama/Qwen2 names, with the expected shapes.
 
 use super::llama::LlamaParams;
 
@@ -29,11 +29,19 @@ fn map(gguf: String, hf: String, shape: Vec<usize>, fix: Fix) -> Mapping {
     }
 }
 
-/// Every tensor a llama GGUF must contain (plus `output.weight` unless the
-/// embeddings are tied), in file-independent order.
+/// Every tensor a llama or qwen2 GGUF must contain (plus `output.weight`
+/// unless the embeddings are tied, and qwen2's q/k/v biases), in
+/// file-independent order.
 pub(crate) fn llama_tensors(p: &LlamaParams, tied: bool) -> Vec<Mapping> {
     let (h, v, f) = (p.hidden, p.vocab_size, p.intermediate);
     let (q, kv) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
+    let unpermute = |heads| {
+        if p.arch.permutes_qk() {
+            Fix::Unpermute(heads)
+        } else {
+            Fix::None
+        }
+    };
     let mut out = vec![
         map(
             "token_embd.weight".into(),
@@ -67,17 +75,12 @@ pub(crate) fn llama_tensors(p: &LlamaParams, tied: bool) -> Vec<Mapping> {
         };
         out.extend([
             layer("attn_norm", "input_layernorm", vec![h], Fix::None),
-            layer(
-                "attn_q",
-                "self_attn.q_proj",
-                vec![q, h],
-                Fix::Unpermute(p.heads),
-            ),
+            layer("attn_q", "self_attn.q_proj", vec![q, h], unpermute(p.heads)),
             layer(
                 "attn_k",
                 "self_attn.k_proj",
                 vec![kv, h],
-                Fix::Unpermute(p.kv_heads),
+                unpermute(p.kv_heads),
             ),
             layer("attn_v", "self_attn.v_proj", vec![kv, h], Fix::None),
             layer("attn_output", "self_attn.o_proj", vec![h, q], Fix::None),
@@ -86,6 +89,20 @@ pub(crate) fn llama_tensors(p: &LlamaParams, tied: bool) -> Vec<Mapping> {
             layer("ffn_up", "mlp.up_proj", vec![f, h], Fix::None),
             layer("ffn_down", "mlp.down_proj", vec![h, f], Fix::None),
         ]);
+        if p.arch.qkv_bias() {
+            for (g, hf, n) in [
+                ("attn_q", "self_attn.q_proj", q),
+                ("attn_k", "self_attn.k_proj", kv),
+                ("attn_v", "self_attn.v_proj", kv),
+            ] {
+                out.push(map(
+                    format!("blk.{i}.{g}.bias"),
+                    format!("model.layers.{i}.{hf}.bias"),
+                    vec![n],
+                    Fix::None,
+                ));
+            }
+        }
     }
     out
 }
