@@ -288,7 +288,7 @@ fn exact(
     let full = all_stacks(&model)?;
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
     // Linears run as dense weights built once, not rebuilt per forward.
-    let (device, dtype) = (model.device.clone(), model.embed.dtype());
+    let (device, dtype) = (model.device.clone(), model.dtype());
     let dense = |s: &WeightStack| stack_tensor(s, &device, dtype);
     let tokens = window_batches(wins, batch, &model.device)?;
     let index = geometry.index();
@@ -369,7 +369,7 @@ fn gradient(
 ) -> Result<(BlockOrder, usize)> {
     let full = all_stacks(&model)?;
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
-    let (device, dtype) = (model.device.clone(), model.embed.dtype());
+    let (device, dtype) = (model.device.clone(), model.dtype());
     let tokens = window_batches(wins, 1, &device)?;
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];

@@ -4,12 +4,17 @@
 //! The forward runs whole windows (no KV cache) and can report the inputs of
 //! every linear to a [`Taps`] observer, which is how calibration collects its
 //! statistics one layer at a time.
+//!
+//! Dense parts (embeddings, norms, biases, lm_head) are held in the type
+//! they are stored in — a 16-bit checkpoint keeps them in 16 bits — while
+//! activations and accumulation are always f32 ([`ACTIVATIONS`]).
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::format::architecture::has_bias;
 pub use crate::format::architecture::{linear_shape, linear_weight_count, LinearKind, TapPoint};
 use crate::format::block::{names, BlockShape};
 use crate::format::checkpoint::{stored_blocks, BlockCounts, Checkpoint};
@@ -19,6 +24,14 @@ use crate::format::store::TensorStore;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::linear::{tensor_bytes, Linear};
 use crate::runtime::stack::{StackBlock, WeightStack};
+
+/// The type of the activations, whatever the dense parts are stored in.
+pub const ACTIVATIONS: DType = DType::F32;
+
+/// Rows of a 16-bit lm_head widened to f32 at a time by [`Llama::logits`]:
+/// 1.2–4 MiB of f32 for hidden sizes 576–2048, so no f32 copy of the whole
+/// head is ever held, while each piece is still a good-sized product.
+const HEAD_ROWS_PER_CHUNK: usize = 512;
 
 /// Observes the input of each linear during a forward.
 pub trait Taps {
@@ -127,6 +140,8 @@ fn llama3_scale(freq: f64, s: &RopeScaling) -> f64 {
 #[derive(Clone)]
 pub struct Llama {
     pub cfg: ModelConfig,
+    /// In its stored type, as are `norm`, `lm_head` and the layers' norms
+    /// and biases.
     pub embed: Tensor,
     pub layers: Vec<DecoderLayer>,
     pub norm: Tensor,
@@ -169,9 +184,10 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
+        // Each dense tensor as stored: a 16-bit checkpoint stays 16-bit.
         let tensor = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let v = store.f32_shaped(name, shape)?;
-            Ok(Tensor::from_vec(v, shape, device)?)
+            let (dtype, raw) = store.dense_shaped(name, shape)?;
+            Ok(Tensor::from_raw_buffer(raw, dtype.candle(), shape, device)?)
         };
         let embed = tensor("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let norm = tensor("model.norm.weight", &[d])?;
@@ -186,13 +202,8 @@ impl Llama {
         for l in 0..cfg.num_hidden_layers {
             let lin = |kind: LinearKind| -> Result<Linear> {
                 let (m, n) = linear_shape(&cfg, kind);
-                let has_bias = match kind {
-                    LinearKind::Q | LinearKind::K | LinearKind::V => cfg.qkv_bias(),
-                    LinearKind::O => cfg.o_bias(),
-                    _ => false,
-                };
                 let path = kind.path(l);
-                let bias = if has_bias {
+                let bias = if has_bias(&cfg, kind) {
                     Some(tensor(&format!("{path}.bias"), &[m])?)
                 } else {
                     None
@@ -228,12 +239,19 @@ impl Llama {
         })
     }
 
-    /// Token ids `[B, L]` → hidden states after the embedding.
+    /// The type of the activations (and of materialized weights).
+    pub fn dtype(&self) -> DType {
+        ACTIVATIONS
+    }
+
+    /// Token ids `[B, L]` → hidden states after the embedding (f32: only
+    /// the rows looked up are widened).
     pub fn embed(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l) = tokens.dims2()?;
         let flat = tokens.flatten_all()?;
         self.embed
             .index_select(&flat, 0)?
+            .to_dtype(ACTIVATIONS)?
             .reshape((b, l, self.cfg.hidden_size))
     }
 
@@ -330,6 +348,8 @@ impl Llama {
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
+        // A 16-bit norm weight is `d` values: widening it per call is free.
+        let weight = &weight.to_dtype(x.dtype())?;
         if self.differentiable {
             candle_nn::ops::rms_norm_slow(x, weight, eps)
         } else {
@@ -350,12 +370,27 @@ impl Llama {
         self.logits(&self.rms_norm(&x, &self.norm)?)
     }
 
-    /// Logits `[.., vocab]` of hidden states `[.., d]`.
+    /// Logits `[.., vocab]` of hidden states `[.., d]`, accumulated in the
+    /// hidden states' type. A head stored in another type (16 bits) is
+    /// widened [`HEAD_ROWS_PER_CHUNK`] rows at a time inside the product.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let dims = hidden.dims().to_vec();
         let flat = hidden.reshape(((), dims[dims.len() - 1]))?;
-        let out = flat.matmul(&head.t()?)?;
+        let out = if head.dtype() == flat.dtype() {
+            flat.matmul(&head.t()?)?
+        } else {
+            let vocab = head.dim(0)?;
+            let pieces = (0..vocab)
+                .step_by(HEAD_ROWS_PER_CHUNK)
+                .map(|start| {
+                    let rows = HEAD_ROWS_PER_CHUNK.min(vocab - start);
+                    let w = head.narrow(0, start, rows)?.to_dtype(flat.dtype())?;
+                    flat.matmul(&w.t()?)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&pieces, 1)?
+        };
         let mut shape = dims;
         *shape.last_mut().expect("hidden has a feature dim") = self.cfg.vocab_size;
         out.reshape(shape)
@@ -372,7 +407,7 @@ impl Llama {
     /// Dense weights take more memory than the blocks, and the byte counts
     /// below change with them: measure before materializing.
     pub fn materialize(&mut self) -> candle_core::Result<()> {
-        let (device, dtype) = (self.device.clone(), self.embed.dtype());
+        let (device, dtype) = (self.device.clone(), self.dtype());
         for layer in &mut self.layers {
             for kind in LinearKind::ALL {
                 layer.linear_mut(kind).materialize(&device, dtype)?;
@@ -386,7 +421,8 @@ impl Llama {
         self.linears().map(|(_, _, l)| l.stack_bytes()).sum()
     }
 
-    /// Bytes of every resident weight (dense parts and blocks).
+    /// Bytes of every resident weight (dense parts, in their stored types,
+    /// and blocks).
     pub fn resident_bytes(&self) -> usize {
         let mut total = tensor_bytes(&self.embed) + tensor_bytes(&self.norm);
         total += self.lm_head.as_ref().map_or(0, tensor_bytes);
