@@ -140,7 +140,7 @@ mod tests {
         for d in DenseDtype::ALL {
             assert_eq!(DenseDtype::from_torch_name(d.torch_name()).unwrap(), d);
             assert_eq!(DenseDtype::from_safetensors(d.safetensors()), Some(d));
-            assert_eq!(d.size_in_bytes(), d.safetensors().size());
+            assert_eq!(8 * d.size_in_bytes(), d.safetensors().bitsize());
             assert_eq!(d.size_in_bytes(), d.candle().size_in_bytes());
         }
         assert!(DenseDtype::from_torch_name("int8").is_err());

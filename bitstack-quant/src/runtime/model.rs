@@ -13,6 +13,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
 
 use crate::format::architecture::has_bias;
 pub use crate::format::architecture::{linear_shape, linear_weight_count, LinearKind, TapPoint};
@@ -381,11 +382,14 @@ impl Llama {
             flat.matmul(&head.t()?)?
         } else {
             let vocab = head.dim(0)?;
-            let pieces = (0..vocab)
-                .step_by(HEAD_ROWS_PER_CHUNK)
+            let starts: Vec<usize> = (0..vocab).step_by(HEAD_ROWS_PER_CHUNK).collect();
+            // Pieces in parallel: a decode step is one row of hidden states,
+            // and one thread would leave the head's bandwidth unused.
+            let pieces = starts
+                .into_par_iter()
                 .map(|start| {
                     let rows = HEAD_ROWS_PER_CHUNK.min(vocab - start);
-                    let w = head.narrow(0, start, rows)?.to_dtype(flat.dtype())?;
+                    let w = widen_rows(head, start, rows, flat.dtype())?;
                     flat.matmul(&w.t()?)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
@@ -450,6 +454,34 @@ impl Llama {
     pub fn linear_weight_count(&self) -> usize {
         linear_weight_count(&self.cfg)
     }
+}
+
+/// Rows `start..start + rows` of the matrix `w` as `dtype`. A 16-bit matrix
+/// on the CPU is widened with `half`'s slice conversion (F16C where the
+/// CPU has it): candle's `to_dtype` converts value by value in software,
+/// which made a 16-bit lm_head cost a decode step 4× its f32 time.
+fn widen_rows(w: &Tensor, start: usize, rows: usize, dtype: DType) -> candle_core::Result<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    let fallback = || w.narrow(0, start, rows)?.to_dtype(dtype);
+    if dtype != DType::F32 || !w.device().is_cpu() || !w.is_contiguous() {
+        return fallback();
+    }
+    let d = w.dim(1)?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return fallback();
+    };
+    let range = layout.start_offset() + start * d..layout.start_offset() + (start + rows) * d;
+    let mut out = vec![0f32; rows * d];
+    match w.dtype() {
+        DType::F16 => cpu.as_slice::<half::f16>()?[range].convert_to_f32_slice(&mut out),
+        DType::BF16 => cpu.as_slice::<half::bf16>()?[range].convert_to_f32_slice(&mut out),
+        _ => {
+            drop(storage);
+            return fallback();
+        }
+    }
+    Tensor::from_vec(out, (rows, d), w.device())
 }
 
 /// The weight of linear `path`: dense if `path.weight` exists, else the
