@@ -15,8 +15,8 @@ use safetensors::Dtype;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum DenseDtype {
     /// IEEE half: 10 mantissa bits, range ±65504. The default: on SmolLM2
-    /// its perplexity matches f32 where bf16's 7 mantissa bits move it
-    /// (see docs/design.md, "Checkpoint format").
+    /// it moves the perplexity less than bf16's 7 mantissa bits do (see
+    /// docs/design.md, "Checkpoint format").
     #[default]
     F16,
     /// bfloat16: 7 mantissa bits, the range of f32; for models whose dense
