@@ -207,9 +207,9 @@ mod tests {
             "--dense-dtype",
             "fp16",
         ];
-        let e = Cli::try_parse_from(argv)
-            .err()
-            .expect("fp16 is not a value");
+        let Err(e) = Cli::try_parse_from(argv) else {
+            panic!("fp16 is not a value");
+        };
         assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
         let text = e.to_string();
         assert!(text.contains("fp16") && text.contains("bf16"), "{text}");
