@@ -30,6 +30,7 @@ use bitstack_quant::format::block::names;
 use bitstack_quant::format::store::safetensors_files;
 use bitstack_quant::format::synthetic::SyntheticSpec;
 use bitstack_quant::runtime::elastic::BitStackHandle;
+use bitstack_quant::DenseDtype;
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 
@@ -54,6 +55,7 @@ fn shapes() -> Vec<Shape> {
             vocab: 49152,
             tied: true,
             seed: 7,
+            dense_dtype: DenseDtype::default(),
         },
         blocks: 3,
         k: 4,
@@ -72,6 +74,7 @@ fn shapes() -> Vec<Shape> {
             vocab: 1024,
             tied: true,
             seed: 7,
+            dense_dtype: DenseDtype::default(),
         },
         blocks: 2,
         k: 4,

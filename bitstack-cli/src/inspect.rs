@@ -46,5 +46,14 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         "total: {} bytes of linear weights ({:.3} bits per linear weight over {} weights), {} bytes on disk",
         i.linear_bytes, i.max_bits_per_linear_weight, i.linear_weights, i.file_bytes
     );
+    println!(
+        "dense parts: {} bytes in {}{}",
+        i.dense_bytes,
+        i.dense_dtype,
+        i.floor_bytes.map_or(String::new(), |f| format!(
+            "; floor (one block in every linear plus the dense parts): {f} bytes ({:.2} MiB)",
+            f as f64 / 1048576.0
+        ))
+    );
     Ok(())
 }

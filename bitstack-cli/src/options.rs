@@ -10,6 +10,7 @@ use bitstack_quant::eval::sort::SortMethod;
 use bitstack_quant::method::compress::FeedbackOptions;
 use bitstack_quant::method::decompose::Refit;
 use bitstack_quant::method::svd::SvdMethod;
+use bitstack_quant::DenseDtype;
 use candle_core::DType;
 use clap::ValueEnum;
 
@@ -34,7 +35,8 @@ impl From<ModelArg> for Model {
     }
 }
 
-/// `import-gguf --dtype`: storage dtype of the safetensors weights.
+/// `import-gguf --dtype`: storage dtype of the safetensors weights;
+/// `compress --dense-dtype`: storage dtype of the dense parts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
     F32,
@@ -48,6 +50,26 @@ impl From<DTypeArg> for DType {
             DTypeArg::F32 => DType::F32,
             DTypeArg::F16 => DType::F16,
             DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl From<DTypeArg> for DenseDtype {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DenseDtype::F32,
+            DTypeArg::F16 => DenseDtype::F16,
+            DTypeArg::Bf16 => DenseDtype::Bf16,
+        }
+    }
+}
+
+impl From<DenseDtype> for DTypeArg {
+    fn from(d: DenseDtype) -> Self {
+        match d {
+            DenseDtype::F32 => DTypeArg::F32,
+            DenseDtype::F16 => DTypeArg::F16,
+            DenseDtype::Bf16 => DTypeArg::Bf16,
         }
     }
 }
@@ -178,6 +200,41 @@ mod tests {
             Command::ImportGguf(a) => assert_eq!(DType::from(a.dtype), DType::F32, "default"),
             _ => panic!("not import-gguf"),
         }
+    }
+
+    #[test]
+    fn every_dense_dtype_reaches_compress() {
+        for (name, want) in [
+            ("f32", DenseDtype::F32),
+            ("f16", DenseDtype::F16),
+            ("bf16", DenseDtype::Bf16),
+        ] {
+            assert_eq!(
+                compress(&["--dense-dtype", name]).dense_dtype,
+                want,
+                "{name}"
+            );
+        }
+        assert_eq!(compress(&[]).dense_dtype, DenseDtype::default(), "default");
+        assert_eq!(DenseDtype::default(), DenseDtype::F16);
+    }
+
+    #[test]
+    fn a_misspelt_dense_dtype_is_a_usage_error() {
+        let argv = [
+            "bitstack",
+            "compress",
+            "model",
+            "out",
+            "--dense-dtype",
+            "fp16",
+        ];
+        let Err(e) = Cli::try_parse_from(argv) else {
+            panic!("fp16 is not a value");
+        };
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+        let text = e.to_string();
+        assert!(text.contains("fp16") && text.contains("bf16"), "{text}");
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub use format::block::{bits_per_weight, Block, BlockShape};
 pub use format::budget::Budget;
 pub use format::checkpoint::{BlockCounts, Checkpoint, Plan};
 pub use format::config::{ModelConfig, QuantizationConfig, FORMAT_VERSION, QUANT_METHOD};
+pub use format::dense::DenseDtype;
 pub use format::model_dir::{ModelDir, Selection};
 pub use format::order::{BlockOrder, Geometry, Rung};
 pub use format::writer::CheckpointWriter;

@@ -38,6 +38,7 @@ fn opts(dir: &Path) -> CompressOptions {
         svd: SvdMethod::Exact,
         feedback: None,
         k_per_kind: Default::default(),
+        dense_dtype: Default::default(),
     }
 }
 

@@ -137,6 +137,9 @@ impl ElasticWeights for ElasticBitStack {
 /// What [`register`] set up.
 pub struct Registration {
     pub handle: BitStackHandle,
+    /// The dtype the mistral.rs model must run in: the one the factory's
+    /// layers answer in.
+    pub dtype: DType,
     /// The budget for weights plus KV cache, when elastic.
     pub memory_budget: Option<u64>,
 }
@@ -145,12 +148,17 @@ pub struct Registration {
 /// when `None`) and registers it with mistral.rs: as the `bitstack`
 /// quantization method and, with a `memory_budget` (weights plus KV cache,
 /// in bytes or a percent of the 16-bit model), as elastic weights.
+///
+/// `dtype` is the one the mistral.rs model will run in; `None` picks the
+/// stored type of the checkpoint's dense parts ([`model_dtype`]), so that
+/// mistral.rs holds its embeddings, norms and lm_head as stored — 16 bits
+/// for a 16-bit checkpoint, as the handle's byte counts assume.
 pub fn register(
     dir: &Path,
     weight_budget: Option<Budget>,
     memory_budget: Option<Budget>,
     device: &Device,
-    dtype: DType,
+    dtype: Option<DType>,
 ) -> anyhow::Result<Registration> {
     let checkpoint = Checkpoint::open(dir).map_err(|e| {
         // Say what to do about a model of another kind: mistral.rs users
@@ -173,6 +181,7 @@ pub fn register(
             _ => e.context(format!("opening the BitStack checkpoint in {}", dir.display())),
         }
     })?;
+    let dtype = dtype.unwrap_or_else(|| model_dtype(&checkpoint));
     let plan = match weight_budget {
         Some(b) => checkpoint.plan(b)?,
         None => checkpoint.plan_all(),
@@ -207,6 +216,14 @@ pub fn register(
     }
     Ok(Registration {
         handle,
+        dtype,
         memory_budget,
     })
+}
+
+/// The dtype to run a mistral.rs model of `checkpoint` in: its dense parts'
+/// stored type. mistral.rs converts what it loads to the model's dtype, so
+/// any other would hold them in another size than the ladder counts.
+pub fn model_dtype(checkpoint: &Checkpoint) -> DType {
+    checkpoint.dense_dtype().candle()
 }

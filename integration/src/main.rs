@@ -159,7 +159,9 @@ async fn load(args: &ModelArgs) -> Result<(Arc<MistralRs>, Option<Registration>)
             args.weight_budget,
             args.memory_budget,
             &candle_core::Device::Cpu,
-            candle_core::DType::F32,
+            // The checkpoint's dense dtype: mistral.rs keeps the embeddings,
+            // norms and lm_head in it, as the weight budget counts them.
+            None,
         )?),
         Quant::None => {
             if args.weight_budget.is_some() || args.memory_budget.is_some() {
@@ -180,14 +182,28 @@ async fn load(args: &ModelArgs) -> Result<(Arc<MistralRs>, Option<Registration>)
             ))
         );
     }
+    let dtype = match &registration {
+        Some(r) => mistralrs_dtype(r.dtype)?,
+        None => ModelDType::F32,
+    };
     let builder = TextModelBuilder::new(dir)
         .with_force_cpu()
-        .with_dtype(ModelDType::F32)
+        .with_dtype(dtype)
         .with_max_num_seqs(args.max_seqs);
     let runner = build(builder)
         .await
         .with_context(|| format!("loading {dir}"))?;
     Ok((runner, registration))
+}
+
+/// mistral.rs's name for `dtype`.
+fn mistralrs_dtype(dtype: candle_core::DType) -> Result<ModelDType> {
+    Ok(match dtype {
+        candle_core::DType::F32 => ModelDType::F32,
+        candle_core::DType::F16 => ModelDType::F16,
+        candle_core::DType::BF16 => ModelDType::BF16,
+        other => bail!("mistral.rs cannot run a model in {other:?}"),
+    })
 }
 
 /// The engine for `builder`, shared: the chat API and the HTTP server both

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bitstack_mistralrs::register;
 use bitstack_quant::method::svd::SvdMethod;
-use bitstack_quant::{compress, BitStackHandle, Budget, Checkpoint, CompressOptions};
+use bitstack_quant::{compress, BitStackHandle, Budget, Checkpoint, CompressOptions, DenseDtype};
 use candle_core::{DType, Device, Tensor};
 use mistralrs::{ModelDType, TextMessageRole, TextMessages, TextModelBuilder};
 
@@ -39,6 +39,8 @@ fn checkpoint() -> &'static PathBuf {
                 batch: 4,
                 svd: SvdMethod::randomized(0),
                 feedback: None,
+                // The shared checkpoint predates 16-bit dense parts.
+                dense_dtype: DenseDtype::F32,
             };
             let partial = out.with_extension("partial");
             let _ = std::fs::remove_dir_all(&partial);
@@ -63,7 +65,14 @@ async fn logits_equal_our_runner_at_several_levels() {
     drop(probe);
     for (&level, &bytes) in levels.iter().zip(&bytes) {
         let opened = Checkpoint::opened_count();
-        let reg = register(dir, Some(Budget::Bytes(bytes)), None, &cpu(), DType::F32).unwrap();
+        let reg = register(
+            dir,
+            Some(Budget::Bytes(bytes)),
+            None,
+            &cpu(),
+            Some(DType::F32),
+        )
+        .unwrap();
         // One read of the checkpoint serves the budget, the handle and the factory.
         assert_eq!(Checkpoint::opened_count(), opened + 1);
         assert_eq!(reg.handle.level(), level);

@@ -5,9 +5,11 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::format::architecture::dense_tensors;
 use crate::format::block::{bits_per_weight, block_bytes};
 use crate::format::checkpoint::stored_blocks;
 use crate::format::config::ModelConfig;
+use crate::format::order::Geometry;
 use crate::format::store::TensorStore;
 use crate::runtime::model::{linear_shape, linear_weight_count, LinearKind};
 
@@ -37,6 +39,14 @@ pub struct Inspection {
     pub file_bytes: u64,
     /// Bits per linear weight with every stored block loaded.
     pub max_bits_per_linear_weight: f64,
+    /// Stored type of the dense parts (of the embedding): `f16`, `bf16`, `f32`.
+    pub dense_dtype: String,
+    /// Bytes of the dense parts (embeddings, norms, biases, an untied
+    /// lm_head) as stored and held.
+    pub dense_bytes: usize,
+    /// Of a checkpoint: bytes at the floor of the ladder, one block in
+    /// every linear plus the dense parts.
+    pub floor_bytes: Option<usize>,
 }
 
 pub fn inspect(dir: &Path) -> Result<Inspection> {
@@ -79,7 +89,21 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
         .sum();
     let linear_bytes: usize = linears.iter().map(|l| l.bytes).sum();
     let count = linear_weight_count(&cfg);
+    let (dense_bytes, floor_bytes) = if q.is_some() {
+        let geometry = Geometry::from_store(&cfg, &store)?;
+        let floor = geometry.dense_bytes + geometry.floor_linear_bytes();
+        (geometry.dense_bytes, Some(floor))
+    } else {
+        let bytes = dense_tensors(&cfg)
+            .iter()
+            .map(|(name, n)| Ok(n * store.dense_dtype(name)?.size_in_bytes()))
+            .sum::<Result<usize>>()?;
+        (bytes, None)
+    };
     Ok(Inspection {
+        dense_dtype: store.dense_dtype("model.embed_tokens.weight")?.to_string(),
+        dense_bytes,
+        floor_bytes,
         architecture: cfg.architecture(),
         layers: cfg.num_hidden_layers,
         k: q.map(|q| q.k),

@@ -288,7 +288,7 @@ fn exact(
     let full = all_stacks(&model)?;
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
     // Linears run as dense weights built once, not rebuilt per forward.
-    let (device, dtype) = (model.device.clone(), model.embed.dtype());
+    let (device, dtype) = (model.device.clone(), model.dtype());
     let dense = |s: &WeightStack| stack_tensor(s, &device, dtype);
     let tokens = window_batches(wins, batch, &model.device)?;
     let index = geometry.index();
@@ -370,7 +370,7 @@ fn gradient(
 ) -> Result<(BlockOrder, usize)> {
     let full = all_stacks(&model)?;
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
-    let (device, dtype) = (model.device.clone(), model.embed.dtype());
+    let (device, dtype) = (model.device.clone(), model.dtype());
     // Windows go through the forward and backward passes `batch` at a time:
     // the loss is their summed NLL, so the gradient is the same.
     let tokens = window_batches(wins, batch, &device)?;

@@ -106,3 +106,39 @@ pub fn linear_weight_count(cfg: &ModelConfig) -> usize {
         .sum();
     per_layer * cfg.num_hidden_layers
 }
+
+/// The linear's bias, if the architecture gives it one.
+pub fn has_bias(cfg: &ModelConfig, kind: LinearKind) -> bool {
+    match kind {
+        LinearKind::Q | LinearKind::K | LinearKind::V => cfg.qkv_bias(),
+        LinearKind::O => cfg.o_bias(),
+        _ => false,
+    }
+}
+
+/// Every tensor the runner holds besides the decoder linears' weights —
+/// embeddings, norms, biases, an untied lm_head — with its element count.
+/// The one list the memory ladder and the runner agree on.
+pub fn dense_tensors(cfg: &ModelConfig) -> Vec<(String, usize)> {
+    let d = cfg.hidden_size;
+    let mut out = vec![
+        ("model.embed_tokens.weight".to_string(), cfg.vocab_size * d),
+        ("model.norm.weight".to_string(), d),
+    ];
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), cfg.vocab_size * d));
+    }
+    for l in 0..cfg.num_hidden_layers {
+        out.push((format!("model.layers.{l}.input_layernorm.weight"), d));
+        out.push((
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            d,
+        ));
+        for kind in LinearKind::ALL {
+            if has_bias(cfg, kind) {
+                out.push((format!("{}.bias", kind.path(l)), linear_shape(cfg, kind).0));
+            }
+        }
+    }
+    out
+}

@@ -20,6 +20,7 @@ use safetensors::Dtype;
 use crate::format::block::{checksum, names, Block, BlockShape};
 use crate::format::budget::Budget;
 use crate::format::config::{ModelConfig, QuantizationConfig};
+use crate::format::dense::DenseDtype;
 use crate::format::order::{BlockOrder, DenseMeasurement, Geometry, LinearSlot, Measurement, Rung};
 use crate::format::store::TensorStore;
 
@@ -117,8 +118,9 @@ impl Checkpoint {
                 dir.display()
             );
         }
-        let geometry = Geometry::from_config(&config)?;
         let store = TensorStore::open_dir(dir)?;
+        // The ladder counts the dense parts as they are stored and held.
+        let geometry = Geometry::from_store(&config, &store)?;
         for slot in &geometry.linears {
             check_stored(&store, slot)?;
         }
@@ -160,6 +162,14 @@ impl Checkpoint {
 
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
+    }
+
+    /// The stored type of the dense parts (of the embedding, which is most
+    /// of them), the type the runner holds them in.
+    pub fn dense_dtype(&self) -> DenseDtype {
+        self.store
+            .dense_dtype("model.embed_tokens.weight")
+            .expect("checked when opened")
     }
 
     pub fn order(&self) -> &BlockOrder {

@@ -5,6 +5,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::format::dense::DenseDtype;
+
 /// Architectures the runner implements (all share the Llama block).
 pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
 
@@ -111,6 +113,9 @@ pub struct ModelConfig {
     pub hidden_act: Option<String>,
     #[serde(default)]
     pub quantization_config: Option<QuantizationConfig>,
+    /// The float type of the stored weights (of a checkpoint: its dense parts).
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
 }
 
 fn rope_theta() -> f64 {
@@ -203,6 +208,14 @@ impl ModelConfig {
     /// q, k, v carry a bias (Qwen2 always; Llama when `attention_bias`).
     pub fn qkv_bias(&self) -> bool {
         self.architecture() == "qwen2" || self.attention_bias
+    }
+
+    /// The dense parts' type `torch_dtype` names; `None` when it names none
+    /// of f16, bf16, f32 or is absent.
+    pub fn dense_dtype(&self) -> Option<DenseDtype> {
+        self.torch_dtype
+            .as_deref()
+            .and_then(|t| DenseDtype::from_torch_name(t).ok())
     }
 
     /// o_proj carries a bias (Llama with `attention_bias`).

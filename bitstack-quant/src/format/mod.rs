@@ -9,13 +9,14 @@
 //! [`writer::CheckpointWriter`] is the one writer of the layout, used by
 //! compression and by [`synthetic`] checkpoints. [`architecture`] names
 //! the linears of a layer and their shapes, [`budget`] parses a memory
-//! budget.
+//! budget, [`dense`] is the type of the dense parts.
 
 pub mod architecture;
 pub mod block;
 pub mod budget;
 pub mod checkpoint;
 pub mod config;
+pub mod dense;
 pub mod model_dir;
 pub mod order;
 pub mod pack;

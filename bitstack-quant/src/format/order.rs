@@ -14,10 +14,12 @@ use anyhow::{bail, Context, Result};
 use bitstack_assets::atomic::write_file;
 use serde::{Deserialize, Serialize};
 
-use crate::format::architecture::{linear_shape, LinearKind};
+use crate::format::architecture::{dense_tensors, linear_shape, LinearKind};
 use crate::format::block::{bits_per_weight, BlockShape};
 use crate::format::checkpoint::BlockCounts;
 use crate::format::config::ModelConfig;
+use crate::format::dense::DenseDtype;
+use crate::format::store::TensorStore;
 
 pub const ORDER_FILE: &str = "bitstack_order.json";
 pub const REFERENCE_FILE: &str = "compression_config.json";
@@ -48,7 +50,8 @@ impl LinearSlot {
 #[derive(Clone, Debug)]
 pub struct Geometry {
     pub linears: Vec<LinearSlot>,
-    /// Bytes of everything that is not a BitStack block, as the runner holds it.
+    /// Bytes of everything that is not a BitStack block, as the runner
+    /// holds it (each dense tensor in its stored type).
     pub dense_bytes: usize,
     /// Decoder linear weights (the denominator of bits per weight).
     pub linear_weights: usize,
@@ -80,22 +83,29 @@ impl Geometry {
                 linear_weights += m * n;
             }
         }
-        let d = cfg.hidden_size;
-        let embed = cfg.vocab_size * d;
-        let head = if cfg.tie_word_embeddings { 0 } else { embed };
-        let norms = d * (2 * cfg.num_hidden_layers + 1);
-        let bias = if cfg.qkv_bias() {
-            cfg.num_hidden_layers * (cfg.num_attention_heads + 2 * cfg.kv_heads()) * cfg.head_dim()
-        } else {
-            0
-        };
-        let dense_params = embed + head + norms + bias;
+        let dense = dense_tensors(cfg);
+        let dense_params: usize = dense.iter().map(|(_, n)| n).sum();
+        // Written by our writer, `torch_dtype` is the dense parts' type;
+        // f32 is what checkpoints were before it said so.
+        let size = cfg.dense_dtype().unwrap_or(DenseDtype::F32).size_in_bytes();
         Ok(Self {
             linears,
-            dense_bytes: 4 * dense_params,
+            dense_bytes: size * dense_params,
             linear_weights,
             parameters: dense_params + linear_weights,
         })
+    }
+
+    /// As [`Geometry::from_config`], with the dense bytes of the tensors as
+    /// `store` holds them (each in its stored type, as the runner keeps it):
+    /// what a checkpoint really needs, whatever `torch_dtype` says.
+    pub fn from_store(cfg: &ModelConfig, store: &TensorStore) -> Result<Self> {
+        let mut geometry = Self::from_config(cfg)?;
+        geometry.dense_bytes = dense_tensors(cfg)
+            .iter()
+            .map(|(name, count)| Ok(count * store.dense_dtype(name)?.size_in_bytes()))
+            .sum::<Result<usize>>()?;
+        Ok(geometry)
     }
 
     pub fn index(&self) -> HashMap<&str, usize> {

@@ -13,6 +13,8 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::format::dense::DenseDtype;
+
 struct Entry {
     file: usize,
     dtype: Dtype,
@@ -225,6 +227,47 @@ impl TensorStore {
         };
         check_finite(&values, &e.shape, || self.location(name))?;
         Ok((values, e.shape.clone()))
+    }
+
+    /// The stored type of dense tensor `name`; a type the dense parts
+    /// cannot have is an error naming it.
+    pub fn dense_dtype(&self, name: &str) -> Result<DenseDtype> {
+        let e = self.entry(name)?;
+        DenseDtype::from_safetensors(e.dtype).with_context(|| {
+            format!(
+                "{}: dtype {:?}, expected F32, F16 or BF16",
+                self.location(name),
+                e.dtype
+            )
+        })
+    }
+
+    /// Dense tensor `name` as stored (f32, f16 or bf16) with a required
+    /// shape: its type and little-endian bytes, still in the map. NaN and
+    /// infinities are refused with their position.
+    pub fn dense_shaped(&self, name: &str, shape: &[usize]) -> Result<(DenseDtype, &[u8])> {
+        let dtype = self.dense_dtype(name)?;
+        let raw = self.bytes(name, dtype.safetensors(), shape)?;
+        // An all-ones exponent is an infinity or a NaN.
+        let bad = match dtype {
+            DenseDtype::F32 => raw.chunks_exact(4).position(|c| {
+                u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000
+            }),
+            DenseDtype::F16 => raw
+                .chunks_exact(2)
+                .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+            DenseDtype::Bf16 => raw
+                .chunks_exact(2)
+                .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        };
+        if let Some(i) = bad {
+            bail!(
+                "{}: non-finite value at index {}",
+                self.location(name),
+                index_string(i, shape)
+            );
+        }
+        Ok((dtype, raw))
     }
 
     /// `name` as f32 values with a required shape.

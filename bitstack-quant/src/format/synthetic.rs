@@ -17,6 +17,7 @@ use bitstack_assets::atomic::AtomicDir;
 use crate::format::architecture::{linear_shape, LinearKind};
 use crate::format::block::{Block, BlockShape};
 use crate::format::config::{ModelConfig, QuantizationConfig};
+use crate::format::dense::DenseDtype;
 use crate::format::pack::packed_len;
 use crate::format::writer::{CheckpointWriter, LinearBlocks, OwnedTensor};
 
@@ -32,6 +33,9 @@ pub struct SyntheticSpec {
     pub vocab: usize,
     pub tied: bool,
     pub seed: u64,
+    /// Storage type of the dense parts of [`SyntheticSpec::write_bitstack`]
+    /// checkpoints (the dense model of [`SyntheticSpec::write`] is f32).
+    pub dense_dtype: DenseDtype,
 }
 
 impl Default for SyntheticSpec {
@@ -46,6 +50,7 @@ impl Default for SyntheticSpec {
             vocab: 300,
             tied: true,
             seed: 1,
+            dense_dtype: DenseDtype::default(),
         }
     }
 }
@@ -134,7 +139,8 @@ impl SyntheticSpec {
 
     /// Writes a BitStack checkpoint of this shape to `dir` (which must not
     /// exist yet or be empty): `blocks_per_linear` random blocks of rank `k`
-    /// in every decoder linear, with their checksums, and random dense parts.
+    /// in every decoder linear, with their checksums, and random dense parts
+    /// stored as `self.dense_dtype`.
     ///
     /// No dense model is made and nothing is decomposed, so shapes far too
     /// large for that (Llama-3-8B) can be written to measure loading and
@@ -150,7 +156,7 @@ impl SyntheticSpec {
         let json = self.config_json();
         let cfg: ModelConfig = serde_json::from_value(json.clone())?;
         let quantization = QuantizationConfig::new(k, blocks_per_linear, Default::default());
-        let mut writer = CheckpointWriter::create(dir, json, &quantization)?;
+        let mut writer = CheckpointWriter::create(dir, json, &quantization, self.dense_dtype)?;
         let d = self.hidden;
         for l in 0..self.layers {
             // A seed per layer: a layer's contents do not depend on the others.

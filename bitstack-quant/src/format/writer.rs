@@ -4,7 +4,8 @@
 //! `l + 1` holds layer `l` (every block of its linears, with their CRC-32s
 //! in the file metadata, plus the layer's biases and norms), and the last
 //! shard the dense parts (embeddings, final norm, an untied lm_head). One
-//! layer at a time is all a writer holds. The directory is built beside its
+//! layer at a time is all a writer holds. Every dense tensor is stored in
+//! the writer's [`DenseDtype`], recorded as `torch_dtype` in `config.json`. The directory is built beside its
 //! destination and renamed into place by [`CheckpointWriter::finish`], so a
 //! failure or an interrupt never leaves a half-written checkpoint.
 
@@ -20,6 +21,7 @@ use safetensors::{Dtype, View};
 
 use crate::format::block::{names, Block, BlockShape};
 use crate::format::config::{ModelConfig, QuantizationConfig};
+use crate::format::dense::DenseDtype;
 
 /// A tensor owned in memory, ready to be serialized.
 pub struct OwnedTensor {
@@ -60,6 +62,44 @@ impl OwnedTensor {
             .to_vec1::<f32>()?;
         Ok(Self::f32(&v, t.dims()))
     }
+
+    /// The values as f32 (from f32, f16 or bf16).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(match self.dtype {
+            Dtype::F32 => self
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => self
+                .data
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => self
+                .data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => bail!("a {other:?} tensor is not a float tensor"),
+        })
+    }
+
+    /// This float tensor stored as `dtype` (rounded to nearest even); a
+    /// value out of `dtype`'s range is an error naming `name`.
+    pub fn to_dense(self, dtype: DenseDtype, name: &str) -> Result<Self> {
+        if self.dtype == dtype.safetensors() {
+            return Ok(self);
+        }
+        let values = self
+            .to_f32_vec()
+            .with_context(|| format!("dense tensor `{name}`"))?;
+        Ok(Self {
+            dtype: dtype.safetensors(),
+            data: dtype.encode(&values, name)?,
+            shape: self.shape,
+        })
+    }
 }
 
 impl View for &OwnedTensor {
@@ -92,6 +132,7 @@ pub struct CheckpointWriter {
     dir: AtomicDir,
     config: serde_json::Value,
     layers: usize,
+    dense_dtype: DenseDtype,
     shards_written: usize,
     weight_map: BTreeMap<String, String>,
 }
@@ -99,27 +140,37 @@ pub struct CheckpointWriter {
 impl CheckpointWriter {
     /// Starts the checkpoint that will be `out` (which must not exist, or be
     /// empty) of the model whose `config.json` is `config`, compressed as
-    /// `quantization` says. Every other field of `config` is kept.
+    /// `quantization` says, its dense parts stored as `dense_dtype`. Every
+    /// other field of `config` is kept; `torch_dtype` says `dense_dtype`
+    /// (the blocks' own types are fixed by the format).
     pub fn create(
         out: &Path,
         mut config: serde_json::Value,
         quantization: &QuantizationConfig,
+        dense_dtype: DenseDtype,
     ) -> Result<Self> {
         config["quantization_config"] = serde_json::to_value(quantization)?;
+        config["torch_dtype"] = dense_dtype.torch_name().into();
         let parsed: ModelConfig = serde_json::from_value(config.clone())
             .context("the config to write is not a Llama-family config")?;
         Ok(Self {
             dir: AtomicDir::create(out)?,
             config,
             layers: parsed.num_hidden_layers,
+            dense_dtype,
             shards_written: 0,
             weight_map: BTreeMap::new(),
         })
     }
 
+    /// The type every dense tensor is stored as.
+    pub fn dense_dtype(&self) -> DenseDtype {
+        self.dense_dtype
+    }
+
     /// Writes decoder layer `layer` (layers come in order): the blocks of
     /// its linears with their checksums, and its dense tensors (biases,
-    /// norms).
+    /// norms) as the dense dtype.
     pub fn write_layer(
         &mut self,
         layer: usize,
@@ -150,12 +201,12 @@ impl CheckpointWriter {
                 checksums.insert(names::checksum(&l.path, i), format!("{:08x}", b.checksum()));
             }
         }
-        tensors.extend(dense);
+        tensors.extend(self.converted(dense)?);
         self.write_shard(&tensors, checksums)
     }
 
     /// Writes the parts outside the decoder layers (embeddings, final
-    /// norm, an untied lm_head), after the last layer.
+    /// norm, an untied lm_head) as the dense dtype, after the last layer.
     pub fn write_dense(&mut self, tensors: Vec<(String, OwnedTensor)>) -> Result<()> {
         ensure!(
             self.shards_written == self.layers,
@@ -163,7 +214,18 @@ impl CheckpointWriter {
             self.shards_written,
             self.layers
         );
+        let tensors = self.converted(tensors)?;
         self.write_shard(&tensors, HashMap::new())
+    }
+
+    fn converted(&self, tensors: Vec<(String, OwnedTensor)>) -> Result<Vec<(String, OwnedTensor)>> {
+        tensors
+            .into_iter()
+            .map(|(name, t)| {
+                let t = t.to_dense(self.dense_dtype, &name)?;
+                Ok((name, t))
+            })
+            .collect()
     }
 
     /// Writes a small file (tokenizer, generation config, …) into the
@@ -248,4 +310,107 @@ fn sort_header_keys(path: &Path) -> Result<()> {
         file.write_all(&sorted)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::store::TensorStore;
+    use crate::format::synthetic::SyntheticSpec;
+
+    /// Values that no 16-bit type holds exactly, and some that every one does.
+    fn values(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| match i % 4 {
+                0 => 1.0 / 3.0 + i as f32 * 1e-3,
+                1 => -0.1 * i as f32,
+                2 => 0.5,
+                _ => -2.0f32.powi(i as i32 % 9),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dense_tensors_round_trip_in_the_writers_dtype() {
+        let spec = SyntheticSpec {
+            layers: 1,
+            ..Default::default()
+        };
+        let d = spec.hidden;
+        let v = values(d);
+        let root = tempfile::tempdir().unwrap();
+        for dtype in DenseDtype::ALL {
+            let q = QuantizationConfig::new(1, 1, Default::default());
+            let out = root.path().join(dtype.to_string());
+            let mut w = CheckpointWriter::create(&out, spec.config_json(), &q, dtype).unwrap();
+            assert_eq!(w.dense_dtype(), dtype);
+            let norm = "model.layers.0.input_layernorm.weight";
+            w.write_layer(0, &[], vec![(norm.into(), OwnedTensor::f32(&v, &[d]))])
+                .unwrap();
+            // A 16-bit input is converted too.
+            let halves: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            w.write_dense(vec![(
+                "model.norm.weight".into(),
+                OwnedTensor::f16(&halves, &[d]),
+            )])
+            .unwrap();
+            let out = w.finish().unwrap();
+
+            let config: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+            assert_eq!(config["torch_dtype"], dtype.torch_name());
+            let store = TensorStore::open_dir(&out).unwrap();
+            for (name, source) in [
+                (norm, v.clone()),
+                (
+                    "model.norm.weight",
+                    halves.iter().map(|x| x.to_f32()).collect(),
+                ),
+            ] {
+                assert_eq!(store.dense_dtype(name).unwrap(), dtype, "{name}");
+                let back = store.f32_shaped(name, &[d]).unwrap();
+                // Round to nearest: within half a unit in the last place.
+                let eps = match dtype {
+                    DenseDtype::F32 => 0.0,
+                    DenseDtype::F16 => 2f32.powi(-11),
+                    DenseDtype::Bf16 => 2f32.powi(-8),
+                };
+                for (b, s) in back.iter().zip(&source) {
+                    assert!((b - s).abs() <= eps * s.abs(), "{dtype} {name}: {s} → {b}");
+                }
+                if dtype == DenseDtype::F16 && name == norm {
+                    let exact: Vec<f32> = v.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+                    assert_eq!(back, exact);
+                }
+                if dtype != DenseDtype::F32 && name == norm {
+                    assert_ne!(back, v, "{dtype} rounds");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_value_out_of_range_fails_the_write_and_names_the_tensor() {
+        let spec = SyntheticSpec {
+            layers: 0,
+            ..Default::default()
+        };
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("ck");
+        let q = QuantizationConfig::new(1, 1, Default::default());
+        let mut w =
+            CheckpointWriter::create(&out, spec.config_json(), &q, DenseDtype::F16).unwrap();
+        let e = w
+            .write_dense(vec![(
+                "model.embed_tokens.weight".into(),
+                OwnedTensor::f32(&[1.0, 1e6], &[2]),
+            )])
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("`model.embed_tokens.weight`"),
+            "{e:#}"
+        );
+        drop(w);
+        assert!(!out.exists(), "nothing is left behind");
+    }
 }

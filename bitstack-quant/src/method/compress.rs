@@ -12,6 +12,7 @@ use crate::eval::calibrate::{windows, LayerByLayer};
 use crate::format::block::BlockShape;
 use crate::format::checkpoint::BlockCounts;
 use crate::format::config::{ModelConfig, QuantizationConfig};
+use crate::format::dense::DenseDtype;
 use crate::format::store::TensorStore;
 use crate::format::writer::{CheckpointWriter, LinearBlocks, OwnedTensor};
 use crate::method::decompose::{decompose_with, Refit};
@@ -70,6 +71,8 @@ pub struct CompressOptions {
     /// Choose signs with activation-aware error feedback (see
     /// [`crate::method::feedback`]) instead of `sign(R)`; `None` keeps the paper's AVD.
     pub feedback: Option<FeedbackOptions>,
+    /// Storage type of the dense parts (embeddings, norms, biases, lm_head).
+    pub dense_dtype: DenseDtype,
 }
 
 /// Settings of error-feedback sign choice.
@@ -108,6 +111,7 @@ impl CompressOptions {
             batch: 4,
             svd: SvdMethod::randomized(0),
             feedback: Some(FeedbackOptions::default()),
+            dense_dtype: DenseDtype::default(),
         }
     }
 
@@ -185,9 +189,7 @@ pub fn compress_on(
             .map(|(l, kind)| (kind.path(l), opts.k_of(kind)))
             .collect(),
     );
-    let mut out_cfg = raw_cfg;
-    out_cfg["torch_dtype"] = "float32".into();
-    let mut writer = CheckpointWriter::create(out_dir, out_cfg, &quantization)?;
+    let mut writer = CheckpointWriter::create(out_dir, raw_cfg, &quantization, opts.dense_dtype)?;
 
     let text = std::fs::read_to_string(&opts.calib_text)
         .with_context(|| format!("cannot read calibration text {}", opts.calib_text.display()))?;

@@ -6,7 +6,7 @@
 //! the input, so inference pays nothing.
 
 use anyhow::{Context, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::eval::calibrate::LayerStats;
 use crate::format::config::ModelConfig;
@@ -91,8 +91,11 @@ pub fn fold(layer: &mut DecoderLayer, s: &LayerScales) -> Result<()> {
         *w = w.broadcast_div(&row(s, w)?.t()?)?;
         Ok(())
     };
+    // In f32 whatever the source stores: the writer rounds once, at the end.
     let divide_vec = |v: &mut Tensor, s: &[f32]| -> Result<()> {
-        *v = v.div(&Tensor::from_slice(s, s.len(), v.device())?.to_dtype(v.dtype())?)?;
+        *v = v
+            .to_dtype(DType::F32)?
+            .div(&Tensor::from_slice(s, s.len(), v.device())?)?;
         Ok(())
     };
 

@@ -51,7 +51,8 @@ impl Linear {
             LinearWeight::BitStack(s) => matmul_t(x, &stack_tensor(s, x.device(), x.dtype())?)?,
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            // A bias stored in 16 bits is widened to the output's type.
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
         }
     }

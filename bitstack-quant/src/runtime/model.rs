@@ -4,12 +4,18 @@
 //! The forward runs whole windows (no KV cache) and can report the inputs of
 //! every linear to a [`Taps`] observer, which is how calibration collects its
 //! statistics one layer at a time.
+//!
+//! Dense parts (embeddings, norms, biases, lm_head) are held in the type
+//! they are stored in — a 16-bit checkpoint keeps them in 16 bits — while
+//! activations and accumulation are always f32 ([`ACTIVATIONS`]).
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
 
+use crate::format::architecture::has_bias;
 pub use crate::format::architecture::{linear_shape, linear_weight_count, LinearKind, TapPoint};
 use crate::format::block::{names, BlockShape};
 use crate::format::checkpoint::{stored_blocks, BlockCounts, Checkpoint};
@@ -19,6 +25,14 @@ use crate::format::store::TensorStore;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::linear::{tensor_bytes, Linear};
 use crate::runtime::stack::{StackBlock, WeightStack};
+
+/// The type of the activations, whatever the dense parts are stored in.
+pub const ACTIVATIONS: DType = DType::F32;
+
+/// Rows of a 16-bit lm_head widened to f32 at a time by [`Llama::logits`]:
+/// 1.2–4 MiB of f32 for hidden sizes 576–2048, so no f32 copy of the whole
+/// head is ever held, while each piece is still a good-sized product.
+const HEAD_ROWS_PER_CHUNK: usize = 512;
 
 /// Observes the input of each linear during a forward.
 pub trait Taps {
@@ -82,19 +96,15 @@ impl DecoderLayer {
         device: &Device,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
+        // Each dense tensor as stored: a 16-bit checkpoint stays 16-bit.
         let tensor = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let v = store.f32_shaped(name, shape)?;
-            Ok(Tensor::from_vec(v, shape, device)?)
+            let (dtype, raw) = store.dense_shaped(name, shape)?;
+            Ok(Tensor::from_raw_buffer(raw, dtype.candle(), shape, device)?)
         };
         let lin = |kind: LinearKind| -> Result<Linear> {
             let (m, n) = linear_shape(cfg, kind);
-            let has_bias = match kind {
-                LinearKind::Q | LinearKind::K | LinearKind::V => cfg.qkv_bias(),
-                LinearKind::O => cfg.o_bias(),
-                _ => false,
-            };
             let path = kind.path(l);
-            let bias = if has_bias {
+            let bias = if has_bias(cfg, kind) {
                 Some(tensor(&format!("{path}.bias"), &[m])?)
             } else {
                 None
@@ -199,6 +209,8 @@ pub struct DecoderContext<'a> {
 impl DecoderContext<'_> {
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
+        // A 16-bit norm weight is `d` values: widening it per call is free.
+        let weight = &weight.to_dtype(x.dtype())?;
         if self.differentiable {
             candle_nn::ops::rms_norm_slow(x, weight, eps)
         } else {
@@ -261,6 +273,8 @@ fn llama3_scale(freq: f64, s: &RopeScaling) -> f64 {
 #[derive(Clone)]
 pub struct Llama {
     pub cfg: ModelConfig,
+    /// In its stored type, as are `norm`, `lm_head` and the layers' norms
+    /// and biases.
     pub embed: Tensor,
     pub layers: Vec<DecoderLayer>,
     pub norm: Tensor,
@@ -303,9 +317,10 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
+        // Each dense tensor as stored: a 16-bit checkpoint stays 16-bit.
         let tensor = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let v = store.f32_shaped(name, shape)?;
-            Ok(Tensor::from_vec(v, shape, device)?)
+            let (dtype, raw) = store.dense_shaped(name, shape)?;
+            Ok(Tensor::from_raw_buffer(raw, dtype.candle(), shape, device)?)
         };
         let embed = tensor("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let norm = tensor("model.norm.weight", &[d])?;
@@ -332,12 +347,19 @@ impl Llama {
         })
     }
 
-    /// Token ids `[B, L]` → hidden states after the embedding.
+    /// The type of the activations (and of materialized weights).
+    pub fn dtype(&self) -> DType {
+        ACTIVATIONS
+    }
+
+    /// Token ids `[B, L]` → hidden states after the embedding (f32: only
+    /// the rows looked up are widened).
     pub fn embed(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l) = tokens.dims2()?;
         let flat = tokens.flatten_all()?;
         self.embed
             .index_select(&flat, 0)?
+            .to_dtype(ACTIVATIONS)?
             .reshape((b, l, self.cfg.hidden_size))
     }
 
@@ -402,12 +424,30 @@ impl Llama {
         self.logits(&self.rms_norm(&x, &self.norm)?)
     }
 
-    /// Logits `[.., vocab]` of hidden states `[.., d]`.
+    /// Logits `[.., vocab]` of hidden states `[.., d]`, accumulated in the
+    /// hidden states' type. A head stored in another type (16 bits) is
+    /// widened [`HEAD_ROWS_PER_CHUNK`] rows at a time inside the product.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let dims = hidden.dims().to_vec();
         let flat = hidden.reshape(((), dims[dims.len() - 1]))?;
-        let out = flat.matmul(&head.t()?)?;
+        let out = if head.dtype() == flat.dtype() {
+            flat.matmul(&head.t()?)?
+        } else {
+            let vocab = head.dim(0)?;
+            let starts: Vec<usize> = (0..vocab).step_by(HEAD_ROWS_PER_CHUNK).collect();
+            // Pieces in parallel: a decode step is one row of hidden states,
+            // and one thread would leave the head's bandwidth unused.
+            let pieces = starts
+                .into_par_iter()
+                .map(|start| {
+                    let rows = HEAD_ROWS_PER_CHUNK.min(vocab - start);
+                    let w = widen_rows(head, start, rows, flat.dtype())?;
+                    flat.matmul(&w.t()?)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&pieces, 1)?
+        };
         let mut shape = dims;
         *shape.last_mut().expect("hidden has a feature dim") = self.cfg.vocab_size;
         out.reshape(shape)
@@ -424,7 +464,7 @@ impl Llama {
     /// Dense weights take more memory than the blocks, and the byte counts
     /// below change with them: measure before materializing.
     pub fn materialize(&mut self) -> candle_core::Result<()> {
-        let (device, dtype) = (self.device.clone(), self.embed.dtype());
+        let (device, dtype) = (self.device.clone(), self.dtype());
         for layer in &mut self.layers {
             for kind in LinearKind::ALL {
                 layer.linear_mut(kind).materialize(&device, dtype)?;
@@ -438,7 +478,8 @@ impl Llama {
         self.linears().map(|(_, _, l)| l.stack_bytes()).sum()
     }
 
-    /// Bytes of every resident weight (dense parts and blocks).
+    /// Bytes of every resident weight (dense parts, in their stored types,
+    /// and blocks).
     pub fn resident_bytes(&self) -> usize {
         let mut total = tensor_bytes(&self.embed) + tensor_bytes(&self.norm);
         total += self.lm_head.as_ref().map_or(0, tensor_bytes);
@@ -466,6 +507,34 @@ impl Llama {
     pub fn linear_weight_count(&self) -> usize {
         linear_weight_count(&self.cfg)
     }
+}
+
+/// Rows `start..start + rows` of the matrix `w` as `dtype`. A 16-bit matrix
+/// on the CPU is widened with `half`'s slice conversion (F16C where the
+/// CPU has it): candle's `to_dtype` converts value by value in software,
+/// which made a 16-bit lm_head cost a decode step 4× its f32 time.
+fn widen_rows(w: &Tensor, start: usize, rows: usize, dtype: DType) -> candle_core::Result<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    let fallback = || w.narrow(0, start, rows)?.to_dtype(dtype);
+    if dtype != DType::F32 || !w.device().is_cpu() || !w.is_contiguous() {
+        return fallback();
+    }
+    let d = w.dim(1)?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return fallback();
+    };
+    let range = layout.start_offset() + start * d..layout.start_offset() + (start + rows) * d;
+    let mut out = vec![0f32; rows * d];
+    match w.dtype() {
+        DType::F16 => cpu.as_slice::<half::f16>()?[range].convert_to_f32_slice(&mut out),
+        DType::BF16 => cpu.as_slice::<half::bf16>()?[range].convert_to_f32_slice(&mut out),
+        _ => {
+            drop(storage);
+            return fallback();
+        }
+    }
+    Tensor::from_vec(out, (rows, d), w.device())
 }
 
 /// The weight of linear `path`: dense if `path.weight` exists, else the

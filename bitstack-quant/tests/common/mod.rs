@@ -90,5 +90,6 @@ pub fn small_options(calib_text: PathBuf, k: usize, niter: usize) -> CompressOpt
         svd: SvdMethod::Exact,
         feedback: None,
         k_per_kind: Default::default(),
+        dense_dtype: Default::default(),
     }
 }
