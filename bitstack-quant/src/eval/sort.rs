@@ -144,7 +144,7 @@ pub fn sort_on_device(
             (order_by_scores(&geometry, &scores, "local"), passes)
         }
         SortMethod::Exact => exact(model, &geometry, wins, batch, progress)?,
-        SortMethod::Fast => gradient(model, &geometry, wins, batch, progress)?,
+        SortMethod::Fast => gradient(model, &geometry, wins, progress)?,
     };
     checkpoint.set_order(order)?;
     Ok((
@@ -282,7 +282,6 @@ fn exact(
     mut model: Llama,
     geometry: &Geometry,
     wins: &[Vec<u32>],
-    batch: usize,
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, usize)> {
     let full = all_stacks(&model)?;
@@ -365,15 +364,15 @@ fn gradient(
     mut model: Llama,
     geometry: &Geometry,
     wins: &[Vec<u32>],
-    batch: usize,
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, usize)> {
     let full = all_stacks(&model)?;
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
     let (device, dtype) = (model.device.clone(), model.dtype());
-    // Windows go through the forward and backward passes `batch` at a time:
-    // the loss is their summed NLL, so the gradient is the same.
-    let tokens = window_batches(wins, batch, &device)?;
+    // One window at a time: the backward pass keeps every intermediate of
+    // the forward, about 3 GB per 512-token window for SmolLM2 (four
+    // windows at once peaked at 11.9 GB), so windows are not batched here.
+    let tokens = window_batches(wins, 1, &device)?;
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];
     progress.set_length(((stored - 1) * tokens.len()) as u64);
