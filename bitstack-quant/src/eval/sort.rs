@@ -282,6 +282,7 @@ fn exact(
     mut model: Llama,
     geometry: &Geometry,
     wins: &[Vec<u32>],
+    batch: usize,
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, usize)> {
     let full = all_stacks(&model)?;
@@ -370,8 +371,8 @@ fn gradient(
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
     let (device, dtype) = (model.device.clone(), model.dtype());
     // One window at a time: the backward pass keeps every intermediate of
-    // the forward, about 3 GB per 512-token window for SmolLM2 (four
-    // windows at once peaked at 11.9 GB), so windows are not batched here.
+    // the forward, several GB for SmolLM2 (6.7 GB peak one
+    // window at a time, 11.9 GB four at once), so windows are not batched here.
     let tokens = window_batches(wins, 1, &device)?;
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];
