@@ -22,7 +22,8 @@ use crate::method::svd::SvdMethod;
 use crate::progress::progress_bar;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{
-    linear_shape, load_tokenizer, DecoderContext, DecoderLayer, LinearKind, Rope, TapPoint,
+    linear_shape, load_tokenizer, stored_tensor, DecoderContext, DecoderLayer, LinearKind, Rope,
+    TapPoint,
 };
 
 /// Rank of the blocks by default. On SmolLM2's 576-wide matrices a block of
@@ -36,20 +37,6 @@ pub const DEFAULT_NITER: usize = 8;
 const EMBED: &str = "model.embed_tokens.weight";
 const NORM: &str = "model.norm.weight";
 const LM_HEAD: &str = "lm_head.weight";
-
-/// `name` from `store` as an f32 tensor on `device`.
-fn dense_tensor(
-    store: &TensorStore,
-    name: &str,
-    shape: &[usize],
-    device: &Device,
-) -> Result<candle_core::Tensor> {
-    Ok(candle_core::Tensor::from_vec(
-        store.f32_shaped(name, shape)?,
-        shape,
-        device,
-    )?)
-}
 
 /// Knobs of `bitstack compress`.
 #[derive(Clone, Debug)]
@@ -216,7 +203,8 @@ pub fn compress_on(
     // copied out, so the resident set does not grow with the layer count.
     let store = TensorStore::open_dir(model_dir)?;
     let mut calibration = {
-        let embed = dense_tensor(&store, EMBED, &[cfg.vocab_size, cfg.hidden_size], device)?;
+        let embed = stored_tensor(&store, EMBED, &[cfg.vocab_size, cfg.hidden_size], device)?
+            .to_dtype(candle_core::DType::F32)?;
         LayerByLayer::embedding(&embed, &calib, opts.batch, opts.feedback.is_some())?
     };
     store.release(EMBED);

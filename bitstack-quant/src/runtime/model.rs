@@ -96,11 +96,7 @@ impl DecoderLayer {
         device: &Device,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
-        // Each dense tensor as stored: a 16-bit checkpoint stays 16-bit.
-        let tensor = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let (dtype, raw) = store.dense_shaped(name, shape)?;
-            Ok(Tensor::from_raw_buffer(raw, dtype.candle(), shape, device)?)
-        };
+        let tensor = |name: &str, shape: &[usize]| stored_tensor(store, name, shape, device);
         let lin = |kind: LinearKind| -> Result<Linear> {
             let (m, n) = linear_shape(cfg, kind);
             let path = kind.path(l);
@@ -317,11 +313,7 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
-        // Each dense tensor as stored: a 16-bit checkpoint stays 16-bit.
-        let tensor = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let (dtype, raw) = store.dense_shaped(name, shape)?;
-            Ok(Tensor::from_raw_buffer(raw, dtype.candle(), shape, device)?)
-        };
+        let tensor = |name: &str, shape: &[usize]| stored_tensor(store, name, shape, device);
         let embed = tensor("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let norm = tensor("model.norm.weight", &[d])?;
         let lm_head = if store.contains("lm_head.weight") && !cfg.tie_word_embeddings {
@@ -535,6 +527,18 @@ fn widen_rows(w: &Tensor, start: usize, rows: usize, dtype: DType) -> candle_cor
         }
     }
     Tensor::from_vec(out, (rows, d), w.device())
+}
+
+/// Dense tensor `name` of `store` on `device`, in its stored dtype: a
+/// 16-bit checkpoint stays 16-bit.
+pub fn stored_tensor(
+    store: &TensorStore,
+    name: &str,
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    let (dtype, raw) = store.dense_shaped(name, shape)?;
+    Ok(Tensor::from_raw_buffer(raw, dtype.candle(), shape, device)?)
 }
 
 /// The weight of linear `path`: dense if `path.weight` exists, else the
