@@ -20,7 +20,10 @@ use bitstack_quant::{
 use candle_core::Device;
 use clap::Args;
 
-use crate::args::{default_asset, CalibArgs, DeviceArgs, ScoreArgs, WindowArgs, CALIB_WINDOWS};
+use crate::args::{default_asset, CalibArgs, DeviceArgs, ScoreArgs, WindowArgs};
+
+/// Calibration windows of `eval --gptq`.
+pub const GPTQ_CALIB_WINDOWS: usize = 128;
 
 /// A fixed-precision quantizer applied to a dense model before it is scored.
 #[derive(Clone, Debug)]
@@ -43,18 +46,22 @@ impl Baseline {
                 bits,
                 group: args.group,
             }),
-            (None, Some(bits)) => Some(Baseline::Gptq {
-                opts: GptqOptions {
+            (None, Some(bits)) => {
+                let opts = GptqOptions {
                     order: if args.act_order {
                         ColumnOrder::DecreasingEnergy
                     } else {
                         ColumnOrder::Natural
                     },
                     ..GptqOptions::new(bits, args.group)
-                },
-                text: args.calib.path()?,
-                windows: args.calib_windows,
-            }),
+                };
+                opts.check()?;
+                Some(Baseline::Gptq {
+                    opts,
+                    text: args.calib.path()?,
+                    windows: args.calib_windows,
+                })
+            }
             (None, None) => None,
         })
     }
@@ -156,8 +163,9 @@ pub struct EvalArgs {
     pub act_order: bool,
     #[command(flatten)]
     pub calib: CalibArgs,
-    /// With --gptq: windows of calibration text.
-    #[arg(long, default_value_t = CALIB_WINDOWS, requires = "gptq")]
+    /// With --gptq: windows of calibration text (GPTQ's paper uses 128
+    /// samples; more than compress's 32, so the baseline is not starved).
+    #[arg(long, default_value_t = GPTQ_CALIB_WINDOWS, requires = "gptq")]
     pub calib_windows: usize,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]

@@ -55,7 +55,8 @@ impl GptqOptions {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks the options, before any calibration is spent on them.
+    pub fn check(&self) -> Result<()> {
         if !(1..=8).contains(&self.bits) {
             bail!("--gptq takes 1…8 bits, got {}", self.bits);
         }
