@@ -93,7 +93,7 @@ impl CompressOptions {
             k_per_kind: Default::default(),
             niter: DEFAULT_NITER,
             calib_text,
-            calib_windows: 32,
+            calib_windows: 128,
             seq_len: 512,
             batch: 4,
             svd: SvdMethod::randomized(0),
