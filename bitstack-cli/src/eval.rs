@@ -5,9 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use bitstack_quant::eval::calibrate::windows;
 use bitstack_quant::eval::perplexity::{evaluate, PerplexityReport};
 use bitstack_quant::format::order::{DenseMeasurement, Measurement};
 use bitstack_quant::hub::resolve_model;
+use bitstack_quant::method::feedback::ColumnOrder;
+use bitstack_quant::method::gptq::{apply_gptq, GptqOptions};
 use bitstack_quant::method::rtn::apply_rtn;
 use bitstack_quant::progress::progress_bar;
 use bitstack_quant::runtime::model::load_tokenizer;
@@ -17,7 +20,96 @@ use bitstack_quant::{
 use candle_core::Device;
 use clap::Args;
 
-use crate::args::{default_asset, DeviceArgs, ScoreArgs, WindowArgs};
+use crate::args::{default_asset, CalibArgs, DeviceArgs, ScoreArgs, WindowArgs};
+
+/// Calibration windows of `eval --gptq`.
+pub const GPTQ_CALIB_WINDOWS: usize = 128;
+
+/// A fixed-precision quantizer applied to a dense model before it is scored.
+#[derive(Clone, Debug)]
+pub enum Baseline {
+    /// Round to nearest.
+    Rtn { bits: u32, group: usize },
+    /// GPTQ, calibrated on `windows` windows of `text`.
+    Gptq {
+        opts: GptqOptions,
+        text: PathBuf,
+        windows: usize,
+    },
+}
+
+impl Baseline {
+    /// The baseline `eval`'s flags ask for, if any.
+    fn from_args(args: &EvalArgs) -> Result<Option<Self>> {
+        Ok(match (args.rtn, args.gptq) {
+            (Some(bits), _) => Some(Baseline::Rtn {
+                bits,
+                group: args.group,
+            }),
+            (None, Some(bits)) => {
+                let opts = GptqOptions {
+                    order: if args.act_order {
+                        ColumnOrder::DecreasingEnergy
+                    } else {
+                        ColumnOrder::Natural
+                    },
+                    ..GptqOptions::new(bits, args.group)
+                };
+                opts.check()?;
+                Some(Baseline::Gptq {
+                    opts,
+                    text: args.calib.path()?,
+                    windows: args.calib_windows,
+                })
+            }
+            (None, None) => None,
+        })
+    }
+
+    /// Quantizes `model`'s linears; returns the bytes they would occupy.
+    fn apply(
+        &self,
+        model: &mut Llama,
+        tokenizer: &tokenizers::Tokenizer,
+        shape: WindowArgs,
+    ) -> Result<usize> {
+        match self {
+            Baseline::Rtn { bits, group } => apply_rtn(model, *bits, *group),
+            Baseline::Gptq {
+                opts,
+                text,
+                windows: count,
+            } => {
+                let ids = tokenize(tokenizer, text)?;
+                let wins = windows(&ids, shape.seq_len, 0, *count);
+                if wins.len() < *count {
+                    bail!(
+                        "calibration text {} has {} tokens: {} windows of {} fit, {} requested",
+                        text.display(),
+                        ids.len(),
+                        wins.len(),
+                        shape.seq_len,
+                        count
+                    );
+                }
+                let pb = progress_bar(0, "GPTQ, layer by layer");
+                let bytes = apply_gptq(model, &wins, shape.batch, opts, &pb)?;
+                pb.finish_and_clear();
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+fn tokenize(tokenizer: &tokenizers::Tokenizer, path: &Path) -> Result<Vec<u32>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", path.display()))?
+        .get_ids()
+        .to_vec())
+}
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -48,16 +140,33 @@ pub struct EvalArgs {
     #[arg(
         long,
         value_name = "DENSE_MODEL",
-        conflicts_with_all = ["blocks", "budget", "record", "rtn"]
+        conflicts_with_all = ["blocks", "budget", "record", "rtn", "gptq"]
     )]
     pub record_dense: Option<String>,
     /// Baseline instead of BitStack: round-to-nearest with this many bits
     /// (asymmetric, f16 scale and zero per group), applied to a dense model.
-    #[arg(long, value_name = "BITS")]
+    #[arg(long, value_name = "BITS", conflicts_with_all = ["blocks", "budget", "record", "gptq"])]
     pub rtn: Option<u32>,
-    /// Group size along the input dimension for --rtn.
-    #[arg(long, default_value_t = 128)]
-    pub rtn_group: usize,
+    /// Baseline instead of BitStack: GPTQ with this many bits (the grids of
+    /// --rtn, each column's rounding error pushed onto the columns not yet
+    /// rounded), calibrated layer by layer on --calib-windows windows of the
+    /// calibration text; applied to a dense model.
+    #[arg(long, value_name = "BITS", conflicts_with_all = ["blocks", "budget", "record"])]
+    pub gptq: Option<u32>,
+    /// Group size along the input dimension for --rtn and --gptq (one f16
+    /// scale and zero per group: 32/GROUP bits per weight).
+    #[arg(long, alias = "rtn-group", default_value_t = 128, value_name = "GROUP")]
+    pub group: usize,
+    /// With --gptq: round the input channels with the most activation
+    /// energy first ("act-order").
+    #[arg(long, requires = "gptq")]
+    pub act_order: bool,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// With --gptq: windows of calibration text (GPTQ's paper uses 128
+    /// samples; more than compress's 32, so the baseline is not starved).
+    #[arg(long, default_value_t = GPTQ_CALIB_WINDOWS, requires = "gptq")]
+    pub calib_windows: usize,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     pub json: bool,
@@ -85,14 +194,14 @@ fn eval(args: &EvalArgs) -> Result<PerplexityReport> {
     if let Some(dense) = &args.record_dense {
         return eval_dense_reference(args, &dir, dense, &text_path);
     }
-    let rtn = args.rtn.map(|b| (b, args.rtn_group));
+    let baseline = Baseline::from_args(args)?;
     let mut model = ModelDir::open(&dir)?;
     let (counts, plan) = select(&model, args.budget, args.blocks)?;
     let report = eval_model(
         &model,
         &text_path,
         counts,
-        rtn,
+        baseline.as_ref(),
         args.score.windows,
         args.windows,
         &args.device.device.open()?,
@@ -191,24 +300,23 @@ pub fn select(
     Ok((counts, plan))
 }
 
-/// Perplexity of `model_dir` loaded with `counts` (and rounded to
-/// nearest first with `rtn = (bits, group)`), with the bytes it holds.
+/// Perplexity of `model_dir` loaded with `counts` (and quantized first by
+/// `baseline`), with the bytes it holds.
 pub fn eval_model(
     model_dir: &ModelDir,
     text_path: &Path,
     counts: BlockCounts,
-    rtn: Option<(u32, usize)>,
+    baseline: Option<&Baseline>,
     windows: usize,
     shape: WindowArgs,
     device: &Device,
 ) -> Result<PerplexityReport> {
     let WindowArgs { seq_len, batch } = shape;
-    let text = std::fs::read_to_string(text_path)
-        .with_context(|| format!("cannot read {}", text_path.display()))?;
     let tokenizer = load_tokenizer(model_dir.dir())?;
+    let ids = tokenize(&tokenizer, text_path)?;
     let mut model = Llama::from_model_dir(model_dir, &counts, device)?;
-    let rtn_bytes = match rtn {
-        Some((bits, group)) => Some(apply_rtn(&mut model, bits, group)?),
+    let baseline_bytes = match baseline {
+        Some(b) => Some(b.apply(&mut model, &tokenizer, shape)?),
         None => None,
     };
     // Report the bytes of the blocks, measured before the stacks become
@@ -216,18 +324,13 @@ pub fn eval_model(
     let linear_bytes: usize = model.linears().map(|(_, _, l)| l.weight_bytes()).sum();
     let total_bytes = model.resident_bytes();
     model.materialize()?;
-    let ids = tokenizer
-        .encode(text, false)
-        .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", text_path.display()))?
-        .get_ids()
-        .to_vec();
     let pb = progress_bar(windows.min(ids.len() / seq_len.max(1)) as u64, "evaluating");
     let mut r = evaluate(&model, &ids, seq_len, windows, batch, &pb)?;
     pb.finish_and_clear();
     r.resident_linear_bytes = linear_bytes;
     r.resident_total_bytes = total_bytes;
     r.bits_per_linear_weight = bits_per_weight(linear_bytes, model.linear_weight_count());
-    if let Some(bytes) = rtn_bytes {
+    if let Some(bytes) = baseline_bytes {
         // Report what the quantized linears would occupy, not the f32 copies.
         r.resident_total_bytes = r.resident_total_bytes - r.resident_linear_bytes + bytes;
         r.resident_linear_bytes = bytes;

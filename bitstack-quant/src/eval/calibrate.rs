@@ -9,7 +9,7 @@ use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatRef, Par};
 use indicatif::ProgressBar;
 
-use crate::runtime::model::{DecoderContext, DecoderLayer, Llama, TapPoint, Taps};
+use crate::runtime::model::{DecoderContext, DecoderLayer, Llama, NoTaps, TapPoint, Taps};
 
 /// Input statistics of one decoder layer's linears.
 #[derive(Clone, Debug, Default)]
@@ -214,12 +214,50 @@ impl LayerByLayer {
             };
             *h = layer.forward(ctx, h, &mut taps, None)?;
         }
-        for gram in stats.grams.values_mut() {
+        stats.finish();
+        self.next += 1;
+        Ok(stats)
+    }
+
+    /// The input statistics of `layer`, the next decoder layer, without
+    /// moving on: the caller may change the layer (quantize it, as GPTQ
+    /// does) and then [`advance`](Self::advance) through the changed one,
+    /// so that later layers are calibrated on what the changed model feeds
+    /// them. Costs a second forward of the layer.
+    pub fn peek_layer_of(&self, ctx: &DecoderContext, layer: &DecoderLayer) -> Result<LayerStats> {
+        let mut stats = LayerStats {
+            windows: self.windows,
+            ..Default::default()
+        };
+        for h in &self.hidden {
+            let mut taps = StatTaps {
+                stats: &mut stats,
+                grams: self.grams,
+            };
+            layer.forward(ctx, h, &mut taps, None)?;
+        }
+        stats.finish();
+        Ok(stats)
+    }
+
+    /// Carries the hidden states through `layer`, the next decoder layer,
+    /// recording nothing.
+    pub fn advance(&mut self, ctx: &DecoderContext, layer: &DecoderLayer) -> Result<()> {
+        for h in self.hidden.iter_mut() {
+            *h = layer.forward(ctx, h, &mut NoTaps, None)?;
+        }
+        self.next += 1;
+        Ok(())
+    }
+}
+
+impl LayerStats {
+    /// Completes the Gram matrices, of which only the lower triangles were summed.
+    fn finish(&mut self) {
+        for gram in self.grams.values_mut() {
             let n = (gram.len() as f64).sqrt().round() as usize;
             mirror_lower(gram, n);
         }
-        self.next += 1;
-        Ok(stats)
     }
 }
 

@@ -41,6 +41,42 @@ pub struct Feedback {
 /// Columns whose errors are pushed onward together (GPTQ's block size).
 pub const COLUMN_BATCH: usize = 128;
 
+/// A quantizer driven by [`Feedback::quantize_with`].
+pub trait ColumnQuantizer {
+    /// Called before the column at `position` of the visiting order is
+    /// quantized. `upcoming` holds the columns from `position` on (column `p`
+    /// is position `position + p`), updated by the errors of every column
+    /// before `position` — except that columns past the current batch of
+    /// [`COLUMN_BATCH`] lack the errors of this batch's earlier columns,
+    /// which reach them at the batch's end. A quantizer
+    /// that fits its grid to the weights as they are when it reaches them
+    /// (GPTQ's groups) does it here.
+    fn begin_column(&mut self, position: usize, upcoming: MatRef<'_, f32>) {
+        let _ = (position, upcoming);
+    }
+
+    /// The value that stands for the error-updated weight `x` at `row`,
+    /// `column` (the column's index in the matrix, not its position).
+    fn pick(&mut self, row: usize, column: usize, x: f32) -> f32;
+}
+
+impl<F: FnMut(usize, usize, f32) -> f32> ColumnQuantizer for F {
+    fn pick(&mut self, row: usize, column: usize, x: f32) -> f32 {
+        self(row, column, x)
+    }
+}
+
+/// The order in which the columns (input channels) are quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColumnOrder {
+    /// As stored: column 0 first.
+    Natural,
+    /// Most input energy (largest Gram diagonal) first, GPTQ's "act-order":
+    /// the channels that matter most are chosen while the most columns are
+    /// left to absorb their error.
+    DecreasingEnergy,
+}
+
 impl Feedback {
     /// From the Gram matrix `gram = Σ x xᵀ` (row-major `n×n`) of the inputs
     /// of a linear whose columns were multiplied by `scale` (the inputs are
@@ -50,6 +86,17 @@ impl Feedback {
         n: usize,
         scale: Option<&[f32]>,
         damp: f64,
+    ) -> Result<Self, FeedbackError> {
+        Self::from_gram_in(gram, n, scale, damp, ColumnOrder::DecreasingEnergy)
+    }
+
+    /// As [`Feedback::from_gram`], visiting the columns in `order`.
+    pub fn from_gram_in(
+        gram: &[f64],
+        n: usize,
+        scale: Option<&[f32]>,
+        damp: f64,
+        column_order: ColumnOrder,
     ) -> Result<Self, FeedbackError> {
         if gram.len() != n * n {
             return Err(FeedbackError::Shape { got: gram.len(), n });
@@ -63,7 +110,9 @@ impl Feedback {
         let s = |c: usize| scale.map_or(1.0, |s| s[c] as f64);
         let h = |p: usize, q: usize| gram[p * n + q] / (s(p) * s(q));
         let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| h(b, b).total_cmp(&h(a, a)));
+        if column_order == ColumnOrder::DecreasingEnergy {
+            order.sort_by(|&a, &b| h(b, b).total_cmp(&h(a, a)));
+        }
         let mean_diag = (0..n).map(|c| h(c, c)).sum::<f64>() / n as f64;
         let lambda = damp * mean_diag.max(f64::MIN_POSITIVE);
         let hp = Mat::<f64>::from_fn(n, n, |a, b| {
@@ -109,37 +158,46 @@ impl Feedback {
     }
 
     /// Signs (±1, row-major `m×n`) for a block of magnitudes `mag` fitted to
-    /// the residual `r`, chosen with error feedback.
+    /// the residual `r`, chosen with error feedback: each weight takes the
+    /// sign of its error-updated value.
+    pub fn choose_signs(&self, r: &[f32], mag: &[f32], m: usize) -> Vec<f32> {
+        let n = self.n;
+        debug_assert_eq!(mag.len(), m * n);
+        let mut signs = vec![0f32; m * n];
+        self.quantize_with(r, m, &mut |i, c, x| {
+            let sign = if x >= 0.0 { 1.0 } else { -1.0 };
+            signs[i * n + c] = sign;
+            sign * mag[i * n + c]
+        });
+        signs
+    }
+
+    /// The error-feedback loop for any quantizer: visits the columns of the
+    /// row-major `m×n` `r` in [`Feedback::order`], asks the quantizer for the
+    /// value that stands for each (error-updated) weight, and pushes the
+    /// difference onto the columns not yet visited.
     ///
     /// GPTQ's lazy batch update: within a batch of [`COLUMN_BATCH`] columns
     /// each column's error reaches the batch's later columns at once; the
     /// batch's errors reach all columns after it in one matrix product. The
     /// arithmetic is the column-by-column update's, regrouped so that most
     /// of it runs as a GEMM rather than one row update per column.
-    pub fn choose_signs(&self, r: &[f32], mag: &[f32], m: usize) -> Vec<f32> {
+    pub fn quantize_with(&self, r: &[f32], m: usize, quantizer: &mut impl ColumnQuantizer) {
         let n = self.n;
         debug_assert_eq!(r.len(), m * n);
-        debug_assert_eq!(mag.len(), m * n);
         // Column-major, in the chosen column order: column j is contiguous.
         let mut work = Mat::<f32>::zeros(m, n);
-        let mut mags = Mat::<f32>::zeros(m, n);
         for (j, &c) in self.order.iter().enumerate() {
-            for (i, (w, g)) in work
-                .col_mut(j)
-                .iter_mut()
-                .zip(mags.col_mut(j).iter_mut())
-                .enumerate()
-            {
+            for (i, w) in work.col_mut(j).iter_mut().enumerate() {
                 *w = r[i * n + c];
-                *g = mag[i * n + c];
             }
         }
         let u = MatRef::from_row_major_slice(&self.chol, n, n);
-        let mut signs = vec![0f32; m * n];
         let mut err = Mat::<f32>::zeros(m, COLUMN_BATCH.min(n));
         for start in (0..n).step_by(COLUMN_BATCH) {
             let end = (start + COLUMN_BATCH).min(n);
             for j in start..end {
+                quantizer.begin_column(j, work.as_ref().subcols(j, n - j));
                 let d = u[(j, j)];
                 let c = self.order[j];
                 let e = err
@@ -147,11 +205,8 @@ impl Feedback {
                     .try_as_col_major_mut()
                     .expect("owned");
                 let x = work.col(j).try_as_col_major().expect("owned").as_slice();
-                let g = mags.col(j).try_as_col_major().expect("owned").as_slice();
-                for (i, ((e, &x), &g)) in e.as_slice_mut().iter_mut().zip(x).zip(g).enumerate() {
-                    let sign = if x >= 0.0 { 1.0 } else { -1.0 };
-                    signs[i * n + c] = sign;
-                    *e = (x - sign * g) / d;
+                for (i, (e, &x)) in e.as_slice_mut().iter_mut().zip(x).enumerate() {
+                    *e = (x - quantizer.pick(i, c, x)) / d;
                 }
                 let e = err
                     .col(j - start)
@@ -177,7 +232,6 @@ impl Feedback {
                 );
             }
         }
-        signs
     }
 
     /// Re-fits each row of `u` (`m×k`, row-major) for fixed `signs` and `vt`

@@ -3,12 +3,13 @@
 //! [`scale`] makes the weights activation-aware, [`decompose`] peels off
 //! one `S ⊙ (u·vt)` block per iteration (with [`svd`] for the factors and
 //! [`feedback`] for error-feedback signs), and [`compress`] runs the whole
-//! pipeline over a model, layer by layer. [`rtn`] is the round-to-nearest
-//! baseline the method is measured against.
+//! pipeline over a model, layer by layer. [`rtn`] (round-to-nearest) and
+//! [`gptq`] are the fixed-precision baselines the method is measured against.
 
 pub mod compress;
 pub mod decompose;
 pub mod feedback;
+pub mod gptq;
 pub mod rtn;
 pub mod scale;
 pub mod svd;
