@@ -305,12 +305,12 @@ fn solve_spd(a: &mut [f64], b: &[f64], k: usize) -> Option<Vec<f64>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     /// `tr(E H Eᵀ)` for a row-major `m×n` error `e`.
-    fn output_error(e: &[f32], gram: &[f64], m: usize, n: usize) -> f64 {
+    pub(crate) fn output_error(e: &[f32], gram: &[f64], m: usize, n: usize) -> f64 {
         (0..m)
             .map(|i| {
                 let row = &e[i * n..(i + 1) * n];
@@ -326,13 +326,18 @@ mod tests {
     }
 
     /// Correlated inputs of awkward size, so feedback has something to use.
-    fn correlated_gram(tokens: usize, n: usize, rng: &mut StdRng) -> Vec<f64> {
+    pub(crate) fn correlated_gram(
+        tokens: usize,
+        n: usize,
+        mixing: f64,
+        rng: &mut StdRng,
+    ) -> Vec<f64> {
         let mix: Vec<f64> = (0..n * n).map(|_| rng.random::<f64>() - 0.5).collect();
         let mut gram = vec![0f64; n * n];
         for _ in 0..tokens {
             let z: Vec<f64> = (0..n).map(|_| rng.random::<f64>() - 0.5).collect();
             let x: Vec<f64> = (0..n)
-                .map(|p| z[p] + (0..n).map(|q| mix[p * n + q] * z[q]).sum::<f64>() * 0.5)
+                .map(|p| z[p] + (0..n).map(|q| mix[p * n + q] * z[q]).sum::<f64>() * mixing)
                 .collect();
             for p in 0..n {
                 for q in 0..n {
@@ -348,7 +353,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let mut total_flips = 0;
         for (m, n) in [(1, 13), (21, 37), (40, 9)] {
-            let gram = correlated_gram(4 * n, n, &mut rng);
+            let gram = correlated_gram(4 * n, n, 0.5, &mut rng);
             let r: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
             // One magnitude per row, as a rank-1 fit of |R| roughly gives.
             let mag = vec![0.25f32; m * n];
@@ -403,7 +408,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(21);
         // n spans several column batches, the last one partial.
         for (m, n) in [(1, 300), (19, 2 * COLUMN_BATCH + 3), (5, 7)] {
-            let gram = correlated_gram(2 * n, n, &mut rng);
+            let gram = correlated_gram(2 * n, n, 0.5, &mut rng);
             let r: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
             let mag: Vec<f32> = (0..m * n)
                 .map(|_| 0.2 + 0.1 * rng.random::<f32>())
@@ -426,7 +431,7 @@ mod tests {
     fn row_refit_lowers_output_error_and_matches_normal_equations() {
         let mut rng = StdRng::seed_from_u64(9);
         for (m, n, k) in [(1, 13, 1), (17, 29, 3), (6, 10, 4)] {
-            let gram = correlated_gram(3 * n, n, &mut rng);
+            let gram = correlated_gram(3 * n, n, 0.5, &mut rng);
             let fb = Feedback::from_gram(&gram, n, None, 0.01).unwrap();
             let r: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
             let signs: Vec<f32> = r

@@ -21,13 +21,12 @@
 
 use anyhow::{bail, Context, Result};
 use faer::MatRef;
-use half::f16;
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
 use crate::eval::calibrate::LayerByLayer;
 use crate::method::feedback::{ColumnOrder, ColumnQuantizer, Feedback};
-use crate::method::rtn::rtn_bits_per_weight;
+use crate::method::rtn::{fit_grid, round_to_grid, rtn_bits_per_weight};
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{LinearKind, Llama};
 
@@ -105,19 +104,13 @@ impl Grid {
 
     /// Fits grid `g` to span `values`, as round-to-nearest does.
     fn set(&mut self, g: usize, values: impl Iterator<Item = f32>) {
-        let (lo, hi) = values.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| {
-            (lo.min(x), hi.max(x))
-        });
-        let s = f16::from_f32(((hi - lo) / self.max_q).max(1e-5)).to_f32();
-        self.scale[g] = s;
-        self.zero[g] = f16::from_f32((-lo / s).round()).to_f32();
+        (self.scale[g], self.zero[g]) = fit_grid(values, self.max_q);
     }
 
     /// The grid point nearest to `x` in row `i`, column `c`.
     fn round(&self, i: usize, c: usize, x: f32) -> f32 {
         let g = i * self.n.div_ceil(self.group) + c / self.group;
-        let (s, z) = (self.scale[g], self.zero[g]);
-        s * (((x / s).round() + z).clamp(0.0, self.max_q) - z)
+        round_to_grid(x, (self.scale[g], self.zero[g]), self.max_q)
     }
 }
 
@@ -244,40 +237,9 @@ pub fn apply_gptq(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::method::feedback::tests::{correlated_gram, output_error};
     use crate::method::rtn::rtn_in_place;
     use rand::{rngs::StdRng, Rng, SeedableRng};
-
-    fn output_error(e: &[f32], gram: &[f64], m: usize, n: usize) -> f64 {
-        (0..m)
-            .map(|i| {
-                let row = &e[i * n..(i + 1) * n];
-                (0..n)
-                    .map(|p| {
-                        (0..n)
-                            .map(|q| row[p] as f64 * gram[p * n + q] * row[q] as f64)
-                            .sum::<f64>()
-                    })
-                    .sum::<f64>()
-            })
-            .sum()
-    }
-
-    fn correlated_gram(tokens: usize, n: usize, rng: &mut StdRng) -> Vec<f64> {
-        let mix: Vec<f64> = (0..n * n).map(|_| rng.random::<f64>() - 0.5).collect();
-        let mut gram = vec![0f64; n * n];
-        for _ in 0..tokens {
-            let z: Vec<f64> = (0..n).map(|_| rng.random::<f64>() - 0.5).collect();
-            let x: Vec<f64> = (0..n)
-                .map(|p| z[p] + (0..n).map(|q| mix[p * n + q] * z[q]).sum::<f64>() * 0.7)
-                .collect();
-            for p in 0..n {
-                for q in 0..n {
-                    gram[p * n + q] += x[p] * x[q];
-                }
-            }
-        }
-        gram
-    }
 
     #[test]
     fn with_a_diagonal_gram_gptq_is_round_to_nearest() {
@@ -308,7 +270,7 @@ mod tests {
     fn gptq_beats_rtn_on_correlated_inputs_and_stays_on_the_grid() {
         let mut rng = StdRng::seed_from_u64(4);
         for (m, n, group, bits) in [(7, 37, 8, 3), (1, 200, 128, 4), (12, 129, 32, 3)] {
-            let gram = correlated_gram(3 * n, n, &mut rng);
+            let gram = correlated_gram(3 * n, n, 0.7, &mut rng);
             let w: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
             let mut rtn = w.clone();
             rtn_in_place(&mut rtn, n, bits, group);
@@ -389,7 +351,7 @@ mod tests {
         // Groups that divide the batch of 128 columns see every earlier
         // error, as in the column-by-column loop; n spans several batches.
         for (m, n, group, bits) in [(3, 300, 32, 3), (1, 131, 64, 4), (6, 20, 4, 2)] {
-            let gram = correlated_gram(2 * n, n, &mut rng);
+            let gram = correlated_gram(2 * n, n, 0.7, &mut rng);
             let w: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
             let mut fast = w.clone();
             gptq_in_place(&mut fast, m, n, &gram, &GptqOptions::new(bits, group)).unwrap();

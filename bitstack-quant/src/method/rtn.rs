@@ -11,21 +11,28 @@ pub fn rtn_bits_per_weight(bits: u32, group: usize) -> f64 {
     bits as f64 + 32.0 / group as f64
 }
 
+/// The f16 scale and zero point whose `max_q + 1` levels span `values`.
+pub(crate) fn fit_grid(values: impl Iterator<Item = f32>, max_q: f32) -> (f32, f32) {
+    let (lo, hi) = values.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| {
+        (lo.min(x), hi.max(x))
+    });
+    let scale = f16::from_f32(((hi - lo) / max_q).max(1e-5)).to_f32();
+    (scale, f16::from_f32((-lo / scale).round()).to_f32())
+}
+
+/// The level of the grid `(scale, zero)` nearest to `x`.
+pub(crate) fn round_to_grid(x: f32, (scale, zero): (f32, f32), max_q: f32) -> f32 {
+    scale * (((x / scale).round() + zero).clamp(0.0, max_q) - zero)
+}
+
 /// Quantizes and dequantizes the row-major `m×n` matrix `w` in place.
 pub fn rtn_in_place(w: &mut [f32], n: usize, bits: u32, group: usize) {
     let max_q = ((1u32 << bits) - 1) as f32;
     for row in w.chunks_mut(n) {
         for g in row.chunks_mut(group) {
-            let (lo, hi) = g
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
-                    (lo.min(x), hi.max(x))
-                });
-            let scale = f16::from_f32(((hi - lo) / max_q).max(1e-5)).to_f32();
-            let zero = f16::from_f32((-lo / scale).round()).to_f32();
+            let grid = fit_grid(g.iter().copied(), max_q);
             for x in g.iter_mut() {
-                let q = ((*x / scale).round() + zero).clamp(0.0, max_q);
-                *x = scale * (q - zero);
+                *x = round_to_grid(*x, grid, max_q);
             }
         }
     }
