@@ -77,6 +77,10 @@ struct Args {
     /// Rank of the BitStack blocks.
     #[arg(long, default_value_t = 4)]
     k: usize,
+    /// Planes: weights per group of 128 kept exact (the largest in
+    /// magnitude; f16 value and 7-bit index each) and left out of the grid.
+    #[arg(long, default_value_t = 0)]
+    outliers: usize,
     /// BitStack blocks (and bit planes) per linear.
     #[arg(long, default_value_t = 6)]
     niter: usize,
@@ -109,14 +113,25 @@ fn scaled_gram(g: &[f64], n: usize, s: Option<&[f32]>) -> Mat<f32> {
 }
 
 /// Reconstructions of the first 1…`planes` nested bit planes of `w`.
-fn bit_planes(w: &[f32], n: usize, planes: usize, group: usize) -> Vec<Vec<f32>> {
+fn bit_planes(w: &[f32], n: usize, planes: usize, group: usize, outliers: usize) -> Vec<Vec<f32>> {
     let mut center = vec![0f32; w.len()];
     let mut half_range = vec![0f32; w.len()];
+    let mut exact = vec![false; w.len()];
     for (r, row) in w.chunks(n).enumerate() {
         for (g, values) in row.chunks(group).enumerate() {
-            let lo = values.iter().copied().fold(f32::INFINITY, f32::min);
-            let hi = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let at = r * n + g * group;
+            let mut by_size: Vec<usize> = (0..values.len()).collect();
+            by_size.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()));
+            for &j in by_size.iter().take(outliers) {
+                exact[at + j] = true;
+            }
+            let kept = || {
+                (0..values.len())
+                    .filter(|&j| !exact[at + j])
+                    .map(|j| values[j])
+            };
+            let lo = kept().fold(f32::INFINITY, f32::min);
+            let hi = kept().fold(f32::NEG_INFINITY, f32::max);
             center[at..at + values.len()].fill(half::f16::from_f32((lo + hi) / 2.0).to_f32());
             half_range[at..at + values.len()].fill(half::f16::from_f32((hi - lo) / 2.0).to_f32());
         }
@@ -124,9 +139,15 @@ fn bit_planes(w: &[f32], n: usize, planes: usize, group: usize) -> Vec<Vec<f32>>
     let mut approx = center;
     (0..planes)
         .map(|b| {
-            for ((a, x), h) in approx.iter_mut().zip(w).zip(&half_range) {
+            for (((a, x), h), e) in approx.iter_mut().zip(w).zip(&half_range).zip(&exact) {
                 let mag = h / (2u32 << b) as f32;
-                *a += if x >= a { mag } else { -mag };
+                *a = if *e {
+                    half::f16::from_f32(*x).to_f32()
+                } else if x >= a {
+                    *a + mag
+                } else {
+                    *a - mag
+                };
             }
             approx.clone()
         })
@@ -235,8 +256,11 @@ fn main() -> Result<()> {
                         }
                     }
                     Method::Planes => {
-                        for (p, q) in bit_planes(&w, n, args.niter, 128).iter().enumerate() {
-                            let bits = (p + 1) as f64 + rtn_bits_per_weight(0, 128);
+                        let planes = bit_planes(&w, n, args.niter, 128, args.outliers);
+                        let side =
+                            rtn_bits_per_weight(0, 128) + args.outliers as f64 * 23.0 / 128.0;
+                        for (p, q) in planes.iter().enumerate() {
+                            let bits = (p + 1) as f64 + side;
                             report("planes", format!("{}planes", p + 1), bits, q);
                         }
                     }
