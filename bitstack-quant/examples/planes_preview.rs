@@ -1,0 +1,170 @@
+//! End-to-end preview of nested bit planes before they have a stored
+//! format: every linear of a dense model is replaced by the first P bit
+//! planes of a per-group uniform grid, and the model is scored.
+//!
+//! Per row and group of 128 input columns the grid is a center and a
+//! half-range `h` (f16); plane b adds `±h/2^(b+1)`, most significant first,
+//! so every prefix is a uniform grid. The `--outliers` largest weights of
+//! each group stay exact (f16 value and 7-bit index: 23 bits) and are left
+//! out of the grid. With `--calib`, each layer is first scaled and folded
+//! as `compress` does (activation scales from the dense model's inputs).
+//! `--method rtn` scores round-to-nearest at the same bits instead.
+//!
+//! ```text
+//! cargo run --release --example planes_preview -- MODEL TEXT --calib CALIB.txt --outliers 1 --planes 3,4
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use bitstack_quant::eval::calibrate::{windows, LayerByLayer};
+use bitstack_quant::eval::perplexity::evaluate;
+use bitstack_quant::method::rtn::{rtn_bits_per_weight, rtn_in_place};
+use bitstack_quant::method::scale::{fold, LayerScales};
+use bitstack_quant::progress::progress_bar;
+use bitstack_quant::runtime::linear::LinearWeight;
+use bitstack_quant::runtime::model::{load_tokenizer, LinearKind};
+use bitstack_quant::{BlockCounts, Llama, ModelDir};
+use candle_core::{Device, Tensor};
+use clap::{Parser, ValueEnum};
+use half::f16;
+
+const GROUP: usize = 128;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Method {
+    Planes,
+    Rtn,
+}
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Dense model directory.
+    model: PathBuf,
+    /// Text to score.
+    text: PathBuf,
+    /// Calibration text for the activation scales; unscaled without it.
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    calib_windows: usize,
+    /// Windows of 512 tokens to score.
+    #[arg(long, default_value_t = 8)]
+    windows: usize,
+    /// Planes (or RTN bits) to score, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "3,4")]
+    planes: Vec<u32>,
+    /// Weights per group kept exact.
+    #[arg(long, default_value_t = 1)]
+    outliers: usize,
+    #[arg(long, value_enum, default_value_t = Method::Planes)]
+    method: Method,
+}
+
+/// Replaces the row-major `w` (rows of `n`) by its first `planes` planes.
+fn bit_planes(w: &mut [f32], n: usize, planes: u32, outliers: usize) {
+    for row in w.chunks_mut(n) {
+        for g in row.chunks_mut(GROUP) {
+            let mut by_size: Vec<usize> = (0..g.len()).collect();
+            by_size.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+            let mut exact = vec![false; g.len()];
+            for &j in by_size.iter().take(outliers) {
+                exact[j] = true;
+            }
+            let (lo, hi) = g
+                .iter()
+                .zip(&exact)
+                .filter(|(_, &e)| !e)
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), (&x, _)| {
+                    (lo.min(x), hi.max(x))
+                });
+            let center = f16::from_f32((lo + hi) / 2.0).to_f32();
+            let half_range = f16::from_f32((hi - lo) / 2.0).to_f32();
+            for (x, &e) in g.iter_mut().zip(&exact) {
+                if e {
+                    *x = f16::from_f32(*x).to_f32();
+                    continue;
+                }
+                let mut q = center;
+                for b in 0..planes {
+                    let mag = half_range / (2u32 << b) as f32;
+                    q += if *x >= q { mag } else { -mag };
+                }
+                *x = q;
+            }
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let dir = ModelDir::open(&args.model)?;
+    let tok = load_tokenizer(dir.dir())?;
+    let ids = |path: &PathBuf| -> Result<Vec<u32>> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(tok
+            .encode(text, false)
+            .map_err(anyhow::Error::msg)?
+            .get_ids()
+            .to_vec())
+    };
+    let scored = ids(&args.text)?;
+    let calib = match &args.calib {
+        Some(path) => windows(&ids(path)?, 512, 0, args.calib_windows),
+        None => Vec::new(),
+    };
+    for &p in &args.planes {
+        let mut model = Llama::from_model_dir(&dir, &BlockCounts::all(), &Device::Cpu)?;
+        let cfg = model.cfg.clone();
+        let mut calibration = if calib.is_empty() {
+            None
+        } else {
+            Some(LayerByLayer::new(&model, &calib, 4, false)?)
+        };
+        for l in 0..model.layers.len() {
+            if let Some(calibration) = &mut calibration {
+                // Scales from the dense layer's inputs, then fold and quantize.
+                let stats = calibration.next_layer(&model)?;
+                fold(
+                    &mut model.layers[l],
+                    &LayerScales::from_stats(&stats, &cfg)?,
+                )?;
+            }
+            for kind in LinearKind::ALL {
+                let linear = model.layers[l].linear_mut(kind);
+                let LinearWeight::Dense(w) = &linear.weight else {
+                    bail!("{} is not dense", kind.path(l));
+                };
+                let (m, n) = w.dims2()?;
+                let mut v = w.flatten_all()?.to_vec1::<f32>()?;
+                match args.method {
+                    Method::Planes => bit_planes(&mut v, n, p, args.outliers),
+                    Method::Rtn => rtn_in_place(&mut v, n, p, GROUP),
+                }
+                linear.weight = LinearWeight::Dense(Tensor::from_vec(v, (m, n), &Device::Cpu)?);
+            }
+        }
+        let report = evaluate(
+            &model,
+            &scored,
+            512,
+            args.windows,
+            4,
+            &progress_bar(0, "scoring"),
+        )?;
+        let bits = match args.method {
+            Method::Planes => {
+                p as f64
+                    + rtn_bits_per_weight(0, GROUP)
+                    + args.outliers as f64 * 23.0 / GROUP as f64
+            }
+            Method::Rtn => rtn_bits_per_weight(p, GROUP),
+        };
+        println!(
+            "{:?} {p}: {bits:.3} bits per weight, PPL {:.3}",
+            args.method, report.ppl
+        );
+    }
+    Ok(())
+}
