@@ -13,7 +13,7 @@ use bitstack_quant::method::feedback::ColumnOrder;
 use bitstack_quant::method::gptq::{apply_gptq, GptqOptions};
 use bitstack_quant::method::rtn::apply_rtn;
 use bitstack_quant::progress::progress_bar;
-use bitstack_quant::runtime::model::load_tokenizer;
+use bitstack_quant::runtime::model::{load_tokenizer, tokenize_file};
 use bitstack_quant::{
     bits_per_weight, BlockCounts, Budget, Checkpoint, Llama, ModelConfig, ModelDir, Plan, Selection,
 };
@@ -80,7 +80,7 @@ impl Baseline {
                 text,
                 windows: count,
             } => {
-                let ids = tokenize(tokenizer, text)?;
+                let ids = tokenize_file(tokenizer, text)?;
                 let wins = windows(&ids, shape.seq_len, 0, *count);
                 if wins.len() < *count {
                     bail!(
@@ -99,16 +99,6 @@ impl Baseline {
             }
         }
     }
-}
-
-fn tokenize(tokenizer: &tokenizers::Tokenizer, path: &Path) -> Result<Vec<u32>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(tokenizer
-        .encode(text, false)
-        .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", path.display()))?
-        .get_ids()
-        .to_vec())
 }
 
 #[derive(Args, Debug)]
@@ -313,7 +303,7 @@ pub fn eval_model(
 ) -> Result<PerplexityReport> {
     let WindowArgs { seq_len, batch } = shape;
     let tokenizer = load_tokenizer(model_dir.dir())?;
-    let ids = tokenize(&tokenizer, text_path)?;
+    let ids = tokenize_file(&tokenizer, text_path)?;
     let mut model = Llama::from_model_dir(model_dir, &counts, device)?;
     let baseline_bytes = match baseline {
         Some(b) => Some(b.apply(&mut model, &tokenizer, shape)?),

@@ -16,7 +16,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bitstack_quant::eval::calibrate::{windows, LayerByLayer};
 use bitstack_quant::format::block::reconstruct;
 use bitstack_quant::format::checkpoint::BlockCounts;
@@ -30,7 +30,8 @@ use bitstack_quant::method::scale::{fold, LayerScales};
 use bitstack_quant::method::svd::SvdMethod;
 use bitstack_quant::runtime::linear::LinearWeight;
 use bitstack_quant::runtime::model::{
-    linear_shape, load_tokenizer, stored_tensor, DecoderContext, DecoderLayer, LinearKind, Rope,
+    linear_shape, load_tokenizer, stored_tensor, tokenize_file, DecoderContext, DecoderLayer,
+    LinearKind, Rope,
 };
 use bitstack_quant::{bits_per_weight, BlockShape};
 use candle_core::{DType, Device};
@@ -84,16 +85,6 @@ struct Args {
     /// BitStack blocks (and bit planes) per linear.
     #[arg(long, default_value_t = 6)]
     niter: usize,
-}
-
-fn tokens(tok: &tokenizers::Tokenizer, path: &PathBuf) -> Result<Vec<u32>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(tok
-        .encode(text, false)
-        .map_err(anyhow::Error::msg)?
-        .get_ids()
-        .to_vec())
 }
 
 /// `tr(E·H·Eᵀ)` for the row-major `m×n` `e`.
@@ -158,9 +149,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = ModelConfig::from_dir(&args.model)?;
     let tok = load_tokenizer(&args.model)?;
-    let fit_windows = windows(&tokens(&tok, &args.calib)?, 512, 0, args.windows);
+    let fit_windows = windows(&tokenize_file(&tok, &args.calib)?, 512, 0, args.windows);
     let held_windows = windows(
-        &tokens(&tok, &args.held_out)?,
+        &tokenize_file(&tok, &args.held_out)?,
         512,
         0,
         args.held_out_windows,

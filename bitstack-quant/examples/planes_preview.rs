@@ -16,14 +16,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use bitstack_quant::eval::calibrate::{windows, LayerByLayer};
+use anyhow::{bail, Result};
+use bitstack_quant::eval::calibrate::{calibrate, windows};
 use bitstack_quant::eval::perplexity::evaluate;
 use bitstack_quant::method::rtn::{rtn_bits_per_weight, rtn_in_place};
 use bitstack_quant::method::scale::{fold, LayerScales};
 use bitstack_quant::progress::progress_bar;
 use bitstack_quant::runtime::linear::LinearWeight;
-use bitstack_quant::runtime::model::{load_tokenizer, LinearKind};
+use bitstack_quant::runtime::model::{load_tokenizer, tokenize_file, LinearKind};
 use bitstack_quant::{BlockCounts, Llama, ModelDir};
 use candle_core::{Device, Tensor};
 use clap::{Parser, ValueEnum};
@@ -100,36 +100,26 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let dir = ModelDir::open(&args.model)?;
     let tok = load_tokenizer(dir.dir())?;
-    let ids = |path: &PathBuf| -> Result<Vec<u32>> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Ok(tok
-            .encode(text, false)
-            .map_err(anyhow::Error::msg)?
-            .get_ids()
-            .to_vec())
-    };
-    let scored = ids(&args.text)?;
+    let scored = tokenize_file(&tok, &args.text)?;
     let calib = match &args.calib {
-        Some(path) => windows(&ids(path)?, 512, 0, args.calib_windows),
+        Some(path) => windows(&tokenize_file(&tok, path)?, 512, 0, args.calib_windows),
         None => Vec::new(),
+    };
+    // Activation scales from the dense model's inputs, once for every run.
+    let scales: Vec<LayerScales> = if calib.is_empty() {
+        Vec::new()
+    } else {
+        let dense = Llama::from_model_dir(&dir, &BlockCounts::all(), &Device::Cpu)?;
+        calibrate(&dense, &calib, 4, false, &progress_bar(0, "calibrating"))?
+            .iter()
+            .map(|stats| LayerScales::from_stats(stats, &dense.cfg))
+            .collect::<Result<_>>()?
     };
     for &p in &args.planes {
         let mut model = Llama::from_model_dir(&dir, &BlockCounts::all(), &Device::Cpu)?;
-        let cfg = model.cfg.clone();
-        let mut calibration = if calib.is_empty() {
-            None
-        } else {
-            Some(LayerByLayer::new(&model, &calib, 4, false)?)
-        };
         for l in 0..model.layers.len() {
-            if let Some(calibration) = &mut calibration {
-                // Scales from the dense layer's inputs, then fold and quantize.
-                let stats = calibration.next_layer(&model)?;
-                fold(
-                    &mut model.layers[l],
-                    &LayerScales::from_stats(&stats, &cfg)?,
-                )?;
+            if let Some(s) = scales.get(l) {
+                fold(&mut model.layers[l], s)?;
             }
             for kind in LinearKind::ALL {
                 let linear = model.layers[l].linear_mut(kind);

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use faer::Mat;
 use indicatif::ProgressBar;
@@ -38,7 +38,7 @@ use crate::format::block::block_bytes;
 use crate::format::checkpoint::{BlockCounts, Checkpoint};
 use crate::format::order::{BlockOrder, Geometry};
 use crate::runtime::linear::{stack_tensor, LinearWeight};
-use crate::runtime::model::{load_tokenizer, LinearKind, Llama, NoTaps};
+use crate::runtime::model::{load_tokenizer, tokenize_file, LinearKind, Llama, NoTaps};
 use crate::runtime::stack::WeightStack;
 
 /// Which algorithm orders the blocks.
@@ -82,13 +82,7 @@ pub fn sort_checkpoint(
     progress: &ProgressBar,
 ) -> Result<(BlockOrder, SortReport)> {
     let tokenizer = load_tokenizer(checkpoint.dir())?;
-    let text = std::fs::read_to_string(&opts.calib_text)
-        .with_context(|| format!("cannot read {}", opts.calib_text.display()))?;
-    let ids = tokenizer
-        .encode(text, false)
-        .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", opts.calib_text.display()))?
-        .get_ids()
-        .to_vec();
+    let ids = tokenize_file(&tokenizer, &opts.calib_text)?;
     let wins = windows(&ids, opts.seq_len, opts.skip_windows, opts.windows);
     if wins.len() < opts.windows {
         bail!(

@@ -22,8 +22,8 @@ use crate::method::svd::SvdMethod;
 use crate::progress::progress_bar;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{
-    linear_shape, load_tokenizer, stored_tensor, DecoderContext, DecoderLayer, LinearKind, Rope,
-    TapPoint,
+    linear_shape, load_tokenizer, stored_tensor, tokenize_file, DecoderContext, DecoderLayer,
+    LinearKind, Rope, TapPoint,
 };
 
 /// Rank of the blocks by default. On SmolLM2's 576-wide matrices a block of
@@ -178,13 +178,7 @@ pub fn compress_on(
     );
     let mut writer = CheckpointWriter::create(out_dir, raw_cfg, &quantization, opts.dense_dtype)?;
 
-    let text = std::fs::read_to_string(&opts.calib_text)
-        .with_context(|| format!("cannot read calibration text {}", opts.calib_text.display()))?;
-    let ids = tokenizer
-        .encode(text, false)
-        .map_err(|e| anyhow::anyhow!("cannot tokenize calibration text: {e}"))?
-        .get_ids()
-        .to_vec();
+    let ids = tokenize_file(&tokenizer, &opts.calib_text).context("calibration text")?;
     let calib = windows(&ids, opts.seq_len, 0, opts.calib_windows);
     if calib.len() < opts.calib_windows {
         bail!(

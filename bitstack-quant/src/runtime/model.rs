@@ -694,6 +694,17 @@ pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
         .with_context(|| format!("cannot load {}", path.display()))
 }
 
+/// The token ids of the UTF-8 text file at `path`, with errors that name it.
+pub fn tokenize_file(tokenizer: &tokenizers::Tokenizer, path: &Path) -> Result<Vec<u32>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", path.display()))?
+        .get_ids()
+        .to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
