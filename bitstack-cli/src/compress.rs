@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use bitstack_quant::format::grid::GridConfig;
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::method::compress::{
     compress_on, CompressOptions, FeedbackOptions, DEFAULT_K, DEFAULT_NITER,
@@ -26,9 +27,21 @@ pub struct CompressArgs {
     /// Rank per kind of linear, overriding --k: `k_proj=8,v_proj=8`.
     #[arg(long, value_name = "KIND=K,…", value_delimiter = ',', value_parser = parse_k_for)]
     pub k_for: Vec<(LinearKind, usize)>,
-    /// Blocks per linear.
+    /// AVD blocks per linear.
     #[arg(long, default_value_t = DEFAULT_NITER)]
     pub niter: usize,
+    /// Grid planes per linear after the AVD blocks: nested bit planes of
+    /// what the blocks leave, on a grid per row and group of input
+    /// columns (format version 2). 0 writes AVD blocks only.
+    #[arg(long, default_value_t = 0)]
+    pub planes: usize,
+    /// Input columns per group of the grid planes (8…128; a width that is
+    /// not a multiple is split into equal groups).
+    #[arg(long, default_value_t = 128)]
+    pub group: usize,
+    /// Weights per row and group of the grid kept exact.
+    #[arg(long, default_value_t = 1)]
+    pub outliers: usize,
     #[command(flatten)]
     pub calib: CalibArgs,
     /// Windows of calibration text for the activation scales.
@@ -76,6 +89,11 @@ impl CompressArgs {
             k: self.k,
             k_per_kind: self.k_for.iter().copied().collect(),
             niter: self.niter,
+            grid: (self.planes > 0).then_some(GridConfig {
+                planes: self.planes,
+                group: self.group,
+                outliers: self.outliers,
+            }),
             calib_text,
             calib_windows: self.calib_windows,
             seq_len: self.windows.seq_len,

@@ -28,16 +28,17 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         i.niter.map_or("dense".into(), |n| n.to_string())
     );
     println!(
-        "{:<40} {:>11} {:>4} {:>6} {:>12} {:>12}",
-        "linear", "shape", "k", "blocks", "bytes/block", "bytes"
+        "{:<40} {:>11} {:>4} {:>6} {:>6} {:>12} {:>12}",
+        "linear", "shape", "k", "blocks", "planes", "bytes/block", "bytes"
     );
     for l in &i.linears {
         println!(
-            "{:<40} {:>11} {:>4} {:>6} {:>12} {:>12}",
+            "{:<40} {:>11} {:>4} {:>6} {:>6} {:>12} {:>12}",
             l.name,
             format!("{}x{}", l.m, l.n),
             l.k.map_or("-".into(), |k| k.to_string()),
             l.blocks,
+            l.planes,
             l.bytes_per_block,
             l.bytes
         );

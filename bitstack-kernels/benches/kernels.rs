@@ -1,12 +1,13 @@
 //! Decode and prefill kernels against candle's dense f32 and f16 products
-//! on the same shape, in the same run.
+//! on the same shape, in the same run; and grid planes against AVD blocks
+//! of the same bits (`grid_…` groups).
 
 use std::time::Duration;
 
 use bitstack_kernels::decode::table_matmul_t;
 use bitstack_kernels::prefill::panel_matmul_t;
 use bitstack_kernels::tmac::{self, shuffle_matmul_t};
-use bitstack_kernels::{Isa, OwnedStack};
+use bitstack_kernels::{stack_matmul_t, Isa, OwnedGrid, OwnedStack, TiledSigns};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::f16;
@@ -25,6 +26,80 @@ fn random_stack(m: usize, n: usize, k: usize, blocks: usize) -> OwnedStack {
         (signs, u, vt)
     });
     OwnedStack::from_row_major(m, n, k, blocks)
+}
+
+/// `planes` random grid planes (groups of 128, one outlier slot) and no block.
+fn random_grid(m: usize, n: usize, planes: usize) -> OwnedStack {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (group, outliers) = (128, 1);
+    let groups = n.div_ceil(group);
+    let mut f = |len: usize| -> Vec<f16> {
+        (0..len)
+            .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
+            .collect()
+    };
+    let (center, half, outlier_delta) = (f(m * groups), f(m * groups), f(m * groups));
+    let planes = (0..planes)
+        .map(|_| {
+            let bytes: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
+            TiledSigns::from_row_major(&bytes, m, n)
+        })
+        .collect();
+    let grid = OwnedGrid {
+        group,
+        center,
+        half,
+        outliers,
+        outlier_col: (0..m * groups).map(|_| rng.random::<u8>() % 128).collect(),
+        outlier_delta,
+        planes,
+    };
+    OwnedStack::with_grid(m, n, 1, Vec::new(), Some(grid))
+}
+
+/// Decode (one row) of `p` grid planes beside `p` AVD blocks (k = 4 and 16)
+/// and the dense f32 product, at 2048×2048.
+fn grid(c: &mut Criterion) {
+    let isa = Isa::detect();
+    let (m, n) = (2048, 2048);
+    let mut rng = StdRng::seed_from_u64(2);
+    let x: Vec<f32> = (0..n).map(|_| rng.random::<f32>() - 0.5).collect();
+    let mut out = vec![0f32; m];
+    for p in [3, 4] {
+        let mut group = c.benchmark_group(format!("grid_{m}x{n}_p{p}_rows1"));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3));
+        let grid = random_grid(m, n, p);
+        let stack = grid.stack_ref();
+        group.bench_function(BenchmarkId::new("grid_tmac", format!("{isa:?}")), |b| {
+            b.iter(|| shuffle_matmul_t(isa, &x, 1, &stack, &mut out))
+        });
+        group.bench_function(BenchmarkId::new("grid_decode", format!("{isa:?}")), |b| {
+            b.iter(|| table_matmul_t(isa, &x, 1, &stack, &mut out))
+        });
+        group.bench_function(BenchmarkId::new("grid_dispatch", format!("{isa:?}")), |b| {
+            b.iter(|| stack_matmul_t(&x, 1, &stack, &mut out))
+        });
+        for k in [4, 16] {
+            let avd = random_stack(m, n, k, p);
+            let stack = avd.stack_ref();
+            group.bench_function(
+                BenchmarkId::new(format!("avd_k{k}_tmac"), format!("{isa:?}")),
+                |b| b.iter(|| shuffle_matmul_t(isa, &x, 1, &stack, &mut out)),
+            );
+        }
+        let xt = Tensor::from_vec(x.clone(), (1, n), &Device::Cpu).unwrap();
+        let wt = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
+        group.bench_function(BenchmarkId::new("dense", "F32"), |b| {
+            b.iter(|| xt.matmul(&wt).unwrap())
+        });
+        group.finish();
+    }
 }
 
 fn kernels(c: &mut Criterion) {
@@ -81,5 +156,5 @@ fn kernels(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, kernels);
+criterion_group!(benches, kernels, grid);
 criterion_main!(benches);

@@ -12,13 +12,15 @@
 //! L2 cache while every output row scans them; because the result is linear
 //! in the partial sums, each chunk's sums are folded into `y` right away and
 //! nothing per row outlives a chunk.
+//!
+//! A stack's grid planes are added after the blocks by [`crate::grid`].
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
 use crate::layout::{nibble_sign, tiled_row, StackRef};
-use crate::{multiversion, Isa};
+use crate::{grid, multiversion, Isa};
 
 /// Bytes of tables (one block, one column chunk, all rows of `x`) that the
 /// row scan keeps hot.
@@ -79,10 +81,19 @@ pub fn table_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &
         rows <= MAX_ROWS,
         "the decode kernel takes at most {MAX_ROWS} rows"
     );
-    if stack.blocks.is_empty() || rows == 0 || m == 0 || n == 0 {
+    if stack.blocks.is_empty() || k == 0 || rows == 0 || m == 0 || n == 0 {
         out.fill(0.0);
-        return;
+    } else {
+        blocks_matmul_t(isa, x, rows, stack, out);
     }
+    if let Some(grid) = &stack.grid {
+        grid::grid_matmul_t_add(isa, x, rows, m, n, grid, out);
+    }
+}
+
+/// `out = x·Wᵀ` for the blocks of `stack` alone (at least one, `k ≥ 1`).
+fn blocks_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
+    let (m, n, k) = (stack.m, stack.n, stack.k);
     let layout = Layout::new(n, k, rows);
     TABLES.with(|cell| {
         let mut tables = cell.borrow_mut();

@@ -5,13 +5,14 @@
 //! time (all rows, every resident block), and each panel is multiplied with
 //! the matching columns of `x` into the output, accumulating: the whole `W`
 //! is never held, the `k×PANEL_COLS` slice of each `vt` the rebuild reads
-//! stays in L1, and the GEMM packs each operand once.
+//! stays in L1, and the GEMM packs each operand once. A stack's grid
+//! planes are dequantized into the same panel.
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::layout::{tiled_row, StackRef, SIGN_MASKS};
+use crate::layout::{plane_weight, tiled_row, GridRef, StackRef, SIGN_MASKS};
 use crate::{multiversion, Isa};
 
 /// Columns of `W` per panel: a multiple of 8, so panels start on a sign byte.
@@ -32,10 +33,21 @@ pub fn panel_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &
     let (m, n) = (stack.m, stack.n);
     assert_eq!(x.len(), rows * n, "x is not rows×n");
     assert_eq!(out.len(), rows * m, "out is not rows×m");
-    if stack.blocks.is_empty() || rows == 0 || m == 0 || n == 0 {
+    if stack.is_empty() || rows == 0 || m == 0 || n == 0 {
         out.fill(0.0);
         return;
     }
+    // Blocks of rank 0 add nothing (and would make empty chunks below).
+    let rank_zero;
+    let stack = if stack.k == 0 && !stack.blocks.is_empty() {
+        rank_zero = StackRef {
+            blocks: Vec::new(),
+            ..stack.clone()
+        };
+        &rank_zero
+    } else {
+        stack
+    };
     // vt in f32 once per call, eight columns at a time: `[n/8][k][8]`, so
     // that the rebuild of eight columns reads one contiguous run.
     let k = stack.k;
@@ -104,7 +116,7 @@ pub fn panel_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &
 multiversion!(fn rebuild(w: &mut [f32], stack: &StackRef, vt: &[Vec<f32>], i0: usize, c0: usize, cols: usize) => rebuild_body);
 
 /// Columns `c0..c0 + cols` of rows `i0..` of `W` into `w` (`cols` per row):
-/// per block, `u[i]·vt` with its signs applied.
+/// per block, `u[i]·vt` with its signs applied, then the grid's weights.
 #[inline(always)]
 fn rebuild_body(
     w: &mut [f32],
@@ -154,6 +166,47 @@ fn rebuild_body(
                     .sum();
                 let mask = SIGN_MASKS[signs[full] as usize][cc - full * 8];
                 wi[cc] += f32::from_bits(r.to_bits() ^ mask);
+            }
+        }
+        if let Some(grid) = &stack.grid {
+            add_grid_row(grid, stack.n, i, c0, signs, wi);
+        }
+    }
+}
+
+/// Adds columns `c0..c0 + wi.len()` of row `i` of the grid's weights to
+/// `wi` (`signs` holds a sign byte per 8 of those columns, as scratch).
+#[inline(always)]
+fn add_grid_row(grid: &GridRef, n: usize, i: usize, c0: usize, signs: &mut [u8], wi: &mut [f32]) {
+    let cols = wi.len();
+    // Σ_b ±2^-(b+1) per column: sums of distinct powers of two, exact.
+    let mut levels = [0f32; PANEL_COLS];
+    let levels = &mut levels[..cols.div_ceil(8) * 8];
+    for (b, plane) in grid.planes.iter().enumerate() {
+        let w = plane_weight(b).to_bits();
+        tiled_row(plane, i, c0 / 8, signs);
+        for (&byte, lq) in signs.iter().zip(levels.chunks_exact_mut(8)) {
+            let mask = &SIGN_MASKS[byte as usize];
+            for t in 0..8 {
+                lq[t] += f32::from_bits(w ^ mask[t]);
+            }
+        }
+    }
+    let groups = grid.groups(n);
+    let (g0, g1) = (c0 / grid.group, (c0 + cols).div_ceil(grid.group));
+    for g in g0..g1 {
+        let cell = i * groups + g;
+        let (center, half) = (grid.center[cell].to_f32(), grid.half[cell].to_f32());
+        let lo = (g * grid.group).max(c0) - c0;
+        let hi = ((g + 1) * grid.group).min(c0 + cols) - c0;
+        for (w, l) in wi[lo..hi].iter_mut().zip(&levels[lo..hi]) {
+            *w += center + half * l;
+        }
+        let o = grid.outliers;
+        for slot in cell * o..(cell + 1) * o {
+            let c = g * grid.group + grid.outlier_col[slot] as usize;
+            if (c0..c0 + cols).contains(&c) {
+                wi[c - c0] += grid.outlier_delta[slot].to_f32();
             }
         }
     }

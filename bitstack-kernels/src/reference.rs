@@ -1,7 +1,7 @@
 //! The straightforward kernel: one weight at a time, in f64. Slow and
 //! obviously right; every fast path is tested against it.
 
-use crate::layout::StackRef;
+use crate::layout::{GridRef, StackRef};
 
 /// `out = x·Wᵀ` (`x`: `rows×n`, `out`: `rows×m`).
 pub fn reference_matmul_t(x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
@@ -19,7 +19,32 @@ pub fn reference_matmul_t(x: &[f32], rows: usize, stack: &StackRef, out: &mut [f
                     y += sign * w * x[r * n + c] as f64;
                 }
             }
+            if let Some(grid) = &stack.grid {
+                for c in 0..n {
+                    y += grid_weight(grid, n, i, c) * x[r * n + c] as f64;
+                }
+            }
             out[r * m + i] = y as f32;
         }
     }
+}
+
+/// `Wgrid[i, c]`, by the definition (see [`GridRef`]).
+pub fn grid_weight(grid: &GridRef, n: usize, i: usize, c: usize) -> f64 {
+    let groups = grid.groups(n);
+    let g = c / grid.group;
+    let cell = i * groups + g;
+    let mut levels = 0f64;
+    for (b, plane) in grid.planes.iter().enumerate() {
+        let sign = if plane.sign(i, c) { 1.0 } else { -1.0 };
+        levels += sign * 0.5f64.powi(b as i32 + 1);
+    }
+    let mut w = grid.center[cell].to_f64() + grid.half[cell].to_f64() * levels;
+    for t in 0..grid.outliers {
+        let slot = cell * grid.outliers + t;
+        if g * grid.group + grid.outlier_col[slot] as usize == c {
+            w += grid.outlier_delta[slot].to_f64();
+        }
+    }
+    w
 }

@@ -54,6 +54,17 @@
 //! The scalar path ([`Isa::Baseline`]) builds the same tables and does the
 //! same integer sums and f32 operations in the same order, so every
 //! instruction set gives bit-identical results.
+//!
+//! # Grid planes
+//!
+//! A stack's grid planes (see [`GridRef`]) need `Σ_{c∈g} s_b(i,c)·x[c]` per
+//! row, group and plane: the same lookups with `x` in place of `Z`, so one
+//! set of tables (one scale per row of `x` and group) serves every plane,
+//! and each plane's weight `2^-(b+1)` rides on the scale. When the groups
+//! start on a sign byte (a multiple of 8 columns) a group's lookups are one
+//! chunk of sums per plane, taken tile by tile after the blocks'; then
+//! `half·sums + center·Σ_{c∈g} x[c]` and the outliers are added per row.
+//! Other group sizes are left to [`crate::grid`]'s f32 tables.
 
 use std::cell::RefCell;
 
@@ -61,7 +72,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::layout::{nibble_sign, BlockRef, StackRef, TILE_ROWS};
+use crate::layout::{nibble_sign, plane_weight, BlockRef, GridRef, StackRef, TILE_ROWS};
 use crate::{multiversion, Isa};
 
 /// Largest number of rows of `x` [`shuffle_matmul_t`] takes in one call.
@@ -153,6 +164,8 @@ struct CallBuffers {
     tables: Vec<u8>,
     scales: Vec<f32>,
     y: Vec<f32>,
+    grid_tables: Vec<u8>,
+    grid_scales: Vec<f32>,
 }
 
 /// Per-task buffers, reused across calls on each worker thread.
@@ -163,6 +176,12 @@ struct TaskBuffers {
     /// `u` of one tile in f32, row-major, then transposed by position.
     u_rows: Vec<f32>,
     u_t: Vec<f32>,
+    /// The grid's sums of one tile: per (group, row of `x`, position).
+    grid_f: Vec<f32>,
+    /// One tile's centers, halves and outlier deltas in f32.
+    grid_row: Vec<f32>,
+    /// One tile's centers and halves by group in position order.
+    grid_t: Vec<f32>,
 }
 
 thread_local! {
@@ -195,7 +214,8 @@ const fn position_of_row() -> [usize; TILE_ROWS] {
 
 /// `out = x·Wᵀ` for `x` of `rows×n` (`rows ≤` [`MAX_ROWS`]) and `out` of
 /// `rows×m`, both row-major, where `W = Σ_b S_b ⊙ (u_b·vt_b)` over the
-/// blocks of `stack`, with the lookups compiled for `isa`.
+/// blocks of `stack` plus its grid planes, with the lookups compiled for
+/// `isa`.
 ///
 /// Results are the same on every instruction set; they differ from the
 /// exact product by the int8 rounding of the tables (see the module docs).
@@ -204,15 +224,23 @@ const fn position_of_row() -> [usize; TILE_ROWS] {
 /// thread-local and reused from call to call.
 pub fn shuffle_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut [f32]) {
     stack.check();
-    let (m, n, k, blocks) = (stack.m, stack.n, stack.k, &stack.blocks[..]);
+    let (m, n, k) = (stack.m, stack.n, stack.k);
+    // Blocks of rank 0 add nothing.
+    let blocks = if k == 0 { &[][..] } else { &stack.blocks[..] };
     assert!(isa.is_supported(), "this CPU cannot run {isa:?} code");
     assert!(rows <= MAX_ROWS, "at most {MAX_ROWS} rows of x");
     assert_eq!(x.len(), rows * n, "x is not rows×n");
     assert_eq!(out.len(), rows * m, "out is not rows×m");
-    if blocks.is_empty() || rows == 0 || m == 0 || n == 0 || k == 0 {
+    if (blocks.is_empty() && stack.grid.is_none()) || rows == 0 || m == 0 || n == 0 {
         out.fill(0.0);
         return;
     }
+    // A grid whose groups start on a sign byte is looked up with the
+    // blocks, tile by tile; any other is added after them from f32 tables.
+    let (grid, other_grid) = match &stack.grid {
+        Some(g) if g.group.is_multiple_of(8) => (Some(g), None),
+        g => (None, g.as_ref()),
+    };
     let row_bytes = n.div_ceil(8);
     let plan = Plan {
         m,
@@ -236,6 +264,20 @@ pub fn shuffle_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out:
         grow(&mut call.tables, units * UNIT_BYTES);
         grow(&mut call.scales, units);
         grow(&mut call.y, tiles * rows * TILE_ROWS);
+        let grid = grid.map(|grid| {
+            let groups = grid.groups(n);
+            grow(&mut call.grid_tables, rows * row_bytes * 64);
+            grow(&mut call.grid_scales, rows * groups);
+            GridPlan::new(
+                isa,
+                grid,
+                x,
+                n,
+                rows,
+                &mut call.grid_tables[..rows * row_bytes * 64],
+                &mut call.grid_scales[..rows * groups],
+            )
+        });
         let tables = &mut call.tables[..units * UNIT_BYTES];
         let scales = &mut call.scales[..units];
         tables
@@ -251,7 +293,7 @@ pub fn shuffle_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out:
                     isa,
                     t,
                     s,
-                    &blocks[b].vt[j * n..][..n],
+                    Some(&blocks[b].vt[j * n..][..n]),
                     &x[r * n..][..n],
                     c * CHUNK_COLS,
                     2 * plan.chunk_bytes(c),
@@ -276,6 +318,7 @@ pub fn shuffle_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out:
                         blocks,
                         tables,
                         scales,
+                        grid.as_ref(),
                         task * task_tiles,
                         y,
                         &mut buffers,
@@ -293,6 +336,9 @@ pub fn shuffle_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out:
             }
         }
     });
+    if let Some(grid) = other_grid {
+        crate::grid::grid_matmul_t_add(isa, x, rows, m, n, grid, out);
+    }
 }
 
 fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
@@ -302,13 +348,14 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
 }
 
 /// The int8 tables of `groups` groups from column `col0` for one rank
-/// index of one block (`vt` is its row) and one row of `x`, and their scale:
-/// the value of one low-part step.
+/// index of one block (`vt` is its row; `None` for the grid planes, whose
+/// tables are of `x` itself) and one row of `x`, and their scale: the value
+/// of one low-part step.
 fn build_tables(
     isa: Isa,
     t: &mut [u8],
     scale: &mut f32,
-    vt: &[f16],
+    vt: Option<&[f16]>,
     x: &[f32],
     col0: usize,
     groups: usize,
@@ -317,8 +364,13 @@ fn build_tables(
     let cols = (x.len() - col0).min(4 * groups);
     // Zero past the last column, up to a whole number of 8-group runs.
     let mut z = [0f32; CHUNK_COLS];
-    to_f32(isa, &vt[col0..col0 + cols], &mut z[..cols]);
-    times(isa, &mut z[..cols], &x[col0..col0 + cols]);
+    match vt {
+        Some(vt) => {
+            to_f32(isa, &vt[col0..col0 + cols], &mut z[..cols]);
+            times(isa, &mut z[..cols], &x[col0..col0 + cols]);
+        }
+        None => z[..cols].copy_from_slice(&x[col0..col0 + cols]),
+    }
     let max = match isa {
         // SAFETY: shuffle_matmul_t checked that the CPU runs `isa`; z holds whole runs.
         #[cfg(target_arch = "x86_64")]
@@ -434,6 +486,7 @@ fn run_task(
     blocks: &[BlockRef],
     tables: &[u8],
     scales: &[f32],
+    grid: Option<&GridPlan>,
     tile0: usize,
     y: &mut [f32],
     buffers: &mut TaskBuffers,
@@ -458,7 +511,7 @@ fn run_task(
             let unit = c * rk + jj0;
             let tables = &tables[unit * UNIT_BYTES..][..jn * UNIT_BYTES];
             let f = &mut f[jj0 * TILE_ROWS..][..jn * TILE_ROWS];
-            chunk_sums(isa, signs, tables, &scales[unit..][..jn], f);
+            chunk_sums(isa, signs, tables, UNIT_BYTES, &scales[unit..][..jn], f);
         };
         if plan.chunks * rk * UNIT_BYTES <= TABLE_BUDGET {
             // The block's tables stay in L2: read each tile's signs in one
@@ -500,6 +553,165 @@ fn run_task(
             fold(isa, u_t, f, y);
         }
     }
+    if let Some(grid) = grid {
+        for (t, y) in y.chunks_exact_mut(plan.rows * TILE_ROWS).enumerate() {
+            grid.add_tile(isa, plan, tile0 + t, y, buffers);
+        }
+    }
+}
+
+/// The grid planes of one call, when their groups start on a sign byte:
+/// int8 tables of `x` itself, the same for every plane, with one scale per
+/// (row of `x`, group), so that a group's lookups are one [`chunk_sums`]
+/// call per plane.
+struct GridPlan<'a> {
+    grid: &'a GridRef<'a>,
+    x: &'a [f32],
+    n: usize,
+    groups: usize,
+    /// Sign bytes per group.
+    group_bytes: usize,
+    /// Tables per row of `x`, `64·⌈n/8⌉` bytes each.
+    tables: &'a [u8],
+    /// `rows×G`: the scales of the tables.
+    scales: &'a [f32],
+    /// `rows×G`: `Σ_{c∈g} x[r, c]`, which the centers multiply.
+    sums: Vec<f32>,
+}
+
+impl<'a> GridPlan<'a> {
+    /// Builds the tables of every (row of `x`, group) into `tables` and
+    /// `scales`.
+    fn new(
+        isa: Isa,
+        grid: &'a GridRef<'a>,
+        x: &'a [f32],
+        n: usize,
+        rows: usize,
+        tables: &'a mut [u8],
+        scales: &'a mut [f32],
+    ) -> Self {
+        let groups = grid.groups(n);
+        let group_bytes = grid.group / 8;
+        let stride = n.div_ceil(8) * 64;
+        tables
+            .par_chunks_mut(stride)
+            .zip(scales.par_chunks_mut(groups))
+            .enumerate()
+            .for_each(|(r, (t, s))| {
+                let x = &x[r * n..][..n];
+                for (g, (t, s)) in t.chunks_mut(group_bytes * 64).zip(s).enumerate() {
+                    build_tables(isa, t, s, None, x, g * grid.group, t.len() / 32);
+                }
+            });
+        Self {
+            grid,
+            x,
+            n,
+            groups,
+            group_bytes,
+            tables,
+            scales,
+            sums: crate::grid::group_sums(x, rows, n, grid.group),
+        }
+    }
+
+    /// Adds the grid's part of the outputs of `tile` to `y` (`rows` runs of
+    /// 32 outputs in position order).
+    fn add_tile(&self, isa: Isa, plan: Plan, tile: usize, y: &mut [f32], buf: &mut TaskBuffers) {
+        let (grid, groups, rows, o) = (self.grid, self.groups, plan.rows, self.grid.outliers);
+        let i0 = tile * TILE_ROWS;
+        let stride = plan.row_bytes * 64;
+        // f[g][r][p] = Σ_b 2^-(b+1)·Σ_{c∈g} s_b·x[r, c]: the plane's weight
+        // rides on the scale.
+        grow(&mut buf.grid_f, groups * rows * TILE_ROWS);
+        let f = &mut buf.grid_f[..groups * rows * TILE_ROWS];
+        f.fill(0.0);
+        let mut scales = [0f32; MAX_ROWS];
+        for (g, f) in f.chunks_exact_mut(rows * TILE_ROWS).enumerate() {
+            let q0 = g * self.group_bytes;
+            let bytes = self.group_bytes.min(plan.row_bytes - q0);
+            let tables = &self.tables[q0 * 64..];
+            for (b, plane) in grid.planes.iter().enumerate() {
+                let at = plane.offset(tile, q0);
+                let signs = &plane.as_bytes()[at..][..bytes * TILE_ROWS];
+                for (r, s) in scales.iter_mut().enumerate().take(rows) {
+                    *s = self.scales[r * groups + g] * plane_weight(b);
+                }
+                chunk_sums(isa, signs, tables, stride, &scales[..rows], f);
+            }
+        }
+        // The tile's centers, halves and outlier deltas in f32 (its rows
+        // are consecutive, so each is one run), the first two then by group
+        // in position order.
+        let live = TILE_ROWS.min(plan.m - i0);
+        let cells = live * groups;
+        grow(&mut buf.grid_row, cells * (2 + o));
+        grow(&mut buf.grid_t, 2 * groups * TILE_ROWS);
+        let (center, rest) = buf.grid_row[..cells * (2 + o)].split_at_mut(cells);
+        let (half, delta) = rest.split_at_mut(cells);
+        to_f32(isa, &grid.center[i0 * groups..][..cells], center);
+        to_f32(isa, &grid.half[i0 * groups..][..cells], half);
+        to_f32(
+            isa,
+            &grid.outlier_delta[i0 * groups * o..][..cells * o],
+            delta,
+        );
+        let (center_t, half_t) =
+            buf.grid_t[..2 * groups * TILE_ROWS].split_at_mut(groups * TILE_ROWS);
+        if live < TILE_ROWS {
+            center_t.fill(0.0);
+            half_t.fill(0.0);
+        }
+        for (l, (c, h)) in center
+            .chunks_exact(groups)
+            .zip(half.chunks_exact(groups))
+            .enumerate()
+        {
+            let p = POSITION_OF_ROW[l];
+            for (g, (&c, &h)) in c.iter().zip(h).enumerate() {
+                center_t[g * TILE_ROWS + p] = c;
+                half_t[g * TILE_ROWS + p] = h;
+            }
+        }
+        // y[r][p] += Σ_g half·f + center·X, 32 positions at a time.
+        for (g, (c, h)) in center_t
+            .as_chunks::<TILE_ROWS>()
+            .0
+            .iter()
+            .zip(half_t.as_chunks::<TILE_ROWS>().0)
+            .enumerate()
+        {
+            let f = &f[g * rows * TILE_ROWS..][..rows * TILE_ROWS];
+            for (r, (y, f)) in y
+                .as_chunks_mut::<TILE_ROWS>()
+                .0
+                .iter_mut()
+                .zip(f.as_chunks::<TILE_ROWS>().0)
+                .enumerate()
+            {
+                let xg = self.sums[r * groups + g];
+                for p in 0..TILE_ROWS {
+                    y[p] += h[p] * f[p] + c[p] * xg;
+                }
+            }
+        }
+        if o == 0 {
+            return;
+        }
+        let cols = &grid.outlier_col[i0 * groups * o..][..cells * o];
+        for (l, (cols, delta)) in cols
+            .chunks_exact(groups * o)
+            .zip(delta.chunks_exact(groups * o))
+            .enumerate()
+        {
+            let p = POSITION_OF_ROW[l];
+            for (r, y) in y.chunks_exact_mut(TILE_ROWS).enumerate() {
+                let x = &self.x[r * self.n..][..self.n];
+                y[p] += crate::grid::outlier_sum(o, cols, delta, x, grid.group);
+            }
+        }
+    }
 }
 
 multiversion!(fn fold(u_t: &[f32], f: &[f32], y: &mut [f32]) => fold_body);
@@ -530,29 +742,32 @@ fn fold_body(u_t: &[f32], f: &[f32], y: &mut [f32]) {
 
 /// For one tile and one chunk: `f[jj][p] += scale[jj] · Σ` (the table
 /// lookups of the chunk's sign bytes `signs` in tables `jj`, high parts
-/// times [`LO_STEPS`] plus low parts), for every rank row `jj`.
-fn chunk_sums(isa: Isa, signs: &[u8], tables: &[u8], scales: &[f32], f: &mut [f32]) {
+/// times [`LO_STEPS`] plus low parts), for every rank row `jj`. The tables
+/// of rank row `jj` start at byte `jj·stride` of `tables`.
+fn chunk_sums(isa: Isa, signs: &[u8], tables: &[u8], stride: usize, scales: &[f32], f: &mut [f32]) {
     let rk = scales.len();
-    assert!(tables.len() >= rk * UNIT_BYTES && f.len() >= rk * TILE_ROWS);
+    let bytes = signs.len() / TILE_ROWS;
+    assert!(rk == 0 || tables.len() >= (rk - 1) * stride + bytes * 64);
+    assert!(f.len() >= rk * TILE_ROWS);
     assert!(signs.len() <= CHUNK_BYTES * TILE_ROWS && signs.len().is_multiple_of(TILE_ROWS));
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
             // SAFETY: shuffle_matmul_t checked that the CPU runs `isa`, which
             // includes AVX2 and FMA; the sizes are checked above.
-            unsafe { avx2::chunk_sums(signs, tables, scales, f) }
+            unsafe { avx2::chunk_sums(signs, tables, stride, scales, f) }
         }
-        _ => chunk_sums_scalar(signs, tables, scales, f),
+        _ => chunk_sums_scalar(signs, tables, stride, scales, f),
     }
 }
 
 /// [`chunk_sums`] one row at a time, with the same integer sums and the
 /// same f32 operations as the AVX2 path.
-fn chunk_sums_scalar(signs: &[u8], tables: &[u8], scales: &[f32], f: &mut [f32]) {
+fn chunk_sums_scalar(signs: &[u8], tables: &[u8], stride: usize, scales: &[f32], f: &mut [f32]) {
     let bytes = signs.len() / TILE_ROWS;
     let (bias, lo_bias) = (2 * BIAS * bytes as i32, 2 * LO_MAX * bytes as i32);
     for (jj, &scale) in scales.iter().enumerate() {
-        let t = &tables[jj * UNIT_BYTES..][..UNIT_BYTES];
+        let t = &tables[jj * stride..][..bytes * 64];
         let f = &mut f[jj * TILE_ROWS..][..TILE_ROWS];
         for l in 0..TILE_ROWS {
             let (mut high, mut low) = (0i32, 0i32);
@@ -576,7 +791,7 @@ mod avx2 {
 
     use half::f16;
 
-    use super::{BIAS, ENTRY_SIGNS, LO_MAX, LO_RUN, LO_STEPS, PASS, QMAX, TILE_ROWS, UNIT_BYTES};
+    use super::{BIAS, ENTRY_SIGNS, LO_MAX, LO_RUN, LO_STEPS, PASS, QMAX, TILE_ROWS};
 
     /// `dst = src` in f32, eight at a time.
     ///
@@ -677,21 +892,28 @@ mod avx2 {
     /// bytes.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `tables` must hold `scales.len()`
-    /// units and `f` `scales.len()` runs of 32; `signs` at most 256 bytes
+    /// The CPU must support AVX2 and FMA; `tables` must hold the tables
+    /// of `scales.len()` rank rows `stride` bytes apart, 64 bytes per sign
+    /// byte, and `f` `scales.len()` runs of 32; `signs` at most 256 bytes
     /// per row.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn chunk_sums(signs: &[u8], tables: &[u8], scales: &[f32], f: &mut [f32]) {
+    pub(super) unsafe fn chunk_sums(
+        signs: &[u8],
+        tables: &[u8],
+        stride: usize,
+        scales: &[f32],
+        f: &mut [f32],
+    ) {
         let rk = scales.len();
         let mut jj = 0;
         while jj + PASS <= rk {
-            pass::<PASS>(signs, tables, scales, f, jj);
+            pass::<PASS>(signs, tables, stride, scales, f, jj);
             jj += PASS;
         }
         match rk - jj {
-            3 => pass::<3>(signs, tables, scales, f, jj),
-            2 => pass::<2>(signs, tables, scales, f, jj),
-            1 => pass::<1>(signs, tables, scales, f, jj),
+            3 => pass::<3>(signs, tables, stride, scales, f, jj),
+            2 => pass::<2>(signs, tables, stride, scales, f, jj),
+            1 => pass::<1>(signs, tables, stride, scales, f, jj),
             _ => {}
         }
     }
@@ -702,6 +924,7 @@ mod avx2 {
     unsafe fn pass<const J: usize>(
         signs: &[u8],
         tables: &[u8],
+        stride: usize,
         scales: &[f32],
         f: &mut [f32],
         jj0: usize,
@@ -716,7 +939,7 @@ mod avx2 {
         let mut lo_words = [zero; J];
         let mut lo_odd = [zero; J];
         let s = signs.as_ptr();
-        let t = tables.as_ptr().add(jj0 * UNIT_BYTES);
+        let t = tables.as_ptr().add(jj0 * stride);
         let table =
             |at: *const u8| _mm256_broadcastsi128_si256(_mm_loadu_si128(at as *const __m128i));
         let mut q0 = 0;
@@ -727,7 +950,7 @@ mod avx2 {
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
                 let lo = _mm256_and_si256(v, nibble);
                 for j in 0..J {
-                    let tq = t.add(j * UNIT_BYTES + q * 64);
+                    let tq = t.add(j * stride + q * 64);
                     let look = |o: usize, idx: __m256i| _mm256_shuffle_epi8(table(tq.add(o)), idx);
                     let sum = _mm256_add_epi8(look(0, hi), look(16, lo));
                     words[j] = _mm256_add_epi16(words[j], sum);

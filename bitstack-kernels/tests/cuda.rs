@@ -9,7 +9,7 @@ use bitstack_kernels::{OwnedStack, StackSource};
 use candle_core::{DType, Device, Tensor};
 
 mod common;
-use common::{random_stack, random_x, values};
+use common::{random_grid_stack, random_stack, random_x, values};
 
 /// RMS error relative to the reference's RMS, per activation dtype: the
 /// operands of the tensor cores are rounded to f16 (f32 and f16
@@ -98,6 +98,30 @@ fn decode_and_prefill_match_the_reference() {
     for (s, &(m, n, k, nb)) in shapes.iter().enumerate() {
         let owned = Arc::new(random_stack(m, n, k, nb, seed.wrapping_add(s as u64)));
         // 1–32 rows decode, more prefill.
+        for rows in [1, 3, 8, 32, 33, 600] {
+            check(&owned, rows, seed ^ (rows as u64), &device);
+        }
+    }
+}
+
+#[test]
+fn grid_planes_match_the_reference() {
+    let device = device();
+    let seed = seed();
+    // (m, n, k, blocks, group, planes, outliers): rows of W not a multiple
+    // of 16, columns not a multiple of 64 or of the group, groups that do
+    // and do not divide 64, the grid alone and after blocks.
+    let shapes = [
+        (1, 9, 1, 0, 4, 1, 1),
+        (17, 65, 4, 2, 16, 3, 2),
+        (130, 300, 4, 0, 128, 4, 1),
+        (33, 1030, 4, 3, 128, 5, 0),
+        (300, 257, 3, 1, 12, 2, 1),
+        (129, 77, 16, 0, 256, 3, 2),
+    ];
+    for (s, &(m, n, k, nb, group, planes, o)) in shapes.iter().enumerate() {
+        let owned = random_grid_stack(m, n, k, nb, group, planes, o, seed.wrapping_add(s as u64));
+        let owned = Arc::new(owned);
         for rows in [1, 3, 8, 32, 33, 600] {
             check(&owned, rows, seed ^ (rows as u64), &device);
         }

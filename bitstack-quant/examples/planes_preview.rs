@@ -19,8 +19,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use bitstack_quant::eval::calibrate::{calibrate, windows};
 use bitstack_quant::eval::perplexity::evaluate;
+use bitstack_quant::format::block::reconstruct;
+use bitstack_quant::format::grid::{grid_planes, GridConfig};
+use bitstack_quant::method::decompose::decompose;
 use bitstack_quant::method::rtn::{rtn_bits_per_weight, rtn_in_place};
 use bitstack_quant::method::scale::{fold, LayerScales};
+use bitstack_quant::method::svd::SvdMethod;
 use bitstack_quant::progress::progress_bar;
 use bitstack_quant::runtime::linear::LinearWeight;
 use bitstack_quant::runtime::model::{load_tokenizer, tokenize_file, LinearKind};
@@ -34,6 +38,9 @@ const GROUP: usize = 128;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Method {
     Planes,
+    /// Planes scaled to each group's spread, with one magnitude per plane
+    /// fitted to the error summed over every prefix.
+    Sigma,
     Rtn,
 }
 
@@ -59,6 +66,13 @@ struct Args {
     outliers: usize,
     #[arg(long, value_enum, default_value_t = Method::Planes)]
     method: Method,
+    /// AVD blocks (rank 4, sign(R)) before the planes, which then grid the
+    /// residual.
+    #[arg(long, default_value_t = 0)]
+    avd_blocks: usize,
+    /// Planes stored (`sigma`): the magnitudes are fitted to all prefixes.
+    #[arg(long, default_value_t = 6)]
+    total_planes: usize,
 }
 
 /// Replaces the row-major `w` (rows of `n`) by its first `planes` planes.
@@ -115,25 +129,69 @@ fn main() -> Result<()> {
             .map(|stats| LayerScales::from_stats(stats, &dense.cfg))
             .collect::<Result<_>>()?
     };
+    // Every linear, folded, decomposed and gridded once for every run.
+    let mut model = Llama::from_model_dir(&dir, &BlockCounts::all(), &Device::Cpu)?;
+    let mut prepared = Vec::new();
+    let (mut avd_bits, mut weights) = (0f64, 0f64);
+    let pb = progress_bar(
+        (model.layers.len() * LinearKind::ALL.len()) as u64,
+        "preparing",
+    );
+    for l in 0..model.layers.len() {
+        if let Some(s) = scales.get(l) {
+            fold(&mut model.layers[l], s)?;
+        }
+        for kind in LinearKind::ALL {
+            let LinearWeight::Dense(w) = &model.layers[l].linear(kind).weight else {
+                bail!("{} is not dense", kind.path(l));
+            };
+            let (m, n) = w.dims2()?;
+            let mut v = w.flatten_all()?.to_vec1::<f32>()?;
+            weights += (m * n) as f64;
+            let mut base = vec![0f32; m * n];
+            if args.avd_blocks > 0 {
+                let d = decompose(&v, m, n, 4, args.avd_blocks, SvdMethod::randomized(0))?;
+                base = reconstruct(&d.blocks, m, n, 4);
+                v.iter_mut().zip(&base).for_each(|(x, b)| *x -= b);
+                avd_bits += d.blocks.iter().map(|b| b.bytes() as f64 * 8.0).sum::<f64>();
+            }
+            let cfg = GridConfig {
+                planes: args.total_planes,
+                group: GROUP,
+                outliers: args.outliers,
+            };
+            let grid = match args.method {
+                Method::Sigma => Some(grid_planes(&v, m, n, cfg)?),
+                _ => None,
+            };
+            prepared.push((l, kind, m, n, v, base, grid, cfg));
+            pb.inc(1);
+        }
+    }
+    pb.finish();
     for &p in &args.planes {
-        let mut model = Llama::from_model_dir(&dir, &BlockCounts::all(), &Device::Cpu)?;
-        for l in 0..model.layers.len() {
-            if let Some(s) = scales.get(l) {
-                fold(&mut model.layers[l], s)?;
-            }
-            for kind in LinearKind::ALL {
-                let linear = model.layers[l].linear_mut(kind);
-                let LinearWeight::Dense(w) = &linear.weight else {
-                    bail!("{} is not dense", kind.path(l));
-                };
-                let (m, n) = w.dims2()?;
-                let mut v = w.flatten_all()?.to_vec1::<f32>()?;
-                match args.method {
-                    Method::Planes => bit_planes(&mut v, n, p, args.outliers),
-                    Method::Rtn => rtn_in_place(&mut v, n, p, GROUP),
+        let mut grid_bits = 0f64;
+        for (l, kind, m, n, v, base, grid, cfg) in &prepared {
+            let (m, n) = (*m, *n);
+            let mut v = v.clone();
+            match (&args.method, grid) {
+                (Method::Planes, _) => bit_planes(&mut v, n, p, args.outliers),
+                (Method::Rtn, _) => rtn_in_place(&mut v, n, p, GROUP),
+                (Method::Sigma, Some(gp)) => {
+                    let planes: Vec<&[u8]> =
+                        gp.planes[..p as usize].iter().map(Vec::as_slice).collect();
+                    v.fill(0.0);
+                    gp.grid.add_to(&planes, m, n, cfg, &mut v);
+                    grid_bits += 8.0
+                        * (cfg.grid_stored_bytes(m, n)
+                            + planes.iter().map(|s| s.len()).sum::<usize>())
+                            as f64;
                 }
-                linear.weight = LinearWeight::Dense(Tensor::from_vec(v, (m, n), &Device::Cpu)?);
+                (Method::Sigma, None) => unreachable!("prepared above"),
             }
+            v.iter_mut().zip(base).for_each(|(x, b)| *x += b);
+            model.layers[*l].linear_mut(*kind).weight =
+                LinearWeight::Dense(Tensor::from_vec(v, (m, n), &Device::Cpu)?);
         }
         let report = evaluate(
             &model,
@@ -143,14 +201,16 @@ fn main() -> Result<()> {
             4,
             &progress_bar(0, "scoring"),
         )?;
-        let bits = match args.method {
-            Method::Planes => {
-                p as f64
-                    + rtn_bits_per_weight(0, GROUP)
-                    + args.outliers as f64 * 23.0 / GROUP as f64
-            }
-            Method::Rtn => rtn_bits_per_weight(p, GROUP),
-        };
+        let bits = avd_bits / weights
+            + match args.method {
+                Method::Sigma => grid_bits / weights,
+                Method::Planes => {
+                    p as f64
+                        + rtn_bits_per_weight(0, GROUP)
+                        + args.outliers as f64 * 23.0 / GROUP as f64
+                }
+                Method::Rtn => rtn_bits_per_weight(p, GROUP),
+            };
         println!(
             "{:?} {p}: {bits:.3} bits per weight, PPL {:.3}",
             args.method, report.ppl

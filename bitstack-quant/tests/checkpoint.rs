@@ -31,6 +31,7 @@ fn opts(dir: &Path) -> CompressOptions {
     CompressOptions {
         k: K,
         niter: NITER,
+        grid: None,
         calib_text: calib_text(dir),
         calib_windows: 4,
         seq_len: 32,

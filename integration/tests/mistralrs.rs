@@ -33,6 +33,7 @@ fn checkpoint() -> &'static PathBuf {
                 k: 4,
                 k_per_kind: Default::default(),
                 niter: 4,
+                grid: None,
                 calib_text: assets.calib_text.clone(),
                 calib_windows: 8,
                 seq_len: 256,

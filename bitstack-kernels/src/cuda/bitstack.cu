@@ -10,6 +10,12 @@
 // t = lane%4), the sign of the lower column is bit s·4 + reg and that of
 // the upper one bit s·4 + reg + 16. A set bit is −1: it is the sign bit of
 // the ±1 operand, so two shifts and a mask turn the word into two halves.
+//
+// Grid planes (optional, after the blocks; see `GridRef` on the Rust side):
+// W_grid[i,c] = center[i,g] + half[i,g]·Σ_b s_b(i,c)·2^-(b+1) + outliers,
+// g = c / group, each plane's signs in the same mma-tile layout. Decode adds
+// them in a kernel of their own (one more slot of the split sums); prefill
+// dequantizes them into the rebuilt weight.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -37,6 +43,42 @@ struct BlockPtrs {
   const __half* u;
   const __half* vt;
 };
+
+// The grid planes on the device (uploaded by `CudaGrid`: five pointers,
+// then four ints, 56 bytes).
+struct GridDesc {
+  const uint32_t* planes;  // nplanes × words, the mma-tile layout each
+  const __half* center;    // m × groups
+  const __half* half;      // m × groups
+  const uint8_t* ocol;     // m × groups × outliers: column within the group
+  const __half* odelta;    // m × groups × outliers
+  int nplanes;
+  int group;
+  int outliers;
+  int groups;
+};
+
+// Row (within a 16-row tile) and column (within a 64-column chunk) of bit
+// `bit` of lane `lane`'s sign word: the inverse of `cuda::pack::position`.
+__device__ __forceinline__ void bit_position(int lane, int bit, int* row, int* col) {
+  const int s = (bit % 16) / 4;
+  const int reg = bit % 4;
+  const int h = bit / 16;
+  *row = lane / 4 + 8 * (reg & 1);
+  *col = 16 * s + 2 * (lane % 4) + 8 * (reg >> 1) + h;
+}
+
+// Σ_b ±2^-(b+1) for the sign at `bit` of the lane's word in each plane.
+__device__ __forceinline__ float grid_level(const GridDesc& grid, size_t word, size_t words, int bit) {
+  float level = 0.f;
+  float w = 0.5f;
+  for (int b = 0; b < grid.nplanes; ++b) {
+    const uint32_t v = grid.planes[(size_t)b * words + word];
+    level += ((v >> bit) & 1u) ? -w : w;
+    w *= 0.5f;
+  }
+  return level;
+}
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
@@ -240,12 +282,98 @@ __device__ void reduce_splits(const float* __restrict__ partial, T* __restrict__
   out[idx] = from_f32<T>(s);
 }
 
+// Grid decode: out[r][i] = Σ_c W_grid[i,c]·x[r,c], one 16-row tile per
+// thread block. Each warp takes 64-column chunks in turn; each lane reads
+// its sign word of every plane (coalesced), rebuilds its 32 weights (two
+// rows, 16 columns each) and multiplies them with x. The four lanes of a row
+// pair add up by shuffles, the warps in shared memory; outliers come last.
+template <typename T>
+__device__ void grid_decode(const GridDesc* __restrict__ gd, const T* __restrict__ x,
+                            float* __restrict__ out, int m, int n, int rows) {
+  __shared__ float ys[DECODE_MAX_ROWS * 16];
+  const GridDesc grid = *gd;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int tile = blockIdx.x;
+  const int chunks = (n + 63) / 64;
+  const size_t words = (size_t)((m + 15) / 16) * chunks * 32;
+  for (int e = tid; e < DECODE_MAX_ROWS * 16; e += blockDim.x) ys[e] = 0.f;
+  __syncthreads();
+
+  for (int chunk = warp; chunk < chunks; chunk += DECODE_WARPS) {
+    const size_t word = ((size_t)tile * chunks + chunk) * 32 + lane;
+    // Bit `bit` of the lane's words is weight (row, col) of the piece.
+    float wv[32];
+#pragma unroll
+    for (int bit = 0; bit < 32; ++bit) {
+      int row, col;
+      bit_position(lane, bit, &row, &col);
+      const int i = tile * 16 + row;
+      const int c = chunk * 64 + col;
+      float v = 0.f;
+      if (i < m && c < n) {
+        const size_t cell = (size_t)i * grid.groups + c / grid.group;
+        v = __half2float(grid.center[cell]) +
+            __half2float(grid.half[cell]) * grid_level(grid, word, words, bit);
+      }
+      wv[bit] = v;
+    }
+    for (int r = 0; r < rows; ++r) {
+      // Bits with reg even are row lane/4, odd ones row lane/4 + 8.
+      float lo = 0.f, hi = 0.f;
+#pragma unroll
+      for (int bit = 0; bit < 32; ++bit) {
+        int row, col;
+        bit_position(lane, bit, &row, &col);
+        const int c = chunk * 64 + col;
+        const float xv = c < n ? to_f32(x[(size_t)r * n + c]) : 0.f;
+        if (bit & 1) {
+          hi += wv[bit] * xv;
+        } else {
+          lo += wv[bit] * xv;
+        }
+      }
+      lo += __shfl_xor_sync(0xffffffffu, lo, 1);
+      lo += __shfl_xor_sync(0xffffffffu, lo, 2);
+      hi += __shfl_xor_sync(0xffffffffu, hi, 1);
+      hi += __shfl_xor_sync(0xffffffffu, hi, 2);
+      if (lane % 4 == 0) {
+        atomicAdd(&ys[r * 16 + lane / 4], lo);
+        atomicAdd(&ys[r * 16 + lane / 4 + 8], hi);
+      }
+    }
+  }
+  // Outliers: W[i, g·group + col] += delta.
+  const int slots = 16 * grid.groups * grid.outliers;
+  for (int e = tid; e < slots; e += blockDim.x) {
+    const int row = e / (grid.groups * grid.outliers);
+    const int i = tile * 16 + row;
+    if (i >= m) continue;
+    const size_t slot = (size_t)i * grid.groups * grid.outliers + e % (grid.groups * grid.outliers);
+    const int g = (int)((slot / grid.outliers) % grid.groups);
+    const int c = g * grid.group + grid.ocol[slot];
+    const float d = __half2float(grid.odelta[slot]);
+    if (d == 0.f) continue;
+    for (int r = 0; r < rows; ++r) atomicAdd(&ys[r * 16 + row], d * to_f32(x[(size_t)r * n + c]));
+  }
+  __syncthreads();
+  for (int e = tid; e < rows * 16; e += blockDim.x) {
+    const int r = e / 16;
+    const int i = tile * 16 + e % 16;
+    if (i < m) out[(size_t)r * m + i] = ys[e];
+  }
+}
+
 // Prefill: W[i, c] = Σ_b ±(Σ_j u_b[i,j]·vt_b[j,c]) for one 16×64 piece per
 // thread block (256 threads, four consecutive columns each), written in the
 // activations' dtype for the GEMM that follows.
+//
+// With grid planes (`gd` not null) their weights are added: per plane the
+// piece's 32 sign words, then center + half·level and the outliers.
 template <typename T>
 __device__ void reconstruct(const BlockPtrs* __restrict__ blocks, int nblocks, T* __restrict__ w,
-                            int m, int n, int k) {
+                            int m, int n, int k, const GridDesc* __restrict__ gd) {
   __shared__ uint32_t words[32];
   const int chunks = (n + 63) / 64;
   const int chunk = blockIdx.x;
@@ -276,6 +404,43 @@ __device__ void reconstruct(const BlockPtrs* __restrict__ blocks, int nblocks, T
       acc[e] += ((words[lane] >> bit) & 1u) ? -v : v;
     }
   }
+  if (gd != nullptr) {
+    const GridDesc grid = *gd;
+    const size_t plane_words = (size_t)((m + 15) / 16) * chunks * 32;
+    float level[4] = {0.f, 0.f, 0.f, 0.f};
+    float wb = 0.5f;
+    for (int b = 0; b < grid.nplanes; ++b) {
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        words[threadIdx.x] =
+            grid.planes[(size_t)b * plane_words + ((size_t)tile * chunks + chunk) * 32 + threadIdx.x];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int cc = cc0 + e;
+        const int c16 = cc % 16;
+        const int lane = (rr % 8) * 4 + (c16 % 8) / 2;
+        const int bit = (cc / 16) * 4 + rr / 8 + 2 * (c16 / 8) + 16 * (c16 % 2);
+        level[e] += ((words[lane] >> bit) & 1u) ? -wb : wb;
+      }
+      wb *= 0.5f;
+    }
+    if (i < m) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = chunk * 64 + cc0 + e;
+        if (c >= n) continue;
+        const int g = c / grid.group;
+        const size_t cell = (size_t)i * grid.groups + g;
+        acc[e] += __half2float(grid.center[cell]) + __half2float(grid.half[cell]) * level[e];
+        for (int t = 0; t < grid.outliers; ++t) {
+          const size_t slot = cell * grid.outliers + t;
+          if (g * grid.group + grid.ocol[slot] == c) acc[e] += __half2float(grid.odelta[slot]);
+        }
+      }
+    }
+  }
   if (i >= m) return;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
@@ -298,8 +463,13 @@ __device__ void reconstruct(const BlockPtrs* __restrict__ blocks, int nblocks, T
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(256)                                              \
       bitstack_reconstruct_##NAME(const BlockPtrs* blocks, int nblocks, T* w, int m, int n,      \
-                                  int k) {                                                       \
-    reconstruct<T>(blocks, nblocks, w, m, n, k);                                                 \
+                                  int k, const GridDesc* grid) {                                 \
+    reconstruct<T>(blocks, nblocks, w, m, n, k, grid);                                           \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(DECODE_WARPS * 32)                                \
+      bitstack_grid_decode_##NAME(const GridDesc* grid, const T* x, float* out, int m, int n,    \
+                                  int rows) {                                                    \
+    grid_decode<T>(grid, x, out, m, n, rows);                                                    \
   }
 
 BITSTACK_KERNELS(f32, float, false)

@@ -12,6 +12,10 @@
 //!   multiplies (candle's matmul). The scratch (`m·n` elements) lives for
 //!   the call.
 //!
+//! - **Grid planes** ([`CudaGrid`], optional): decode adds them in a kernel
+//!   of their own, writing one more slot of the split sums that the second
+//!   launch adds up; prefill dequantizes them into the rebuilt weight.
+//!
 //! Blocks are uploaded once ([`CudaBlock::upload`]) and a stack of them
 //! ([`CudaStack`]) holds a device table of their pointers, so a call
 //! uploads nothing.
@@ -28,7 +32,7 @@ use candle_core::{DType, Layout, Result, Shape};
 use half::{bf16, f16};
 
 use super::pack::{self, mma_sign_words};
-use crate::layout::{rows_of, BlockRef, Rows, StackRef};
+use crate::layout::{rows_of, BlockRef, GridRef, Rows, StackRef};
 
 const PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/bitstack_sm80.ptx"));
 const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/bitstack_sm90.ptx"));
@@ -104,6 +108,83 @@ fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     Ok(dev)
 }
 
+/// The grid planes of one linear on the device: each plane's signs in the
+/// decode kernel's layout, one after another, the grid as stored, and the
+/// kernels' `GridDesc` (their addresses and sizes).
+pub struct CudaGrid {
+    m: usize,
+    n: usize,
+    planes: usize,
+    groups: usize,
+    outliers: usize,
+    _signs: CudaSlice<u32>,
+    _center: CudaSlice<f16>,
+    _half: CudaSlice<f16>,
+    _outlier_col: CudaSlice<u8>,
+    _outlier_delta: CudaSlice<f16>,
+    /// `GridDesc`: five device addresses, then `nplanes`, `group`,
+    /// `outliers` and `groups` as i32, two to a word (little-endian).
+    desc: CudaSlice<u64>,
+}
+
+impl CudaGrid {
+    /// Packs `grid`'s planes for the kernels and copies it to `device`.
+    pub fn upload(device: &CudaDevice, grid: &GridRef, m: usize, n: usize) -> Result<Self> {
+        let groups = grid.groups(n);
+        if grid.planes.iter().any(|p| (p.m(), p.n()) != (m, n))
+            || grid.center.len() != m * groups
+            || grid.half.len() != m * groups
+        {
+            candle_core::bail!("bitstack cuda: grid does not have the sizes of a {m}×{n} linear");
+        }
+        // The rest (group, outlier columns) panics as the CPU kernels do.
+        grid.check(m, n);
+        let words = pack::words_for(m, n);
+        let mut signs = Vec::with_capacity(grid.planes.len() * words);
+        for plane in &grid.planes {
+            signs.extend(mma_sign_words(plane));
+        }
+        let signs = upload(device, &signs)?;
+        let center = upload(device, grid.center)?;
+        let half = upload(device, grid.half)?;
+        let outlier_col = upload(device, grid.outlier_col)?;
+        let outlier_delta = upload(device, grid.outlier_delta)?;
+        let stream = device.cuda_stream();
+        let pair = |a: usize, b: usize| (a as u32 as u64) | ((b as u32 as u64) << 32);
+        let desc = [
+            signs.device_ptr(&stream).0,
+            center.device_ptr(&stream).0,
+            half.device_ptr(&stream).0,
+            outlier_col.device_ptr(&stream).0,
+            outlier_delta.device_ptr(&stream).0,
+            pair(grid.planes.len(), grid.group),
+            pair(grid.outliers, groups),
+        ];
+        Ok(Self {
+            m,
+            n,
+            planes: grid.planes.len(),
+            groups,
+            outliers: grid.outliers,
+            desc: upload(device, &desc)?,
+            _signs: signs,
+            _center: center,
+            _half: half,
+            _outlier_col: outlier_col,
+            _outlier_delta: outlier_delta,
+        })
+    }
+
+    /// Device memory held.
+    pub fn bytes(&self) -> usize {
+        let cells = self.m * self.groups;
+        4 * self.planes * pack::words_for(self.m, self.n)
+            + 4 * cells
+            + 3 * cells * self.outliers
+            + 8 * 7
+    }
+}
+
 /// The resident blocks of one `m×n` linear on one device.
 pub struct CudaStack {
     m: usize,
@@ -111,6 +192,8 @@ pub struct CudaStack {
     k: usize,
     device: CudaDevice,
     blocks: Vec<Arc<CudaBlock>>,
+    /// Grid planes after the blocks.
+    grid: Option<Arc<CudaGrid>>,
     /// Per block, the device addresses of its signs, `u` and `vt`.
     table: CudaSlice<u64>,
     /// Streaming multiprocessors of the device (sizes the column split).
@@ -161,29 +244,53 @@ impl CudaStack {
             k,
             device: device.clone(),
             blocks,
+            grid: None,
             table,
             sms,
             module,
         })
     }
 
-    /// Uploads every block of `stack`.
+    /// This stack with grid planes after its blocks (already on its device).
+    pub fn with_grid(mut self, grid: Option<Arc<CudaGrid>>) -> Result<Self> {
+        if let Some(g) = &grid {
+            if (g.m, g.n) != (self.m, self.n) {
+                candle_core::bail!(
+                    "bitstack cuda: the grid is {}×{}, the stack {}×{}",
+                    g.m,
+                    g.n,
+                    self.m,
+                    self.n
+                );
+            }
+        }
+        self.grid = grid;
+        Ok(self)
+    }
+
+    /// Uploads every block of `stack`, and its grid.
     pub fn upload(device: &CudaDevice, stack: &StackRef) -> Result<Self> {
         let blocks = stack
             .blocks
             .iter()
             .map(|&b| CudaBlock::upload(device, b, stack.m, stack.n, stack.k).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
-        Self::new(device, stack.m, stack.n, stack.k, blocks)
+        let grid = stack
+            .grid
+            .as_ref()
+            .map(|g| CudaGrid::upload(device, g, stack.m, stack.n).map(Arc::new))
+            .transpose()?;
+        Self::new(device, stack.m, stack.n, stack.k, blocks)?.with_grid(grid)
     }
 
     pub fn device(&self) -> &CudaDevice {
         &self.device
     }
 
-    /// Device memory of the blocks (the pointer table aside).
+    /// Device memory of the blocks and the grid (the pointer table aside).
     pub fn bytes(&self) -> usize {
-        self.blocks.iter().map(|b| b.bytes()).sum()
+        self.blocks.iter().map(|b| b.bytes()).sum::<usize>()
+            + self.grid.as_ref().map_or(0, |g| g.bytes())
     }
 
     /// `x·Wᵀ` for a contiguous `x` of shape `[.., n]` on this stack's device.
@@ -194,7 +301,8 @@ impl CudaStack {
             out_shape,
             ..
         } = rows_of(layout, self.m, self.n)?;
-        let out = if rows == 0 || self.m == 0 {
+        let empty = self.blocks.is_empty() && self.grid.is_none();
+        let out = if rows == 0 || self.m == 0 || empty {
             zeros(&self.device, x.dtype(), rows * self.m)?
         } else if rows <= DECODE_MAX_ROWS {
             self.decode(x, start, rows)?
@@ -212,8 +320,14 @@ impl CudaStack {
         // Two thread blocks per SM fit; aim for that many in all.
         let want = (2 * self.sms).div_ceil(row_blocks).clamp(1, stages);
         let stages_per_split = stages.div_ceil(want);
-        let splits = stages.div_ceil(stages_per_split);
-        let partial = unsafe { dev.alloc::<f32>(splits * rows * m)? };
+        let splits = if self.blocks.is_empty() {
+            0
+        } else {
+            stages.div_ceil(stages_per_split)
+        };
+        // The grid's sums are one more slot after the splits'.
+        let slots = splits + usize::from(self.grid.is_some());
+        let partial = unsafe { dev.alloc::<f32>(slots * rows * m)? };
         let cfg = LaunchConfig {
             grid_dim: (row_blocks as u32, splits as u32, 1),
             block_dim: (THREADS, 1, 1),
@@ -225,19 +339,38 @@ impl CudaStack {
         let args = [self.blocks.len(), m, n, self.k, rows, stages_per_split].map(|v| v as i32);
         let reduce = self.func(&format!("bitstack_reduce_{name}"))?;
         let reduce_cfg = LaunchConfig::for_num_elems(len as u32);
-        let (splits, len) = (splits as i32, len as i32);
+        let grid_func = self.func(&format!("bitstack_grid_decode_{name}"))?;
+        let grid_cfg = LaunchConfig {
+            grid_dim: (m.div_ceil(pack::TILE_ROWS) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let grid_args = [m, n, rows].map(|v| v as i32);
+        let grid_slot = splits * rows * m;
+        let (slots, len) = (slots as i32, len as i32);
         macro_rules! run {
             ($slice:expr, $t:ty, $wrap:ident) => {{
                 let x: CudaView<$t> = $slice.slice(start..start + rows * n);
-                let mut b = stream.launch_builder(&func);
-                b.arg(&self.table).arg(&args[0]).arg(&x).arg(&partial);
-                for a in &args[1..] {
-                    b.arg(a);
+                if splits > 0 {
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&self.table).arg(&args[0]).arg(&x).arg(&partial);
+                    for a in &args[1..] {
+                        b.arg(a);
+                    }
+                    unsafe { b.launch(cfg) }.w()?;
                 }
-                unsafe { b.launch(cfg) }.w()?;
+                if let Some(grid) = &self.grid {
+                    let slot = partial.slice(grid_slot..);
+                    let mut b = stream.launch_builder(&grid_func);
+                    b.arg(&grid.desc).arg(&x).arg(&slot);
+                    for a in &grid_args {
+                        b.arg(a);
+                    }
+                    unsafe { b.launch(grid_cfg) }.w()?;
+                }
                 let out = unsafe { dev.alloc::<$t>(rows * m)? };
                 let mut b = stream.launch_builder(&reduce);
-                b.arg(&partial).arg(&out).arg(&splits).arg(&len);
+                b.arg(&partial).arg(&out).arg(&slots).arg(&len);
                 unsafe { b.launch(reduce_cfg) }.w()?;
                 CudaStorageSlice::$wrap(out)
             }};
@@ -269,6 +402,11 @@ impl CudaStack {
             shared_mem_bytes: 0,
         };
         let args = [self.blocks.len(), m, n, self.k].map(|v| v as i32);
+        // The grid's GridDesc, or a null pointer.
+        let grid = self
+            .grid
+            .as_ref()
+            .map_or(0u64, |g| g.desc.device_ptr(&stream).0);
         macro_rules! rebuild {
             ($t:ty, $wrap:ident) => {{
                 let w = unsafe { dev.alloc::<$t>(m * n)? };
@@ -277,6 +415,7 @@ impl CudaStack {
                 for a in &args[1..] {
                     b.arg(a);
                 }
+                b.arg(&grid);
                 unsafe { b.launch(cfg) }.w()?;
                 CudaStorageSlice::$wrap(w)
             }};

@@ -1,8 +1,10 @@
 //! The blocks of one linear: borrowed ([`BlockRef`], [`StackRef`]), as the
-//! kernels take them, and owned ([`OwnedBlock`], [`OwnedStack`]).
+//! kernels take them, and owned ([`OwnedBlock`], [`OwnedStack`]), each with
+//! the linear's optional grid planes ([`GridRef`], [`OwnedGrid`]).
 
 use half::f16;
 
+use super::grid::{GridRef, OwnedGrid};
 use super::tiled::TiledSigns;
 
 /// One block of a stack, borrowed.
@@ -15,18 +17,21 @@ pub struct BlockRef<'a> {
     pub vt: &'a [f16],
 }
 
-/// The resident blocks of one `m×n` linear, borrowed.
+/// The resident blocks of one `m×n` linear, borrowed: `W` is the sum of
+/// the blocks' products and, if any, the grid planes' weights.
 #[derive(Clone, Debug)]
 pub struct StackRef<'a> {
     pub m: usize,
     pub n: usize,
     pub k: usize,
     pub blocks: Vec<BlockRef<'a>>,
+    /// Grid planes after the blocks (`None`: the blocks alone).
+    pub grid: Option<GridRef<'a>>,
 }
 
 impl StackRef<'_> {
-    /// Panics unless every block has the sizes `m`, `n` and `k` call for:
-    /// the kernels index without bounds checks.
+    /// Panics unless every block and the grid have the sizes `m`, `n` and
+    /// `k` call for: the kernels index without bounds checks.
     pub fn check(&self) {
         let (m, n, k) = (self.m, self.n, self.k);
         for (i, b) in self.blocks.iter().enumerate() {
@@ -34,6 +39,14 @@ impl StackRef<'_> {
             assert_eq!(b.u.len(), m * k, "u of block {i}");
             assert_eq!(b.vt.len(), k * n, "vt of block {i}");
         }
+        if let Some(grid) = &self.grid {
+            grid.check(m, n);
+        }
+    }
+
+    /// Whether `W` is zero: no block and no grid.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty() && self.grid.is_none()
     }
 }
 
@@ -68,20 +81,39 @@ impl OwnedBlock {
     }
 }
 
-/// The blocks of one `m×n` rank-`k` linear, owned.
+/// The blocks of one `m×n` rank-`k` linear, and its grid planes, owned.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OwnedStack {
     pub m: usize,
     pub n: usize,
     pub k: usize,
     pub blocks: Vec<OwnedBlock>,
+    pub grid: Option<OwnedGrid>,
 }
 
 impl OwnedStack {
     /// A stack of `blocks`; panics unless each has the sizes `m`, `n` and
     /// `k` call for.
     pub fn new(m: usize, n: usize, k: usize, blocks: Vec<OwnedBlock>) -> Self {
-        let stack = Self { m, n, k, blocks };
+        Self::with_grid(m, n, k, blocks, None)
+    }
+
+    /// A stack of `blocks` followed by `grid`; panics unless all have the
+    /// sizes `m`, `n` and `k` call for (see [`GridRef::check`]).
+    pub fn with_grid(
+        m: usize,
+        n: usize,
+        k: usize,
+        blocks: Vec<OwnedBlock>,
+        grid: Option<OwnedGrid>,
+    ) -> Self {
+        let stack = Self {
+            m,
+            n,
+            k,
+            blocks,
+            grid,
+        };
         stack.stack_ref().check();
         stack
     }
@@ -110,14 +142,16 @@ impl OwnedStack {
             n: self.n,
             k: self.k,
             blocks: self.blocks.iter().map(OwnedBlock::block_ref).collect(),
+            grid: self.grid.as_ref().map(OwnedGrid::grid_ref),
         }
     }
 
-    /// Memory held by the blocks.
+    /// Memory held by the blocks and the grid.
     pub fn bytes(&self) -> usize {
         self.blocks
             .iter()
             .map(|b| b.signs.bytes() + 2 * (b.u.len() + b.vt.len()))
-            .sum()
+            .sum::<usize>()
+            + self.grid.as_ref().map_or(0, OwnedGrid::bytes)
     }
 }

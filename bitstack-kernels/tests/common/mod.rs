@@ -1,7 +1,7 @@
 //! Random stacks and a tolerance check shared by the kernel tests.
 #![allow(dead_code)]
 
-use bitstack_kernels::OwnedStack;
+use bitstack_kernels::{OwnedGrid, OwnedStack, TiledSigns};
 use candle_core::{DType, Tensor};
 use half::f16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -31,6 +31,76 @@ pub fn random_stack(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> O
         (signs, u, vt)
     });
     OwnedStack::from_row_major(m, n, k, blocks)
+}
+
+/// Random grid planes for an `m×n` linear: `planes` planes, `outliers`
+/// slots per (row, group), about one slot in four unused (delta 0). The
+/// grid's weights are about as large as a random block's.
+pub fn random_grid(
+    m: usize,
+    n: usize,
+    group: usize,
+    planes: usize,
+    outliers: usize,
+    seed: u64,
+) -> OwnedGrid {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6121d);
+    let groups = n.div_ceil(group);
+    let f = |len: usize, lo: f32, hi: f32, rng: &mut StdRng| -> Vec<f16> {
+        (0..len)
+            .map(|_| f16::from_f32(lo + rng.random::<f32>() * (hi - lo)))
+            .collect()
+    };
+    let center = f(m * groups, -0.2, 0.2, &mut rng);
+    let half = f(m * groups, 0.1, 1.0, &mut rng);
+    let slots = m * groups * outliers;
+    let outlier_col = (0..slots)
+        .map(|s| {
+            let g = (s / outliers) % groups;
+            rng.random_range(0..group.min(n - g * group)) as u8
+        })
+        .collect();
+    let outlier_delta = (0..slots)
+        .map(|_| {
+            if rng.random::<f32>() < 0.25 {
+                f16::ZERO
+            } else {
+                f16::from_f32(rng.random::<f32>() * 4.0 - 2.0)
+            }
+        })
+        .collect();
+    let planes = (0..planes)
+        .map(|_| {
+            let bytes: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
+            TiledSigns::from_row_major(&bytes, m, n)
+        })
+        .collect();
+    OwnedGrid {
+        group,
+        center,
+        half,
+        outliers,
+        outlier_col,
+        outlier_delta,
+        planes,
+    }
+}
+
+/// [`random_stack`] followed by [`random_grid`] (same seed).
+#[allow(clippy::too_many_arguments)]
+pub fn random_grid_stack(
+    m: usize,
+    n: usize,
+    k: usize,
+    blocks: usize,
+    group: usize,
+    planes: usize,
+    outliers: usize,
+    seed: u64,
+) -> OwnedStack {
+    let stack = random_stack(m, n, k, blocks, seed);
+    let grid = random_grid(m, n, group, planes, outliers, seed);
+    OwnedStack::with_grid(m, n, k, stack.blocks, Some(grid))
 }
 
 pub fn random_x(rows: usize, n: usize, seed: u64) -> Vec<f32> {

@@ -9,7 +9,8 @@ use crate::format::architecture::dense_tensors;
 use crate::format::block::{bits_per_weight, block_bytes};
 use crate::format::checkpoint::stored_blocks;
 use crate::format::config::ModelConfig;
-use crate::format::order::Geometry;
+use crate::format::grid;
+use crate::format::order::{Geometry, LinearSlot};
 use crate::format::store::TensorStore;
 use crate::runtime::model::{linear_shape, linear_weight_count, LinearKind};
 
@@ -20,8 +21,13 @@ pub struct LinearInfo {
     pub n: usize,
     /// `None` for a dense linear.
     pub k: Option<usize>,
+    /// Stored blocks: AVD blocks and grid planes.
     pub blocks: usize,
+    /// Of them, grid planes.
+    pub planes: usize,
+    /// Resident bytes of one AVD block.
     pub bytes_per_block: usize,
+    /// Resident bytes of every stored block (the grid with the planes).
     pub bytes: usize,
 }
 
@@ -58,7 +64,12 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
         for kind in LinearKind::ALL {
             let (m, n) = linear_shape(&cfg, kind);
             let name = kind.path(l);
-            let blocks = stored_blocks(&store, &name);
+            let avd = stored_blocks(&store, &name);
+            let grid = q
+                .and_then(|q| q.grid)
+                .filter(|_| store.contains(&grid::names::plane(&name, 0)));
+            let planes = grid.map_or(0, |g| g.planes);
+            let blocks = avd + planes;
             let (k, per_block, total) = if blocks == 0 {
                 let dense = store.shape(&format!("{name}.weight"))?;
                 let bytes = if store.contains(&format!("{name}.weight")) {
@@ -69,8 +80,15 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
                 (None, 0, bytes)
             } else {
                 let k = q.map_or(0, |q| q.k_of(&name));
-                let b = block_bytes(m, n, k);
-                (Some(k), b, b * blocks)
+                let slot = LinearSlot {
+                    name: name.clone(),
+                    m,
+                    n,
+                    k,
+                    stored: blocks,
+                    grid,
+                };
+                (Some(k), block_bytes(m, n, k), slot.prefix_bytes(blocks))
             };
             linears.push(LinearInfo {
                 name,
@@ -78,6 +96,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
                 n,
                 k,
                 blocks,
+                planes,
                 bytes_per_block: per_block,
                 bytes: total,
             });

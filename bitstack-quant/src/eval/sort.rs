@@ -34,7 +34,6 @@ use rayon::prelude::*;
 
 use crate::eval::calibrate::{window_batches, windows, LayerByLayer};
 use crate::eval::perplexity::nll_sum;
-use crate::format::block::block_bytes;
 use crate::format::checkpoint::{BlockCounts, Checkpoint};
 use crate::format::order::{BlockOrder, Geometry};
 use crate::runtime::linear::{stack_tensor, LinearWeight};
@@ -153,7 +152,7 @@ pub fn sort_on_device(
 /// `gains[b]` for b = 1…stored−1: output error removed by block b, and the
 /// output energy of the full stack.
 pub fn block_gains(stack: &WeightStack, gram: &Mat<f32>) -> (Vec<f64>, f64) {
-    let (m, n, k) = (stack.m, stack.n, stack.k);
+    let (m, n) = (stack.m, stack.n);
     let full = stack.dense();
     let to_mat = |v: &[f32]| Mat::<f32>::from_fn(m, n, |i, j| v[i * n + j]);
     let quad = |e: &Mat<f32>| -> f64 {
@@ -168,14 +167,14 @@ pub fn block_gains(stack: &WeightStack, gram: &Mat<f32>) -> (Vec<f64>, f64) {
     };
     let mut remaining = full.clone();
     let energy = quad(&to_mat(&full));
-    let mut errors = Vec::with_capacity(stack.blocks.len());
-    for b in &stack.blocks {
-        let single = WeightStack::new(m, n, k, vec![b.clone()]).dense();
+    let mut errors = Vec::with_capacity(stack.len());
+    for level in 0..stack.len() {
+        let single = stack.level_dense(level);
         remaining.iter_mut().zip(&single).for_each(|(r, s)| *r -= s);
         errors.push(quad(&to_mat(&remaining)));
     }
     // errors[i] = error with blocks 0..=i; gain of block b = errors[b-1] - errors[b]
-    let gains = (1..stack.blocks.len())
+    let gains = (1..stack.len())
         .map(|b| errors[b - 1] - errors[b])
         .collect();
     (gains, energy)
@@ -244,10 +243,14 @@ fn proxy_scores(
                 let n = stack.n;
                 let gram = Mat::from_fn(n, n, |i, j| g[i * n + j] as f32);
                 let (gains, energy) = block_gains(&stack, &gram);
-                let bytes = block_bytes(stack.m, stack.n, stack.k) as f64;
+                let slot = &geometry.linears[index[kind.path(layer).as_str()]];
+                // gains[i] is block i + 1's.
                 let s = gains
                     .iter()
-                    .map(|g| g / energy.max(f64::MIN_POSITIVE) / bytes)
+                    .enumerate()
+                    .map(|(i, g)| {
+                        g / energy.max(f64::MIN_POSITIVE) / slot.block_bytes(i + 1) as f64
+                    })
                     .collect();
                 Ok((index[kind.path(layer).as_str()], s))
             })
@@ -316,15 +319,15 @@ fn exact(
         }
         for (l, stacks) in full.iter().enumerate() {
             for ((kind, s), w) in LinearKind::ALL.iter().zip(stacks).zip(&base[l]) {
-                if level >= s.blocks.len() {
+                if level >= s.len() {
                     continue;
                 }
                 // W of `level + 1` blocks: the level's W plus block `level`
-                // alone, the very sum `WeightStack::dense` of the longer
-                // prefix computes (blocks are added in order, in f32).
-                let single = WeightStack::new(s.m, s.n, s.k, vec![s.blocks[level].clone()]);
-                model.layers[l].linear_mut(*kind).weight =
-                    LinearWeight::Dense((w + dense(&single)?)?);
+                // alone, for AVD blocks the very sum `WeightStack::dense` of
+                // the longer prefix computes (added in order, in f32).
+                let single =
+                    Tensor::from_vec(s.level_dense(level), (s.m, s.n), &device)?.to_dtype(dtype)?;
+                model.layers[l].linear_mut(*kind).weight = LinearWeight::Dense((w + single)?);
                 let ppl = nll_from(&model, l, &cache[l], &tokens)?.exp();
                 passes += tokens.len() * (model.layers.len() - l);
                 model.layers[l].linear_mut(*kind).weight = LinearWeight::Dense(w.clone());
@@ -406,13 +409,12 @@ fn gradient(
             progress.inc(1);
         }
         for ((l, kind, s, _), grad) in vars.iter().zip(&grads) {
-            if level >= s.blocks.len() {
+            if level >= s.len() {
                 continue;
             }
             let predicted = match grad {
                 Some(g) => {
-                    let delta =
-                        WeightStack::new(s.m, s.n, s.k, vec![s.blocks[level].clone()]).dense();
+                    let delta = s.level_dense(level);
                     let g = g.flatten_all()?.to_vec1::<f32>()?;
                     g.iter()
                         .zip(&delta)

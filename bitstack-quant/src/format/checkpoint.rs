@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use half::f16;
 use safetensors::Dtype;
 
@@ -21,6 +21,7 @@ use crate::format::block::{checksum, names, Block, BlockShape};
 use crate::format::budget::Budget;
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
+use crate::format::grid::{self, Grid};
 use crate::format::order::{BlockOrder, DenseMeasurement, Geometry, LinearSlot, Measurement, Rung};
 use crate::format::store::TensorStore;
 
@@ -272,7 +273,26 @@ impl Checkpoint {
 fn check_stored(store: &TensorStore, slot: &LinearSlot) -> Result<()> {
     let shape = slot.shape();
     let BlockShape { m, n, k } = shape;
-    for i in 0..slot.stored {
+    if let Some(cfg) = slot.grid {
+        let (groups, o) = (cfg.groups(n), cfg.outliers);
+        let path = &slot.name;
+        store.bytes(&grid::names::center(path), Dtype::F16, &[m, groups])?;
+        store.bytes(&grid::names::scale(path), Dtype::F16, &[m, groups])?;
+        store.bytes(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?;
+        store.bytes(
+            &grid::names::outlier_value(path),
+            Dtype::F16,
+            &[m, groups, o],
+        )?;
+        for b in 0..cfg.planes {
+            store.bytes(
+                &grid::names::plane(path, b),
+                Dtype::U8,
+                &[shape.sign_bytes()],
+            )?;
+        }
+    }
+    for i in 0..slot.avd_blocks() {
         let qweight = names::qweight(&slot.name, i);
         if !store.contains(&qweight) {
             bail!(
@@ -284,6 +304,86 @@ fn check_stored(store: &TensorStore, slot: &LinearSlot) -> Result<()> {
         store.bytes(&qweight, Dtype::U8, &[shape.sign_bytes()])?;
         store.bytes(&names::u(&slot.name, i), Dtype::F16, &[m, k])?;
         store.bytes(&names::vt(&slot.name, i), Dtype::F16, &[k, n])?;
+    }
+    Ok(())
+}
+
+/// A linear's grid whose bytes passed every check (see [`CheckedBlock`]).
+pub fn read_grid(store: &TensorStore, slot: &LinearSlot) -> Result<Grid> {
+    let (path, m, n) = (slot.name.as_str(), slot.m, slot.n);
+    let cfg = slot
+        .grid
+        .with_context(|| format!("linear `{path}` has no grid"))?;
+    let (groups, o) = (cfg.groups(n), cfg.outliers);
+    let f16s = |name: String, shape: &[usize]| {
+        finite_f16(store.bytes(&name, Dtype::F16, shape)?, || {
+            store.location(&name)
+        })
+    };
+    let grid = Grid {
+        center: f16s(grid::names::center(path), &[m, groups])?,
+        scale: f16s(grid::names::scale(path), &[m, groups])?,
+        outlier_col: store
+            .bytes(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?
+            .to_vec(),
+        outlier_value: f16s(grid::names::outlier_value(path), &[m, groups, o])?,
+    };
+    check_checksum(
+        store,
+        path,
+        &grid::names::grid_checksum(path),
+        grid.checksum(),
+        || grid::names::center(path),
+    )
+    .context("the grid")?;
+    grid.check(m, n, &cfg).map_err(|e| {
+        anyhow::anyhow!(
+            "the grid of `{path}` in {}: {e}",
+            file_of(store, &grid::names::center(path))
+        )
+    })?;
+    Ok(grid)
+}
+
+/// Row-major packed signs of grid plane `b` of `slot`, checked against
+/// its checksum, still in the memory map.
+pub fn read_plane<'a>(store: &'a TensorStore, slot: &LinearSlot, b: usize) -> Result<&'a [u8]> {
+    let name = grid::names::plane(&slot.name, b);
+    let signs = store.bytes(&name, Dtype::U8, &[slot.shape().sign_bytes()])?;
+    check_checksum(
+        store,
+        &slot.name,
+        &grid::names::plane_checksum(&slot.name, b),
+        grid::plane_checksum(signs),
+        || name.clone(),
+    )
+    .with_context(|| format!("plane {b}"))?;
+    Ok(signs)
+}
+
+fn file_of(store: &TensorStore, tensor: &str) -> String {
+    store
+        .file_of(tensor)
+        .map_or_else(|| "the checkpoint".into(), |f| f.display().to_string())
+}
+
+/// Compares a checksum stored in the file metadata under `key` with
+/// `computed`; a checkpoint without one passes.
+fn check_checksum(
+    store: &TensorStore,
+    path: &str,
+    key: &str,
+    computed: u32,
+    tensor: impl Fn() -> String,
+) -> Result<()> {
+    if let Some(stored) = store.meta(key) {
+        let computed = format!("{computed:08x}");
+        if stored != computed {
+            bail!(
+                "{path} in {} fails its checksum (stored {stored}, computed {computed}): the file is corrupted",
+                file_of(store, &tensor())
+            );
+        }
     }
     Ok(())
 }

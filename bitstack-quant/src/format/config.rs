@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::format::dense::DenseDtype;
+use crate::format::grid::GridConfig;
 
 /// Architectures the runner implements (all share the Llama block).
 pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
@@ -37,8 +38,11 @@ fn max_pos() -> usize {
 /// The `quant_method` of BitStack checkpoints, in `config.json` and as the
 /// name mistral.rs's registry knows the method by.
 pub const QUANT_METHOD: &str = "bitstack";
-/// The version of the layout this crate reads and writes.
+/// The layout of checkpoints with AVD blocks only (the reference's).
 pub const FORMAT_VERSION: u32 = 1;
+/// The layout of checkpoints whose linears end in grid planes
+/// ([`crate::format::grid`]); AVD-only checkpoints are still written as 1.
+pub const FORMAT_VERSION_GRID: u32 = 2;
 
 /// The `quantization_config` block of a BitStack checkpoint.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -46,13 +50,17 @@ pub struct QuantizationConfig {
     pub quant_method: String,
     /// Default rank of the blocks (a linear may override it, see `k_per_linear`).
     pub k: usize,
-    /// Blocks stored per linear.
+    /// Blocks stored per linear: AVD blocks, then grid planes.
     pub niter: usize,
     #[serde(default = "format_v1")]
     pub format_version: u32,
     /// Rank per linear name (`model.layers.0.self_attn.q_proj`) when it differs from `k`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub k_per_linear: std::collections::BTreeMap<String, usize>,
+    /// The last `grid.planes` of the `niter` blocks are grid planes
+    /// (format version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<GridConfig>,
 }
 
 fn format_v1() -> u32 {
@@ -73,7 +81,20 @@ impl QuantizationConfig {
             niter,
             format_version: FORMAT_VERSION,
             k_per_linear,
+            grid: None,
         }
+    }
+
+    /// This layout with its last `grid.planes` blocks as grid planes.
+    pub fn with_grid(mut self, grid: GridConfig) -> Self {
+        self.format_version = FORMAT_VERSION_GRID;
+        self.grid = Some(grid);
+        self
+    }
+
+    /// AVD blocks stored per linear (the blocks before the grid planes).
+    pub fn avd_blocks(&self) -> usize {
+        self.niter - self.grid.map_or(0, |g| g.planes)
     }
 
     /// Rank of the blocks of linear `name`.
@@ -172,11 +193,27 @@ impl ModelConfig {
                     q.quant_method
                 );
             }
-            if q.format_version != FORMAT_VERSION {
-                bail!(
-                    "BitStack format_version {} is not supported (only {FORMAT_VERSION})",
-                    q.format_version
-                );
+            match (q.format_version, &q.grid) {
+                (FORMAT_VERSION, None) => {}
+                (FORMAT_VERSION_GRID, Some(grid)) => {
+                    grid.check().map_err(anyhow::Error::msg)?;
+                    if grid.planes > q.niter {
+                        bail!(
+                            "the grid has {} planes but niter is {} (planes are part of niter)",
+                            grid.planes,
+                            q.niter
+                        );
+                    }
+                }
+                (FORMAT_VERSION_GRID, None) => {
+                    bail!("BitStack format_version 2 needs a `grid` in quantization_config")
+                }
+                (FORMAT_VERSION, Some(_)) => {
+                    bail!("a `grid` in quantization_config needs format_version 2")
+                }
+                (v, _) => bail!(
+                    "BitStack format_version {v} is not supported (only {FORMAT_VERSION} and {FORMAT_VERSION_GRID}): a newer bitstack wrote it"
+                ),
             }
         }
         Ok(())

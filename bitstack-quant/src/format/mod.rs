@@ -17,6 +17,7 @@ pub mod budget;
 pub mod checkpoint;
 pub mod config;
 pub mod dense;
+pub mod grid;
 pub mod model_dir;
 pub mod order;
 pub mod pack;

@@ -19,6 +19,7 @@ use crate::format::block::{bits_per_weight, BlockShape};
 use crate::format::checkpoint::BlockCounts;
 use crate::format::config::ModelConfig;
 use crate::format::dense::DenseDtype;
+use crate::format::grid::GridConfig;
 use crate::format::store::TensorStore;
 
 pub const ORDER_FILE: &str = "bitstack_order.json";
@@ -32,18 +33,61 @@ pub struct LinearSlot {
     pub m: usize,
     pub n: usize,
     pub k: usize,
-    /// Blocks stored in the checkpoint.
+    /// Blocks stored in the checkpoint: AVD blocks, then grid planes.
     pub stored: usize,
+    /// The layout of the grid planes that end the stored blocks.
+    pub grid: Option<GridConfig>,
 }
 
 impl LinearSlot {
+    /// The shape of the AVD blocks.
     pub fn shape(&self) -> BlockShape {
         BlockShape::new(self.m, self.n, self.k)
     }
 
-    pub fn block_bytes(&self) -> usize {
-        self.shape().resident_bytes()
+    /// AVD blocks stored (the blocks before the grid planes).
+    pub fn avd_blocks(&self) -> usize {
+        self.stored - self.grid.map_or(0, |g| g.planes)
     }
+
+    /// What block `b` is: an AVD block, or grid plane `b − avd_blocks`.
+    pub fn part(&self, b: usize) -> Part {
+        match b.checked_sub(self.avd_blocks()) {
+            None => Part::Avd(b),
+            Some(plane) => Part::Plane(plane),
+        }
+    }
+
+    /// Bytes block `b` adds when it becomes resident: an AVD block's signs
+    /// and factors, a plane's signs, and the grid with the first plane.
+    pub fn block_bytes(&self, b: usize) -> usize {
+        match (self.part(b), self.grid) {
+            (Part::Avd(_), _) => self.shape().resident_bytes(),
+            (Part::Plane(p), Some(grid)) => {
+                bitstack_kernels::TiledSigns::bytes_for(self.m, self.n)
+                    + if p == 0 {
+                        grid.grid_resident_bytes(self.m, self.n)
+                    } else {
+                        0
+                    }
+            }
+            (Part::Plane(_), None) => unreachable!("planes come with a grid"),
+        }
+    }
+
+    /// Bytes resident with the first `count` blocks.
+    pub fn prefix_bytes(&self, count: usize) -> usize {
+        (0..count).map(|b| self.block_bytes(b)).sum()
+    }
+}
+
+/// What one stored block of a linear is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// AVD block `i`.
+    Avd(usize),
+    /// Grid plane `b`.
+    Plane(usize),
 }
 
 /// All compressed linears of a checkpoint, with the bytes outside them.
@@ -79,6 +123,7 @@ impl Geometry {
                     n,
                     k,
                     stored: q.niter,
+                    grid: q.grid,
                 });
                 linear_weights += m * n;
             }
@@ -118,7 +163,7 @@ impl Geometry {
 
     /// Bytes of one block in every linear.
     pub fn floor_linear_bytes(&self) -> usize {
-        self.linears.iter().map(LinearSlot::block_bytes).sum()
+        self.linears.iter().map(|l| l.block_bytes(0)).sum()
     }
 }
 
@@ -259,8 +304,8 @@ impl BlockOrder {
                 .map(|m| m.ppl),
         };
         let mut rungs = vec![rung(0, linear_bytes)];
-        for (level, (name, _)) in self.order.iter().enumerate() {
-            linear_bytes += geometry.linears[index[name.as_str()]].block_bytes();
+        for (level, (name, b)) in self.order.iter().enumerate() {
+            linear_bytes += geometry.linears[index[name.as_str()]].block_bytes(*b);
             rungs.push(rung(level + 1, linear_bytes));
         }
         rungs
@@ -396,6 +441,7 @@ mod tests {
             n,
             k,
             stored: 3,
+            grid: None,
         };
         Geometry {
             linears: vec![

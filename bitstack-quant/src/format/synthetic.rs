@@ -188,6 +188,7 @@ impl SyntheticSpec {
                     path: path.clone(),
                     shape: *shape,
                     blocks: stack,
+                    grid: None,
                 })
                 .collect();
             writer.write_layer(l, &linears, dense)?;

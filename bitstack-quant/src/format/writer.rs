@@ -22,6 +22,7 @@ use safetensors::{Dtype, View};
 use crate::format::block::{names, Block, BlockShape};
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
+use crate::format::grid::{self, GridConfig, GridPlanes};
 
 /// A tensor owned in memory, ready to be serialized.
 pub struct OwnedTensor {
@@ -122,7 +123,10 @@ pub struct LinearBlocks<'a> {
     /// `model.layers.{l}.{self_attn|mlp}.{name}`.
     pub path: String,
     pub shape: BlockShape,
+    /// The AVD blocks.
     pub blocks: &'a [Block],
+    /// The grid planes after them, when the checkpoint has a grid.
+    pub grid: Option<(GridConfig, &'a GridPlanes)>,
 }
 
 /// Writes a checkpoint: [`write_layer`](Self::write_layer) for every
@@ -199,6 +203,46 @@ impl CheckpointWriter {
                 tensors.push((names::u(&l.path, i), OwnedTensor::f16(&b.u, &[m, k])));
                 tensors.push((names::vt(&l.path, i), OwnedTensor::f16(&b.vt, &[k, n])));
                 checksums.insert(names::checksum(&l.path, i), format!("{:08x}", b.checksum()));
+            }
+            if let Some((cfg, gp)) = l.grid {
+                let (groups, o) = (cfg.groups(n), cfg.outliers);
+                gp.grid
+                    .check(m, n, &cfg)
+                    .map_err(|e| anyhow::anyhow!("internal: the grid of {}: {e}", l.path))?;
+                ensure!(
+                    gp.planes.len() == cfg.planes
+                        && gp.planes.iter().all(|p| p.len() == l.shape.sign_bytes()),
+                    "internal: the planes of {} do not have the shape {m}×{n}",
+                    l.path
+                );
+                let g = &gp.grid;
+                let path = l.path.as_str();
+                tensors.push((
+                    grid::names::center(path),
+                    OwnedTensor::f16(&g.center, &[m, groups]),
+                ));
+                tensors.push((
+                    grid::names::scale(path),
+                    OwnedTensor::f16(&g.scale, &[m, groups]),
+                ));
+                let mut cols = OwnedTensor::u8(g.outlier_col.clone());
+                cols.shape = vec![m, groups, o];
+                tensors.push((grid::names::outlier_col(path), cols));
+                tensors.push((
+                    grid::names::outlier_value(path),
+                    OwnedTensor::f16(&g.outlier_value, &[m, groups, o]),
+                ));
+                checksums.insert(
+                    grid::names::grid_checksum(path),
+                    format!("{:08x}", g.checksum()),
+                );
+                for (b, signs) in gp.planes.iter().enumerate() {
+                    tensors.push((grid::names::plane(path, b), OwnedTensor::u8(signs.clone())));
+                    checksums.insert(
+                        grid::names::plane_checksum(path, b),
+                        format!("{:08x}", grid::plane_checksum(signs)),
+                    );
+                }
             }
         }
         tensors.extend(self.converted(dense)?);

@@ -9,10 +9,11 @@ use candle_core::Device;
 use rayon::prelude::*;
 
 use crate::eval::calibrate::{windows, LayerByLayer};
-use crate::format::block::BlockShape;
+use crate::format::block::{reconstruct, Block, BlockShape};
 use crate::format::checkpoint::BlockCounts;
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
+use crate::format::grid::{grid_planes, GridConfig, GridPlanes};
 use crate::format::store::TensorStore;
 use crate::format::writer::{CheckpointWriter, LinearBlocks, OwnedTensor};
 use crate::method::decompose::{decompose_with, Refit};
@@ -45,8 +46,11 @@ pub struct CompressOptions {
     pub k: usize,
     /// Rank per kind of linear (`q_proj`, …), overriding `k`.
     pub k_per_kind: std::collections::BTreeMap<LinearKind, usize>,
-    /// Blocks per linear.
+    /// AVD blocks per linear.
     pub niter: usize,
+    /// Grid planes of the residual after the AVD blocks (format version
+    /// 2); `None` writes AVD blocks only (version 1).
+    pub grid: Option<GridConfig>,
     /// Calibration text (UTF-8).
     pub calib_text: PathBuf,
     pub calib_windows: usize,
@@ -92,6 +96,7 @@ impl CompressOptions {
             k: DEFAULT_K,
             k_per_kind: Default::default(),
             niter: DEFAULT_NITER,
+            grid: None,
             calib_text,
             calib_windows: 128,
             seq_len: 512,
@@ -120,6 +125,66 @@ pub struct CompressReport {
     pub mean_relative_residual: f64,
     /// Peak resident memory of the process so far, where the OS reports it.
     pub peak_resident_bytes: Option<u64>,
+}
+
+/// A linear as compress stores it: its AVD blocks and grid planes.
+struct LinearParts {
+    blocks: Vec<Block>,
+    grid: Option<GridPlanes>,
+    /// Bytes as stored.
+    bytes: usize,
+    /// `‖W − Ŵ‖/‖W‖` with every part (scaled weights).
+    relative_residual: f64,
+}
+
+/// The AVD blocks of the row-major `m×n` weight `w`, then, with a grid,
+/// the planes of what they leave (as the blocks are stored, in f16).
+fn decompose_linear(
+    w: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &CompressOptions,
+    feedback: Option<&Feedback>,
+) -> Result<LinearParts> {
+    let blocks = if opts.niter == 0 {
+        Vec::new()
+    } else {
+        decompose_with(
+            w,
+            m,
+            n,
+            k,
+            opts.niter,
+            opts.svd,
+            feedback
+                .zip(opts.feedback)
+                .map(|(fb, f)| (fb, f.refit, f.rounds)),
+        )?
+        .blocks
+    };
+    let mut approx = reconstruct(&blocks, m, n, k);
+    let mut bytes: usize = blocks.iter().map(Block::bytes).sum();
+    let grid = match opts.grid {
+        None => None,
+        Some(cfg) => {
+            let residual: Vec<f32> = w.iter().zip(&approx).map(|(w, a)| w - a).collect();
+            let gp = grid_planes(&residual, m, n, cfg)?;
+            let planes: Vec<&[u8]> = gp.planes.iter().map(Vec::as_slice).collect();
+            gp.grid.add_to(&planes, m, n, &cfg, &mut approx);
+            bytes += cfg.grid_stored_bytes(m, n) + planes.iter().map(|p| p.len()).sum::<usize>();
+            Some(gp)
+        }
+    };
+    let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let relative_residual = norm(&mut w.iter().zip(&approx).map(|(w, a)| w - a))
+        / norm(&mut w.iter().copied()).max(f64::MIN_POSITIVE);
+    Ok(LinearParts {
+        blocks,
+        grid,
+        bytes,
+        relative_residual,
+    })
 }
 
 /// Compresses the dense model in `model_dir` into a BitStack checkpoint at `out_dir`.
@@ -154,8 +219,11 @@ pub fn compress_on(
             );
         }
     }
-    if opts.niter == 0 {
+    if opts.niter == 0 && opts.grid.is_none() {
         bail!("--niter must be at least 1");
+    }
+    if let Some(grid) = &opts.grid {
+        grid.check().map_err(anyhow::Error::msg)?;
     }
     if let Some(f) = &opts.feedback {
         if !(f.damp.is_finite() && f.damp >= 0.0) {
@@ -167,15 +235,19 @@ pub fn compress_on(
     }
     let tokenizer = load_tokenizer(model_dir)?;
     // Fail on an unwritable or occupied output before the long work starts.
-    let quantization = QuantizationConfig::new(
+    let planes = opts.grid.map_or(0, |g| g.planes);
+    let mut quantization = QuantizationConfig::new(
         opts.k,
-        opts.niter,
+        opts.niter + planes,
         (0..cfg.num_hidden_layers)
             .flat_map(|l| LinearKind::ALL.iter().map(move |&kind| (l, kind)))
             .filter(|&(_, kind)| opts.k_of(kind) != opts.k)
             .map(|(l, kind)| (kind.path(l), opts.k_of(kind)))
             .collect(),
     );
+    if let Some(grid) = opts.grid {
+        quantization = quantization.with_grid(grid);
+    }
     let mut writer = CheckpointWriter::create(out_dir, raw_cfg, &quantization, opts.dense_dtype)?;
 
     let ids = tokenize_file(&tokenizer, &opts.calib_text).context("calibration text")?;
@@ -243,7 +315,8 @@ pub fn compress_on(
             .collect::<Result<_>>()?;
         // Linears that read the same input with the same scale (q, k, v;
         // gate, up) share their feedback weights: one inversion each.
-        let feedbacks: HashMap<TapPoint, Feedback> = match opts.feedback {
+        let feedbacks: HashMap<TapPoint, Feedback> = match opts.feedback.filter(|_| opts.niter > 0)
+        {
             None => HashMap::new(),
             Some(f) => {
                 let mut points: Vec<(TapPoint, LinearKind)> = Vec::new();
@@ -271,18 +344,8 @@ pub fn compress_on(
             .map(|(kind, w)| {
                 let (m, n) = linear_shape(&cfg, *kind);
                 let feedback = feedbacks.get(&kind.input());
-                let d = decompose_with(
-                    w,
-                    m,
-                    n,
-                    opts.k_of(*kind),
-                    opts.niter,
-                    opts.svd,
-                    feedback
-                        .zip(opts.feedback)
-                        .map(|(fb, f)| (fb, f.refit, f.rounds)),
-                )
-                .with_context(|| format!("decomposing {}", kind.path(l)));
+                let d = decompose_linear(w, m, n, opts.k_of(*kind), opts, feedback)
+                    .with_context(|| format!("decomposing {}", kind.path(l)));
                 pb.inc(1);
                 d.map(|d| (*kind, d))
             })
@@ -293,16 +356,17 @@ pub fn compress_on(
         for (kind, d) in &decomposed {
             let (m, n) = linear_shape(&cfg, *kind);
             let path = kind.path(l);
-            blocks_bytes += d.blocks.iter().map(|b| b.bytes()).sum::<usize>();
+            blocks_bytes += d.bytes;
             linears.push(LinearBlocks {
                 path: path.clone(),
                 shape: BlockShape::new(m, n, opts.k_of(*kind)),
                 blocks: &d.blocks,
+                grid: opts.grid.zip(d.grid.as_ref()),
             });
             if let Some(bias) = &layer.linear(*kind).bias {
                 dense.push((format!("{path}.bias"), OwnedTensor::from_tensor(bias)?));
             }
-            residuals.push(d.residual_norms[opts.niter] / d.residual_norms[0]);
+            residuals.push(d.relative_residual);
         }
         dense.push((
             format!("model.layers.{l}.input_layernorm.weight"),

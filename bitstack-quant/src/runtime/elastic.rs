@@ -47,7 +47,7 @@ use crate::format::checkpoint::{Checkpoint, Plan};
 use crate::format::order::Geometry;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{LinearKind, Llama};
-use crate::runtime::stack::StackBlock;
+use crate::runtime::stack::StackPart;
 
 /// Why a resize was refused. A refused resize changes nothing.
 #[derive(Debug, thiserror::Error)]
@@ -455,16 +455,15 @@ impl BitStackHandle {
     fn grown(&self, current: &Snapshot, level: usize) -> anyhow::Result<Snapshot> {
         let shared = &*self.shared;
         let wanted = &shared.order[current.level..level];
-        let blocks: Vec<Arc<StackBlock>> = wanted
+        let blocks: Vec<StackPart> = wanted
             .par_iter()
             .map(|&(li, b)| {
                 let slot = &shared.checkpoint.geometry().linears[li];
-                StackBlock::read(shared.checkpoint.store(), &slot.name, b, slot.shape())
-                    .map(Arc::new)
+                StackPart::read(shared.checkpoint.store(), slot, b)
                     .with_context(|| format!("reading block {b} of {}", slot.name))
             })
             .collect::<anyhow::Result<_>>()?;
-        let mut added: BTreeMap<usize, Vec<Arc<StackBlock>>> = BTreeMap::new();
+        let mut added: BTreeMap<usize, Vec<StackPart>> = BTreeMap::new();
         for (&(li, _), block) in wanted.iter().zip(blocks) {
             added.entry(li).or_default().push(block);
         }
@@ -474,7 +473,7 @@ impl BitStackHandle {
             let LinearWeight::BitStack(stack) = &slot.weight else {
                 anyhow::bail!("internal: linear {li} is not a BitStack linear");
             };
-            slot.weight = LinearWeight::BitStack(Arc::new(stack.extended(more)));
+            slot.weight = LinearWeight::BitStack(Arc::new(stack.extended(more)?));
         }
         Ok(Snapshot {
             model,
@@ -493,7 +492,7 @@ impl BitStackHandle {
         for (li, count) in dropped {
             let slot = model_slot(&mut model, li);
             if let LinearWeight::BitStack(stack) = &slot.weight {
-                let keep = stack.blocks.len() - count;
+                let keep = stack.len() - count;
                 slot.weight = LinearWeight::BitStack(Arc::new(stack.prefix(keep)));
             }
         }

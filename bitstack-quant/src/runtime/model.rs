@@ -17,14 +17,16 @@ use rayon::prelude::*;
 
 use crate::format::architecture::has_bias;
 pub use crate::format::architecture::{linear_shape, linear_weight_count, LinearKind, TapPoint};
-use crate::format::block::{names, BlockShape};
+use crate::format::block::names;
 use crate::format::checkpoint::{stored_blocks, BlockCounts, Checkpoint};
 use crate::format::config::{ModelConfig, RopeScaling};
+use crate::format::grid;
 use crate::format::model_dir::ModelDir;
+use crate::format::order::LinearSlot;
 use crate::format::store::TensorStore;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::linear::{tensor_bytes, Linear};
-use crate::runtime::stack::{StackBlock, WeightStack};
+use crate::runtime::stack::{StackPart, WeightStack};
 
 /// The type of the activations, whatever the dense parts are stored in.
 pub const ACTIVATIONS: DType = DType::F32;
@@ -558,18 +560,26 @@ fn load_linear_weight(
         return Ok(LinearWeight::Dense(Tensor::from_vec(v, (m, n), device)?));
     }
     let first = names::qweight(path, 0);
-    if !store.contains(&first) {
+    let first_plane = grid::names::plane(path, 0);
+    if !store.contains(&first) && !store.contains(&first_plane) {
         bail!("linear `{path}` has neither `{dense}` nor BitStack blocks (`{first}`)");
     }
     let q = cfg.quantization_config.as_ref().with_context(|| {
         format!("`{path}` holds BitStack blocks but config.json has no quantization_config")
     })?;
-    let shape = BlockShape::new(m, n, q.k_of(path));
+    let slot = LinearSlot {
+        name: path.to_string(),
+        m,
+        n,
+        k: q.k_of(path),
+        stored: q.niter,
+        grid: q.grid,
+    };
     let stored = stored_blocks(store, path);
-    if stored < q.niter {
+    if stored < slot.avd_blocks() {
         bail!(
             "linear `{path}`: config says {} blocks, but `{}` is missing",
-            q.niter,
+            slot.avd_blocks(),
             names::qweight(path, stored)
         );
     }
@@ -580,11 +590,11 @@ fn load_linear_weight(
             q.niter
         );
     }
-    let blocks = (0..count)
-        .map(|i| StackBlock::read(store, path, i, shape).map(std::sync::Arc::new))
+    let parts = (0..count)
+        .map(|b| StackPart::read(store, &slot, b))
         .collect::<Result<Vec<_>>>()?;
     Ok(LinearWeight::BitStack(std::sync::Arc::new(
-        WeightStack::new(m, n, shape.k, blocks),
+        WeightStack::from_parts(m, n, slot.k, parts)?,
     )))
 }
 

@@ -83,6 +83,7 @@ pub fn small_options(calib_text: PathBuf, k: usize, niter: usize) -> CompressOpt
     CompressOptions {
         k,
         niter,
+        grid: None,
         calib_text,
         calib_windows: 2,
         seq_len: 32,

@@ -1,0 +1,146 @@
+//! The grid planes of one linear, borrowed ([`GridRef`]) and owned
+//! ([`OwnedGrid`]): nested bit planes of the residual the AVD blocks leave,
+//! on a per-(row, group) uniform grid.
+
+use half::f16;
+
+use super::tiled::TiledSigns;
+
+/// Largest columns per group: an outlier's column within its group is a `u8`.
+pub const MAX_GROUP: usize = 256;
+
+/// The grid planes of one `m×n` linear, borrowed: with `G = ⌈n/group⌉`
+/// groups per row (the last may be shorter), `o` outlier slots per (row,
+/// group) and `p` planes, its weights are
+///
+/// ```text
+/// Wgrid[i, c] = center[i,g] + half[i,g]·Σ_{b<p} s_b(i,c)·2^-(b+1)
+///             + Σ_{t<o} [c = g·group + col[i,g,t]]·delta[i,g,t],   g = c / group
+/// ```
+///
+/// with `s_b(i,c) = ±1` the signs of plane `b`, packed as the blocks' are.
+/// An unused outlier slot has delta 0 (and any column inside its group).
+#[derive(Clone, Debug)]
+pub struct GridRef<'a> {
+    /// Columns per group (the last group of a row may be shorter).
+    pub group: usize,
+    /// `m×G`, row-major.
+    pub center: &'a [f16],
+    /// `m×G`, row-major: the half-width of each (row, group)'s grid.
+    pub half: &'a [f16],
+    /// Outlier slots per (row, group).
+    pub outliers: usize,
+    /// `m×G×o`: column within the group (an unused slot has delta 0).
+    pub outlier_col: &'a [u8],
+    /// `m×G×o`.
+    pub outlier_delta: &'a [f16],
+    /// `p ≥ 1` planes, most significant first, each `m×n`.
+    pub planes: Vec<&'a TiledSigns>,
+}
+
+impl GridRef<'_> {
+    /// Groups per row of an `n`-column weight.
+    pub fn groups(&self, n: usize) -> usize {
+        n.div_ceil(self.group)
+    }
+
+    /// Columns of group `g` of an `n`-column weight.
+    pub fn group_len(&self, n: usize, g: usize) -> usize {
+        self.group.min(n - g * self.group)
+    }
+
+    /// Panics unless the grid has the sizes of an `m×n` linear and every
+    /// outlier column lies inside its group: the kernels index without
+    /// bounds checks.
+    pub fn check(&self, m: usize, n: usize) {
+        assert!(
+            (1..=MAX_GROUP).contains(&self.group),
+            "grid group {} is not in 1..={MAX_GROUP}",
+            self.group
+        );
+        assert!(!self.planes.is_empty(), "a grid has at least one plane");
+        let groups = self.groups(n);
+        assert_eq!(self.center.len(), m * groups, "grid center is not m×G");
+        assert_eq!(self.half.len(), m * groups, "grid half is not m×G");
+        let slots = m * groups * self.outliers;
+        assert_eq!(self.outlier_col.len(), slots, "grid outlier_col");
+        assert_eq!(self.outlier_delta.len(), slots, "grid outlier_delta");
+        for (b, p) in self.planes.iter().enumerate() {
+            assert_eq!((p.m(), p.n()), (m, n), "grid plane {b}");
+        }
+        // Every group but the last has `group` columns: one vectorized max.
+        let max = self.outlier_col.iter().copied().max().unwrap_or(0) as usize;
+        assert!(
+            max < self.group,
+            "grid outlier column {max} ≥ {}",
+            self.group
+        );
+        let last = if groups == 0 {
+            self.group
+        } else {
+            self.group_len(n, groups - 1)
+        };
+        if last < self.group && self.outliers > 0 {
+            for row in self.outlier_col.chunks_exact(groups * self.outliers) {
+                for &c in &row[(groups - 1) * self.outliers..] {
+                    assert!(
+                        (c as usize) < last,
+                        "grid outlier column {c} ≥ the last group's {last}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The weight of plane `b` (0 = most significant): `2^-(b+1)`, made from
+/// its exponent bits (`powi` is a library call), 0 past f32's normal range.
+#[inline(always)]
+pub fn plane_weight(b: usize) -> f32 {
+    if b < 126 {
+        f32::from_bits((126 - b as u32) << 23)
+    } else {
+        0.0
+    }
+}
+
+/// The grid planes of one linear, owned. Build it field by field and hand
+/// it to [`OwnedStack::with_grid`](super::OwnedStack::with_grid), which
+/// checks it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnedGrid {
+    pub group: usize,
+    /// `m×G`, row-major.
+    pub center: Vec<f16>,
+    /// `m×G`, row-major.
+    pub half: Vec<f16>,
+    pub outliers: usize,
+    /// `m×G×o`.
+    pub outlier_col: Vec<u8>,
+    /// `m×G×o`.
+    pub outlier_delta: Vec<f16>,
+    /// Most significant first.
+    pub planes: Vec<TiledSigns>,
+}
+
+impl OwnedGrid {
+    /// The grid, borrowed.
+    pub fn grid_ref(&self) -> GridRef<'_> {
+        GridRef {
+            group: self.group,
+            center: &self.center,
+            half: &self.half,
+            outliers: self.outliers,
+            outlier_col: &self.outlier_col,
+            outlier_delta: &self.outlier_delta,
+            planes: self.planes.iter().collect(),
+        }
+    }
+
+    /// Memory held.
+    pub fn bytes(&self) -> usize {
+        self.planes.iter().map(TiledSigns::bytes).sum::<usize>()
+            + 2 * (self.center.len() + self.half.len() + self.outlier_delta.len())
+            + self.outlier_col.len()
+    }
+}

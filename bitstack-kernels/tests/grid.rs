@@ -1,0 +1,319 @@
+//! Grid planes: the definition pinned by hand, then every kernel against the
+//! f64 reference on stacks of blocks, grids, and both, of awkward sizes.
+
+use std::sync::Arc;
+
+use bitstack_kernels::decode::table_matmul_t;
+use bitstack_kernels::grid::grid_matmul_t_add;
+use bitstack_kernels::prefill::panel_matmul_t;
+use bitstack_kernels::reference::{grid_weight, reference_matmul_t};
+use bitstack_kernels::tmac::{self, shuffle_matmul_t};
+use bitstack_kernels::{stack_matmul_t, Isa, OwnedGrid, OwnedStack, StackSource, TiledSigns};
+use candle_core::{Device, Tensor};
+use half::f16;
+
+mod common;
+use common::{assert_close, random_grid, random_grid_stack, random_stack, random_x, values};
+
+/// (m, n, group): n not a multiple of the group, of 8 or of 32; groups that
+/// start on a sign byte (multiples of 8, the shuffle kernel's own path) and
+/// groups that do not (4, 12, 5); one row; the largest group.
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 9, 4),
+    (3, 200, 128),
+    (33, 200, 128),
+    (70, 9, 4),
+    (19, 136, 8),
+    (40, 257, 16),
+    (5, 1030, 256),
+    (8, 64, 64),
+    (129, 77, 12),
+    (7, 23, 5),
+    (65, 300, 40),
+];
+
+/// (AVD blocks, k): none, and two of rank 3.
+const BLOCKS: [(usize, usize); 2] = [(0, 4), (2, 3)];
+
+/// Every case: shape × blocks × planes 1..=5 × outliers 0..=2, thinned so
+/// that each shape sees every plane count and outlier count.
+fn cases() -> Vec<(OwnedStack, String)> {
+    let mut cases = Vec::new();
+    for (s, &(m, n, group)) in SHAPES.iter().enumerate() {
+        for (bi, &(nb, k)) in BLOCKS.iter().enumerate() {
+            for planes in 1..=5 {
+                let outliers = (planes + s + bi) % 3;
+                let seed = (s * 100 + bi * 10 + planes) as u64;
+                let stack = random_grid_stack(m, n, k, nb, group, planes, outliers, seed);
+                let what = format!("{m}×{n} g{group} p{planes} o{outliers} ×{nb}");
+                cases.push((stack, what));
+            }
+        }
+    }
+    cases
+}
+
+fn reference(stack: &OwnedStack, x: &[f32], rows: usize) -> Vec<f32> {
+    let mut want = vec![0f32; rows * stack.m];
+    reference_matmul_t(x, rows, &stack.stack(), &mut want);
+    want
+}
+
+/// A 1×4 weight worked out by hand: groups of 2, two planes, one outlier
+/// slot per group.
+fn hand_stack() -> OwnedStack {
+    // Plane 0: + − + +; plane 1: − − + −.
+    let planes = [0b1011_0000u8, 0b0010_0000]
+        .iter()
+        .map(|&b| TiledSigns::from_row_major(&[b], 1, 4))
+        .collect();
+    let h = |v: &[f32]| v.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
+    let grid = OwnedGrid {
+        group: 2,
+        center: h(&[0.5, -1.0]),
+        half: h(&[2.0, 4.0]),
+        outliers: 1,
+        outlier_col: vec![1, 0],
+        outlier_delta: h(&[0.5, -0.25]),
+        planes,
+    };
+    OwnedStack::with_grid(1, 4, 1, Vec::new(), Some(grid))
+}
+
+#[test]
+fn the_definition_by_hand() {
+    let stack = hand_stack();
+    // Levels ±1/2 ±1/4 per column: 0.25, −0.75, 0.75, 0.25. Weights:
+    // 0.5 + 2·0.25 = 1; 0.5 − 2·0.75 + 0.5 (outlier) = −0.5;
+    // −1 + 4·0.75 − 0.25 (outlier) = 1.75; −1 + 4·0.25 = 0.
+    let grid = stack.stack_ref().grid.unwrap();
+    let w: Vec<f64> = (0..4).map(|c| grid_weight(&grid, 4, 0, c)).collect();
+    assert_eq!(w, [1.0, -0.5, 1.75, 0.0]);
+    let x = [1.0f32, 2.0, 3.0, 4.0];
+    // y = 1 − 1 + 5.25 + 0.
+    assert_eq!(reference(&stack, &x, 1), [5.25]);
+    for isa in Isa::available() {
+        let mut got = [f32::NAN];
+        table_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+        assert_eq!(got, [5.25], "decode {isa:?}");
+        let mut got = [f32::NAN];
+        panel_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+        assert_eq!(got, [5.25], "prefill {isa:?}");
+        let mut got = [f32::NAN];
+        shuffle_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+        assert_eq!(got, [5.25], "shuffle {isa:?}");
+    }
+}
+
+/// The same weight with groups of 8 (the shuffle kernel's int8 path): one
+/// group, the four columns above and four more.
+#[test]
+fn the_definition_by_hand_on_whole_bytes() {
+    let planes = [0b1011_0110u8, 0b0010_1111]
+        .iter()
+        .map(|&b| TiledSigns::from_row_major(&[b], 1, 8))
+        .collect();
+    let grid = OwnedGrid {
+        group: 8,
+        center: vec![f16::from_f32(0.5)],
+        half: vec![f16::from_f32(2.0)],
+        outliers: 2,
+        outlier_col: vec![7, 1],
+        outlier_delta: vec![f16::from_f32(1.0), f16::from_f32(-0.5)],
+        planes,
+    };
+    let stack = OwnedStack::with_grid(1, 8, 1, Vec::new(), Some(grid));
+    // Levels: .25 −.75 .75 .25 | −.25 .75 .75 −.25; weights 0.5 + 2·level,
+    // then +1 at column 7 and −0.5 at column 1.
+    let want_w = [1.0, -1.5, 2.0, 1.0, 0.0, 2.0, 2.0, 1.0];
+    let g = stack.stack_ref().grid.unwrap();
+    let w: Vec<f64> = (0..8).map(|c| grid_weight(&g, 8, 0, c)).collect();
+    assert_eq!(w, want_w);
+    let x = [1.0f32, -1.0, 0.5, 2.0, 3.0, -2.0, 1.0, 0.25];
+    let y: f64 = want_w.iter().zip(&x).map(|(w, x)| w * *x as f64).sum();
+    assert_eq!(reference(&stack, &x, 1), [y as f32]);
+    for isa in Isa::available() {
+        let mut got = [f32::NAN];
+        shuffle_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+        assert_close(&got, &[y as f32], 0.01, &format!("shuffle {isa:?}"));
+    }
+}
+
+#[test]
+fn decode_tables_match_the_reference() {
+    for (stack, what) in cases() {
+        for rows in [1, 3, 8] {
+            let x = random_x(rows, stack.n, rows as u64 + 7);
+            let want = reference(&stack, &x, rows);
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; rows * stack.m];
+                table_matmul_t(isa, &x, rows, &stack.stack(), &mut got);
+                assert_close(
+                    &got,
+                    &want,
+                    1e-4,
+                    &format!("decode {isa:?} {what}, {rows} rows"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_grid_alone_adds_to_out() {
+    for (stack, what) in cases().into_iter().filter(|(s, _)| s.blocks.is_empty()) {
+        let rows = 2;
+        let x = random_x(rows, stack.n, 5);
+        let want = reference(&stack, &x, rows);
+        let grid = stack.grid.as_ref().unwrap().grid_ref();
+        for isa in Isa::available() {
+            let mut got = vec![1.0f32; rows * stack.m];
+            grid_matmul_t_add(isa, &x, rows, stack.m, stack.n, &grid, &mut got);
+            let got: Vec<f32> = got.iter().map(|v| v - 1.0).collect();
+            assert_close(&got, &want, 1e-4, &format!("grid {isa:?} {what}"));
+        }
+    }
+}
+
+/// Tolerance of the shuffle kernel: its tables are int8 (see the tmac
+/// module docs), and tiny outputs have a noisy RMS.
+fn shuffle_tolerance(outputs: usize) -> f32 {
+    if outputs >= 64 {
+        tmac::RELATIVE_MAX_ERROR_BOUND
+    } else {
+        4.0 * tmac::RELATIVE_MAX_ERROR_BOUND
+    }
+}
+
+#[test]
+fn shuffle_matches_the_reference_and_is_the_same_on_every_isa() {
+    for (stack, what) in cases() {
+        for rows in [1, 3, 8] {
+            let x = random_x(rows, stack.n, rows as u64 + 11);
+            let want = reference(&stack, &x, rows);
+            let mut scalar = vec![f32::NAN; rows * stack.m];
+            shuffle_matmul_t(Isa::Baseline, &x, rows, &stack.stack(), &mut scalar);
+            let tol = shuffle_tolerance(want.len());
+            assert_close(&scalar, &want, tol, &format!("shuffle {what}, {rows} rows"));
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; rows * stack.m];
+                shuffle_matmul_t(isa, &x, rows, &stack.stack(), &mut got);
+                let same = got
+                    .iter()
+                    .zip(&scalar)
+                    .all(|(g, s)| g.to_bits() == s.to_bits());
+                assert!(
+                    same,
+                    "shuffle {isa:?} {what}, {rows} rows: not the scalar bits"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn prefill_matches_the_reference() {
+    for (stack, what) in cases() {
+        for rows in [1, 3, 8, 33, 70] {
+            let x = random_x(rows, stack.n, rows as u64 + 13);
+            let want = reference(&stack, &x, rows);
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; rows * stack.m];
+                panel_matmul_t(isa, &x, rows, &stack.stack(), &mut got);
+                assert_close(
+                    &got,
+                    &want,
+                    1e-4,
+                    &format!("prefill {isa:?} {what}, {rows} rows"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dispatch_matches_the_reference() {
+    for (stack, what) in cases() {
+        for rows in [1, 3, 8, 33, 70] {
+            let x = random_x(rows, stack.n, rows as u64 + 17);
+            let want = reference(&stack, &x, rows);
+            let mut got = vec![f32::NAN; rows * stack.m];
+            stack_matmul_t(&x, rows, &stack.stack(), &mut got);
+            let tol = if rows <= bitstack_kernels::DECODE_MAX_ROWS {
+                shuffle_tolerance(want.len())
+            } else {
+                1e-4
+            };
+            assert_close(&got, &want, tol, &format!("dispatch {what}, {rows} rows"));
+        }
+    }
+}
+
+/// A large grid (the benchmark's shape): the shuffle kernel's error stays
+/// within the bounds the tmac module states for blocks.
+#[test]
+fn a_large_grid_stays_within_the_shuffle_bounds() {
+    let (m, n) = (256, 4096);
+    for (planes, nb) in [(3, 0), (4, 2)] {
+        let stack = random_grid_stack(m, n, 4, nb, 128, planes, 1, planes as u64);
+        let x = random_x(1, n, 3);
+        let want = reference(&stack, &x, 1);
+        let mut got = vec![0f32; m];
+        shuffle_matmul_t(Isa::detect(), &x, 1, &stack.stack(), &mut got);
+        let rms = |v: &mut dyn Iterator<Item = f32>| {
+            let (s, c) = v.fold((0f64, 0usize), |(s, c), e| (s + (e as f64).powi(2), c + 1));
+            (s / c as f64).sqrt() as f32
+        };
+        let scale = rms(&mut want.iter().copied());
+        let err = rms(&mut got.iter().zip(&want).map(|(g, w)| g - w)) / scale;
+        eprintln!("{m}×{n} p{planes} ×{nb}: relative rms error {err}");
+        assert!(err <= tmac::RELATIVE_RMS_ERROR_BOUND, "rms error {err}");
+        assert_close(&got, &want, tmac::RELATIVE_MAX_ERROR_BOUND, "max error");
+    }
+}
+
+#[test]
+fn the_candle_op_takes_a_grid() {
+    let stack = Arc::new(random_grid_stack(37, 90, 4, 2, 16, 3, 1, 9));
+    for rows in [1, 9, 45] {
+        let x = random_x(rows, 90, 7);
+        let want = reference(&stack, &x, rows);
+        let xt = Tensor::from_vec(x, (rows, 90), &Device::Cpu).unwrap();
+        let y = bitstack_kernels::op::bitstack_matmul(&xt, stack.clone()).unwrap();
+        let tol = if rows <= bitstack_kernels::DECODE_MAX_ROWS {
+            tmac::RELATIVE_MAX_ERROR_BOUND
+        } else {
+            1e-4
+        };
+        assert_close(&values(&y), &want, tol, &format!("op, {rows} rows"));
+    }
+}
+
+#[test]
+fn a_block_only_stack_is_unchanged_by_an_absent_grid() {
+    let stack = random_stack(33, 65, 4, 3, 1);
+    assert!(stack.grid.is_none() && stack.stack_ref().grid.is_none());
+    let x = random_x(2, 65, 2);
+    let want = reference(&stack, &x, 2);
+    let mut got = vec![f32::NAN; 66];
+    stack_matmul_t(&x, 2, &stack.stack(), &mut got);
+    assert_close(&got, &want, tmac::RELATIVE_MAX_ERROR_BOUND, "blocks only");
+}
+
+#[test]
+#[should_panic(expected = "outlier column")]
+fn an_outlier_past_its_group_is_refused() {
+    // n = 9 with groups of 4: the last group has one column.
+    let mut grid = random_grid(3, 9, 4, 2, 1, 1);
+    let last = grid.outlier_col.len() - 1;
+    grid.outlier_col[last] = 1;
+    OwnedStack::with_grid(3, 9, 1, Vec::new(), Some(grid));
+}
+
+#[test]
+#[should_panic(expected = "not in 1..=256")]
+fn a_group_past_256_is_refused() {
+    let mut grid = random_grid(2, 300, 300, 1, 0, 1);
+    grid.group = 300;
+    OwnedStack::with_grid(2, 300, 1, Vec::new(), Some(grid));
+}

@@ -1,0 +1,531 @@
+//! Grid planes: the nested bit planes that end a linear's stack (format
+//! version 2).
+//!
+//! AVD blocks shrink the error fast at one or two bits per weight, but
+//! greedy sign blocks with one rank-k magnitude each stall after that:
+//! each later block removes less than a uniform quantizer's next bit would.
+//! Grid planes keep the sign-plane structure (so a smaller budget is still
+//! a prefix of a larger one, and the kernels still add signed sums) but
+//! put every row and group of input columns on its own uniform grid: a
+//! center `c` and half-range `a` (f16) span the group's values, leaving
+//! out its `o` largest-magnitude ones, which stay exact (f16 value and
+//! column within the group). Plane `b` adds `±a·2^-(b+1)`, so the first
+//! `p` planes are the uniform (midrise) grid of `2^p` levels over the
+//! range, and each plane is round-to-nearest on its prefix. With the first
+//! `p ≥ 1` planes resident the weight is
+//!
+//! ```text
+//! q_p[i, c] = c[i, g] + a[i, g] · Σ_{b<p} 2^-(b+1) · s_b[i, c]      (g = c's group)
+//! ```
+//!
+//! except at an outlier, where it is `q_p + f16(v − q_p)`: the runtime keeps
+//! `f16(v − q_p)` per outlier, so that the kernels add a sparse correction
+//! instead of testing every column. The center, half-ranges and outliers
+//! (the grid) are resident with the first plane. Planes may
+//! follow AVD blocks, gridding what they leave.
+
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+pub use bitstack_kernels::layout::plane_weight;
+
+use crate::format::block::as_le_bytes;
+use crate::format::pack;
+
+/// Largest group the outliers' u8 column index and the kernels take.
+pub const MAX_GROUP: usize = 256;
+
+/// How a checkpoint's grid planes are laid out (`quantization_config.grid`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GridConfig {
+    /// Planes stored per linear, after its AVD blocks.
+    pub planes: usize,
+    /// Target columns per group; see [`GridConfig::group_size`].
+    pub group: usize,
+    /// Weights per row and group kept exact.
+    pub outliers: usize,
+}
+
+impl GridConfig {
+    /// 128 columns per group, one exact weight per group.
+    pub fn new(planes: usize) -> Self {
+        Self {
+            planes,
+            group: 128,
+            outliers: 1,
+        }
+    }
+
+    /// The group size used for `n` input columns: `n` split into
+    /// `max(1, ⌊n/group⌋)` groups of equal size (the last one shorter by
+    /// less than a group count), so that a width like 576 gets 4 groups of
+    /// 144 instead of 5 with a half-empty one. Below `2·group`.
+    pub fn group_size(&self, n: usize) -> usize {
+        let groups = (n / self.group).max(1);
+        n.div_ceil(groups)
+    }
+
+    /// Groups per row for `n` input columns.
+    pub fn groups(&self, n: usize) -> usize {
+        n.div_ceil(self.group_size(n).max(1))
+    }
+
+    /// Checks the layout before any work: a typo fails here, not midway.
+    pub fn check(&self) -> Result<(), String> {
+        if self.planes == 0 {
+            return Err("a grid needs at least one plane".into());
+        }
+        if !(8..=MAX_GROUP / 2).contains(&self.group) {
+            return Err(format!(
+                "grid group {} is out of range: it must be 8…{}",
+                self.group,
+                MAX_GROUP / 2
+            ));
+        }
+        if self.outliers > self.group / 2 {
+            return Err(format!(
+                "{} outliers per group of {} is more than half the group",
+                self.outliers, self.group
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the grid of an `m×n` linear as stored: center and
+    /// half-range (f16) per row and group, a u8 column and an f16 value per
+    /// outlier.
+    pub fn grid_stored_bytes(&self, m: usize, n: usize) -> usize {
+        m * self.groups(n) * (4 + 3 * self.outliers)
+    }
+
+    /// Bytes of the grid when resident: as stored, plus the f16 correction
+    /// per outlier the kernels add.
+    pub fn grid_resident_bytes(&self, m: usize, n: usize) -> usize {
+        self.grid_stored_bytes(m, n) + m * self.groups(n) * 2 * self.outliers
+    }
+}
+
+/// The grid of one `m×n` linear (everything but the planes' signs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grid {
+    /// `m×G`, row-major.
+    pub center: Vec<f16>,
+    /// `m×G`, row-major, ≥ 0: half the range of each row and group.
+    pub scale: Vec<f16>,
+    /// `m×G×o`: column of each outlier within its group.
+    pub outlier_col: Vec<u8>,
+    /// `m×G×o`: each outlier's value.
+    pub outlier_value: Vec<f16>,
+}
+
+/// A grid and its planes' row-major packed signs, most significant first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GridPlanes {
+    pub grid: Grid,
+    pub planes: Vec<Vec<u8>>,
+}
+
+/// Errors of [`grid_planes`].
+#[derive(Debug, thiserror::Error)]
+pub enum GridError {
+    #[error("weight holds a non-finite value at row {row}, column {col}")]
+    NonFinite { row: usize, col: usize },
+    #[error("row {row}, group {group}: the values do not fit f16")]
+    Range { row: usize, group: usize },
+}
+
+/// Puts the row-major `m×n` residual `r` on the grid `cfg` describes and
+/// returns its `cfg.planes` planes.
+///
+/// Per row and group, the grid spans the values that are not outliers:
+/// the center is the middle of their range, and plane `b` moves by
+/// `2^-(b+1)` of half the range, so that every prefix of `p`
+/// planes is the uniform grid of `2^p` levels (midrise) over the range,
+/// and each plane takes the side of the value on the current point: round
+/// to nearest on every prefix. (A grid scaled to each group's RMS, with
+/// magnitudes fitted to all prefixes, measured far worse on SmolLM2 at
+/// every plane count: the range keeps the large weights, which matter.)
+pub fn grid_planes(
+    r: &[f32],
+    m: usize,
+    n: usize,
+    cfg: GridConfig,
+) -> Result<GridPlanes, GridError> {
+    use rayon::prelude::*;
+    assert_eq!(r.len(), m * n, "residual is not m×n");
+    if let Some(i) = r.iter().position(|x| !x.is_finite()) {
+        return Err(GridError::NonFinite {
+            row: i / n,
+            col: i % n,
+        });
+    }
+    let (gs, groups, o) = (cfg.group_size(n), cfg.groups(n), cfg.outliers);
+    // Per row: outliers, center and half-range of each group.
+    type RowGrid = (Vec<f16>, Vec<f16>, Vec<u8>, Vec<f16>);
+    let rows: Vec<RowGrid> = (0..m)
+        .into_par_iter()
+        .map(|i| {
+            let (mut center, mut scale) = (vec![f16::ZERO; groups], vec![f16::ZERO; groups]);
+            let (mut cols, mut values) = (vec![0u8; groups * o], vec![f16::ZERO; groups * o]);
+            let mut exact = vec![false; gs];
+            let mut by_size: Vec<usize> = Vec::with_capacity(gs);
+            for g in 0..groups {
+                let c0 = g * gs;
+                let vals = &r[i * n + c0..i * n + n.min(c0 + gs)];
+                let exact = &mut exact[..vals.len()];
+                exact.fill(false);
+                by_size.clear();
+                by_size.extend(0..vals.len());
+                by_size.sort_by(|&a, &b| vals[b].abs().total_cmp(&vals[a].abs()));
+                for (t, &j) in by_size.iter().take(o).enumerate() {
+                    exact[j] = true;
+                    cols[g * o + t] = j as u8;
+                    values[g * o + t] = f16::from_f32(vals[j]);
+                    if !values[g * o + t].is_finite() {
+                        return Err(GridError::Range { row: i, group: g });
+                    }
+                }
+                let (lo, hi) = vals
+                    .iter()
+                    .zip(exact.iter())
+                    .filter(|(_, &e)| !e)
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), (&x, _)| {
+                        (lo.min(x), hi.max(x))
+                    });
+                if lo <= hi {
+                    center[g] = f16::from_f32((lo + hi) / 2.0);
+                    scale[g] = f16::from_f32((hi - lo) / 2.0);
+                }
+                if !center[g].is_finite() || !scale[g].is_finite() {
+                    return Err(GridError::Range { row: i, group: g });
+                }
+            }
+            Ok((center, scale, cols, values))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut grid = Grid {
+        center: Vec::with_capacity(m * groups),
+        scale: Vec::with_capacity(m * groups),
+        outlier_col: Vec::with_capacity(m * groups * o),
+        outlier_value: Vec::with_capacity(m * groups * o),
+    };
+    for (center, scale, cols, values) in rows {
+        grid.center.extend(center);
+        grid.scale.extend(scale);
+        grid.outlier_col.extend(cols);
+        grid.outlier_value.extend(values);
+    }
+    let signs = choose_signs(r, m, n, &grid, &cfg);
+    Ok(GridPlanes {
+        grid,
+        planes: signs,
+    })
+}
+
+/// Greedy signs, packed per plane: plane `b` takes the side of `r` on the
+/// point of planes `< b`.
+fn choose_signs(r: &[f32], m: usize, n: usize, grid: &Grid, cfg: &GridConfig) -> Vec<Vec<u8>> {
+    use rayon::prelude::*;
+    let (gs, groups) = (cfg.group_size(n), cfg.groups(n));
+    let rows: Vec<Vec<f32>> = (0..m)
+        .into_par_iter()
+        .map(|i| {
+            let mut out = vec![0f32; cfg.planes * n];
+            for c in 0..n {
+                let cell = i * groups + c / gs;
+                let a = grid.scale[cell].to_f32();
+                let mut q = grid.center[cell].to_f32();
+                let x = r[i * n + c];
+                for b in 0..cfg.planes {
+                    let up = x >= q;
+                    out[b * n + c] = if up { 1.0 } else { -1.0 };
+                    let step = a * plane_weight(b);
+                    q += if up { step } else { -step };
+                }
+            }
+            out
+        })
+        .collect();
+    (0..cfg.planes)
+        .map(|b| {
+            let plane: Vec<f32> = rows
+                .iter()
+                .flat_map(|row| row[b * n..(b + 1) * n].iter().copied())
+                .collect();
+            pack::pack_signs(&plane)
+        })
+        .collect()
+}
+
+impl Grid {
+    /// Checks the sizes and values a grid of an `m×n` linear must have:
+    /// the kernels index without bounds checks.
+    pub fn check(&self, m: usize, n: usize, cfg: &GridConfig) -> Result<(), String> {
+        let (gs, groups, o) = (cfg.group_size(n), cfg.groups(n), cfg.outliers);
+        let cells = m * groups;
+        if self.center.len() != cells || self.scale.len() != cells {
+            return Err(format!(
+                "center and half-range must hold {m}×{groups} values"
+            ));
+        }
+        if self.outlier_col.len() != cells * o || self.outlier_value.len() != cells * o {
+            return Err(format!("outliers must hold {m}×{groups}×{o} values"));
+        }
+        if let Some(i) = self.scale.iter().position(|h| h.is_nan() || h.to_f32() < 0.0) {
+            return Err(format!("half-range {i} is {} (must be ≥ 0)", self.scale[i]));
+        }
+        for (slot, &col) in self.outlier_col.iter().enumerate() {
+            let g = (slot / o) % groups;
+            let len = gs.min(n - g * gs);
+            if col as usize >= len {
+                return Err(format!(
+                    "outlier {slot} is at column {col} of a group of {len}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `q_p` at (`i`, `c`) for the first `p` planes, whose signs `sign(b,
+    /// i, c)` gives: the grid point before outliers.
+    pub fn point(
+        &self,
+        groups: usize,
+        gs: usize,
+        i: usize,
+        c: usize,
+        p: usize,
+        sign: impl Fn(usize) -> bool,
+    ) -> f32 {
+        let cell = i * groups + c / gs;
+        let a = self.scale[cell].to_f32();
+        let mut q = self.center[cell].to_f32();
+        for b in 0..p {
+            let step = a * plane_weight(b);
+            q += if sign(b) { step } else { -step };
+        }
+        q
+    }
+
+    /// The f16 correction `v − q_p` of every outlier for the first `p`
+    /// planes (`sign(b, i, c)` reads plane `b`).
+    pub fn corrections(
+        &self,
+        m: usize,
+        n: usize,
+        cfg: &GridConfig,
+        p: usize,
+        sign: impl Fn(usize, usize, usize) -> bool,
+    ) -> Vec<f16> {
+        let (gs, groups, o) = (cfg.group_size(n), cfg.groups(n), cfg.outliers);
+        let mut out = vec![f16::ZERO; m * groups * o];
+        for (slot, d) in out.iter_mut().enumerate() {
+            let cell = slot / o;
+            let (i, g) = (cell / groups, cell % groups);
+            let c = g * gs + self.outlier_col[slot] as usize;
+            let q = self.point(groups, gs, i, c, p, |b| sign(b, i, c));
+            *d = f16::from_f32(self.outlier_value[slot].to_f32() - q);
+        }
+        out
+    }
+
+    /// Adds the first `planes.len()` planes (row-major packed signs) of
+    /// this grid to the row-major `m×n` matrix `w`.
+    ///
+    /// The straightforward reference; the kernels are tested against it.
+    pub fn add_to(&self, planes: &[&[u8]], m: usize, n: usize, cfg: &GridConfig, w: &mut [f32]) {
+        let (gs, groups) = (cfg.group_size(n), cfg.groups(n));
+        let p = planes.len();
+        let sign = |b: usize, i: usize, c: usize| pack::sign_at(planes[b], i * n + c) > 0.0;
+        for i in 0..m {
+            for c in 0..n {
+                w[i * n + c] += self.point(groups, gs, i, c, p, |b| sign(b, i, c));
+            }
+        }
+        if p == 0 {
+            return;
+        }
+        let o = cfg.outliers;
+        for (slot, d) in self.corrections(m, n, cfg, p, sign).iter().enumerate() {
+            let cell = slot / o;
+            let (i, g) = (cell / groups, cell % groups);
+            w[i * n + g * gs + self.outlier_col[slot] as usize] += d.to_f32();
+        }
+    }
+
+    /// CRC-32 of the grid as stored: center, half-range, outlier columns,
+    /// outlier values (little-endian).
+    pub fn checksum(&self) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&as_le_bytes(&self.center));
+        h.update(&as_le_bytes(&self.scale));
+        h.update(&self.outlier_col);
+        h.update(&as_le_bytes(&self.outlier_value));
+        h.finalize()
+    }
+}
+
+/// CRC-32 of a plane's packed signs as stored.
+pub fn plane_checksum(signs: &[u8]) -> u32 {
+    crc32fast::hash(signs)
+}
+
+/// The tensor names of a linear's grid and planes: `P.grid_center`,
+/// `P.grid_scale` (f16 `[m, G]`: half the range),
+/// `P.grid_outlier_col` (u8 `[m, G, o]`),
+/// `P.grid_outlier_value` (f16 `[m, G, o]`) and `P.plane_{b}` (u8
+/// `[⌈m·n/8⌉]`); CRC-32s in the file metadata as `P.crc32_grid` and
+/// `P.crc32_plane_{b}`.
+pub mod names {
+    pub fn center(linear: &str) -> String {
+        format!("{linear}.grid_center")
+    }
+    pub fn scale(linear: &str) -> String {
+        format!("{linear}.grid_scale")
+    }
+    pub fn outlier_col(linear: &str) -> String {
+        format!("{linear}.grid_outlier_col")
+    }
+    pub fn outlier_value(linear: &str) -> String {
+        format!("{linear}.grid_outlier_value")
+    }
+    pub fn plane(linear: &str, b: usize) -> String {
+        format!("{linear}.plane_{b}")
+    }
+    pub fn grid_checksum(linear: &str) -> String {
+        format!("{linear}.crc32_grid")
+    }
+    pub fn plane_checksum(linear: &str, b: usize) -> String {
+        format!("{linear}.crc32_plane_{b}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn random(len: usize, rng: &mut StdRng) -> Vec<f32> {
+        (0..len).map(|_| rng.random::<f32>() - 0.5).collect()
+    }
+
+    fn rebuild(gp: &GridPlanes, p: usize, m: usize, n: usize, cfg: &GridConfig) -> Vec<f32> {
+        let planes: Vec<&[u8]> = gp.planes[..p].iter().map(|s| s.as_slice()).collect();
+        let mut w = vec![0f32; m * n];
+        gp.grid.add_to(&planes, m, n, cfg, &mut w);
+        w
+    }
+
+    #[test]
+    fn group_sizes_split_widths_evenly() {
+        let cfg = GridConfig::new(1);
+        assert_eq!((cfg.group_size(576), cfg.groups(576)), (144, 4));
+        assert_eq!((cfg.group_size(1536), cfg.groups(1536)), (128, 12));
+        assert_eq!((cfg.group_size(4864), cfg.groups(4864)), (128, 38));
+        assert_eq!((cfg.group_size(200), cfg.groups(200)), (200, 1));
+        assert_eq!((cfg.group_size(9), cfg.groups(9)), (9, 1));
+        for n in 1..2000 {
+            assert!(cfg.group_size(n) < 2 * cfg.group.max(n.min(cfg.group)) + 1);
+            assert!(cfg.group_size(n) <= MAX_GROUP, "{n}");
+        }
+    }
+
+    #[test]
+    fn every_longer_prefix_is_closer_and_outliers_stay_exact() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for (m, n, group, outliers) in [(7, 37, 8, 1), (5, 200, 128, 2), (1, 9, 8, 0)] {
+            let cfg = GridConfig {
+                planes: 5,
+                group,
+                outliers,
+            };
+            let r = random(m * n, &mut rng);
+            let gp = grid_planes(&r, m, n, cfg).unwrap();
+            gp.grid.check(m, n, &cfg).unwrap();
+            let (gs, groups) = (cfg.group_size(n), cfg.groups(n));
+            let sq = |w: &[f32]| -> f64 {
+                w.iter()
+                    .zip(&r)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum()
+            };
+            let mut last = sq(&vec![0f32; m * n]);
+            for p in 1..=cfg.planes {
+                let w = rebuild(&gp, p, m, n, &cfg);
+                for (slot, &col) in gp.grid.outlier_col.iter().enumerate() {
+                    let cell = slot / outliers.max(1);
+                    let c = (cell / groups) * n + (cell % groups) * gs + col as usize;
+                    let err = (w[c] - r[c]).abs();
+                    assert!(
+                        err <= 2e-3 * r[c].abs(),
+                        "p={p}: outlier {slot} off by {err}"
+                    );
+                }
+                let e = sq(&w);
+                assert!(
+                    e < last,
+                    "{m}×{n}: prefix {p} ({e}) is no closer than {}",
+                    p - 1
+                );
+                last = e;
+            }
+            // Uniform values in ±0.5: 5 planes are within a few % of the
+            // RMS error of a 5-bit uniform quantizer (1/32/√12 per unit range).
+            let rms = (last / (m * n) as f64).sqrt();
+            assert!(rms < 2.0 / 32.0 / 12f64.sqrt(), "{m}×{n}: RMS {rms}");
+        }
+    }
+
+    #[test]
+    fn a_hand_checked_grid() {
+        // One row, one group of 4: the outlier 10 stays exact (up to the
+        // f16 correction); the rest span [−1, 1], so one plane puts them
+        // at ±0.5, two at ±0.25 and ±0.75.
+        let r = [1.0, -1.0, 10.0, 0.3];
+        let cfg = GridConfig {
+            planes: 2,
+            group: 8,
+            outliers: 1,
+        };
+        let gp = grid_planes(&r, 1, 4, cfg).unwrap();
+        assert_eq!(gp.grid.outlier_col, vec![2]);
+        assert_eq!(gp.grid.center[0].to_f32(), 0.0);
+        assert_eq!(gp.grid.scale[0].to_f32(), 1.0);
+        let one = rebuild(&gp, 1, 1, 4, &cfg);
+        let two = rebuild(&gp, 2, 1, 4, &cfg);
+        for (w, want) in [
+            (one, [0.5, -0.5, 10.0, 0.5]),
+            (two, [0.75, -0.75, 10.0, 0.25]),
+        ] {
+            for (a, b) in w.iter().zip(want) {
+                assert!((a - b).abs() <= 10.0 * 2f32.powi(-10), "{w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut r = vec![0.5f32; 2 * 9];
+        r[13] = f32::NAN;
+        let e = grid_planes(&r, 2, 9, GridConfig::new(2)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "weight holds a non-finite value at row 1, column 4"
+        );
+        let r = [1e5f32, -1e5, 0.0, 1.0, 2.0];
+        let e = grid_planes(&r, 1, 5, GridConfig::new(2)).unwrap_err();
+        assert!(e.to_string().contains("do not fit f16"), "{e}");
+        assert!(GridConfig {
+            planes: 0,
+            ..GridConfig::new(1)
+        }
+        .check()
+        .is_err());
+        assert!(GridConfig {
+            group: 300,
+            ..GridConfig::new(1)
+        }
+        .check()
+        .is_err());
+    }
+}

@@ -1,0 +1,204 @@
+//! Grid planes end to end: compress writes format version 2, every prefix
+//! loads and fits better, the runtime handle resizes through the planes,
+//! and a broken grid or plane is an error that names it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use bitstack_quant::format::checkpoint::{BlockCounts, Checkpoint};
+use bitstack_quant::format::config::{ModelConfig, FORMAT_VERSION_GRID};
+use bitstack_quant::format::grid::GridConfig;
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::method::compress::{compress, CompressOptions};
+use bitstack_quant::runtime::elastic::BitStackHandle;
+use bitstack_quant::runtime::linear::LinearWeight;
+use bitstack_quant::runtime::model::Llama;
+use candle_core::{Device, Tensor};
+
+const AVD: usize = 1;
+const PLANES: usize = 4;
+
+fn options(root: &Path) -> CompressOptions {
+    let calib = root.join("calib.txt");
+    std::fs::write(&calib, "planes on a grid, nested like blocks. ".repeat(40)).unwrap();
+    CompressOptions {
+        grid: Some(GridConfig {
+            planes: PLANES,
+            group: 16,
+            outliers: 1,
+        }),
+        ..common::small_options(calib, 2, AVD)
+    }
+}
+
+/// The dense synthetic model in `root/dense` and its grid checkpoint in
+/// `root/packed`.
+fn compressed(root: &Path) -> (PathBuf, PathBuf) {
+    let dense = root.join("dense");
+    SyntheticSpec::default().write(&dense).unwrap();
+    let out = root.join("packed");
+    compress(&dense, &out, &options(root)).unwrap();
+    (dense, out)
+}
+
+fn tokens() -> Tensor {
+    Tensor::new(&[[5u32, 77, 150, 9, 201, 33, 2, 250, 40]], &Device::Cpu).unwrap()
+}
+
+#[test]
+fn every_prefix_loads_and_more_planes_fit_better() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, out) = compressed(root.path());
+    let cfg = ModelConfig::from_dir(&out).unwrap();
+    let q = cfg.quantization_config.as_ref().unwrap();
+    assert_eq!(q.format_version, FORMAT_VERSION_GRID);
+    assert_eq!((q.niter, q.avd_blocks()), (AVD + PLANES, AVD));
+
+    let reference = common::logits(
+        &Llama::load(&dense, &BlockCounts::all(), &Device::Cpu).unwrap(),
+        &tokens(),
+    );
+    let mut errors = Vec::new();
+    for count in 1..=AVD + PLANES {
+        let model = Llama::load(&out, &BlockCounts::uniform(count), &Device::Cpu).unwrap();
+        for (_, _, linear) in model.linears() {
+            let LinearWeight::BitStack(s) = &linear.weight else {
+                panic!("a compressed linear loaded dense");
+            };
+            assert_eq!((s.blocks.len(), s.planes.len()), (AVD, count - AVD));
+        }
+        errors.push(common::relative_error(
+            &common::logits(&model, &tokens()),
+            &reference,
+        ));
+    }
+    // The planes after the first refine: each prefix is closer.
+    for w in errors[AVD..].windows(2) {
+        assert!(w[1] < w[0], "{errors:?}");
+    }
+    assert!(errors.last().unwrap() < &0.1, "{errors:?}");
+
+    // The ladder counts the grid with the first plane.
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    let ladder = checkpoint.ladder();
+    assert!(ladder
+        .windows(2)
+        .all(|w| w[0].total_bytes < w[1].total_bytes));
+    let slot = &checkpoint.geometry().linears[0];
+    assert!(slot.block_bytes(AVD) > slot.block_bytes(AVD + 1));
+    let model =
+        Llama::from_checkpoint(&checkpoint, &checkpoint.plan_all().counts, &Device::Cpu).unwrap();
+    let held: usize = model.linears().map(|(_, _, l)| l.weight_bytes()).sum();
+    assert_eq!(held, ladder.last().unwrap().linear_bytes);
+}
+
+#[test]
+fn the_handle_resizes_through_the_planes() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, out) = compressed(root.path());
+    let handle = BitStackHandle::open(&out, None, &Device::Cpu).unwrap();
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    assert_eq!(handle.max_level(), 14 * (AVD + PLANES - 1));
+    for level in [40, 13, 0, 27, 56, 29, 14] {
+        handle.set_level(level).unwrap();
+        assert_eq!(handle.resident_bytes(), handle.bytes_at_level(level));
+        let fresh = Llama::from_checkpoint(
+            &checkpoint,
+            &checkpoint.plan_level(level).unwrap().counts,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let live = handle.snapshot();
+        assert_eq!(
+            common::logits(&live.model, &tokens()),
+            common::logits(&fresh, &tokens()),
+            "level {level}"
+        );
+    }
+}
+
+#[test]
+fn a_broken_grid_or_plane_is_named() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, out) = compressed(root.path());
+    let shard = out.join("model-00001-of-00003.safetensors");
+    let q_proj = "model.layers.0.self_attn.q_proj";
+
+    // A flipped sign bit fails the plane's checksum.
+    let broken = root.path().join("flipped");
+    copy_dir(&out, &broken);
+    common::edit_safetensors(&broken.join(shard.file_name().unwrap()), |tensors| {
+        let plane = tensors
+            .iter_mut()
+            .find(|t| t.0 == format!("{q_proj}.plane_2"))
+            .unwrap();
+        plane.3[0] ^= 1;
+    });
+    let e = format!(
+        "{:#}",
+        Llama::load(&broken, &BlockCounts::all(), &Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("plane 2") && e.contains("checksum"), "{e}");
+    assert!(e.contains(q_proj), "{e}");
+    // Up to the plane before it, the same checkpoint loads.
+    Llama::load(&broken, &BlockCounts::uniform(AVD + 2), &Device::Cpu).unwrap();
+
+    // A missing spread tensor is named when the checkpoint is opened.
+    let missing = root.path().join("missing");
+    copy_dir(&out, &missing);
+    common::rewrite_safetensors(
+        &missing.join(shard.file_name().unwrap()),
+        |tensors| tensors.retain(|t| t.0 != format!("{q_proj}.grid_scale")),
+        false,
+    );
+    let e = format!("{:#}", Checkpoint::open(&missing).err().unwrap());
+    assert!(e.contains(&format!("{q_proj}.grid_scale")), "{e}");
+
+    // A NaN in the center is named with its tensor.
+    let nan = root.path().join("nan");
+    copy_dir(&out, &nan);
+    common::rewrite_safetensors(
+        &nan.join(shard.file_name().unwrap()),
+        |tensors| {
+            let t = tensors
+                .iter_mut()
+                .find(|t| t.0 == format!("{q_proj}.grid_center"))
+                .unwrap();
+            t.3[2..4].copy_from_slice(&half::f16::NAN.to_le_bytes());
+        },
+        false,
+    );
+    let e = format!(
+        "{:#}",
+        Llama::load(&nan, &BlockCounts::all(), &Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains(&format!("{q_proj}.grid_center")) && e.contains("non-finite"),
+        "{e}"
+    );
+
+    // A version this build does not know is refused by name.
+    let future = root.path().join("future");
+    copy_dir(&out, &future);
+    let text = std::fs::read_to_string(future.join("config.json")).unwrap();
+    std::fs::write(
+        future.join("config.json"),
+        text.replace("\"format_version\": 2", "\"format_version\": 3"),
+    )
+    .unwrap();
+    let e = format!("{:#}", Checkpoint::open(&future).err().unwrap());
+    assert!(e.contains("format_version 3 is not supported"), "{e}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
