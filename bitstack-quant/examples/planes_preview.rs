@@ -1,17 +1,17 @@
-//! End-to-end preview of nested bit planes before they have a stored
-//! format: every linear of a dense model is replaced by the first P bit
-//! planes of a per-group uniform grid, and the model is scored.
+//! End-to-end A/B of nested bit planes without writing a checkpoint:
+//! every linear of a dense model is replaced by the first P bit planes of
+//! a per-group uniform grid, and the model is scored.
 //!
-//! Per row and group of 128 input columns the grid is a center and a
-//! half-range `h` (f16); plane b adds `±h/2^(b+1)`, most significant first,
-//! so every prefix is a uniform grid. The `--outliers` largest weights of
-//! each group stay exact (f16 value and 7-bit index: 23 bits) and are left
-//! out of the grid. With `--calib`, each layer is first scaled and folded
-//! as `compress` does (activation scales from the dense model's inputs).
-//! `--method rtn` scores round-to-nearest at the same bits instead.
+//! `--method planes` is the first sketch (groups of exactly 128 columns);
+//! `--method grid` runs the library's grid planes, what `compress
+//! --planes` stores (see `bitstack_quant::format::grid`), optionally after
+//! `--avd-blocks` AVD blocks; `--method rtn` scores round-to-nearest at
+//! the same bits instead. The `--outliers` largest weights of each group
+//! stay exact. With `--calib`, each layer is first scaled and folded as
+//! `compress` does (activation scales from the dense model's inputs).
 //!
 //! ```text
-//! cargo run --release --example planes_preview -- MODEL TEXT --calib CALIB.txt --outliers 1 --planes 3,4
+//! cargo run --release --example planes_preview -- MODEL TEXT --calib CALIB.txt --method grid --planes 3,4
 //! ```
 
 use std::path::PathBuf;
@@ -38,9 +38,8 @@ const GROUP: usize = 128;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Method {
     Planes,
-    /// Planes scaled to each group's spread, with one magnitude per plane
-    /// fitted to the error summed over every prefix.
-    Sigma,
+    /// The library's grid planes, as `compress --planes` writes them.
+    Grid,
     Rtn,
 }
 
@@ -70,7 +69,7 @@ struct Args {
     /// residual.
     #[arg(long, default_value_t = 0)]
     avd_blocks: usize,
-    /// Planes stored (`sigma`): the magnitudes are fitted to all prefixes.
+    /// Planes made (`grid`); each run scores a prefix of them.
     #[arg(long, default_value_t = 6)]
     total_planes: usize,
 }
@@ -161,7 +160,7 @@ fn main() -> Result<()> {
                 outliers: args.outliers,
             };
             let grid = match args.method {
-                Method::Sigma => Some(grid_planes(&v, m, n, cfg)?),
+                Method::Grid => Some(grid_planes(&v, m, n, cfg)?),
                 _ => None,
             };
             prepared.push((l, kind, m, n, v, base, grid, cfg));
@@ -177,7 +176,7 @@ fn main() -> Result<()> {
             match (&args.method, grid) {
                 (Method::Planes, _) => bit_planes(&mut v, n, p, args.outliers),
                 (Method::Rtn, _) => rtn_in_place(&mut v, n, p, GROUP),
-                (Method::Sigma, Some(gp)) => {
+                (Method::Grid, Some(gp)) => {
                     let planes: Vec<&[u8]> =
                         gp.planes[..p as usize].iter().map(Vec::as_slice).collect();
                     v.fill(0.0);
@@ -187,7 +186,7 @@ fn main() -> Result<()> {
                             + planes.iter().map(|s| s.len()).sum::<usize>())
                             as f64;
                 }
-                (Method::Sigma, None) => unreachable!("prepared above"),
+                (Method::Grid, None) => unreachable!("prepared above"),
             }
             v.iter_mut().zip(base).for_each(|(x, b)| *x += b);
             model.layers[*l].linear_mut(*kind).weight =
@@ -203,7 +202,7 @@ fn main() -> Result<()> {
         )?;
         let bits = avd_bits / weights
             + match args.method {
-                Method::Sigma => grid_bits / weights,
+                Method::Grid => grid_bits / weights,
                 Method::Planes => {
                     p as f64
                         + rtn_bits_per_weight(0, GROUP)

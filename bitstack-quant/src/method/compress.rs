@@ -271,7 +271,13 @@ pub fn compress_on(
     let mut calibration = {
         let embed = stored_tensor(&store, EMBED, &[cfg.vocab_size, cfg.hidden_size], device)?
             .to_dtype(candle_core::DType::F32)?;
-        LayerByLayer::embedding(&embed, &calib, opts.batch, opts.feedback.is_some())?
+        LayerByLayer::embedding(
+            &embed,
+            &calib,
+            opts.batch,
+            // Only feedback signs need the inputs' Gram matrices.
+            opts.feedback.is_some() && opts.niter > 0,
+        )?
     };
     store.release(EMBED);
     let rope = Rope::new(&cfg, opts.seq_len, device)?;
