@@ -28,7 +28,7 @@ fn random_stack(m: usize, n: usize, k: usize, blocks: usize) -> OwnedStack {
     OwnedStack::from_row_major(m, n, k, blocks)
 }
 
-/// `planes` random grid planes (groups of 128, one outlier slot) and no block.
+/// `planes` random grid planes (groups of 128, one outlier each) and no block.
 fn random_grid(m: usize, n: usize, planes: usize) -> OwnedStack {
     let mut rng = StdRng::seed_from_u64(3);
     let (group, outliers) = (128, 1);
@@ -38,7 +38,7 @@ fn random_grid(m: usize, n: usize, planes: usize) -> OwnedStack {
             .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
             .collect()
     };
-    let (center, half, outlier_delta) = (f(m * groups), f(m * groups), f(m * groups));
+    let (center, half, outlier_value) = (f(m * groups), f(m * groups), f(m * groups));
     let planes = (0..planes)
         .map(|_| {
             let bytes: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
@@ -51,7 +51,7 @@ fn random_grid(m: usize, n: usize, planes: usize) -> OwnedStack {
         half,
         outliers,
         outlier_col: (0..m * groups).map(|_| rng.random::<u8>() % 128).collect(),
-        outlier_delta,
+        outlier_value,
         planes,
     };
     OwnedStack::with_grid(m, n, 1, Vec::new(), Some(grid))

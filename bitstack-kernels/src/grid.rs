@@ -11,8 +11,11 @@
 //! (signed sums would not). Then
 //!
 //! ```text
-//! y_i += Σ_g center·X_g + half·(2·Σ_b 2^-(b+1)·P_b − (1 − 2^-p)·X_g) + Σ_t delta·x[col]
+//! y_i += Σ_g center·X_g + half·(2·Σ_b 2^-(b+1)·P_b − (1 − 2^-p)·X_g) + Σ_t (v − q_p)·x[col]
 //! ```
+//!
+//! where the last sum swaps each outlier's grid point `q_p` (read from the
+//! planes' signs at its column, [`GridRef::point`]) for its value `v`.
 
 use std::cell::RefCell;
 
@@ -111,7 +114,8 @@ pub(crate) fn group_sums(x: &[f32], rows: usize, n: usize, group: usize) -> Vec<
 }
 
 /// `Σ_{g,t} delta[g,t]·x[g·step + cols[g,t]]` over the `o` outlier slots
-/// per group of one row (`cols`, `delta`: `G×o`).
+/// per group of one row (`cols`, `delta`: `G×o`; `delta = v − q_p`, see
+/// [`outlier_deltas`]).
 #[inline(always)]
 pub(crate) fn outlier_sum(o: usize, cols: &[u8], delta: &[f32], x: &[f32], step: usize) -> f32 {
     match o {
@@ -126,6 +130,24 @@ pub(crate) fn outlier_sum(o: usize, cols: &[u8], delta: &[f32], x: &[f32], step:
             .enumerate()
             .map(|(s, (&c, &d))| d * x[(s / o) * step + c as usize])
             .sum(),
+    }
+}
+
+/// `v − q_p` (f32) of the outliers of rows `i0..` into `delta` (`G×o` per
+/// row): the correction each adds to the plain grid's weight there.
+#[inline(always)]
+pub(crate) fn outlier_deltas(grid: &GridRef, n: usize, i0: usize, delta: &mut [f32]) {
+    let (groups, o) = (grid.groups(n), grid.outliers);
+    if o == 0 {
+        return;
+    }
+    let slot0 = i0 * groups * o;
+    let cols = &grid.outlier_col[slot0..][..delta.len()];
+    let values = &grid.outlier_value[slot0..][..delta.len()];
+    for (s, ((d, &col), v)) in delta.iter_mut().zip(cols).zip(values).enumerate() {
+        let cell = i0 * groups + s / o;
+        let (i, g) = (cell / groups, cell % groups);
+        *d = v.to_f32() - grid.point(groups, i, g * grid.group + col as usize);
     }
 }
 
@@ -234,8 +256,9 @@ fn scan_rows_body(plan: Plan, grid: &GridRef, i0: usize, y: &mut [f32]) {
                 *y += center * xg + half * (2.0 * acc[r] - levels * xg);
             }
             for slot in cell * o..(cell + 1) * o {
-                let (col, delta) = (grid.outlier_col[slot] as usize, grid.outlier_delta[slot]);
-                let delta = delta.to_f32();
+                let col = grid.outlier_col[slot] as usize;
+                let q = grid.point(groups, i, c0 + col);
+                let delta = grid.outlier_value[slot].to_f32() - q;
                 for (r, y) in y.iter_mut().enumerate() {
                     *y += delta * x[r * n + c0 + col];
                 }

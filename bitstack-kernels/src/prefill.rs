@@ -199,15 +199,20 @@ fn add_grid_row(grid: &GridRef, n: usize, i: usize, c0: usize, signs: &mut [u8],
         let (center, half) = (grid.center[cell].to_f32(), grid.half[cell].to_f32());
         let lo = (g * grid.group).max(c0) - c0;
         let hi = ((g + 1) * grid.group).min(c0 + cols) - c0;
-        for (w, l) in wi[lo..hi].iter_mut().zip(&levels[lo..hi]) {
-            *w += center + half * l;
+        // The grid's weights, in place of the levels, then each outlier's
+        // value in place of its grid point.
+        for l in &mut levels[lo..hi] {
+            *l = center + half * *l;
         }
         let o = grid.outliers;
         for slot in cell * o..(cell + 1) * o {
             let c = g * grid.group + grid.outlier_col[slot] as usize;
             if (c0..c0 + cols).contains(&c) {
-                wi[c - c0] += grid.outlier_delta[slot].to_f32();
+                levels[c - c0] = grid.outlier_value[slot].to_f32();
             }
         }
+    }
+    for (w, l) in wi.iter_mut().zip(levels.iter()) {
+        *w += l;
     }
 }

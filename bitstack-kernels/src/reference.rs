@@ -34,17 +34,16 @@ pub fn grid_weight(grid: &GridRef, n: usize, i: usize, c: usize) -> f64 {
     let groups = grid.groups(n);
     let g = c / grid.group;
     let cell = i * groups + g;
+    for t in 0..grid.outliers {
+        let slot = cell * grid.outliers + t;
+        if g * grid.group + grid.outlier_col[slot] as usize == c {
+            return grid.outlier_value[slot].to_f64();
+        }
+    }
     let mut levels = 0f64;
     for (b, plane) in grid.planes.iter().enumerate() {
         let sign = if plane.sign(i, c) { 1.0 } else { -1.0 };
         levels += sign * 0.5f64.powi(b as i32 + 1);
     }
-    let mut w = grid.center[cell].to_f64() + grid.half[cell].to_f64() * levels;
-    for t in 0..grid.outliers {
-        let slot = cell * grid.outliers + t;
-        if g * grid.group + grid.outlier_col[slot] as usize == c {
-            w += grid.outlier_delta[slot].to_f64();
-        }
-    }
-    w
+    grid.center[cell].to_f64() + grid.half[cell].to_f64() * levels
 }

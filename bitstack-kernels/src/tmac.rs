@@ -178,7 +178,7 @@ struct TaskBuffers {
     u_t: Vec<f32>,
     /// The grid's sums of one tile: per (group, row of `x`, position).
     grid_f: Vec<f32>,
-    /// One tile's centers, halves and outlier deltas in f32.
+    /// One tile's centers, halves and outliers' `v − q_p` in f32.
     grid_row: Vec<f32>,
     /// One tile's centers and halves by group in position order.
     grid_t: Vec<f32>,
@@ -641,9 +641,9 @@ impl<'a> GridPlan<'a> {
                 chunk_sums(isa, signs, tables, stride, &scales[..rows], f);
             }
         }
-        // The tile's centers, halves and outlier deltas in f32 (its rows
-        // are consecutive, so each is one run), the first two then by group
-        // in position order.
+        // The tile's centers, halves and outliers' `v − q_p` in f32 (its
+        // rows are consecutive, so each is one run), the first two then by
+        // group in position order.
         let live = TILE_ROWS.min(plan.m - i0);
         let cells = live * groups;
         grow(&mut buf.grid_row, cells * (2 + o));
@@ -652,11 +652,7 @@ impl<'a> GridPlan<'a> {
         let (half, delta) = rest.split_at_mut(cells);
         to_f32(isa, &grid.center[i0 * groups..][..cells], center);
         to_f32(isa, &grid.half[i0 * groups..][..cells], half);
-        to_f32(
-            isa,
-            &grid.outlier_delta[i0 * groups * o..][..cells * o],
-            delta,
-        );
+        crate::grid::outlier_deltas(grid, self.n, i0, delta);
         let (center_t, half_t) =
             buf.grid_t[..2 * groups * TILE_ROWS].split_at_mut(groups * TILE_ROWS);
         if live < TILE_ROWS {

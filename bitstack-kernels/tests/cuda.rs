@@ -113,7 +113,7 @@ fn grid_planes_match_the_reference() {
     // and do not divide 64, the grid alone and after blocks.
     let shapes = [
         (1, 9, 1, 0, 4, 1, 1),
-        (17, 65, 4, 2, 16, 3, 2),
+        (17, 70, 4, 2, 16, 3, 2),
         (130, 300, 4, 0, 128, 4, 1),
         (33, 1030, 4, 3, 128, 5, 0),
         (300, 257, 3, 1, 12, 2, 1),

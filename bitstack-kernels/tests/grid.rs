@@ -42,7 +42,9 @@ fn cases() -> Vec<(OwnedStack, String)> {
     for (s, &(m, n, group)) in SHAPES.iter().enumerate() {
         for (bi, &(nb, k)) in BLOCKS.iter().enumerate() {
             for planes in 1..=5 {
-                let outliers = (planes + s + bi) % 3;
+                // As many as the shortest group holds (1 for n = 9, 257).
+                let shortest = group.min(n - (n.div_ceil(group) - 1) * group);
+                let outliers = ((planes + s + bi) % 3).min(shortest);
                 let seed = (s * 100 + bi * 10 + planes) as u64;
                 let stack = random_grid_stack(m, n, k, nb, group, planes, outliers, seed);
                 let what = format!("{m}×{n} g{group} p{planes} o{outliers} ×{nb}");
@@ -60,7 +62,7 @@ fn reference(stack: &OwnedStack, x: &[f32], rows: usize) -> Vec<f32> {
 }
 
 /// A 1×4 weight worked out by hand: groups of 2, two planes, one outlier
-/// slot per group.
+/// per group.
 fn hand_stack() -> OwnedStack {
     // Plane 0: + − + +; plane 1: − − + −.
     let planes = [0b1011_0000u8, 0b0010_0000]
@@ -74,7 +76,7 @@ fn hand_stack() -> OwnedStack {
         half: h(&[2.0, 4.0]),
         outliers: 1,
         outlier_col: vec![1, 0],
-        outlier_delta: h(&[0.5, -0.25]),
+        outlier_value: h(&[3.0, -2.5]),
         planes,
     };
     OwnedStack::with_grid(1, 4, 1, Vec::new(), Some(grid))
@@ -83,25 +85,28 @@ fn hand_stack() -> OwnedStack {
 #[test]
 fn the_definition_by_hand() {
     let stack = hand_stack();
-    // Levels ±1/2 ±1/4 per column: 0.25, −0.75, 0.75, 0.25. Weights:
-    // 0.5 + 2·0.25 = 1; 0.5 − 2·0.75 + 0.5 (outlier) = −0.5;
-    // −1 + 4·0.75 − 0.25 (outlier) = 1.75; −1 + 4·0.25 = 0.
+    // Recomputed by hand for outliers that hold their value: levels
+    // ±1/2 ±1/4 per column are 0.25, −0.75, 0.75, 0.25. Weights:
+    // 0.5 + 2·0.25 = 1; the outlier 3 (its grid point 0.5 − 2·0.75 = −1
+    // replaced); the outlier −2.5 (grid point −1 + 4·0.75 = 2 replaced);
+    // −1 + 4·0.25 = 0.
     let grid = stack.stack_ref().grid.unwrap();
     let w: Vec<f64> = (0..4).map(|c| grid_weight(&grid, 4, 0, c)).collect();
-    assert_eq!(w, [1.0, -0.5, 1.75, 0.0]);
+    assert_eq!(w, [1.0, 3.0, -2.5, 0.0]);
     let x = [1.0f32, 2.0, 3.0, 4.0];
-    // y = 1 − 1 + 5.25 + 0.
-    assert_eq!(reference(&stack, &x, 1), [5.25]);
+    // y = 1 + 6 − 7.5 + 0; the kernels' way, grid sums −1 + 6 plus the
+    // corrections (3 − (−1))·2 = 8 and (−2.5 − 2)·3 = −13.5: all exact.
+    assert_eq!(reference(&stack, &x, 1), [-0.5]);
     for isa in Isa::available() {
         let mut got = [f32::NAN];
         table_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
-        assert_eq!(got, [5.25], "decode {isa:?}");
+        assert_eq!(got, [-0.5], "decode {isa:?}");
         let mut got = [f32::NAN];
         panel_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
-        assert_eq!(got, [5.25], "prefill {isa:?}");
+        assert_eq!(got, [-0.5], "prefill {isa:?}");
         let mut got = [f32::NAN];
         shuffle_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
-        assert_eq!(got, [5.25], "shuffle {isa:?}");
+        assert_eq!(got, [-0.5], "shuffle {isa:?}");
     }
 }
 
@@ -119,23 +124,69 @@ fn the_definition_by_hand_on_whole_bytes() {
         half: vec![f16::from_f32(2.0)],
         outliers: 2,
         outlier_col: vec![7, 1],
-        outlier_delta: vec![f16::from_f32(1.0), f16::from_f32(-0.5)],
+        outlier_value: vec![f16::from_f32(-3.0), f16::from_f32(2.5)],
         planes,
     };
     let stack = OwnedStack::with_grid(1, 8, 1, Vec::new(), Some(grid));
-    // Levels: .25 −.75 .75 .25 | −.25 .75 .75 −.25; weights 0.5 + 2·level,
-    // then +1 at column 7 and −0.5 at column 1.
-    let want_w = [1.0, -1.5, 2.0, 1.0, 0.0, 2.0, 2.0, 1.0];
+    // Recomputed by hand for outliers that hold their value: levels
+    // .25 −.75 .75 .25 | −.25 .75 .75 −.25; weights 0.5 + 2·level, but
+    // −3 at column 7 and 2.5 at column 1.
+    let want_w = [1.0, 2.5, 2.0, 1.0, 0.0, 2.0, 2.0, -3.0];
     let g = stack.stack_ref().grid.unwrap();
     let w: Vec<f64> = (0..8).map(|c| grid_weight(&g, 8, 0, c)).collect();
     assert_eq!(w, want_w);
     let x = [1.0f32, -1.0, 0.5, 2.0, 3.0, -2.0, 1.0, 0.25];
+    // 1 − 2.5 + 1 + 2 + 0 − 4 + 2 − 0.75.
     let y: f64 = want_w.iter().zip(&x).map(|(w, x)| w * *x as f64).sum();
+    assert_eq!(y, -1.25);
     assert_eq!(reference(&stack, &x, 1), [y as f32]);
     for isa in Isa::available() {
         let mut got = [f32::NAN];
         shuffle_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
         assert_close(&got, &[y as f32], 0.01, &format!("shuffle {isa:?}"));
+    }
+}
+
+/// An outlier's weight is its stored value exactly at every plane count:
+/// the reference's (a one-hot x at its column reads its weight back), and
+/// every kernel's within its usual tolerance.
+#[test]
+fn an_outlier_weighs_its_value_at_every_plane_count() {
+    let (m, n, group, o) = (33, 200, 16, 2);
+    for planes in 1..=5 {
+        let stack = random_grid_stack(m, n, 1, 0, group, planes, o, 40 + planes as u64);
+        let grid = stack.grid.as_ref().unwrap().grid_ref();
+        let groups = grid.groups(n);
+        // A few rows and groups, the last (shorter) group included.
+        for (i, g) in [(0, 0), (5, 3), (32, groups - 1), (17, 7)] {
+            for t in 0..o {
+                let slot = (i * groups + g) * o + t;
+                let c = g * group + grid.outlier_col[slot] as usize;
+                let v = grid.outlier_value[slot].to_f32();
+                assert_eq!(grid_weight(&grid, n, i, c), v as f64, "p{planes}");
+                let mut x = vec![0f32; n];
+                x[c] = 1.0;
+                let want = reference(&stack, &x, 1);
+                assert_eq!(want[i], v, "p{planes} ({i}, {c}): reference");
+                let what = format!("p{planes} ({i}, {c})");
+                let mut got = vec![f32::NAN; m];
+                stack_matmul_t(&x, 1, &stack.stack(), &mut got);
+                assert_close(
+                    &got,
+                    &want,
+                    shuffle_tolerance(m),
+                    &format!("dispatch {what}"),
+                );
+                for isa in Isa::available() {
+                    let mut got = vec![f32::NAN; m];
+                    table_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+                    assert_close(&got, &want, 1e-4, &format!("decode {isa:?} {what}"));
+                    let mut got = vec![f32::NAN; m];
+                    panel_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+                    assert_eq!(got[i], v, "prefill {isa:?} {what}");
+                }
+            }
+        }
     }
 }
 
@@ -308,6 +359,14 @@ fn an_outlier_past_its_group_is_refused() {
     let last = grid.outlier_col.len() - 1;
     grid.outlier_col[last] = 1;
     OwnedStack::with_grid(3, 9, 1, Vec::new(), Some(grid));
+}
+
+#[test]
+#[should_panic(expected = "repeat")]
+fn two_outliers_on_one_column_are_refused() {
+    let mut grid = random_grid(3, 40, 8, 2, 2, 1);
+    grid.outlier_col[7] = grid.outlier_col[6];
+    OwnedStack::with_grid(3, 40, 1, Vec::new(), Some(grid));
 }
 
 #[test]

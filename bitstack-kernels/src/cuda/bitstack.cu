@@ -12,10 +12,12 @@
 // the ±1 operand, so two shifts and a mask turn the word into two halves.
 //
 // Grid planes (optional, after the blocks; see `GridRef` on the Rust side):
-// W_grid[i,c] = center[i,g] + half[i,g]·Σ_b s_b(i,c)·2^-(b+1) + outliers,
-// g = c / group, each plane's signs in the same mma-tile layout. Decode adds
-// them in a kernel of their own (one more slot of the split sums); prefill
-// dequantizes them into the rebuilt weight.
+// W_grid[i,c] = center[i,g] + half[i,g]·Σ_b s_b(i,c)·2^-(b+1), g = c / group,
+// except at an outlier (i, g·group + col), where it is the outlier's f16
+// value v; each plane's signs in the same mma-tile layout. Decode adds them
+// in a kernel of their own (one more slot of the split sums), each outlier
+// as (v − q_p)·x[col] with q_p its grid point read from the planes; prefill
+// dequantizes them into the rebuilt weight, v at the outliers.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -51,7 +53,7 @@ struct GridDesc {
   const __half* center;    // m × groups
   const __half* half;      // m × groups
   const uint8_t* ocol;     // m × groups × outliers: column within the group
-  const __half* odelta;    // m × groups × outliers
+  const __half* ovalue;    // m × groups × outliers: the outlier's weight
   int nplanes;
   int group;
   int outliers;
@@ -78,6 +80,17 @@ __device__ __forceinline__ float grid_level(const GridDesc& grid, size_t word, s
     w *= 0.5f;
   }
   return level;
+}
+
+// Word (within a plane) and bit of the sign of (i, c) in the mma-tile
+// layout (`chunks` 64-column chunks per row): the inverse of `bit_position`.
+__device__ __forceinline__ void sign_at(int i, int c, int chunks, size_t* word, int* bit) {
+  const int rr = i % 16;
+  const int cc = c % 64;
+  const int c16 = cc % 16;
+  const int lane = (rr % 8) * 4 + (c16 % 8) / 2;
+  *word = ((size_t)(i / 16) * chunks + c / 64) * 32 + lane;
+  *bit = (cc / 16) * 4 + rr / 8 + 2 * (c16 / 8) + 16 * (c16 % 2);
 }
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
@@ -344,7 +357,7 @@ __device__ void grid_decode(const GridDesc* __restrict__ gd, const T* __restrict
       }
     }
   }
-  // Outliers: W[i, g·group + col] += delta.
+  // Outliers: W[i, g·group + col] += v − q_p, q_p read from the planes.
   const int slots = 16 * grid.groups * grid.outliers;
   for (int e = tid; e < slots; e += blockDim.x) {
     const int row = e / (grid.groups * grid.outliers);
@@ -353,8 +366,13 @@ __device__ void grid_decode(const GridDesc* __restrict__ gd, const T* __restrict
     const size_t slot = (size_t)i * grid.groups * grid.outliers + e % (grid.groups * grid.outliers);
     const int g = (int)((slot / grid.outliers) % grid.groups);
     const int c = g * grid.group + grid.ocol[slot];
-    const float d = __half2float(grid.odelta[slot]);
-    if (d == 0.f) continue;
+    const size_t cell = slot / grid.outliers;
+    size_t word;
+    int bit;
+    sign_at(i, c, chunks, &word, &bit);
+    const float q = __half2float(grid.center[cell]) +
+                    __half2float(grid.half[cell]) * grid_level(grid, word, words, bit);
+    const float d = __half2float(grid.ovalue[slot]) - q;
     for (int r = 0; r < rows; ++r) atomicAdd(&ys[r * 16 + row], d * to_f32(x[(size_t)r * n + c]));
   }
   __syncthreads();
@@ -433,11 +451,12 @@ __device__ void reconstruct(const BlockPtrs* __restrict__ blocks, int nblocks, T
         if (c >= n) continue;
         const int g = c / grid.group;
         const size_t cell = (size_t)i * grid.groups + g;
-        acc[e] += __half2float(grid.center[cell]) + __half2float(grid.half[cell]) * level[e];
+        float wg = __half2float(grid.center[cell]) + __half2float(grid.half[cell]) * level[e];
         for (int t = 0; t < grid.outliers; ++t) {
           const size_t slot = cell * grid.outliers + t;
-          if (g * grid.group + grid.ocol[slot] == c) acc[e] += __half2float(grid.odelta[slot]);
+          if (g * grid.group + grid.ocol[slot] == c) wg = __half2float(grid.ovalue[slot]);
         }
+        acc[e] += wg;
       }
     }
   }

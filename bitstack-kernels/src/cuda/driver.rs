@@ -121,7 +121,7 @@ pub struct CudaGrid {
     _center: CudaSlice<f16>,
     _half: CudaSlice<f16>,
     _outlier_col: CudaSlice<u8>,
-    _outlier_delta: CudaSlice<f16>,
+    _outlier_value: CudaSlice<f16>,
     /// `GridDesc`: five device addresses, then `nplanes`, `group`,
     /// `outliers` and `groups` as i32, two to a word (little-endian).
     desc: CudaSlice<u64>,
@@ -148,7 +148,7 @@ impl CudaGrid {
         let center = upload(device, grid.center)?;
         let half = upload(device, grid.half)?;
         let outlier_col = upload(device, grid.outlier_col)?;
-        let outlier_delta = upload(device, grid.outlier_delta)?;
+        let outlier_value = upload(device, grid.outlier_value)?;
         let stream = device.cuda_stream();
         let pair = |a: usize, b: usize| (a as u32 as u64) | ((b as u32 as u64) << 32);
         let desc = [
@@ -156,7 +156,7 @@ impl CudaGrid {
             center.device_ptr(&stream).0,
             half.device_ptr(&stream).0,
             outlier_col.device_ptr(&stream).0,
-            outlier_delta.device_ptr(&stream).0,
+            outlier_value.device_ptr(&stream).0,
             pair(grid.planes.len(), grid.group),
             pair(grid.outliers, groups),
         ];
@@ -171,7 +171,7 @@ impl CudaGrid {
             _center: center,
             _half: half,
             _outlier_col: outlier_col,
-            _outlier_delta: outlier_delta,
+            _outlier_value: outlier_value,
         })
     }
 

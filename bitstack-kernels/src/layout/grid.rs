@@ -1,6 +1,7 @@
 //! The grid planes of one linear, borrowed ([`GridRef`]) and owned
 //! ([`OwnedGrid`]): nested bit planes of the residual the AVD blocks leave,
-//! on a per-(row, group) uniform grid.
+//! on a per-(row, group) uniform grid, with a few weights per (row, group)
+//! kept exact (their stored f16 value, whatever the plane count).
 
 use half::f16;
 
@@ -10,16 +11,21 @@ use super::tiled::TiledSigns;
 pub const MAX_GROUP: usize = 256;
 
 /// The grid planes of one `m×n` linear, borrowed: with `G = ⌈n/group⌉`
-/// groups per row (the last may be shorter), `o` outlier slots per (row,
-/// group) and `p` planes, its weights are
+/// groups per row (the last may be shorter), `o` outliers per (row, group)
+/// and `p` planes, its weights are
 ///
 /// ```text
-/// Wgrid[i, c] = center[i,g] + half[i,g]·Σ_{b<p} s_b(i,c)·2^-(b+1)
-///             + Σ_{t<o} [c = g·group + col[i,g,t]]·delta[i,g,t],   g = c / group
+/// Wgrid[i, c] = value[i,g,t]                                    if c = g·group + col[i,g,t]
+///             = center[i,g] + half[i,g]·Σ_{b<p} s_b(i,c)·2^-(b+1)   otherwise,   g = c / group
 /// ```
 ///
 /// with `s_b(i,c) = ±1` the signs of plane `b`, packed as the blocks' are.
-/// An unused outlier slot has delta 0 (and any column inside its group).
+/// Every slot is an outlier (`o` is the exact count per group), and the
+/// `o` slots of one (row, group) have distinct columns, so an outlier's
+/// weight is its stored f16 value at every plane count: nothing here
+/// depends on `p` but the planes. The kernels add, per outlier, the
+/// difference `(v − q_p)·x[col]` to the plain grid's sum, with `q_p` the
+/// grid point at the outlier read from the `p` planes' signs there.
 #[derive(Clone, Debug)]
 pub struct GridRef<'a> {
     /// Columns per group (the last group of a row may be shorter).
@@ -28,12 +34,12 @@ pub struct GridRef<'a> {
     pub center: &'a [f16],
     /// `m×G`, row-major: the half-width of each (row, group)'s grid.
     pub half: &'a [f16],
-    /// Outlier slots per (row, group).
+    /// Outliers per (row, group).
     pub outliers: usize,
-    /// `m×G×o`: column within the group (an unused slot has delta 0).
+    /// `m×G×o`: column within the group, distinct within a (row, group).
     pub outlier_col: &'a [u8],
-    /// `m×G×o`.
-    pub outlier_delta: &'a [f16],
+    /// `m×G×o`: the outlier's weight.
+    pub outlier_value: &'a [f16],
     /// `p ≥ 1` planes, most significant first, each `m×n`.
     pub planes: Vec<&'a TiledSigns>,
 }
@@ -49,9 +55,10 @@ impl GridRef<'_> {
         self.group.min(n - g * self.group)
     }
 
-    /// Panics unless the grid has the sizes of an `m×n` linear and every
-    /// outlier column lies inside its group: the kernels index without
-    /// bounds checks.
+    /// Panics unless the grid has the sizes of an `m×n` linear, every
+    /// outlier column lies inside its group and no two outliers of one
+    /// (row, group) share a column (each replaces a distinct weight): the
+    /// kernels index without bounds checks.
     pub fn check(&self, m: usize, n: usize) {
         assert!(
             (1..=MAX_GROUP).contains(&self.group),
@@ -64,7 +71,7 @@ impl GridRef<'_> {
         assert_eq!(self.half.len(), m * groups, "grid half is not m×G");
         let slots = m * groups * self.outliers;
         assert_eq!(self.outlier_col.len(), slots, "grid outlier_col");
-        assert_eq!(self.outlier_delta.len(), slots, "grid outlier_delta");
+        assert_eq!(self.outlier_value.len(), slots, "grid outlier_value");
         for (b, p) in self.planes.iter().enumerate() {
             assert_eq!((p.m(), p.n()), (m, n), "grid plane {b}");
         }
@@ -90,6 +97,49 @@ impl GridRef<'_> {
                 }
             }
         }
+        // Distinct columns per (row, group): a branchless pass (the kernels
+        // call this per call), then the first repeat named.
+        let o = self.outliers;
+        if o > 1 {
+            let repeats = |cols: &[u8]| {
+                (1..o).fold(false, |r, t| {
+                    cols[..t].iter().fold(r, |r, &c| r | (c == cols[t]))
+                })
+            };
+            let any = self
+                .outlier_col
+                .chunks_exact(o)
+                .fold(false, |r, cols| r | repeats(cols));
+            if any {
+                let cell = self
+                    .outlier_col
+                    .chunks_exact(o)
+                    .position(repeats)
+                    .unwrap_or(0);
+                panic!(
+                    "grid outlier columns {:?} of row {}, group {} repeat",
+                    &self.outlier_col[cell * o..(cell + 1) * o],
+                    cell / groups,
+                    cell % groups
+                );
+            }
+        }
+    }
+
+    /// The grid point `q_p[i, c] = center + half·Σ_{b<p} s_b(i,c)·2^-(b+1)`
+    /// (`g = c / group`, `groups` per row) from the `p` planes' signs at
+    /// (i, c): what an outlier at (i, c) replaces. The same f32 arithmetic
+    /// in every kernel.
+    #[inline(always)]
+    pub fn point(&self, groups: usize, i: usize, c: usize) -> f32 {
+        let cell = i * groups + c / self.group;
+        // Σ_b ±2^-(b+1): sums of distinct powers of two, exact.
+        let mut level = 0f32;
+        for (b, plane) in self.planes.iter().enumerate() {
+            let w = plane_weight(b);
+            level += if plane.sign(i, c) { w } else { -w };
+        }
+        self.center[cell].to_f32() + self.half[cell].to_f32() * level
     }
 }
 
@@ -115,10 +165,10 @@ pub struct OwnedGrid {
     /// `m×G`, row-major.
     pub half: Vec<f16>,
     pub outliers: usize,
-    /// `m×G×o`.
+    /// `m×G×o`: column within the group, distinct within a (row, group).
     pub outlier_col: Vec<u8>,
-    /// `m×G×o`.
-    pub outlier_delta: Vec<f16>,
+    /// `m×G×o`: the outlier's weight.
+    pub outlier_value: Vec<f16>,
     /// Most significant first.
     pub planes: Vec<TiledSigns>,
 }
@@ -132,7 +182,7 @@ impl OwnedGrid {
             half: &self.half,
             outliers: self.outliers,
             outlier_col: &self.outlier_col,
-            outlier_delta: &self.outlier_delta,
+            outlier_value: &self.outlier_value,
             planes: self.planes.iter().collect(),
         }
     }
@@ -140,7 +190,7 @@ impl OwnedGrid {
     /// Memory held.
     pub fn bytes(&self) -> usize {
         self.planes.iter().map(TiledSigns::bytes).sum::<usize>()
-            + 2 * (self.center.len() + self.half.len() + self.outlier_delta.len())
+            + 2 * (self.center.len() + self.half.len() + self.outlier_value.len())
             + self.outlier_col.len()
     }
 }

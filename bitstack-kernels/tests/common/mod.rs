@@ -34,8 +34,9 @@ pub fn random_stack(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> O
 }
 
 /// Random grid planes for an `m×n` linear: `planes` planes, `outliers`
-/// slots per (row, group), about one slot in four unused (delta 0). The
-/// grid's weights are about as large as a random block's.
+/// per (row, group) on distinct columns (every group needs that many), each
+/// of a value up to ±3. The grid's weights are about as large as a random
+/// block's.
 pub fn random_grid(
     m: usize,
     n: usize,
@@ -53,22 +54,16 @@ pub fn random_grid(
     };
     let center = f(m * groups, -0.2, 0.2, &mut rng);
     let half = f(m * groups, 0.1, 1.0, &mut rng);
-    let slots = m * groups * outliers;
-    let outlier_col = (0..slots)
-        .map(|s| {
-            let g = (s / outliers) % groups;
-            rng.random_range(0..group.min(n - g * group)) as u8
-        })
-        .collect();
-    let outlier_delta = (0..slots)
-        .map(|_| {
-            if rng.random::<f32>() < 0.25 {
-                f16::ZERO
-            } else {
-                f16::from_f32(rng.random::<f32>() * 4.0 - 2.0)
-            }
-        })
-        .collect();
+    let mut outlier_col = Vec::with_capacity(m * groups * outliers);
+    for _ in 0..m {
+        for g in 0..groups {
+            let len = group.min(n - g * group);
+            assert!(outliers <= len, "{outliers} outliers in a group of {len}");
+            let cols = rand::seq::index::sample(&mut rng, len, outliers);
+            outlier_col.extend(cols.iter().map(|c| c as u8));
+        }
+    }
+    let outlier_value = f(m * groups * outliers, -3.0, 3.0, &mut rng);
     let planes = (0..planes)
         .map(|_| {
             let bytes: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
@@ -81,7 +76,7 @@ pub fn random_grid(
         half,
         outliers,
         outlier_col,
-        outlier_delta,
+        outlier_value,
         planes,
     }
 }

@@ -18,11 +18,14 @@
 //! q_p[i, c] = c[i, g] + a[i, g] · Σ_{b<p} 2^-(b+1) · s_b[i, c]      (g = c's group)
 //! ```
 //!
-//! except at an outlier, where it is `q_p + f16(v − q_p)`: the runtime keeps
-//! `f16(v − q_p)` per outlier, so that the kernels add a sparse correction
-//! instead of testing every column. The center, half-ranges and outliers
-//! (the grid) are resident with the first plane. Planes may
-//! follow AVD blocks, gridding what they leave.
+//! except at an outlier, where it is exactly the outlier's f16 value `v`,
+//! at every `p`. The kernels add the plain grid's sum and then, per
+//! outlier, `(v − q_p)·x[col]`, reading `q_p` from the resident planes'
+//! signs at its column (`p` bit reads per outlier): nothing per outlier
+//! depends on `p`, so a resize recomputes nothing and the resident grid is
+//! the stored one. The center, half-ranges and outliers (the grid) are
+//! resident with the first plane. Planes may follow AVD blocks, gridding
+//! what they leave.
 
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -98,10 +101,10 @@ impl GridConfig {
         m * self.groups(n) * (4 + 3 * self.outliers)
     }
 
-    /// Bytes of the grid when resident: as stored, plus the f16 correction
-    /// per outlier the kernels add.
+    /// Bytes of the grid when resident: as stored (the kernels take the
+    /// outliers' values and compute their corrections themselves).
     pub fn grid_resident_bytes(&self, m: usize, n: usize) -> usize {
-        self.grid_stored_bytes(m, n) + m * self.groups(n) * 2 * self.outliers
+        self.grid_stored_bytes(m, n)
     }
 }
 
@@ -132,6 +135,8 @@ pub enum GridError {
     NonFinite { row: usize, col: usize },
     #[error("row {row}, group {group}: the values do not fit f16")]
     Range { row: usize, group: usize },
+    #[error("a group of {len} columns cannot hold {outliers} distinct outliers")]
+    ShortGroup { len: usize, outliers: usize },
 }
 
 /// Puts the row-major `m×n` residual `r` on the grid `cfg` describes and
@@ -160,6 +165,21 @@ pub fn grid_planes(
         });
     }
     let (gs, groups, o) = (cfg.group_size(n), cfg.groups(n), cfg.outliers);
+    // Each of a group's `o` outliers replaces a distinct weight: the top `o`
+    // by magnitude of distinct columns, so every group needs `o` columns.
+    // `GridConfig::check` (o ≤ group/2) and `group_size` (≥ group when
+    // n ≥ group) give that for all but a short last group or a narrow n.
+    let shortest = if groups == 0 {
+        gs
+    } else {
+        gs.min(n - (groups - 1) * gs)
+    };
+    if m > 0 && n > 0 && shortest < o {
+        return Err(GridError::ShortGroup {
+            len: shortest,
+            outliers: o,
+        });
+    }
     // Per row: outliers, center and half-range of each group.
     type RowGrid = (Vec<f16>, Vec<f16>, Vec<u8>, Vec<f16>);
     let rows: Vec<RowGrid> = (0..m)
@@ -271,7 +291,11 @@ impl Grid {
         if self.outlier_col.len() != cells * o || self.outlier_value.len() != cells * o {
             return Err(format!("outliers must hold {m}×{groups}×{o} values"));
         }
-        if let Some(i) = self.scale.iter().position(|h| h.is_nan() || h.to_f32() < 0.0) {
+        if let Some(i) = self
+            .scale
+            .iter()
+            .position(|h| h.is_nan() || h.to_f32() < 0.0)
+        {
             return Err(format!("half-range {i} is {} (must be ≥ 0)", self.scale[i]));
         }
         for (slot, &col) in self.outlier_col.iter().enumerate() {
@@ -281,6 +305,11 @@ impl Grid {
                 return Err(format!(
                     "outlier {slot} is at column {col} of a group of {len}"
                 ));
+            }
+            // Each outlier replaces a distinct weight of its (row, group).
+            let first = slot - slot % o;
+            if self.outlier_col[first..slot].contains(&col) {
+                return Err(format!("outlier {slot} repeats column {col} of its group"));
             }
         }
         Ok(())
@@ -307,36 +336,23 @@ impl Grid {
         q
     }
 
-    /// The f16 correction `v − q_p` of every outlier for the first `p`
-    /// planes (`sign(b, i, c)` reads plane `b`).
-    pub fn corrections(
-        &self,
-        m: usize,
-        n: usize,
-        cfg: &GridConfig,
-        p: usize,
-        sign: impl Fn(usize, usize, usize) -> bool,
-    ) -> Vec<f16> {
-        let (gs, groups, o) = (cfg.group_size(n), cfg.groups(n), cfg.outliers);
-        let mut out = vec![f16::ZERO; m * groups * o];
-        for (slot, d) in out.iter_mut().enumerate() {
-            let cell = slot / o;
-            let (i, g) = (cell / groups, cell % groups);
-            let c = g * gs + self.outlier_col[slot] as usize;
-            let q = self.point(groups, gs, i, c, p, |b| sign(b, i, c));
-            *d = f16::from_f32(self.outlier_value[slot].to_f32() - q);
-        }
-        out
-    }
-
     /// Adds the first `planes.len()` planes (row-major packed signs) of
-    /// this grid to the row-major `m×n` matrix `w`.
+    /// this grid to the row-major `m×n` matrix `w`: the grid point at
+    /// every weight but the outliers, which get exactly their f16 value
+    /// (with at least one plane).
     ///
     /// The straightforward reference; the kernels are tested against it.
     pub fn add_to(&self, planes: &[&[u8]], m: usize, n: usize, cfg: &GridConfig, w: &mut [f32]) {
-        let (gs, groups) = (cfg.group_size(n), cfg.groups(n));
+        let (gs, groups, o) = (cfg.group_size(n), cfg.groups(n), cfg.outliers);
         let p = planes.len();
         let sign = |b: usize, i: usize, c: usize| pack::sign_at(planes[b], i * n + c) > 0.0;
+        // Each outlier's position in `w` and what `w` holds there before the
+        // grid: with planes, it ends as that plus exactly the value.
+        let at = |slot: usize| {
+            let cell = slot / o;
+            (cell / groups) * n + (cell % groups) * gs + self.outlier_col[slot] as usize
+        };
+        let before: Vec<f32> = (0..self.outlier_col.len()).map(|s| w[at(s)]).collect();
         for i in 0..m {
             for c in 0..n {
                 w[i * n + c] += self.point(groups, gs, i, c, p, |b| sign(b, i, c));
@@ -345,11 +361,8 @@ impl Grid {
         if p == 0 {
             return;
         }
-        let o = cfg.outliers;
-        for (slot, d) in self.corrections(m, n, cfg, p, sign).iter().enumerate() {
-            let cell = slot / o;
-            let (i, g) = (cell / groups, cell % groups);
-            w[i * n + g * gs + self.outlier_col[slot] as usize] += d.to_f32();
+        for (slot, (before, v)) in before.iter().zip(&self.outlier_value).enumerate() {
+            w[at(slot)] = before + v.to_f32();
         }
     }
 
@@ -455,11 +468,13 @@ mod tests {
                 for (slot, &col) in gp.grid.outlier_col.iter().enumerate() {
                     let cell = slot / outliers.max(1);
                     let c = (cell / groups) * n + (cell % groups) * gs + col as usize;
-                    let err = (w[c] - r[c]).abs();
-                    assert!(
-                        err <= 2e-3 * r[c].abs(),
-                        "p={p}: outlier {slot} off by {err}"
+                    // Exactly the stored f16 value, at every prefix.
+                    assert_eq!(
+                        w[c],
+                        gp.grid.outlier_value[slot].to_f32(),
+                        "p={p}: outlier {slot}"
                     );
+                    assert!((w[c] - r[c]).abs() <= 2e-3 * r[c].abs());
                 }
                 let e = sq(&w);
                 assert!(
@@ -478,9 +493,9 @@ mod tests {
 
     #[test]
     fn a_hand_checked_grid() {
-        // One row, one group of 4: the outlier 10 stays exact (up to the
-        // f16 correction); the rest span [−1, 1], so one plane puts them
-        // at ±0.5, two at ±0.25 and ±0.75.
+        // One row, one group of 4: the outlier 10 is exactly its f16 value
+        // 10 at every plane count; the rest span [−1, 1], so one plane puts
+        // them at ±0.5, two at ±0.25 and ±0.75 (all exact in f32).
         let r = [1.0, -1.0, 10.0, 0.3];
         let cfg = GridConfig {
             planes: 2,
@@ -497,9 +512,7 @@ mod tests {
             (one, [0.5, -0.5, 10.0, 0.5]),
             (two, [0.75, -0.75, 10.0, 0.25]),
         ] {
-            for (a, b) in w.iter().zip(want) {
-                assert!((a - b).abs() <= 10.0 * 2f32.powi(-10), "{w:?}");
-            }
+            assert_eq!(w, want);
         }
     }
 
@@ -515,6 +528,25 @@ mod tests {
         let r = [1e5f32, -1e5, 0.0, 1.0, 2.0];
         let e = grid_planes(&r, 1, 5, GridConfig::new(2)).unwrap_err();
         assert!(e.to_string().contains("do not fit f16"), "{e}");
+        // Three columns cannot hold four distinct outliers.
+        let cfg = GridConfig {
+            outliers: 4,
+            ..GridConfig::new(2)
+        };
+        let e = grid_planes(&[1.0, 2.0, 3.0], 1, 3, cfg).unwrap_err();
+        assert!(e.to_string().contains("4 distinct outliers"), "{e}");
+        // Two outliers of one group on one column are refused.
+        let cfg = GridConfig {
+            planes: 1,
+            group: 8,
+            outliers: 2,
+        };
+        let r: Vec<f32> = (0..8).map(|c| c as f32).collect();
+        let mut gp = grid_planes(&r, 1, 8, cfg).unwrap();
+        gp.grid.check(1, 8, &cfg).unwrap();
+        gp.grid.outlier_col[1] = gp.grid.outlier_col[0];
+        let e = gp.grid.check(1, 8, &cfg).unwrap_err();
+        assert!(e.contains("repeats column"), "{e}");
         assert!(GridConfig {
             planes: 0,
             ..GridConfig::new(1)

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use bitstack_kernels::{tiled_row, GridRef, OwnedBlock, StackRef, TiledSigns};
-use half::f16;
 use rayon::prelude::*;
 
 use anyhow::{bail, Result};
@@ -173,9 +172,6 @@ pub struct WeightStack {
     pub blocks: Vec<Arc<StackBlock>>,
     /// The grid planes after them (the first one carries the grid).
     pub planes: Vec<Arc<StackPlane>>,
-    /// Each outlier's `v − q_p` for the resident planes (see
-    /// [`crate::format::grid`]); empty without planes.
-    corrections: Vec<f16>,
     /// The blocks' uploads and their pointer table, for CUDA forwards.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     device: DeviceCopy<StackUpload>,
@@ -198,7 +194,6 @@ impl WeightStack {
             k,
             blocks,
             planes: Vec::new(),
-            corrections: Vec::new(),
             device: DeviceCopy::default(),
         }
     }
@@ -224,7 +219,6 @@ impl WeightStack {
                 }
             }
         }
-        stack.corrections = stack.grid_corrections();
         Ok(stack)
     }
 
@@ -247,17 +241,6 @@ impl WeightStack {
     /// The grid, when a plane is resident.
     pub fn grid(&self) -> Option<&ResidentGrid> {
         self.planes.first().and_then(|p| p.grid.as_deref())
-    }
-
-    fn grid_corrections(&self) -> Vec<f16> {
-        let Some(g) = self.grid() else {
-            return Vec::new();
-        };
-        let planes = &self.planes;
-        g.grid
-            .corrections(self.m, self.n, &g.cfg, planes.len(), |b, i, c| {
-                planes[b].signs.sign(i, c)
-            })
     }
 
     /// The stack of the first `b` stored blocks (all of them when there are fewer).
@@ -327,7 +310,8 @@ impl WeightStack {
         w
     }
 
-    /// Adds row `i` of the grid part to `out` (`row` and `signs` are scratch).
+    /// Adds row `i` of the grid part to `out` (`row` and `signs` are
+    /// scratch): the grid point, or at an outlier its value `v` exactly.
     fn add_grid_row(
         &self,
         g: &ResidentGrid,
@@ -339,6 +323,12 @@ impl WeightStack {
         let n = self.n;
         let (gs, groups, o) = (g.cfg.group_size(n), g.cfg.groups(n), g.cfg.outliers);
         let cells = i * groups..(i + 1) * groups;
+        let column = |slot: usize| (slot / o) % groups * gs + g.grid.outlier_col[slot] as usize;
+        // What `out` holds at the outliers before the grid: each ends as that
+        // plus its value.
+        let before: Vec<f32> = (cells.start * o..cells.end * o)
+            .map(|slot| out[column(slot)])
+            .collect();
         let scale: Vec<f32> = g.grid.scale[cells.clone()]
             .iter()
             .map(|h| h.to_f32())
@@ -354,9 +344,8 @@ impl WeightStack {
             tiled_row(&plane.signs, i, 0, signs);
             add_signed(signs, row, out);
         }
-        for slot in cells.start * o..cells.end * o {
-            let c = (slot / o) % groups * gs + g.grid.outlier_col[slot] as usize;
-            out[c] += self.corrections[slot].to_f32();
+        for (slot, before) in (cells.start * o..cells.end * o).zip(before) {
+            out[column(slot)] = before + g.grid.outlier_value[slot].to_f32();
         }
     }
 }
@@ -374,7 +363,7 @@ impl bitstack_kernels::StackSource for WeightStack {
                 half: &g.grid.scale,
                 outliers: g.cfg.outliers,
                 outlier_col: &g.grid.outlier_col,
-                outlier_delta: &self.corrections,
+                outlier_value: &g.grid.outlier_value,
                 planes: self.planes.iter().map(|p| &p.signs).collect(),
             }),
         }
@@ -389,9 +378,8 @@ impl bitstack_kernels::StackSource for WeightStack {
     ) -> candle_core::Result<Arc<bitstack_kernels::cuda::CudaStack>> {
         use bitstack_kernels::cuda::{CudaBlock, CudaGrid, CudaStack};
         use bitstack_kernels::StackSource;
-        // The grid's upload holds the resident planes and the outliers'
-        // corrections for their count, so it is made per stack (per
-        // resize of this linear), not shared like the blocks'.
+        // The grid's upload holds the resident planes, so it is made per
+        // stack (per resize of this linear), not shared like the blocks'.
         self.device.get_or_try_make(device, || {
             let blocks = self
                 .blocks
@@ -558,6 +546,17 @@ mod tests {
                     gp.grid.add_to(&planes, m, n, &cfg, &mut want);
                 }
                 let got = stack.dense();
+                if avd == 0 {
+                    // Without blocks, outliers are exactly their value
+                    // (with blocks, the blocks' part is summed in another
+                    // order than the reference's).
+                    let (gs, groups) = (cfg.group_size(n), cfg.groups(n));
+                    for (slot, &col) in gp.grid.outlier_col.iter().enumerate() {
+                        let cell = slot / outliers;
+                        let c = (cell / groups) * n + (cell % groups) * gs + col as usize;
+                        assert_eq!(got[c], want[c], "{m}×{n} level {level}: outlier {slot}");
+                    }
+                }
                 for (a, b) in got.iter().zip(&want) {
                     assert!(
                         (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
