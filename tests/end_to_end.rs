@@ -156,3 +156,71 @@ fn compress_sort_eval_and_resize_the_real_model() {
         assert_eq!(last_logits(&handle.snapshot(), &ids), fresh[i], "rung {i}");
     }
 }
+
+/// The quality check CI runs: SmolLM2 compressed as grid planes (calibrated
+/// on 4 short windows, so it takes seconds) against round-to-nearest w4 g128
+/// and dense on the first windows of the wiki eval text. The full protocol's
+/// numbers are in the README; these bounds catch a kernel, format or
+/// quantizer change that costs quality.
+#[test]
+#[ignore = "end to end: fetches SmolLM2, compresses it as grid planes and scores a few windows"]
+fn grid_planes_stay_near_dense_and_ahead_of_rtn() {
+    use bitstack::eval::perplexity::mean_nll;
+    use bitstack::format::checkpoint::BlockCounts;
+    use bitstack::method::rtn::apply_rtn;
+    use bitstack::runtime::model::tokenize_file;
+    use indicatif::ProgressBar;
+
+    let (dense, calib, eval_text) = smollm2();
+    let root = tempfile::tempdir().unwrap();
+    let packed = root.path().join("smollm2-planes");
+    bitstack(&[
+        "compress",
+        s(&dense),
+        s(&packed),
+        "--niter",
+        "0",
+        "--planes",
+        "5",
+        "--calib",
+        s(&calib),
+        "--calib-windows",
+        "4",
+        "--seq-len",
+        "128",
+    ]);
+    let ids = tokenize_file(&load_tokenizer(&dense).unwrap(), &eval_text).unwrap();
+    let ppl = |model: &Llama| {
+        let (nll, _, used) = mean_nll(model, &ids, 256, 16, 4, &ProgressBar::hidden()).unwrap();
+        assert_eq!(used, 16);
+        nll.exp()
+    };
+    let cpu = Device::Cpu;
+    let dense_ppl = ppl(&Llama::load(&dense, &BlockCounts::all(), &cpu).unwrap());
+    let mut rtn = Llama::load(&dense, &BlockCounts::all(), &cpu).unwrap();
+    apply_rtn(&mut rtn, 4, 128).unwrap();
+    let rtn_ppl = ppl(&rtn);
+    let planes: Vec<f64> = (3..=5)
+        .map(|p| ppl(&Llama::load(&packed, &BlockCounts::uniform(p), &cpu).unwrap()))
+        .collect();
+    eprintln!("dense {dense_ppl:.3}, RTN w4 {rtn_ppl:.3}, 3/4/5 planes {planes:.3?}");
+    assert!(planes[0] > planes[1] && planes[1] > planes[2], "{planes:?}");
+    // Measured: dense 14.59, RTN w4 19.84, 3/4/5 planes 70.4 / 19.87 / 15.87.
+    // 4 planes cost 4.40 bits per weight here, RTN w4 g128 4.27; sorted
+    // budgets do better than these uniform rungs (README).
+    assert!(
+        planes[0] < 6.0 * dense_ppl,
+        "3 planes {} vs dense {dense_ppl}",
+        planes[0]
+    );
+    assert!(
+        planes[1] < 1.05 * rtn_ppl,
+        "4 planes {} vs RTN w4 {rtn_ppl}",
+        planes[1]
+    );
+    assert!(
+        planes[2] < 1.12 * dense_ppl,
+        "5 planes {} vs dense {dense_ppl}",
+        planes[2]
+    );
+}
