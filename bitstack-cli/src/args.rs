@@ -23,6 +23,19 @@ pub const EVAL_WINDOWS: usize = 64;
 /// Calibration windows `sort` scores on.
 pub const SORT_WINDOWS: usize = 4;
 
+/// A count flag's value parser: a whole number of at least `MIN`. clap
+/// refuses anything else with the flag's name before any work starts, so a
+/// zero never reaches a division or a `chunks_exact`.
+pub fn at_least<const MIN: usize>(s: &str) -> std::result::Result<usize, String> {
+    let v: usize = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a whole number: {e}"))?;
+    if v < MIN {
+        return Err(format!("must be at least {MIN}, got {v}"));
+    }
+    Ok(v)
+}
+
 /// `--device`, for every command that runs the model.
 #[derive(Args, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceArgs {
@@ -34,11 +47,11 @@ pub struct DeviceArgs {
 /// `--seq-len` and `--batch`: how a text is cut into windows and fed to the model.
 #[derive(Args, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowArgs {
-    /// Tokens per window.
-    #[arg(long, default_value_t = SEQ_LEN)]
+    /// Tokens per window (at least 2: each window scores its tokens after the first).
+    #[arg(long, default_value_t = SEQ_LEN, value_parser = at_least::<2>)]
     pub seq_len: usize,
     /// Windows per forward pass (memory vs speed).
-    #[arg(long, default_value_t = BATCH)]
+    #[arg(long, default_value_t = BATCH, value_parser = at_least::<1>)]
     pub batch: usize,
 }
 
@@ -74,7 +87,7 @@ impl CalibArgs {
 #[derive(Args, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScoreArgs {
     /// Windows of the text to score (non-overlapping, from the start).
-    #[arg(long, default_value_t = EVAL_WINDOWS)]
+    #[arg(long, default_value_t = EVAL_WINDOWS, value_parser = at_least::<1>)]
     pub windows: usize,
 }
 

@@ -12,7 +12,7 @@ use bitstack_quant::runtime::model::LinearKind;
 use bitstack_quant::DenseDtype;
 use clap::Args;
 
-use crate::args::{CalibArgs, DeviceArgs, WindowArgs, CALIB_WINDOWS};
+use crate::args::{at_least, CalibArgs, DeviceArgs, WindowArgs, CALIB_WINDOWS};
 use crate::options::{DTypeArg, RefitArg, SignsArg, SvdArg};
 
 #[derive(Args, Debug)]
@@ -22,7 +22,7 @@ pub struct CompressArgs {
     /// Where to write the checkpoint (must not exist or be empty).
     pub out_dir: PathBuf,
     /// Rank of each block's u·vt product (k = 16 is the paper's).
-    #[arg(long, default_value_t = DEFAULT_K)]
+    #[arg(long, default_value_t = DEFAULT_K, value_parser = at_least::<1>)]
     pub k: usize,
     /// Rank per kind of linear, overriding --k: `k_proj=8,v_proj=8`.
     #[arg(long, value_name = "KIND=K,…", value_delimiter = ',', value_parser = parse_k_for)]
@@ -45,7 +45,7 @@ pub struct CompressArgs {
     #[command(flatten)]
     pub calib: CalibArgs,
     /// Windows of calibration text for the activation scales.
-    #[arg(long, default_value_t = CALIB_WINDOWS)]
+    #[arg(long, default_value_t = CALIB_WINDOWS, value_parser = at_least::<1>)]
     pub calib_windows: usize,
     #[command(flatten)]
     pub windows: WindowArgs,
@@ -70,7 +70,7 @@ pub struct CompressArgs {
     pub refit: RefitArg,
     /// With `--signs feedback`: rounds of choosing signs and re-fitting
     /// u·vt per block.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least::<1>)]
     pub rounds: usize,
     /// Storage type of the dense parts (embeddings, norms, biases,
     /// lm_head), kept in it in memory: 16 bits halve the floor of a small

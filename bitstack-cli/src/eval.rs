@@ -20,7 +20,7 @@ use bitstack_quant::{
 use candle_core::Device;
 use clap::Args;
 
-use crate::args::{default_asset, CalibArgs, DeviceArgs, ScoreArgs, WindowArgs};
+use crate::args::{at_least, default_asset, CalibArgs, DeviceArgs, ScoreArgs, WindowArgs};
 
 /// Calibration windows of `eval --gptq`.
 pub const GPTQ_CALIB_WINDOWS: usize = 128;
@@ -145,7 +145,7 @@ pub struct EvalArgs {
     pub gptq: Option<u32>,
     /// Group size along the input dimension for --rtn and --gptq (one f16
     /// scale and zero per group: 32/GROUP bits per weight).
-    #[arg(long, alias = "rtn-group", default_value_t = 128, value_name = "GROUP")]
+    #[arg(long, alias = "rtn-group", default_value_t = 128, value_name = "GROUP", value_parser = at_least::<1>)]
     pub group: usize,
     /// With --gptq: round the input channels with the most activation
     /// energy first ("act-order").
@@ -155,7 +155,7 @@ pub struct EvalArgs {
     pub calib: CalibArgs,
     /// With --gptq: windows of calibration text (GPTQ's paper uses 128
     /// samples; more than compress's 32, so the baseline is not starved).
-    #[arg(long, default_value_t = GPTQ_CALIB_WINDOWS, requires = "gptq")]
+    #[arg(long, default_value_t = GPTQ_CALIB_WINDOWS, requires = "gptq", value_parser = at_least::<1>)]
     pub calib_windows: usize,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]

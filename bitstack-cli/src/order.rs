@@ -11,7 +11,7 @@ use bitstack_quant::Checkpoint;
 use candle_core::Device;
 use clap::Args;
 
-use crate::args::{CalibArgs, DeviceArgs, WindowArgs, CALIB_WINDOWS, SORT_WINDOWS};
+use crate::args::{at_least, CalibArgs, DeviceArgs, WindowArgs, CALIB_WINDOWS, SORT_WINDOWS};
 use crate::options::SortMethodArg;
 use crate::plot::LadderPlot;
 
@@ -44,7 +44,7 @@ pub struct SortSettings {
     #[arg(long, value_enum, default_value_t = SortMethodArg::Fast)]
     pub method: SortMethodArg,
     /// Calibration windows to score on (fewer is faster and noisier).
-    #[arg(long, default_value_t = SORT_WINDOWS)]
+    #[arg(long, default_value_t = SORT_WINDOWS, value_parser = at_least::<1>)]
     pub sort_windows: usize,
     /// Windows at the start of the calibration text to skip (the scaling windows).
     #[arg(long, default_value_t = CALIB_WINDOWS)]
@@ -260,11 +260,15 @@ fn ladder_plot<'a>(
     })
 }
 
-/// A positive, finite number: the value parser of `--dense-ppl`.
+/// A positive number up to [`crate::plot::MAX_PPL`]: the value parser of
+/// `--dense-ppl`.
 fn parse_ppl(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(p) if p.is_finite() && p > 0.0 => Ok(p),
-        _ => Err(format!("`{s}` is not a perplexity (a positive number)")),
+        Ok(p) if p.is_finite() && p > 0.0 && p <= crate::plot::MAX_PPL => Ok(p),
+        _ => Err(format!(
+            "`{s}` is not a perplexity (a positive number up to {:e})",
+            crate::plot::MAX_PPL
+        )),
     }
 }
 

@@ -88,9 +88,15 @@ impl LadderPlot<'_> {
             bail!("no rung of the ladder has a measured perplexity to plot");
         }
         if let Some(d) = self.dense_ppl {
-            if !(d.is_finite() && d > 0.0) {
-                bail!("the dense model's perplexity must be a positive number, not {d}");
+            if !(d.is_finite() && d > 0.0 && d <= MAX_PPL) {
+                bail!("the dense model's perplexity must be a positive number up to {MAX_PPL:e}, not {d}");
             }
+        }
+        if let Some(p) = points.iter().find(|p| !(p.1 > 0.0 && p.1 <= MAX_PPL)) {
+            bail!(
+                "a measured perplexity of {} is outside the plot's range (up to {MAX_PPL:e})",
+                p.1
+            );
         }
 
         let first = self.ladder.first().context("the ladder has no rungs")?;
@@ -243,6 +249,9 @@ fn decimals_for(span: f64) -> usize {
     (-(span / 10.0).log10().floor()).clamp(0.0, 6.0) as usize
 }
 
+/// The largest perplexity a plot shows: its log axis spans whole decades.
+pub const MAX_PPL: f64 = 1e30;
+
 /// Tick marks for a log axis over `[lo, hi]`: the finest of 1-2-…-9, 1-2-5,
 /// 1-3, 1 per decade with at most twelve marks, or evenly spaced round
 /// numbers when the range is too narrow for two of them.
@@ -253,6 +262,9 @@ pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
         &[1.0, 3.0],
         &[1.0],
     ];
+    if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
+        return Vec::new();
+    }
     let decades = lo.log10().floor() as i32..=hi.log10().ceil() as i32;
     let in_range = |set: &[f64]| -> Vec<f64> {
         decades

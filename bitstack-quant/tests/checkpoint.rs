@@ -467,3 +467,39 @@ fn rank_per_kind_is_recorded_and_loaded() {
         LinearWeight::Dense(_) => unreachable!(),
     }
 }
+
+#[test]
+fn non_finite_perplexities_are_not_recorded_and_old_nulls_read_as_unmeasured() {
+    use bitstack_quant::format::order::{Measurement, ORDER_FILE};
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("ckpt");
+    SyntheticSpec::default().write_bitstack(&dir, 3, 2).unwrap();
+    let mut ckpt = Checkpoint::open(&dir).unwrap();
+    let at = |level, ppl| Measurement {
+        level,
+        ppl,
+        windows: 4,
+        text: "eval.txt".into(),
+    };
+    ckpt.record(at(1, 12.5)).unwrap();
+    for bad in [f64::NAN, f64::INFINITY, 0.0, -3.0] {
+        let err = ckpt.record(at(2, bad)).unwrap_err().to_string();
+        assert!(err.contains("not recording"), "{err}");
+    }
+    assert_eq!(Checkpoint::open(&dir).unwrap().order().measured, [at(1, 12.5)]);
+
+    // What an older build wrote for a NaN: `null`. It reads as not measured,
+    // and the order, the ladder and budgets keep working.
+    let path = dir.join(ORDER_FILE);
+    let mut order: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    order["measured"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"level": 2, "ppl": null, "windows": 4, "text": "eval.txt"}));
+    std::fs::write(&path, serde_json::to_vec(&order).unwrap()).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    assert_eq!(ckpt.order().measured, [at(1, 12.5)]);
+    assert_eq!(ckpt.ladder()[1].ppl, Some(12.5));
+    assert_eq!(ckpt.ladder()[2].ppl, None);
+}

@@ -108,8 +108,11 @@ fn mirror_lower(a: &mut [f64], n: usize) {
 }
 
 /// Splits token ids into up to `count` non-overlapping windows of `len`,
-/// skipping the first `skip` windows.
+/// skipping the first `skip` windows (none when `len` is 0).
 pub fn windows(tokens: &[u32], len: usize, skip: usize, count: usize) -> Vec<Vec<u32>> {
+    if len == 0 {
+        return Vec::new();
+    }
     tokens
         .chunks_exact(len)
         .skip(skip)

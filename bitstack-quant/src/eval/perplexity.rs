@@ -39,6 +39,9 @@ pub fn mean_nll(
     if seq_len < 2 {
         bail!("--seq-len must be at least 2");
     }
+    if count == 0 {
+        bail!("--windows must be at least 1");
+    }
     let wins = windows(tokens, seq_len, 0, count);
     if wins.is_empty() {
         bail!(

@@ -128,6 +128,17 @@ pub fn sort_on_device(
     if wins.is_empty() {
         bail!("sorting needs at least one scoring window");
     }
+    // A window of one token scores nothing: its order would be noise, and it
+    // would replace the checkpoint's order and measurements.
+    let len = wins[0].len();
+    if len < 2 || wins.iter().any(|w| w.len() != len) {
+        bail!(
+            "sorting needs scoring windows of one length, at least 2 tokens (--seq-len), got {len}"
+        );
+    }
+    if batch == 0 {
+        bail!("sorting needs at least 1 window per batch (--batch)");
+    }
     let geometry = checkpoint.geometry().clone();
     let model = Llama::from_checkpoint(checkpoint, &BlockCounts::all(), device)?;
     let start = Instant::now();

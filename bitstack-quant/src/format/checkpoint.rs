@@ -243,12 +243,27 @@ impl Checkpoint {
 
     /// Stores a perplexity measured at a rung with the order.
     pub fn record(&mut self, measurement: Measurement) -> Result<()> {
+        if !(measurement.ppl.is_finite() && measurement.ppl > 0.0) {
+            bail!(
+                "not recording a perplexity of {} at level {} in {}: only finite positive values are measurements",
+                measurement.ppl,
+                measurement.level,
+                self.dir.display()
+            );
+        }
         self.order.measured.push(measurement);
         self.save_order()
     }
 
     /// Stores the dense model's perplexity, the reference of the ladder.
     pub fn record_dense(&mut self, measurement: DenseMeasurement) -> Result<()> {
+        if !(measurement.ppl.is_finite() && measurement.ppl > 0.0) {
+            bail!(
+                "not recording a dense perplexity of {} in {}: only finite positive values are measurements",
+                measurement.ppl,
+                self.dir.display()
+            );
+        }
         self.order.dense = Some(measurement);
         self.save_order()
     }

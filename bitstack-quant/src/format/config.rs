@@ -11,11 +11,26 @@ use crate::format::grid::GridConfig;
 /// Architectures the runner implements (all share the Llama block).
 pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
 
-/// Llama-3 style RoPE frequency scaling.
+/// The RoPE scalings the runner implements. Any other `rope_type` is an
+/// error when the config is read: running a model with its scaling ignored
+/// gives wrong logits without a word.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeType {
+    /// No scaling (Hugging Face writes it for some models).
+    Default,
+    /// Positions divided by `factor` (every frequency divided by it).
+    Linear,
+    /// Llama 3.1's: long wavelengths divided by `factor`, short ones kept.
+    Llama3,
+}
+
+/// RoPE frequency scaling (`rope_scaling` of config.json).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct RopeScaling {
     #[serde(alias = "type")]
-    pub rope_type: String,
+    pub rope_type: RopeType,
+    #[serde(default = "one")]
     pub factor: f64,
     #[serde(default = "one")]
     pub low_freq_factor: f64,
@@ -164,7 +179,7 @@ impl ModelConfig {
         Ok((cfg, raw))
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let arch = self.architecture();
         if !SUPPORTED.contains(&arch.as_str()) {
             bail!(
@@ -185,6 +200,41 @@ impl ModelConfig {
                 self.num_attention_heads,
                 self.kv_heads()
             );
+        }
+        for (name, size) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("vocab_size", self.vocab_size),
+            ("head_dim", self.head_dim()),
+        ] {
+            if size == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            bail!(
+                "head_dim {} must be even (RoPE rotates pairs)",
+                self.head_dim()
+            );
+        }
+        if self.checked_parameters().is_none() {
+            bail!(
+                "its sizes (hidden_size {}, intermediate_size {}, num_hidden_layers {}, vocab_size {}) describe more parameters than can be counted",
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_hidden_layers,
+                self.vocab_size
+            );
+        }
+        if let Some(s) = &self.rope_scaling {
+            let sane = |x: f64| x.is_finite() && x > 0.0;
+            if !sane(s.factor) || !sane(s.low_freq_factor) || !sane(s.high_freq_factor) {
+                bail!("rope_scaling {s:?}: its factors must be finite and positive");
+            }
+            if s.rope_type == RopeType::Llama3 && s.high_freq_factor <= s.low_freq_factor {
+                bail!("rope_scaling {s:?}: high_freq_factor must exceed low_freq_factor");
+            }
         }
         if let Some(q) = &self.quantization_config {
             if q.quant_method != QUANT_METHOD {
@@ -217,6 +267,23 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// An upper bound of the parameter count, `None` when it overflows: once
+    /// it fits, every size the geometry multiplies out fits too.
+    fn checked_parameters(&self) -> Option<usize> {
+        let d = self.hidden_size;
+        let q = self.num_attention_heads.checked_mul(self.head_dim())?;
+        let kv = self.kv_heads().checked_mul(self.head_dim())?;
+        let per_layer = q
+            .checked_mul(2)?
+            .checked_add(kv.checked_mul(2)?)?
+            .checked_add(self.intermediate_size.checked_mul(3)?)?
+            .checked_add(4)?
+            .checked_mul(d)?;
+        self.num_hidden_layers
+            .checked_mul(per_layer)?
+            .checked_add(self.vocab_size.checked_mul(d)?.checked_mul(2)?)
     }
 
     /// `llama`, `mistral` or `qwen2`, from `model_type` or `architectures`.

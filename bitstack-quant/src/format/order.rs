@@ -117,6 +117,12 @@ impl Geometry {
                 let (m, n) = linear_shape(cfg, kind);
                 let name = kind.path(l);
                 let k = q.k_of(&name);
+                if k == 0 || k > m.min(n) {
+                    bail!(
+                        "linear `{name}`: k = {k} is out of range for its {m}×{n} weight (1…{})",
+                        m.min(n)
+                    );
+                }
                 linears.push(LinearSlot {
                     name,
                     m,
@@ -145,6 +151,18 @@ impl Geometry {
     /// `store` holds them (each in its stored type, as the runner keeps it):
     /// what a checkpoint really needs, whatever `torch_dtype` says.
     pub fn from_store(cfg: &ModelConfig, store: &TensorStore) -> Result<Self> {
+        // Before a loop over the layers config.json claims: a tiny file
+        // must not make us count to 10^10.
+        let last = format!(
+            "model.layers.{}.input_layernorm.weight",
+            cfg.num_hidden_layers - 1
+        );
+        if !store.contains(&last) {
+            bail!(
+                "config.json says num_hidden_layers = {}, but the tensors hold no `{last}`",
+                cfg.num_hidden_layers
+            );
+        }
         let mut geometry = Self::from_config(cfg)?;
         geometry.dense_bytes = dense_tensors(cfg)
             .iter()
@@ -188,6 +206,9 @@ pub struct BlockOrder {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Measurement {
     pub level: usize,
+    /// Finite: an older build wrote a non-finite one as `null`, which
+    /// reads as NaN and is dropped when the order is loaded.
+    #[serde(deserialize_with = "null_as_nan")]
     pub ppl: f64,
     pub windows: usize,
     /// The scored text's file name.
@@ -199,10 +220,16 @@ pub struct Measurement {
 pub struct DenseMeasurement {
     /// The dense model as it was named on the command line.
     pub model: String,
+    #[serde(deserialize_with = "null_as_nan")]
     pub ppl: f64,
     pub windows: usize,
     /// The scored text's file name.
     pub text: String,
+}
+
+/// A perplexity, with JSON's `null` (how serde_json writes NaN) read as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// One rung of the memory ladder.
@@ -316,7 +343,7 @@ impl BlockOrder {
     pub fn load(dir: &Path, geometry: &Geometry) -> Result<Self> {
         let ours = dir.join(ORDER_FILE);
         let theirs = dir.join(REFERENCE_FILE);
-        let order = if ours.exists() {
+        let mut order: Self = if ours.exists() {
             let text = std::fs::read_to_string(&ours)
                 .with_context(|| format!("cannot read {}", ours.display()))?;
             serde_json::from_str(&text)
@@ -329,7 +356,18 @@ impl BlockOrder {
         order
             .validate(geometry)
             .with_context(|| format!("invalid block order in {}", dir.display()))?;
+        order.drop_unmeasured();
         Ok(order)
+    }
+
+    /// Forgets recorded perplexities that are not finite positive numbers
+    /// (`null` in files an older build wrote): "not measured".
+    fn drop_unmeasured(&mut self) {
+        let measured = |ppl: f64| ppl.is_finite() && ppl > 0.0;
+        self.measured.retain(|m| measured(m.ppl));
+        if self.dense.as_ref().is_some_and(|d| !measured(d.ppl)) {
+            self.dense = None;
+        }
     }
 
     /// Writes our order file and the reference's `compression_config.json`, atomically.
@@ -392,6 +430,10 @@ impl BlockOrder {
                     );
                 }
                 let have = current[&ours];
+                let stored = geometry.linears[index[ours.as_str()]].stored;
+                if blocks > stored {
+                    bail!("{}: rung {r} gives `{name}` {blocks} blocks, but the checkpoint stores {stored}", path.display());
+                }
                 if blocks < have {
                     bail!("{}: rung {r} gives `{name}` {blocks} blocks, fewer than the rung below ({have})", path.display());
                 }

@@ -220,7 +220,17 @@ pub fn compress_on(
         }
     }
     if opts.niter == 0 && opts.grid.is_none() {
-        bail!("--niter must be at least 1");
+        bail!(
+            "--niter 0 stores nothing: give at least 1 AVD block, or grid planes with --planes P"
+        );
+    }
+    if opts.seq_len < 2 || opts.batch == 0 || opts.calib_windows == 0 {
+        bail!(
+            "--seq-len {} (at least 2), --batch {} and --calib-windows {} (at least 1) cannot calibrate",
+            opts.seq_len,
+            opts.batch,
+            opts.calib_windows
+        );
     }
     if let Some(grid) = &opts.grid {
         grid.check().map_err(anyhow::Error::msg)?;

@@ -49,6 +49,9 @@ pub fn apply_rtn(
     if !(1..=8).contains(&bits) {
         anyhow::bail!("--rtn takes 1…8 bits, got {bits}");
     }
+    if group == 0 {
+        anyhow::bail!("--group must be at least 1");
+    }
     let mut bytes = 0f64;
     for layer in &mut model.layers {
         for kind in crate::runtime::model::LinearKind::ALL {

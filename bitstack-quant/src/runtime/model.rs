@@ -19,7 +19,7 @@ use crate::format::architecture::has_bias;
 pub use crate::format::architecture::{linear_shape, linear_weight_count, LinearKind, TapPoint};
 use crate::format::block::names;
 use crate::format::checkpoint::{stored_blocks, BlockCounts, Checkpoint};
-use crate::format::config::{ModelConfig, RopeScaling};
+use crate::format::config::{ModelConfig, RopeScaling, RopeType};
 use crate::format::grid;
 use crate::format::model_dir::ModelDir;
 use crate::format::order::LinearSlot;
@@ -230,7 +230,8 @@ impl Rope {
         let inv_freq: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
             .map(|f| match &cfg.rope_scaling {
-                Some(s) if s.rope_type == "llama3" => llama3_scale(f, s),
+                Some(s) if s.rope_type == RopeType::Llama3 => llama3_scale(f, s),
+                Some(s) if s.rope_type == RopeType::Linear => f / s.factor,
                 _ => f,
             })
             .map(|f| f as f32)
@@ -719,10 +720,55 @@ pub fn tokenize_file(tokenizer: &tokenizers::Tokenizer, path: &Path) -> Result<V
 mod tests {
     use super::*;
 
+    fn config(rope_scaling: serde_json::Value) -> ModelConfig {
+        serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
+            "vocab_size": 32, "rope_scaling": rope_scaling,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn linear_rope_scaling_runs_positions_at_a_fraction() {
+        let plain = Rope::new(&config(serde_json::Value::Null), 40, &Device::Cpu).unwrap();
+        let scaled = config(serde_json::json!({"type": "linear", "factor": 2.0}));
+        let scaled = Rope::new(&scaled, 40, &Device::Cpu).unwrap();
+        // Position 2p with factor 2 is position p without scaling.
+        for (table, plain_table) in [(&scaled.cos, &plain.cos), (&scaled.sin, &plain.sin)] {
+            let even = table.to_vec2::<f32>().unwrap();
+            let plain_rows = plain_table.to_vec2::<f32>().unwrap();
+            for p in 0..20 {
+                for (a, b) in even[2 * p].iter().zip(&plain_rows[p]) {
+                    assert!((a - b).abs() < 1e-5, "position {p}: {a} vs {b}");
+                }
+            }
+            assert_ne!(even[1], plain_rows[1]);
+        }
+    }
+
+    #[test]
+    fn rope_types_the_runner_does_not_implement_are_refused() {
+        for scaling in [
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),
+        ] {
+            let json = serde_json::json!({
+                "model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
+                "vocab_size": 32, "rope_scaling": scaling,
+            });
+            let err = serde_json::from_value::<ModelConfig>(json).unwrap_err();
+            assert!(err.to_string().contains("unknown variant"), "{err}");
+        }
+        let bad = config(serde_json::json!({"rope_type": "linear", "factor": 0.0}));
+        assert!(bad.validate().is_err());
+    }
+
     #[test]
     fn llama3_rope_scaling_keeps_high_and_divides_low_frequencies() {
         let s = RopeScaling {
-            rope_type: "llama3".into(),
+            rope_type: RopeType::Llama3,
             factor: 8.0,
             low_freq_factor: 1.0,
             high_freq_factor: 4.0,
