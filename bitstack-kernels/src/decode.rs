@@ -96,7 +96,14 @@ fn blocks_matmul_t(isa: Isa, x: &[f32], rows: usize, stack: &StackRef, out: &mut
     let (m, n, k) = (stack.m, stack.n, stack.k);
     let layout = Layout::new(n, k, rows);
     TABLES.with(|cell| {
-        let mut tables = cell.borrow_mut();
+        // A call from a rayon task while this thread waits inside another
+        // call (nested parallelism) finds the buffer taken: it gets its own.
+        let mut own = Vec::new();
+        let mut shared = cell.try_borrow_mut();
+        let tables = match &mut shared {
+            Ok(t) => &mut **t,
+            Err(_) => &mut own,
+        };
         let len = stack.blocks.len() * layout.chunks * rows * layout.unit();
         if tables.len() < len {
             tables.resize(len, 0.0);

@@ -177,3 +177,40 @@ fn mma_sign_words_hold_every_sign_where_the_tensor_core_fragment_wants_it() {
         assert!(seen.iter().all(|&s| s), "{m}×{n}: some sign has no bit");
     }
 }
+
+/// Decode called from rayon tasks, while the calling threads are inside
+/// other decode calls (a model run from a parallel iterator): the per-thread
+/// scratch buffers are taken, and each call must still give the reference.
+#[test]
+fn nested_decode_calls_from_rayon_tasks_match_the_reference() {
+    use rayon::prelude::*;
+    let (m, n, rows) = (700, 1030, 4);
+    let stacks: Vec<_> = (0..4)
+        .map(|s| common::random_grid_stack(m, n, 4, 3, 128, 2, 1, 900 + s))
+        .collect();
+    let x = random_x(rows, n, 7);
+    let want: Vec<Vec<f32>> = stacks
+        .iter()
+        .map(|owned| {
+            let mut want = vec![0f32; rows * m];
+            reference_matmul_t(&x, rows, &owned.stack(), &mut want);
+            want
+        })
+        .collect();
+    // More threads than cores, so that threads waiting inside a call steal
+    // the outer loop's tasks.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(8)
+        .build()
+        .unwrap();
+    for isa in Isa::available() {
+        pool.install(|| {
+            (0..32usize).into_par_iter().for_each(|i| {
+                let (owned, want) = (&stacks[i % stacks.len()], &want[i % stacks.len()]);
+                let mut got = vec![f32::NAN; rows * m];
+                table_matmul_t(isa, &x, rows, &owned.stack(), &mut got);
+                assert_close(&got, want, 1e-4, &format!("nested {isa:?}"));
+            })
+        });
+    }
+}

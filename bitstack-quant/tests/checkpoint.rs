@@ -486,7 +486,10 @@ fn non_finite_perplexities_are_not_recorded_and_old_nulls_read_as_unmeasured() {
         let err = ckpt.record(at(2, bad)).unwrap_err().to_string();
         assert!(err.contains("not recording"), "{err}");
     }
-    assert_eq!(Checkpoint::open(&dir).unwrap().order().measured, [at(1, 12.5)]);
+    assert_eq!(
+        Checkpoint::open(&dir).unwrap().order().measured,
+        [at(1, 12.5)]
+    );
 
     // What an older build wrote for a NaN: `null`. It reads as not measured,
     // and the order, the ladder and budgets keep working.
@@ -502,4 +505,37 @@ fn non_finite_perplexities_are_not_recorded_and_old_nulls_read_as_unmeasured() {
     assert_eq!(ckpt.order().measured, [at(1, 12.5)]);
     assert_eq!(ckpt.ladder()[1].ppl, Some(12.5));
     assert_eq!(ckpt.ladder()[2].ppl, None);
+}
+
+#[test]
+fn concurrent_records_all_land() {
+    use bitstack_quant::format::order::Measurement;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("ckpt");
+    SyntheticSpec::default().write_bitstack(&dir, 3, 2).unwrap();
+    // Each thread opens the checkpoint first, as separate `eval --record`
+    // processes do, then records its own level.
+    let opened: Vec<Checkpoint> = (0..8).map(|_| Checkpoint::open(&dir).unwrap()).collect();
+    std::thread::scope(|s| {
+        for (level, mut ckpt) in opened.into_iter().enumerate() {
+            s.spawn(move || {
+                ckpt.record(Measurement {
+                    level,
+                    ppl: 10.0 + level as f64,
+                    windows: 1,
+                    text: "t".into(),
+                })
+                .unwrap()
+            });
+        }
+    });
+    let mut levels: Vec<usize> = Checkpoint::open(&dir)
+        .unwrap()
+        .order()
+        .measured
+        .iter()
+        .map(|m| m.level)
+        .collect();
+    levels.sort();
+    assert_eq!(levels, (0..8).collect::<Vec<_>>());
 }

@@ -336,7 +336,7 @@ impl CudaStack {
         let (name, len) = (dtype_name(x.dtype())?, rows * m);
         let stream = dev.cuda_stream();
         let func = self.func(&format!("bitstack_decode_{name}"))?;
-        let args = [self.blocks.len(), m, n, self.k, rows, stages_per_split].map(|v| v as i32);
+        let args = kernel_ints([self.blocks.len(), m, n, self.k, rows, stages_per_split])?;
         let reduce = self.func(&format!("bitstack_reduce_{name}"))?;
         let reduce_cfg = LaunchConfig::for_num_elems(len as u32);
         let grid_func = self.func(&format!("bitstack_grid_decode_{name}"))?;
@@ -345,9 +345,9 @@ impl CudaStack {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let grid_args = [m, n, rows].map(|v| v as i32);
+        let grid_args = kernel_ints([m, n, rows])?;
         let grid_slot = splits * rows * m;
-        let (slots, len) = (slots as i32, len as i32);
+        let [slots, len] = kernel_ints([slots, len])?;
         macro_rules! run {
             ($slice:expr, $t:ty, $wrap:ident) => {{
                 let x: CudaView<$t> = $slice.slice(start..start + rows * n);
@@ -401,7 +401,7 @@ impl CudaStack {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let args = [self.blocks.len(), m, n, self.k].map(|v| v as i32);
+        let args = kernel_ints([self.blocks.len(), m, n, self.k])?;
         // The grid's GridDesc, or a null pointer.
         let grid = self
             .grid
@@ -442,6 +442,20 @@ impl CudaStack {
             .get_or_load_custom_func(name, module, ptx)?
             .into_cuda_function())
     }
+}
+
+/// Sizes as the kernels' `int` arguments; a size past `i32::MAX` is an
+/// error, not a wrapped negative index.
+fn kernel_ints<const N: usize>(sizes: [usize; N]) -> Result<[i32; N]> {
+    let mut out = [0i32; N];
+    for (o, &v) in out.iter_mut().zip(&sizes) {
+        *o = i32::try_from(v).map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "bitstack cuda: size {v} (of {sizes:?}) does not fit the kernels' 32-bit arguments"
+            ))
+        })?;
+    }
+    Ok(out)
 }
 
 fn dtype_name(dtype: DType) -> Result<&'static str> {

@@ -17,6 +17,8 @@ use anyhow::{bail, Context, Result};
 use half::f16;
 use safetensors::Dtype;
 
+use bitstack_assets::atomic::lock_dir;
+
 use crate::format::block::{checksum, names, Block, BlockShape};
 use crate::format::budget::Budget;
 use crate::format::config::{ModelConfig, QuantizationConfig};
@@ -251,8 +253,7 @@ impl Checkpoint {
                 self.dir.display()
             );
         }
-        self.order.measured.push(measurement);
-        self.save_order()
+        self.update_order(|order| order.measured.push(measurement))
     }
 
     /// Stores the dense model's perplexity, the reference of the ladder.
@@ -264,8 +265,7 @@ impl Checkpoint {
                 self.dir.display()
             );
         }
-        self.order.dense = Some(measurement);
-        self.save_order()
+        self.update_order(|order| order.dense = Some(measurement))
     }
 
     /// Replaces the block order. Perplexities measured at rungs of the old
@@ -273,13 +273,34 @@ impl Checkpoint {
     pub fn set_order(&mut self, mut order: BlockOrder) -> Result<()> {
         order.validate(&self.geometry)?;
         order.measured.clear();
-        order.dense = self.order.dense.take();
+        let _lock = lock_dir(&self.dir)?;
+        // The dense measurement as it is on disk now (another process may
+        // have recorded it since this one opened the checkpoint).
+        order.dense = BlockOrder::load(&self.dir, &self.geometry)
+            .ok()
+            .and_then(|o| o.dense)
+            .or_else(|| self.order.dense.take());
+        order.save(&self.dir, &self.geometry)?;
         self.order = order;
-        self.save_order()
+        Ok(())
     }
 
-    fn save_order(&self) -> Result<()> {
-        self.order.save(&self.dir, &self.geometry)
+    /// Applies `change` to the order file as it is on disk now, holding
+    /// the directory's lock from the read to the rename: concurrent
+    /// `eval --record` runs each add their measurement, none is lost.
+    fn update_order(&mut self, change: impl FnOnce(&mut BlockOrder)) -> Result<()> {
+        let _lock = lock_dir(&self.dir)?;
+        let mut current = BlockOrder::load(&self.dir, &self.geometry)?;
+        if current.order != self.order.order {
+            bail!(
+                "the block order of {} changed since it was opened (sorted again?): open it again to record",
+                self.dir.display()
+            );
+        }
+        change(&mut current);
+        current.save(&self.dir, &self.geometry)?;
+        self.order = current;
+        Ok(())
     }
 }
 

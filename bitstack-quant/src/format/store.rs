@@ -44,11 +44,27 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let map = json["weight_map"]
             .as_object()
             .with_context(|| format!("{} has no weight_map", index.display()))?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(|v| v.as_str())
-            .map(|f| dir.join(f))
-            .collect();
+        let mut files = Vec::new();
+        for (tensor, file) in map {
+            let name = file.as_str().with_context(|| {
+                format!(
+                    "{}: the file of `{tensor}` is not a string",
+                    index.display()
+                )
+            })?;
+            // A shard is a file of this dir: `../x` or `/etc/x` would read
+            // outside the model the user named.
+            let plain = Path::new(name)
+                .components()
+                .eq([std::path::Component::Normal(name.as_ref())]);
+            if !plain {
+                bail!(
+                    "{}: `{tensor}` is in `{name}`, which is not a file name in the model dir",
+                    index.display()
+                );
+            }
+            files.push(dir.join(name));
+        }
         files.sort();
         files.dedup();
         return Ok(files);
@@ -86,10 +102,28 @@ impl TensorStore {
                 SafeTensors::read_metadata(&mmap).map_err(|e| explain_bad_file(path, &mmap, e))?;
             let base = 8 + header;
             if let Some(m) = metadata.metadata() {
-                file_metadata.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+                for (k, v) in m {
+                    if file_metadata
+                        .insert(k.clone(), v.clone())
+                        .is_some_and(|old| old != *v)
+                    {
+                        bail!(
+                            "{}: metadata `{k}` differs from an earlier shard's",
+                            path.display()
+                        );
+                    }
+                }
             }
             for (name, info) in metadata.tensors() {
                 let (s, e) = info.data_offsets;
+                if let Some(earlier) = entries.get(&name) {
+                    let earlier: &Entry = earlier;
+                    bail!(
+                        "tensor `{name}` is in both {} and {}",
+                        paths[earlier.file].display(),
+                        path.display()
+                    );
+                }
                 entries.insert(
                     name,
                     Entry {
@@ -345,7 +379,9 @@ fn truncated_tensor(buf: &[u8]) -> Option<(String, usize)> {
         if name == "__metadata__" {
             continue;
         }
-        let end = 8 + n + info["data_offsets"][1].as_u64()? as usize;
+        let end = usize::try_from(info["data_offsets"][1].as_u64()?)
+            .ok()?
+            .checked_add(8 + n)?;
         if end > buf.len() && worst.as_ref().is_none_or(|w| end < w.1) {
             worst = Some((name.clone(), end));
         }
@@ -421,5 +457,38 @@ mod tests {
         f.set_len(len - 3).unwrap();
         let e = TensorStore::open_dir(d.path()).err().unwrap().to_string();
         assert!(e.contains("truncated") && e.contains("`second`"), "{e}");
+    }
+
+    #[test]
+    fn index_paths_outside_the_dir_and_tensors_in_two_shards_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            &d.path().join("a.safetensors"),
+            &[("x", vec![1.0], vec![1])],
+        );
+        write(
+            &d.path().join("b.safetensors"),
+            &[("x", vec![2.0], vec![1])],
+        );
+        let index = d.path().join("model.safetensors.index.json");
+        for bad in [
+            "../a.safetensors",
+            "/etc/passwd",
+            "sub/a.safetensors",
+            ".",
+            "",
+        ] {
+            let json = serde_json::json!({"weight_map": {"x": bad}});
+            std::fs::write(&index, json.to_string()).unwrap();
+            let e = TensorStore::open_dir(d.path()).err().unwrap().to_string();
+            assert!(e.contains("not a file name in the model dir"), "{bad}: {e}");
+        }
+        let json = serde_json::json!({"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}});
+        std::fs::write(&index, json.to_string()).unwrap();
+        let e = TensorStore::open_dir(d.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("`x` is in both") && e.contains("a.safetensors"),
+            "{e}"
+        );
     }
 }

@@ -196,7 +196,13 @@ impl<'a> TextStream<'a> {
         if text.ends_with('\u{fffd}') || text.len() < self.printed {
             return Ok(String::new());
         }
-        let piece = text[self.printed..].to_string();
+        // The decoder may rewrite earlier text (a multi-byte character
+        // completed, spaces cleaned up): start at a character boundary.
+        let mut start = self.printed;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        let piece = text[start..].to_string();
         self.printed = text.len();
         Ok(piece)
     }
