@@ -145,12 +145,13 @@ impl AtomicDir {
     /// Flushes every file and the directory to disk, then moves it to its
     /// final name.
     pub fn commit(self) -> Result<PathBuf> {
-        // The lock file is ours, not the output's; the lock itself stays
-        // held (on the open file) until the rename below is done.
-        std::fs::remove_file(self.tmp.path().join(OWNER_LOCK))
-            .with_context(|| format!("cannot finish {}", self.tmp.path().display()))?;
+        // The lock file stays until the rename is done: killed before it,
+        // the directory is still recognisably a dead writer's.
         for entry in std::fs::read_dir(self.tmp.path())? {
             let path = entry?.path();
+            if path.file_name().is_some_and(|n| n == OWNER_LOCK) {
+                continue;
+            }
             File::open(&path)
                 .and_then(|f| f.sync_all())
                 .with_context(|| format!("cannot flush {}", path.display()))?;
@@ -174,6 +175,9 @@ impl AtomicDir {
             });
         }
         sync_dir(parent_dir(&self.out));
+        // The lock file is ours, not the output's.
+        let lock = self.out.join(OWNER_LOCK);
+        std::fs::remove_file(&lock).with_context(|| format!("cannot remove {}", lock.display()))?;
         drop(self.owner);
         Ok(self.out)
     }

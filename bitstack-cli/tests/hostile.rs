@@ -295,3 +295,80 @@ fn hostile_flags_and_files_exit_with_status_1_and_a_message() {
     );
     assert!(!Path::new(out).exists(), "a refused command left {out}");
 }
+
+/// `bitstack` killed with SIGKILL at spread-out moments of `compress` and
+/// `sort`: the output is absent or whole (a checkpoint that opens, an order
+/// that loads), and the next run in the same dir removes the partial dirs
+/// the killed runs left.
+#[test]
+fn killed_runs_leave_nothing_half_written() {
+    use bitstack_quant::format::checkpoint::Checkpoint;
+    let f = Fixtures::new();
+    let runs = f.root.join("runs");
+    std::fs::create_dir(&runs).unwrap();
+    let compress = |out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_bitstack"))
+            .args(["compress", s(&f.dense), s(out), "--calib", s(&f.text)])
+            .args(["--calib-windows", "4", "--seq-len", "32", "--niter", "3"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // How long a whole run takes, to spread the kills over it.
+    let start = Instant::now();
+    let done = runs.join("whole");
+    assert!(compress(&done).wait().unwrap().success());
+    let whole = start.elapsed();
+    for i in 0..6u32 {
+        let out = runs.join(format!("killed-{i}"));
+        let mut child = compress(&out);
+        std::thread::sleep(whole * i / 6);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if out.exists() {
+            Checkpoint::open(&out).unwrap_or_else(|e| panic!("kill {i}: {e:#}"));
+        }
+    }
+    let partial = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with(".bitstack-")
+            })
+            .collect()
+    };
+    // The killed runs died long ago, as far as the sweep can tell.
+    for p in partial(&runs) {
+        let f = std::fs::File::open(&p).unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+    }
+    let last = runs.join("after");
+    assert!(compress(&last).wait().unwrap().success());
+    assert_eq!(
+        partial(&runs),
+        Vec::<PathBuf>::new(),
+        "leftovers were not swept"
+    );
+
+    // Sort, killed: the order file is the old one or the new one.
+    for i in 0..4u32 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitstack"))
+            .args(["sort", s(&done), "--calib", s(&f.text), "--seq-len", "32"])
+            .args(["--sort-windows", "1", "--skip-windows", "4"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150 * u64::from(i)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        Checkpoint::open(&done).unwrap_or_else(|e| panic!("sort kill {i}: {e:#}"));
+    }
+}

@@ -10,6 +10,7 @@
 //! weights before the KV cache would overflow the budget and grows them
 //! back when it empties.
 
+pub mod guard;
 pub mod linear;
 
 use std::path::Path;

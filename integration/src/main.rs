@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bitstack_mistralrs::{register, Registration};
+use bitstack_mistralrs::{guard, register, Registration};
 use bitstack_quant::Budget;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mistralrs::{
@@ -97,12 +97,32 @@ struct RunArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Address to listen on.
+    /// Address to listen on. Beyond the loopback interface (0.0.0.0, a LAN
+    /// address) --api-key is required.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port to listen on (0: any free port, printed at start-up).
     #[arg(short, long, default_value_t = 8080)]
     port: u16,
+    /// Clients must send `Authorization: Bearer KEY` (all routes but
+    /// /health). Also read from MISTRALRS_BITSTACK_API_KEY, which keeps it
+    /// out of the process list.
+    #[arg(long, env = "MISTRALRS_BITSTACK_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// A web origin allowed to call the server from a browser
+    /// (`https://app.example.com`), besides pages served from localhost;
+    /// repeat for several.
+    #[arg(long, value_name = "ORIGIN")]
+    allow_origin: Vec<String>,
+    /// Largest `max_tokens` a request may ask for; requests without one get it.
+    #[arg(long, default_value_t = 4096)]
+    max_tokens_cap: usize,
+    /// Largest `n` (choices per request).
+    #[arg(long, default_value_t = 4)]
+    max_n: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
 }
 
 #[derive(Args)]
@@ -282,12 +302,33 @@ async fn run(args: RunArgs) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    let api_key = args.api_key.filter(|k| !k.is_empty());
+    if api_key.is_none() && !guard::is_loopback_host(&args.host) {
+        bail!(
+            "--host {} is reachable from other machines: give --api-key KEY (or set MISTRALRS_BITSTACK_API_KEY)",
+            args.host
+        );
+    }
+    for origin in &args.allow_origin {
+        if origin.parse::<axum::http::HeaderValue>().is_err() || !origin.contains("://") {
+            bail!("--allow-origin {origin:?} is not an origin like https://app.example.com");
+        }
+    }
+    let policy = Arc::new(guard::Policy {
+        api_key,
+        allowed_origins: args.allow_origin.clone(),
+        max_body_bytes: args.max_body_bytes,
+        max_tokens: args.max_tokens_cap,
+        max_n: args.max_n,
+    });
     let (runner, _registration) = load(&args.model).await?;
     let router =
         mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder::new()
             .with_mistralrs(runner)
+            .with_max_body_limit(args.max_body_bytes)
             .build()
-            .await?;
+            .await?
+            .layer(axum::middleware::from_fn_with_state(policy, guard::guard));
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("listening on {}:{}", args.host, args.port))?;

@@ -392,6 +392,216 @@ fn bad_input_fails_at_start_up_with_a_clear_error() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// One request to the server: status and body.
+fn call(
+    method: reqwest::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> (u16, String) {
+    let mut req = reqwest::blocking::Client::new()
+        .request(method, url)
+        .timeout(Duration::from_secs(300));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(body) = body {
+        req = req.header("content-type", "application/json").body(body);
+    }
+    let response = req.send().unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().unwrap_or_default())
+}
+
+#[test]
+fn an_exposed_server_answers_only_its_clients() {
+    let dir = checkpoint();
+    let log = std::env::temp_dir().join(format!(
+        "mistralrs-bitstack-guard-{}.log",
+        std::process::id()
+    ));
+    let model = dir.to_str().unwrap();
+    // Beyond loopback without a key: refused before loading.
+    let err = start_error(dir, "bitstack", &["--host", "0.0.0.0"], &log);
+    assert!(err.contains("--api-key"), "{err}");
+
+    let server = Server::start(
+        &[
+            "-m",
+            model,
+            "--quant",
+            "bitstack",
+            "--port",
+            "0",
+            "--api-key",
+            "k3y",
+            "--max-tokens-cap",
+            "16",
+            "--max-n",
+            "1",
+            "--max-body-bytes",
+            "20000",
+        ],
+        &log,
+    )
+    .unwrap();
+    let base = format!("http://{}", server.addr);
+    let chat = format!("{base}/v1/chat/completions");
+    let auth = ("authorization", "Bearer k3y");
+    let body = |extra: &str| {
+        format!(
+            r#"{{"model":"default","messages":[{{"role":"user","content":"Say hi."}}],"temperature":0{extra}}}"#
+        )
+    };
+    use reqwest::Method;
+    /// What it checks, method, url, headers, body, the status expected.
+    type Case<'a> = (
+        &'a str,
+        Method,
+        String,
+        Vec<(&'a str, &'a str)>,
+        Option<String>,
+        u16,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "health needs no key",
+            Method::GET,
+            format!("{base}/health"),
+            vec![],
+            None,
+            200,
+        ),
+        (
+            "no key",
+            Method::POST,
+            chat.clone(),
+            vec![],
+            Some(body("")),
+            401,
+        ),
+        (
+            "wrong key",
+            Method::POST,
+            chat.clone(),
+            vec![("authorization", "Bearer k3z")],
+            Some(body("")),
+            401,
+        ),
+        (
+            "models with the key",
+            Method::GET,
+            format!("{base}/v1/models"),
+            vec![auth],
+            None,
+            200,
+        ),
+        (
+            "unload is not mounted",
+            Method::POST,
+            format!("{base}/v1/models/unload"),
+            vec![auth],
+            Some("{}".into()),
+            404,
+        ),
+        (
+            "reload is not mounted",
+            Method::POST,
+            format!("{base}/v1/models/reload"),
+            vec![auth],
+            Some("{}".into()),
+            404,
+        ),
+        (
+            "re-ISQ is not mounted",
+            Method::POST,
+            format!("{base}/re_isq"),
+            vec![auth],
+            Some("{}".into()),
+            404,
+        ),
+        (
+            "cross-origin preflight",
+            Method::OPTIONS,
+            chat.clone(),
+            vec![
+                ("origin", "http://evil.example"),
+                ("access-control-request-method", "POST"),
+            ],
+            None,
+            403,
+        ),
+        (
+            "cross-origin post",
+            Method::POST,
+            chat.clone(),
+            vec![auth, ("origin", "http://evil.example")],
+            Some(body("")),
+            403,
+        ),
+        (
+            "max_tokens over the cap",
+            Method::POST,
+            chat.clone(),
+            vec![auth],
+            Some(body(r#","max_tokens":17"#)),
+            400,
+        ),
+        (
+            "n over the cap",
+            Method::POST,
+            chat.clone(),
+            vec![auth],
+            Some(body(r#","n":2"#)),
+            400,
+        ),
+        (
+            "malformed JSON",
+            Method::POST,
+            chat.clone(),
+            vec![auth],
+            Some("{\"model\":".into()),
+            400,
+        ),
+        (
+            "wrong type",
+            Method::POST,
+            chat.clone(),
+            vec![auth],
+            Some(body(r#","max_tokens":"many""#)),
+            400,
+        ),
+        (
+            "over-size body",
+            Method::POST,
+            chat.clone(),
+            vec![auth],
+            Some(body(&format!(r#","user":"{}""#, "x".repeat(30000)))),
+            413,
+        ),
+        (
+            "a local page, capped",
+            Method::POST,
+            chat.clone(),
+            vec![auth, ("origin", "http://localhost:3000")],
+            Some(body("")),
+            200,
+        ),
+    ];
+    for (what, method, url, headers, body, want) in cases {
+        let (status, text) = call(method, &url, &headers, body);
+        assert_eq!(status, want, "{what}: {text}");
+        if what == "a local page, capped" {
+            let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let tokens = reply["usage"]["completion_tokens"].as_u64().unwrap();
+            assert!(tokens <= 16, "{what}: {tokens} tokens");
+        }
+    }
+    // The model is still there and answers.
+    let (status, _) = call(Method::POST, &chat, &[auth], Some(body("")));
+    assert_eq!(status, 200, "{}", server.log());
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
