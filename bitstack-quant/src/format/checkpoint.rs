@@ -24,7 +24,9 @@ use crate::format::budget::Budget;
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
 use crate::format::grid::{self, Grid};
-use crate::format::order::{BlockOrder, DenseMeasurement, Geometry, LinearSlot, Measurement, Rung};
+use crate::format::order::{
+    is_measurement, BlockOrder, DenseMeasurement, Geometry, LinearSlot, Measurement, Rung,
+};
 use crate::format::store::TensorStore;
 
 /// How many blocks each BitStack linear loads.
@@ -245,7 +247,7 @@ impl Checkpoint {
 
     /// Stores a perplexity measured at a rung with the order.
     pub fn record(&mut self, measurement: Measurement) -> Result<()> {
-        if !(measurement.ppl.is_finite() && measurement.ppl > 0.0) {
+        if !is_measurement(measurement.ppl) {
             bail!(
                 "not recording a perplexity of {} at level {} in {}: only finite positive values are measurements",
                 measurement.ppl,
@@ -258,7 +260,7 @@ impl Checkpoint {
 
     /// Stores the dense model's perplexity, the reference of the ladder.
     pub fn record_dense(&mut self, measurement: DenseMeasurement) -> Result<()> {
-        if !(measurement.ppl.is_finite() && measurement.ppl > 0.0) {
+        if !is_measurement(measurement.ppl) {
             bail!(
                 "not recording a dense perplexity of {} in {}: only finite positive values are measurements",
                 measurement.ppl,

@@ -227,6 +227,11 @@ pub struct DenseMeasurement {
     pub text: String,
 }
 
+/// Whether `ppl` is a perplexity worth recording: finite and positive.
+pub fn is_measurement(ppl: f64) -> bool {
+    ppl.is_finite() && ppl > 0.0
+}
+
 /// A perplexity, with JSON's `null` (how serde_json writes NaN) read as NaN.
 fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
@@ -363,9 +368,8 @@ impl BlockOrder {
     /// Forgets recorded perplexities that are not finite positive numbers
     /// (`null` in files an older build wrote): "not measured".
     fn drop_unmeasured(&mut self) {
-        let measured = |ppl: f64| ppl.is_finite() && ppl > 0.0;
-        self.measured.retain(|m| measured(m.ppl));
-        if self.dense.as_ref().is_some_and(|d| !measured(d.ppl)) {
+        self.measured.retain(|m| is_measurement(m.ppl));
+        if self.dense.as_ref().is_some_and(|d| !is_measurement(d.ppl)) {
             self.dense = None;
         }
     }
