@@ -83,6 +83,9 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<ImportRe
     check_tensor_set(&content, &mappings).with_context(|| file.to_string())?;
     let tokenizer = crate::tokenizer::tokenizer_from_gguf(&content)
         .with_context(|| format!("building the tokenizer from {file}"))?;
+    // Before the tensors are read: a bad special token id fails at once.
+    let tokenizer_config = crate::tokenizer::tokenizer_config_json(&content, params.context_length)
+        .with_context(|| format!("reading the special tokens of {file}"))?;
 
     tracing::info!(
         "importing {file}: {} layers, hidden {}, {} tensors, tied embeddings: {tied}",
@@ -126,10 +129,7 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<ImportRe
     };
     write_json("config.json", &params.config_json(tied, dtype)?)?;
     write_json("generation_config.json", &params.generation_config_json())?;
-    write_json(
-        "tokenizer_config.json",
-        &crate::tokenizer::tokenizer_config_json(&content, params.context_length)?,
-    )?;
+    write_json("tokenizer_config.json", &tokenizer_config)?;
     let tok_path = out.path().join("tokenizer.json");
     tokenizer
         .save(&tok_path, false)

@@ -256,7 +256,11 @@ fn hostile_flags_and_files_exit_with_status_1_and_a_message() {
         (args(&["eval", packed, "--budget=-3bpw"]), 2, "budget"),
         (args(&["eval", packed, "--budget", "1e400MiB"]), 2, "budget"),
         (args(&["eval", packed, "--budget", "infGB"]), 2, "budget"),
-        (args(&["eval", packed, "--budget", "0.01bpw"]), 1, "floor"),
+        (
+            args(&["eval", packed, "--text", text, "--budget", "0.01bpw"]),
+            1,
+            "floor",
+        ),
         (eval(&huge_k), 1, "k = 100000"),
         (eval(&zero_k), 1, "k = 0"),
         (eval(&huge_niter), 1, "qweight_3"),
@@ -371,4 +375,115 @@ fn killed_runs_leave_nothing_half_written() {
         child.wait().unwrap();
         Checkpoint::open(&done).unwrap_or_else(|e| panic!("sort kill {i}: {e:#}"));
     }
+}
+
+/// The `.bitstack-*` temporaries in `dir`.
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(".bitstack-")
+        })
+        .collect()
+}
+
+/// Makes the leftovers of `dir` look long dead to the sweep.
+fn age_leftovers(dir: &Path) {
+    for p in leftovers(dir) {
+        let f = std::fs::File::open(&p).unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+    }
+}
+
+/// `import-gguf` (of the real SmolLM2 GGUF) and `eval --record` killed with
+/// SIGKILL at spread-out moments: the import is absent or a model that
+/// opens, the order file is the old one or the new one, and the next run
+/// sweeps what the killed ones left.
+#[test]
+fn killed_imports_and_records_leave_nothing_half_written() {
+    use bitstack_quant::format::checkpoint::Checkpoint;
+    use bitstack_quant::format::config::ModelConfig;
+    use bitstack_quant::format::store::TensorStore;
+
+    let f = Fixtures::new();
+    let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
+    let runs = f.root.join("imports");
+    std::fs::create_dir(&runs).unwrap();
+    let import = |out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_bitstack"))
+            .args(["import-gguf", s(&assets.gguf), s(out), "--dtype", "f16"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let start = Instant::now();
+    assert!(import(&runs.join("whole")).wait().unwrap().success());
+    let whole = start.elapsed();
+    for i in 0..5u32 {
+        let out = runs.join(format!("killed-{i}"));
+        let mut child = import(&out);
+        std::thread::sleep(whole * i / 5);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if out.exists() {
+            ModelConfig::from_dir(&out).unwrap_or_else(|e| panic!("import kill {i}: {e:#}"));
+            TensorStore::open_dir(&out).unwrap_or_else(|e| panic!("import kill {i}: {e:#}"));
+        }
+    }
+    age_leftovers(&runs);
+    assert!(import(&runs.join("after")).wait().unwrap().success());
+    assert_eq!(
+        leftovers(&runs),
+        Vec::<PathBuf>::new(),
+        "leftovers were not swept"
+    );
+
+    // eval --record: each run adds one measurement to the order file.
+    let dir = f.edited("recorded", |_| {});
+    let record = || {
+        Command::new(env!("CARGO_BIN_EXE_bitstack"))
+            .args(["eval", s(&dir), "--text", s(&f.text), "--windows", "2"])
+            .args(["--seq-len", "32", "--budget", "100%", "--record"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let start = Instant::now();
+    assert!(record().wait().unwrap().success());
+    let whole = start.elapsed();
+    let measured = || Checkpoint::open(&dir).unwrap().order().measured.len();
+    assert_eq!(measured(), 1);
+    for i in 0..6u32 {
+        let before = measured();
+        let mut child = record();
+        std::thread::sleep(whole * i / 6);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let after = Checkpoint::open(&dir)
+            .unwrap_or_else(|e| panic!("record kill {i}: {e:#}"))
+            .order()
+            .measured
+            .len();
+        assert!(
+            after == before || after == before + 1,
+            "kill {i}: {before} → {after}"
+        );
+    }
+    age_leftovers(&dir);
+    let before = measured();
+    assert!(record().wait().unwrap().success());
+    assert_eq!(measured(), before + 1);
+    assert_eq!(
+        leftovers(&dir),
+        Vec::<PathBuf>::new(),
+        "leftovers were not swept"
+    );
 }

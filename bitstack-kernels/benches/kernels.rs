@@ -1,6 +1,7 @@
 //! Decode and prefill kernels against candle's dense f32 and f16 products
-//! on the same shape, in the same run; and grid planes against AVD blocks
-//! of the same bits (`grid_…` groups).
+//! on the same shape, in the same run; grid planes against AVD blocks of
+//! the same bits (`grid_…` groups); and the host-side repacking of signs
+//! for a CUDA upload against a plain copy of the same bytes (`cuda_pack_…`).
 
 use std::time::Duration;
 
@@ -156,5 +157,49 @@ fn kernels(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, kernels, grid);
+/// Repacking a block's signs into the CUDA decode layout, which every
+/// upload does, against copying the same bytes: the floor any repacking has.
+fn cuda_pack(c: &mut Criterion) {
+    let (m, n) = (4096, 4096);
+    let mut rng = StdRng::seed_from_u64(4);
+    let bytes: Vec<u8> = (0..(m * n) / 8).map(|_| rng.random()).collect();
+    let signs = TiledSigns::from_row_major(&bytes, m, n);
+    let mut group = c.benchmark_group(format!("cuda_pack_{m}x{n}"));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    group.bench_function("mma_sign_words", |b| {
+        b.iter(|| bitstack_kernels::cuda::pack::mma_sign_words(&signs))
+    });
+    group.bench_function("copy", |b| b.iter(|| signs.as_bytes().to_vec()));
+    group.bench_function("sign_by_sign", |b| b.iter(|| sign_by_sign(&signs)));
+    group.finish();
+}
+
+/// The layout of `mma_sign_words` made one sign at a time, through
+/// `TiledSigns::sign` and `pack::position`: how uploads repacked before.
+fn sign_by_sign(signs: &TiledSigns) -> Vec<u32> {
+    use bitstack_kernels::cuda::pack::{position, words_for, CHUNK_COLS, TILE_ROWS};
+    let (m, n) = (signs.m(), signs.n());
+    let chunks = n.div_ceil(CHUNK_COLS);
+    use rayon::prelude::*;
+    let mut words = vec![0u32; words_for(m, n)];
+    words
+        .par_chunks_mut(chunks * 32)
+        .enumerate()
+        .for_each(|(tile, words)| {
+            for row in 0..TILE_ROWS.min(m - tile * TILE_ROWS) {
+                for c in 0..n {
+                    if !signs.sign(tile * TILE_ROWS + row, c) {
+                        let (lane, bit) = position(row, c % CHUNK_COLS);
+                        words[(c / CHUNK_COLS) * 32 + lane] |= 1 << bit;
+                    }
+                }
+            }
+        });
+    words
+}
+
+criterion_group!(benches, kernels, grid, cuda_pack);
 criterion_main!(benches);

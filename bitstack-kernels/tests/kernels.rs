@@ -140,6 +140,10 @@ fn mma_sign_words_hold_every_sign_where_the_tensor_core_fragment_wants_it() {
         (3, 200),
         (40, 129),
         (33, 7),
+        (15, 63),
+        (100, 300),
+        (257, 1000),
+        (2, 4097),
     ]
     .into_iter()
     .enumerate()

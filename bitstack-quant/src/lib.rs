@@ -7,7 +7,7 @@
 //! The crate is four layers, each using only the ones above it in this list:
 //!
 //! - [`format`]: the checkpoint on disk. [`Checkpoint`] opens one (config,
-//!   geometry, block order, memory-mapped tensors, validated together) and
+//!   geometry, block order, tensor headers, validated together) and
 //!   turns a [`Budget`] into a [`Plan`]; [`CheckpointWriter`] writes one.
 //! - [`runtime`]: a Llama-family model whose linears are stacks
 //!   ([`Llama`], [`WeightStack`]), the control handle that resizes it while

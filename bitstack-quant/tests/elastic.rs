@@ -175,8 +175,9 @@ fn a_corrupted_block_is_refused_on_grow_and_the_model_stays() {
     let before = logits_of(&handle.snapshot());
     let (epoch, budget) = (handle.snapshot().epoch, handle.budget());
 
-    // Flip bytes of the block at position 20 of the order, in place: the
-    // running model reads it through its memory map.
+    // Flip bytes of the block at position 20 of the order, in place and
+    // with the file's modification time kept, as bit rot would: only the
+    // checksum can tell.
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let geometry = Geometry::from_config(&cfg).unwrap();
     let (name, block) = BlockOrder::load(&dir, &geometry).unwrap().order[20].clone();
@@ -206,7 +207,8 @@ fn a_corrupted_block_is_refused_on_grow_and_the_model_stays() {
     assert_eq!(handle.level(), 20);
 }
 
-/// Flips the first 4 data bytes of `tensor` in whichever shard of `dir` holds it, in place.
+/// Flips the first 4 data bytes of `tensor` in whichever shard of `dir`
+/// holds it, in place, keeping the file's modification time.
 fn flip_bytes_of(dir: &Path, tensor: &str) {
     use std::io::{Read, Seek, SeekFrom, Write};
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -219,6 +221,7 @@ fn flip_bytes_of(dir: &Path, tensor: &str) {
             .write(true)
             .open(&path)
             .unwrap();
+        let modified = file.metadata().unwrap().modified().unwrap();
         let mut len = [0u8; 8];
         file.read_exact(&mut len).unwrap();
         let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
@@ -236,10 +239,86 @@ fn flip_bytes_of(dir: &Path, tensor: &str) {
         bytes[2] ^= 0x3c;
         file.seek(SeekFrom::Start(at)).unwrap();
         file.write_all(&bytes).unwrap();
+        file.set_modified(modified).unwrap();
         file.sync_all().unwrap();
         return;
     }
     panic!("no shard holds {tensor}");
+}
+
+/// The shard of `dir` that holds block 0 of the first linear grown at level
+/// `level` of the order.
+fn shard_of_level(dir: &Path, level: usize) -> PathBuf {
+    let cfg = ModelConfig::from_dir(dir).unwrap();
+    let geometry = Geometry::from_config(&cfg).unwrap();
+    let (name, block) = BlockOrder::load(dir, &geometry).unwrap().order[level].clone();
+    let store = bitstack_quant::format::store::TensorStore::open_dir(dir).unwrap();
+    store
+        .file_of(&format!("{name}.qweight_{block}"))
+        .unwrap()
+        .to_path_buf()
+}
+
+#[test]
+fn a_shard_changed_under_a_running_model_is_an_error_on_grow_not_a_crash() {
+    type Change = fn(&Path);
+    let changes: [(&str, Change, &str); 3] = [
+        // `cp new old` truncates in place first: with a memory map, the next
+        // grow touching the cut pages died of SIGBUS.
+        (
+            "truncated in place",
+            |p| {
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+            },
+            "bytes, now",
+        ),
+        // Same length, new bytes, new modification time.
+        (
+            "rewritten in place",
+            |p| {
+                let mut bytes = std::fs::read(p).unwrap();
+                let n = bytes.len();
+                bytes[n - 64..].iter_mut().for_each(|b| *b ^= 0x11);
+                std::thread::sleep(Duration::from_millis(20));
+                std::fs::write(p, bytes).unwrap();
+                let f = std::fs::File::options().write(true).open(p).unwrap();
+                f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+                    .unwrap();
+            },
+            "modification time",
+        ),
+        // Another file renamed over it: the open one is intact, but the
+        // user has put another model there.
+        (
+            "replaced by a rename",
+            |p| {
+                let other = p.with_extension("new");
+                std::fs::copy(p, &other).unwrap();
+                std::fs::rename(&other, p).unwrap();
+            },
+            "another file is now at its path",
+        ),
+    ];
+    for (what, change, expected) in changes {
+        let root = tempfile::tempdir().unwrap();
+        let dir = compressed(root.path());
+        let handle = BitStackHandle::open(&dir, None, &Device::Cpu).unwrap();
+        handle.set_level(0).unwrap();
+        let before = logits_of(&handle.snapshot());
+        let shard = shard_of_level(&dir, 0);
+        change(&shard);
+        let e = handle.set_level(handle.max_level()).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("changed on disk since it was opened")
+                && msg.contains(expected)
+                && msg.contains(&shard.display().to_string()),
+            "{what}: {msg}"
+        );
+        assert_eq!(handle.level(), 0, "{what}");
+        assert_eq!(logits_of(&handle.snapshot()), before, "{what}");
+    }
 }
 
 #[test]

@@ -13,6 +13,9 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 const MAX_ARRAY_DEPTH: u32 = 4;
 /// GGML tensors have at most 4 dimensions.
 const MAX_DIMS: u32 = 4;
+/// The metadata key candle rounds the start of the tensor data up to a
+/// multiple of (dividing by it).
+const ALIGNMENT_KEY: &str = "general.alignment";
 
 /// Walks the header (metadata and tensor infos) without allocating for any
 /// claimed length; leaves the reader at the start.
@@ -37,9 +40,13 @@ pub(crate) fn check_header<R: Read + Seek>(reader: &mut BufReader<R>, len: u64) 
     let tensors = scan.count("tensor count")?;
     let kvs = scan.count("metadata count")?;
     for _ in 0..kvs {
-        scan.string("metadata key")?;
+        let alignment = scan.key_is_alignment()?;
         let ty = scan.u32("metadata type")?;
-        scan.value(ty, 0)?;
+        if alignment {
+            scan.alignment(ty)?;
+        } else {
+            scan.value(ty, 0)?;
+        }
     }
     for _ in 0..tensors {
         let name = scan.name("tensor name")?;
@@ -149,6 +156,44 @@ impl<R: Read + Seek> Scan<'_, R> {
     fn string(&mut self, what: &str) -> Result<()> {
         let n = self.count(what)?;
         self.skip(n, what)
+    }
+
+    /// Reads a metadata key and tells whether it is `general.alignment`,
+    /// allocating nothing.
+    fn key_is_alignment(&mut self) -> Result<bool> {
+        let n = self.count("metadata key")?;
+        if n != ALIGNMENT_KEY.len() as u64 {
+            self.skip(n, "metadata key")?;
+            return Ok(false);
+        }
+        let mut buf = [0u8; ALIGNMENT_KEY.len()];
+        self.bytes(&mut buf, "metadata key")?;
+        Ok(buf == *ALIGNMENT_KEY.as_bytes())
+    }
+
+    /// The value of `general.alignment`, of type `ty`: candle divides by it
+    /// when it is an integer of at most 32 bits (and ignores it otherwise),
+    /// so such a value of 0 is refused here.
+    fn alignment(&mut self, ty: u32) -> Result<()> {
+        let at = self.pos;
+        let value = match ty {
+            0 | 1 => {
+                let mut b = [0u8; 1];
+                self.bytes(&mut b, ALIGNMENT_KEY)?;
+                u64::from(b[0])
+            }
+            2 | 3 => {
+                let mut b = [0u8; 2];
+                self.bytes(&mut b, ALIGNMENT_KEY)?;
+                u64::from(u16::from_le_bytes(b))
+            }
+            4 | 5 => u64::from(self.u32(ALIGNMENT_KEY)?),
+            _ => return self.value(ty, 0),
+        };
+        if value == 0 {
+            bail!("`{ALIGNMENT_KEY}` at offset {at} is 0: the tensor data cannot be aligned to it");
+        }
+        Ok(())
     }
 
     /// A string read in full (its length is checked first).

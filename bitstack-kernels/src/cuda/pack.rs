@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use crate::layout::TiledSigns;
+use crate::layout::{tiled_row, TiledSigns};
 
 /// Rows of `W` per tile: the M of one tensor-core product.
 pub const TILE_ROWS: usize = 16;
@@ -42,9 +42,22 @@ pub fn position(row: usize, col: usize) -> (usize, u32) {
 }
 
 /// The signs of `signs` in the decode kernel's layout.
+///
+/// Byte by byte, not sign by sign: a row's byte `q` holds columns
+/// `8q..8q + 8`, which all fall in one 16-column step and one half of it,
+/// so they go to one register of four consecutive lanes, two adjacent
+/// columns per lane (the lower in bit `base`, the upper in `base + 16`).
+/// A 4096×4096 block is 2 M bytes to scatter rather than 16 M signs.
 pub fn mma_sign_words(signs: &TiledSigns) -> Vec<u32> {
     let (m, n) = (signs.m(), signs.n());
     let chunks = n.div_ceil(CHUNK_COLS);
+    let row_bytes = n.div_ceil(8);
+    // Columns past `n` in a row's last byte are 0 (+1 in neither layout).
+    let tail = if n.is_multiple_of(8) {
+        0xff
+    } else {
+        0xffu8 << (8 - n % 8)
+    };
     let mut words = vec![0u32; words_for(m, n)];
     if words.is_empty() {
         return words;
@@ -53,12 +66,27 @@ pub fn mma_sign_words(signs: &TiledSigns) -> Vec<u32> {
         .par_chunks_mut(chunks * 32)
         .enumerate()
         .for_each(|(tile, words)| {
-            for row in 0..TILE_ROWS.min(m - tile * TILE_ROWS) {
-                let i = tile * TILE_ROWS + row;
-                for c in 0..n {
-                    if !signs.sign(i, c) {
-                        let (lane, bit) = position(row, c % CHUNK_COLS);
-                        words[(c / CHUNK_COLS) * 32 + lane] |= 1 << bit;
+            let mut row = vec![0u8; row_bytes];
+            for r in 0..TILE_ROWS.min(m - tile * TILE_ROWS) {
+                tiled_row(signs, tile * TILE_ROWS + r, 0, &mut row);
+                // The four lanes of row `r` (see [`position`]).
+                let lane = (r % 8) * 4;
+                for (q, &byte) in row.iter().enumerate() {
+                    // A set bit of `TiledSigns` is +1; the kernel's is −1.
+                    let mut negative = !byte;
+                    if q + 1 == row_bytes {
+                        negative &= tail;
+                    }
+                    if negative == 0 {
+                        continue;
+                    }
+                    let (chunk, b) = (q / 8, q % 8);
+                    let base = (b / 2) * 4 + r / 8 + 2 * (b % 2);
+                    let lanes = &mut words[chunk * 32 + lane..chunk * 32 + lane + 4];
+                    for (j, word) in lanes.iter_mut().enumerate() {
+                        // Columns 2j and 2j + 1 of the byte, most significant first.
+                        let pair = u32::from(negative >> (6 - 2 * j)) & 0b11;
+                        *word |= (pair >> 1) << base | (pair & 1) << (base + 16);
                     }
                 }
             }

@@ -65,7 +65,14 @@ impl FromStr for Budget {
         ];
         for (unit, scale) in UNITS {
             if let Some(x) = lower.strip_suffix(unit) {
-                return Ok(Budget::Bytes((number(x)? * scale).floor() as u64));
+                // Less than one byte is no budget, as 0 is none: `0.5B`
+                // would print as `0B`, which does not parse.
+                let bytes = (number(x)? * scale).floor();
+                return if bytes >= 1.0 {
+                    Ok(Budget::Bytes(bytes as u64))
+                } else {
+                    Err(bad())
+                };
             }
         }
         Err(bad())
@@ -120,6 +127,7 @@ mod tests {
     fn junk_is_an_error() {
         for junk in [
             "", "900", "MiB", "-3GB", "0bpw", "abcbpw", "150%", "1e400GB", "3.5 bits", "NaNbpw",
+            "0.5B", "5.4e-8b",
         ] {
             let e = junk.parse::<Budget>().unwrap_err();
             assert!(e.to_string().contains("invalid budget"), "{junk}");

@@ -79,7 +79,7 @@ impl Plan {
 static OPENED: AtomicUsize = AtomicUsize::new(0);
 
 /// A BitStack checkpoint directory: config, geometry, block order and the
-/// memory-mapped tensors, read once and validated together.
+/// tensors' headers, read once and validated together.
 pub struct Checkpoint {
     dir: PathBuf,
     config: ModelConfig,
@@ -239,7 +239,7 @@ impl Checkpoint {
     pub fn read_block(&self, slot: &LinearSlot, i: usize) -> Result<Block> {
         let checked = CheckedBlock::read(&self.store, &slot.name, i, slot.shape())?;
         Ok(Block {
-            signs: checked.signs.to_vec(),
+            signs: checked.signs,
             u: checked.u,
             vt: checked.vt,
         })
@@ -314,16 +314,16 @@ fn check_stored(store: &TensorStore, slot: &LinearSlot) -> Result<()> {
     if let Some(cfg) = slot.grid {
         let (groups, o) = (cfg.groups(n), cfg.outliers);
         let path = &slot.name;
-        store.bytes(&grid::names::center(path), Dtype::F16, &[m, groups])?;
-        store.bytes(&grid::names::scale(path), Dtype::F16, &[m, groups])?;
-        store.bytes(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?;
-        store.bytes(
+        store.check(&grid::names::center(path), Dtype::F16, &[m, groups])?;
+        store.check(&grid::names::scale(path), Dtype::F16, &[m, groups])?;
+        store.check(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?;
+        store.check(
             &grid::names::outlier_value(path),
             Dtype::F16,
             &[m, groups, o],
         )?;
         for b in 0..cfg.planes {
-            store.bytes(
+            store.check(
                 &grid::names::plane(path, b),
                 Dtype::U8,
                 &[shape.sign_bytes()],
@@ -339,9 +339,9 @@ fn check_stored(store: &TensorStore, slot: &LinearSlot) -> Result<()> {
                 slot.stored
             );
         }
-        store.bytes(&qweight, Dtype::U8, &[shape.sign_bytes()])?;
-        store.bytes(&names::u(&slot.name, i), Dtype::F16, &[m, k])?;
-        store.bytes(&names::vt(&slot.name, i), Dtype::F16, &[k, n])?;
+        store.check(&qweight, Dtype::U8, &[shape.sign_bytes()])?;
+        store.check(&names::u(&slot.name, i), Dtype::F16, &[m, k])?;
+        store.check(&names::vt(&slot.name, i), Dtype::F16, &[k, n])?;
     }
     Ok(())
 }
@@ -354,16 +354,14 @@ pub fn read_grid(store: &TensorStore, slot: &LinearSlot) -> Result<Grid> {
         .with_context(|| format!("linear `{path}` has no grid"))?;
     let (groups, o) = (cfg.groups(n), cfg.outliers);
     let f16s = |name: String, shape: &[usize]| {
-        finite_f16(store.bytes(&name, Dtype::F16, shape)?, || {
+        finite_f16(&store.bytes(&name, Dtype::F16, shape)?, || {
             store.location(&name)
         })
     };
     let grid = Grid {
         center: f16s(grid::names::center(path), &[m, groups])?,
         scale: f16s(grid::names::scale(path), &[m, groups])?,
-        outlier_col: store
-            .bytes(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?
-            .to_vec(),
+        outlier_col: store.bytes(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?,
         outlier_value: f16s(grid::names::outlier_value(path), &[m, groups, o])?,
     };
     check_checksum(
@@ -384,15 +382,15 @@ pub fn read_grid(store: &TensorStore, slot: &LinearSlot) -> Result<Grid> {
 }
 
 /// Row-major packed signs of grid plane `b` of `slot`, checked against
-/// its checksum, still in the memory map.
-pub fn read_plane<'a>(store: &'a TensorStore, slot: &LinearSlot, b: usize) -> Result<&'a [u8]> {
+/// its checksum.
+pub fn read_plane(store: &TensorStore, slot: &LinearSlot, b: usize) -> Result<Vec<u8>> {
     let name = grid::names::plane(&slot.name, b);
     let signs = store.bytes(&name, Dtype::U8, &[slot.shape().sign_bytes()])?;
     check_checksum(
         store,
         &slot.name,
         &grid::names::plane_checksum(&slot.name, b),
-        grid::plane_checksum(signs),
+        grid::plane_checksum(&signs),
         || name.clone(),
     )
     .with_context(|| format!("plane {b}"))?;
@@ -426,31 +424,31 @@ fn check_checksum(
     Ok(())
 }
 
-/// A block whose bytes passed every check: the signs still in the map, the
-/// factors copied out.
-pub struct CheckedBlock<'a> {
-    /// Row-major packed signs, in the memory map.
-    pub signs: &'a [u8],
+/// A block whose bytes passed every check, read into memory it owns: the
+/// checks hold for these very bytes, whatever happens to the file later.
+pub struct CheckedBlock {
+    /// Row-major packed signs.
+    pub signs: Vec<u8>,
     pub u: Vec<f16>,
     pub vt: Vec<f16>,
 }
 
-impl<'a> CheckedBlock<'a> {
+impl CheckedBlock {
     /// Block `i` of linear `path` of `store`: dtypes, shapes, finiteness
     /// and, when the checkpoint carries one, the checksum are checked.
-    pub fn read(store: &'a TensorStore, path: &str, i: usize, shape: BlockShape) -> Result<Self> {
+    pub fn read(store: &TensorStore, path: &str, i: usize, shape: BlockShape) -> Result<Self> {
         let BlockShape { m, n, k } = shape;
         let (u_name, vt_name) = (names::u(path, i), names::vt(path, i));
         let signs = store.bytes(&names::qweight(path, i), Dtype::U8, &[shape.sign_bytes()])?;
-        let u = finite_f16(store.bytes(&u_name, Dtype::F16, &[m, k])?, || {
+        let u = finite_f16(&store.bytes(&u_name, Dtype::F16, &[m, k])?, || {
             store.location(&u_name)
         })?;
-        let vt = finite_f16(store.bytes(&vt_name, Dtype::F16, &[k, n])?, || {
+        let vt = finite_f16(&store.bytes(&vt_name, Dtype::F16, &[k, n])?, || {
             store.location(&vt_name)
         })?;
         // Checkpoints written by the reference carry no checksums.
         if let Some(stored) = store.meta(&names::checksum(path, i)) {
-            let computed = format!("{:08x}", checksum(signs, &u, &vt));
+            let computed = format!("{:08x}", checksum(&signs, &u, &vt));
             if stored != computed {
                 let file = store
                     .file_of(&names::qweight(path, i))

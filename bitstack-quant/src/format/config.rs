@@ -243,6 +243,11 @@ impl ModelConfig {
                     q.quant_method
                 );
             }
+            if q.niter == 0 {
+                bail!(
+                    "quantization_config.niter is 0: every linear stores at least one block (its floor)"
+                );
+            }
             match (q.format_version, &q.grid) {
                 (FORMAT_VERSION, None) => {}
                 (FORMAT_VERSION_GRID, Some(grid)) => {

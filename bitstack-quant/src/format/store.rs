@@ -1,17 +1,26 @@
-//! Memory-mapped, validated access to the safetensors files of a model dir.
+//! Validated access to the safetensors files of a model dir.
 //!
 //! Every error names the file and the tensor: a truncated file says which
 //! tensors it cuts off, a wrong shape or dtype says what was expected, and
 //! non-finite values are refused with their position.
+//!
+//! Tensors are read with positioned reads into memory the caller owns, not
+//! through a memory map: a server keeps its checkpoint open for its whole
+//! life and reads blocks again on every grow, and a shard that is truncated
+//! or rewritten in place meanwhile (`cp new old`) must give an error, not a
+//! SIGBUS or bytes that change under a checked slice. Each read first
+//! checks that the file is still the one that was opened (same length,
+//! modification time and, on Unix, inode) and checks again after reading.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
-use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::tensor::Metadata;
+use safetensors::Dtype;
 
 use crate::format::dense::DenseDtype;
 
@@ -24,9 +33,116 @@ struct Entry {
     end: usize,
 }
 
-/// All tensors of a model directory, memory-mapped.
+/// One open safetensors file and what it was when opened.
+struct Shard {
+    path: PathBuf,
+    file: File,
+    seen: FileState,
+}
+
+/// What identifies a file's contents cheaply: if none of it changed, the
+/// bytes read now are the bytes the header was checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileState {
+    len: u64,
+    modified: Option<SystemTime>,
+    /// Device and inode, where the platform has them.
+    id: Option<(u64, u64)>,
+}
+
+impl FileState {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            Some((meta.dev(), meta.ino()))
+        };
+        #[cfg(not(unix))]
+        let id = None;
+        Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            id,
+        }
+    }
+}
+
+impl Shard {
+    /// Fails, saying how, if the open file or the file now at its path is
+    /// not the one that was opened.
+    fn check_unchanged(&self) -> Result<()> {
+        let changed = |how: String| {
+            anyhow::anyhow!(
+                "{} changed on disk since it was opened ({how}): it was rewritten or replaced while in use; open the model again",
+                self.path.display()
+            )
+        };
+        let now = FileState::of(
+            &self
+                .file
+                .metadata()
+                .with_context(|| format!("cannot stat {}", self.path.display()))?,
+        );
+        if now.len != self.seen.len {
+            return Err(changed(format!("{} bytes, now {}", self.seen.len, now.len)));
+        }
+        if now.modified != self.seen.modified {
+            return Err(changed("its modification time moved".into()));
+        }
+        // Replaced by a rename: the open file is intact, but the user has
+        // put another model at this path, and mixing them would be wrong.
+        let at_path = std::fs::metadata(&self.path)
+            .map_err(|e| changed(format!("the path no longer opens: {e}")))?;
+        if FileState::of(&at_path).id != self.seen.id {
+            return Err(changed("another file is now at its path".into()));
+        }
+        Ok(())
+    }
+
+    /// Bytes `start..end` of the file, read into a new buffer.
+    fn read(&self, start: usize, end: usize) -> Result<Vec<u8>> {
+        self.check_unchanged()?;
+        let mut buf = vec![0u8; end - start];
+        read_exact_at(&self.file, &mut buf, start as u64).with_context(|| {
+            format!(
+                "cannot read bytes {start}..{end} of {}",
+                self.path.display()
+            )
+        })?;
+        // A rewrite during the read would not show in the bytes themselves.
+        self.check_unchanged()?;
+        Ok(buf)
+    }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Headers larger than this are refused before they are read (safetensors'
+/// own limit is the same 100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// All tensors of a model directory: the headers parsed and checked, the
+/// files kept open for positioned reads.
 pub struct TensorStore {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<Shard>,
     entries: HashMap<String, Entry>,
     /// The `__metadata__` entries of all files.
     metadata: HashMap<String, String>,
@@ -94,13 +210,12 @@ impl TensorStore {
         for (i, path) in paths.iter().enumerate() {
             let file =
                 File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-            // SAFETY: the file is opened read-only; a concurrent writer would be a
-            // user error that safetensors' own loaders accept in the same way.
-            let mmap = unsafe { Mmap::map(&file) }
-                .with_context(|| format!("cannot map {}", path.display()))?;
-            let (header, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| explain_bad_file(path, &mmap, e))?;
-            let base = 8 + header;
+            let seen = FileState::of(
+                &file
+                    .metadata()
+                    .with_context(|| format!("cannot stat {}", path.display()))?,
+            );
+            let (base, metadata) = read_header(path, &file, seen.len)?;
             if let Some(m) = metadata.metadata() {
                 for (k, v) in m {
                     if file_metadata
@@ -135,7 +250,11 @@ impl TensorStore {
                     },
                 );
             }
-            files.push((path.clone(), mmap));
+            files.push(Shard {
+                path: path.clone(),
+                file,
+                seen,
+            });
         }
         Ok(Self {
             files,
@@ -153,7 +272,7 @@ impl TensorStore {
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.entries
             .get(name)
-            .map(|e| self.files[e.file].0.as_path())
+            .map(|e| self.files[e.file].path.as_path())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -175,7 +294,7 @@ impl TensorStore {
                 "tensor `{name}` is missing from {}",
                 self.files
                     .iter()
-                    .map(|(p, _)| p.display().to_string())
+                    .map(|f| f.path.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
             )
@@ -184,38 +303,14 @@ impl TensorStore {
 
     pub fn location(&self, name: &str) -> String {
         match self.entries.get(name) {
-            Some(e) => format!("tensor `{name}` in {}", self.files[e.file].0.display()),
+            Some(e) => format!("tensor `{name}` in {}", self.files[e.file].path.display()),
             None => format!("tensor `{name}`"),
         }
     }
 
-    /// Lets the kernel drop the resident pages of `name`, already copied
-    /// out: a streaming reader of a large file then holds only what it is
-    /// working on. A later read maps the pages in again from the file.
-    pub fn release(&self, name: &str) {
-        #[cfg(unix)]
-        if let Some(e) = self.entries.get(name) {
-            let map = &self.files[e.file].1;
-            // SAFETY: the mapping is a read-only private map of a file that
-            // is not written while open; dropping its pages only makes the
-            // next access read them again, so no view of it changes.
-            let dropped = unsafe {
-                map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    e.start,
-                    e.end - e.start,
-                )
-            };
-            if let Err(err) = dropped {
-                tracing::debug!("releasing the pages of {}: {err}", self.location(name));
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = name;
-    }
-
-    /// Raw bytes of `name`, checked against the expected dtype and shape.
-    pub fn bytes(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&[u8]> {
+    /// Checks that `name` is stored with `dtype` and `shape`; reads nothing
+    /// but the header parsed at open.
+    pub fn check(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<()> {
         let e = self.entry(name)?;
         if e.dtype != dtype {
             bail!(
@@ -233,14 +328,29 @@ impl TensorStore {
                 shape
             );
         }
-        Ok(&self.files[e.file].1[e.start..e.end])
+        Ok(())
+    }
+
+    /// Raw bytes of `name`, checked against the expected dtype and shape,
+    /// read into a new buffer (see the module doc).
+    pub fn bytes(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<Vec<u8>> {
+        self.check(name, dtype, shape)?;
+        self.raw(name)
+    }
+
+    /// Raw bytes of `name` as stored, read into a new buffer.
+    fn raw(&self, name: &str) -> Result<Vec<u8>> {
+        let e = self.entry(name)?;
+        self.files[e.file]
+            .read(e.start, e.end)
+            .with_context(|| format!("reading {}", self.location(name)))
     }
 
     /// `name` as f32 values (from f32, f16 or bf16), with its shape; refuses
     /// NaN and infinities.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let e = self.entry(name)?;
-        let raw = &self.files[e.file].1[e.start..e.end];
+        let raw = self.raw(name)?;
         let values: Vec<f32> = match e.dtype {
             Dtype::F32 => raw
                 .chunks_exact(4)
@@ -277,9 +387,9 @@ impl TensorStore {
     }
 
     /// Dense tensor `name` as stored (f32, f16 or bf16) with a required
-    /// shape: its type and little-endian bytes, still in the map. NaN and
-    /// infinities are refused with their position.
-    pub fn dense_shaped(&self, name: &str, shape: &[usize]) -> Result<(DenseDtype, &[u8])> {
+    /// shape: its type and little-endian bytes. NaN and infinities are
+    /// refused with their position.
+    pub fn dense_shaped(&self, name: &str, shape: &[usize]) -> Result<(DenseDtype, Vec<u8>)> {
         let dtype = self.dense_dtype(name)?;
         let raw = self.bytes(name, dtype.safetensors(), shape)?;
         // An all-ones exponent is an infinity or a NaN.
@@ -355,38 +465,60 @@ fn index_string(mut flat: usize, shape: &[usize]) -> String {
     format!("{idx:?}")
 }
 
-/// Turns safetensors' header error into one that names the file and, for a
-/// truncated file, the first tensor it cuts off.
-fn explain_bad_file(path: &Path, buf: &[u8], err: safetensors::SafeTensorError) -> anyhow::Error {
-    if let Some(cut) = truncated_tensor(buf) {
-        return anyhow::anyhow!(
-            "{} is truncated: tensor `{}` needs bytes up to {}, the file has {} (re-download or re-create it)",
+/// Reads and checks the header of safetensors file `path` of `len` bytes:
+/// returns where the data starts and the header. A file shorter than its
+/// header promises names the first tensor it cuts off.
+fn read_header(path: &Path, file: &File, len: u64) -> Result<(usize, Metadata)> {
+    let bad =
+        |why: String| anyhow::anyhow!("{} is not a valid safetensors file: {why}", path.display());
+    let mut prefix = [0u8; 8];
+    if len < 8 {
+        return Err(bad(format!(
+            "it has {len} bytes, fewer than a header length"
+        )));
+    }
+    read_exact_at(file, &mut prefix, 0)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let n = u64::from_le_bytes(prefix);
+    if n > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "its header claims {n} bytes, more than {MAX_HEADER_BYTES}"
+        )));
+    }
+    if n > len - 8 {
+        return Err(anyhow::anyhow!(
+            "{} is truncated: its header needs {} bytes, the file has {len} (re-download or re-create it)",
             path.display(),
-            cut.0,
-            cut.1,
-            buf.len()
-        );
+            8 + n
+        ));
     }
-    anyhow::anyhow!("{} is not a valid safetensors file: {err}", path.display())
-}
-
-fn truncated_tensor(buf: &[u8]) -> Option<(String, usize)> {
-    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?) as usize;
-    let header = buf.get(8..8usize.checked_add(n)?)?;
-    let json: serde_json::Value = serde_json::from_slice(header).ok()?;
-    let mut worst: Option<(String, usize)> = None;
-    for (name, info) in json.as_object()? {
-        if name == "__metadata__" {
-            continue;
-        }
-        let end = usize::try_from(info["data_offsets"][1].as_u64()?)
-            .ok()?
-            .checked_add(8 + n)?;
-        if end > buf.len() && worst.as_ref().is_none_or(|w| end < w.1) {
-            worst = Some((name.clone(), end));
+    let mut header = vec![0u8; n as usize];
+    read_exact_at(file, &mut header, 8)
+        .with_context(|| format!("cannot read the header of {}", path.display()))?;
+    let metadata: Metadata = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    let base = 8 + n as usize;
+    let data = len - base as u64;
+    if (metadata.data_len() as u64) > data {
+        let cut = metadata
+            .tensors()
+            .into_iter()
+            .filter(|(_, info)| info.data_offsets.1 as u64 > data)
+            .min_by_key(|(_, info)| info.data_offsets.1);
+        if let Some((name, info)) = cut {
+            bail!(
+                "{} is truncated: tensor `{name}` needs bytes up to {}, the file has {len} (re-download or re-create it)",
+                path.display(),
+                base + info.data_offsets.1
+            );
         }
     }
-    worst
+    if (metadata.data_len() as u64) != data {
+        return Err(bad(format!(
+            "its tensors cover {} bytes of data, the file holds {data}",
+            metadata.data_len()
+        )));
+    }
+    Ok((base, metadata))
 }
 
 #[cfg(test)]

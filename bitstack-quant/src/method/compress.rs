@@ -273,10 +273,10 @@ pub fn compress_on(
         );
     }
 
-    // Streaming: the source is mapped, not loaded. Only the calibration
-    // windows' hidden states, one decoder layer's weights and its input
-    // statistics are held; each tensor's mapped pages are released once
-    // copied out, so the resident set does not grow with the layer count.
+    // Streaming: the source is read tensor by tensor, not loaded. Only the
+    // calibration windows' hidden states, one decoder layer's weights and
+    // its input statistics are held, so the resident set does not grow
+    // with the layer count.
     let store = TensorStore::open_dir(model_dir)?;
     let mut calibration = {
         let embed = stored_tensor(&store, EMBED, &[cfg.vocab_size, cfg.hidden_size], device)?
@@ -289,7 +289,6 @@ pub fn compress_on(
             opts.feedback.is_some() && opts.niter > 0,
         )?
     };
-    store.release(EMBED);
     let rope = Rope::new(&cfg, opts.seq_len, device)?;
     let ctx = DecoderContext {
         cfg: &cfg,
@@ -312,10 +311,6 @@ pub fn compress_on(
     for l in 0..cfg.num_hidden_layers {
         let t0 = Instant::now();
         let mut layer = DecoderLayer::load(&store, &cfg, l, &BlockCounts::all(), device)?;
-        let prefix = format!("model.layers.{l}.");
-        for name in store.names().filter(|n| n.starts_with(&prefix)) {
-            store.release(name);
-        }
         let layer_stats = &calibration.next_layer_of(&ctx, &layer)?;
         pb.inc(1);
         calibration_time += t0.elapsed();
@@ -411,7 +406,6 @@ pub fn compress_on(
         .into_iter()
         .map(|(name, shape)| {
             let values = store.f32_shaped(name, &shape)?;
-            store.release(name);
             Ok((name.to_string(), OwnedTensor::f32(&values, &shape)))
         })
         .collect::<Result<Vec<_>>>()?;

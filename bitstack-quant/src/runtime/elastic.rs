@@ -1,6 +1,6 @@
 //! The runtime control handle: resize a running BitStack model.
 //!
-//! A [`BitStackHandle`] owns the memory-mapped checkpoint, the global block
+//! A [`BitStackHandle`] owns the open checkpoint, the global block
 //! order and the current [`Snapshot`] of the model. A snapshot is an
 //! immutable model at one level of the order; forwards take one
 //! ([`BitStackHandle::snapshot`]) and run on it from start to end, so a
@@ -14,7 +14,7 @@
 //! handle's own reference goes to a background thread, because freeing
 //! hundreds of MiB takes far longer than the swap
 //! ([`BitStackHandle::wait_released`] waits for it). Grown
-//! blocks are copied out of the memory map and checked against the
+//! blocks are read into memory the model owns and checked against the
 //! checksums written at compression time before any forward can see them.
 //!
 //! ```no_run

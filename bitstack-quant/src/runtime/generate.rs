@@ -193,17 +193,49 @@ impl<'a> TextStream<'a> {
             .tokenizer
             .decode(&self.ids, true)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        if text.ends_with('\u{fffd}') || text.len() < self.printed {
-            return Ok(String::new());
-        }
-        // The decoder may rewrite earlier text (a multi-byte character
-        // completed, spaces cleaned up): start at a character boundary.
-        let mut start = self.printed;
-        while !text.is_char_boundary(start) {
-            start += 1;
-        }
-        let piece = text[start..].to_string();
-        self.printed = text.len();
-        Ok(piece)
+        Ok(match new_piece(&text, self.printed) {
+            Some(piece) => {
+                self.printed = text.len();
+                piece.to_string()
+            }
+            None => String::new(),
+        })
+    }
+}
+
+/// What of `text`, the whole decoded text so far, is new after the first
+/// `printed` bytes were printed; `None` while it ends in an incomplete
+/// character or is shorter than what was printed.
+///
+/// The decoder may rewrite earlier text (a multi-byte character completed,
+/// spaces cleaned up), so byte `printed` of the new text may fall inside a
+/// character: the piece starts at the next character boundary.
+fn new_piece(text: &str, printed: usize) -> Option<&str> {
+    if text.ends_with('\u{fffd}') || text.len() < printed {
+        return None;
+    }
+    let mut start = printed;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    Some(&text[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_piece;
+
+    #[test]
+    fn a_rewritten_text_is_cut_at_a_character_boundary() {
+        // "ab" was printed; the decoder then rewrote it to "aé…": byte 2 is
+        // inside "é" (bytes 1..3), so slicing there would panic.
+        assert_eq!(new_piece("aéz", 2), Some("z"));
+        assert_eq!(new_piece("a€", 2), Some(""));
+        // Held back: an incomplete character, or text that shrank.
+        assert_eq!(new_piece("ab\u{fffd}", 2), None);
+        assert_eq!(new_piece("a", 2), None);
+        // The plain case: what follows what was printed.
+        assert_eq!(new_piece("hello world", 5), Some(" world"));
+        assert_eq!(new_piece("", 0), Some(""));
     }
 }

@@ -541,7 +541,12 @@ pub fn stored_tensor(
     device: &Device,
 ) -> Result<Tensor> {
     let (dtype, raw) = store.dense_shaped(name, shape)?;
-    Ok(Tensor::from_raw_buffer(raw, dtype.candle(), shape, device)?)
+    Ok(Tensor::from_raw_buffer(
+        &raw,
+        dtype.candle(),
+        shape,
+        device,
+    )?)
 }
 
 /// The weight of linear `path`: dense if `path.weight` exists, else the

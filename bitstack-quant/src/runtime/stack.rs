@@ -42,13 +42,13 @@ impl std::ops::Deref for StackBlock {
 
 impl StackBlock {
     /// Reads block `i` of linear `path` (see [`CheckedBlock::read`]), with
-    /// the signs re-tiled for the kernels straight out of the memory map:
-    /// the grow path of a resize, which copies each sign byte once.
+    /// the signs re-tiled for the kernels from the checked buffer: the grow
+    /// path of a resize.
     pub fn read(store: &TensorStore, path: &str, i: usize, shape: BlockShape) -> Result<Self> {
         let checked = CheckedBlock::read(store, path, i, shape)?;
         Ok(Self {
             block: OwnedBlock::from_row_major(
-                checked.signs,
+                &checked.signs,
                 shape.m,
                 shape.n,
                 checked.u,
@@ -112,7 +112,7 @@ impl StackPlane {
             None
         };
         Ok(Self {
-            signs: TiledSigns::from_row_major(signs, slot.m, slot.n),
+            signs: TiledSigns::from_row_major(&signs, slot.m, slot.n),
             grid,
         })
     }
