@@ -50,6 +50,13 @@ for crate in "${CRATES[@]}"; do
     fi
     cp -R "$(dirname "$manifest")" "$DEST/$crate"
     chmod -R u+w "$DEST/$crate"
+    # mistralrs-core's build script asks cargo to rerun it when `.git/HEAD`
+    # of the crate changes; a published crate has none, and a missing file
+    # counts as changed, so every cargo command rebuilt mistralrs-core
+    # (minutes). A detached HEAD file stands in: git ignores a `.git` dir
+    # without objects, so `git rev-parse` still finds the repository below.
+    mkdir -p "$DEST/$crate/.git"
+    echo "0000000000000000000000000000000000000000" >"$DEST/$crate/.git/HEAD"
     echo "Copied $crate $VERSION from $(dirname "$manifest")"
 done
 

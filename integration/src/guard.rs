@@ -14,10 +14,12 @@
 //!   the health check, compared in constant time; `serve` requires a key
 //!   when it listens beyond the loopback interface;
 //! - caps a completion request's body size, `n` and `max_tokens` (a
-//!   request without `max_tokens` gets the cap).
+//!   request without `max_tokens` gets the cap), and the time its body may
+//!   take to arrive (a client that stalls mid-body gets a 408).
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -54,6 +56,8 @@ pub struct Policy {
     pub max_tokens: usize,
     /// Largest `n` (choices per request).
     pub max_n: usize,
+    /// Longest a completion request's body may take to arrive.
+    pub body_timeout: Duration,
 }
 
 /// Whether `host` (an address or `localhost`) is only reachable from this
@@ -219,14 +223,25 @@ pub async fn guard(State(policy): State<Arc<Policy>>, req: Request, next: Next) 
         return next.run(req).await;
     }
     let (mut parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, policy.max_body_bytes).await {
-        Ok(body) => body,
-        Err(_) => {
+    let read = axum::body::to_bytes(body, policy.max_body_bytes);
+    let body = match tokio::time::timeout(policy.body_timeout, read).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => {
             return refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
                     "the body is larger than this server's limit of {} bytes",
                     policy.max_body_bytes
+                ),
+            )
+            .into_response()
+        }
+        Err(_) => {
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {} s",
+                    policy.body_timeout.as_secs_f64()
                 ),
             )
             .into_response()
@@ -255,6 +270,7 @@ mod tests {
             max_body_bytes: 1000,
             max_tokens: 100,
             max_n: 2,
+            body_timeout: Duration::from_secs(30),
         }
     }
 

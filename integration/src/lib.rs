@@ -12,9 +12,10 @@
 
 pub mod guard;
 pub mod linear;
+pub mod server;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context};
 use bitstack_quant::{BitStackHandle, Budget, Checkpoint, ResizeError, QUANT_METHOD};
@@ -22,17 +23,24 @@ use candle_core::{DType, Device};
 use mistralrs_core::weight_arbiter::{self, ElasticWeights};
 use mistralrs_quant::{ExternalQuantFactory, QuantMethod, ShardedVarBuilder};
 
-pub use linear::{BitStackLinear, LinearSite};
+pub use linear::{BitStackLinear, LinearSite, StepSnapshot};
 
 /// Builds mistral.rs linears over one [`BitStackHandle`].
 pub struct BitStackFactory {
     handle: BitStackHandle,
+    step: StepSnapshot,
     dtype: DType,
 }
 
 impl BitStackFactory {
-    pub fn new(handle: BitStackHandle, dtype: DType) -> Self {
-        Self { handle, dtype }
+    /// Linears made by this factory run on `step`'s pinned snapshot while
+    /// an engine step holds one, else on the handle's current one.
+    pub fn new(handle: BitStackHandle, step: StepSnapshot, dtype: DType) -> Self {
+        Self {
+            handle,
+            step,
+            dtype,
+        }
     }
 }
 
@@ -49,6 +57,7 @@ impl ExternalQuantFactory for BitStackFactory {
         match LinearSite::from_prefix(&prefix) {
             Some(site) => Ok(Arc::new(BitStackLinear::new(
                 self.handle.clone(),
+                self.step.clone(),
                 site,
                 in_dim,
                 out_dim,
@@ -85,9 +94,17 @@ impl ExternalQuantFactory for BitStackFactory {
     }
 }
 
-/// A [`BitStackHandle`] as weights the mistral.rs arbiter may resize.
+/// A [`BitStackHandle`] as weights the mistral.rs arbiter may resize, and
+/// whose snapshot it pins for each engine step.
 pub struct ElasticBitStack {
     handle: BitStackHandle,
+    step: StepSnapshot,
+}
+
+impl ElasticBitStack {
+    pub fn new(handle: BitStackHandle, step: StepSnapshot) -> Self {
+        Self { handle, step }
+    }
 }
 
 impl ElasticWeights for ElasticBitStack {
@@ -112,16 +129,20 @@ impl ElasticWeights for ElasticBitStack {
     }
 
     fn shrink_by(&self, bytes: usize) -> usize {
-        let before = self.handle.resident_bytes();
         let result = match self.handle.shrink_by(bytes as u64) {
             // Not that much above the floor: go down to it.
             Err(ResizeError::BelowFloor { .. }) => self.handle.set_level(0),
             other => other,
         };
-        if let Err(e) = result {
-            tracing::error!("bitstack: shrink by {bytes} bytes failed: {e}");
+        // What this resize freed, not a difference of two readings that
+        // another thread's resize may fall between.
+        match result {
+            Ok(resize) => resize.bytes_freed() as usize,
+            Err(e) => {
+                tracing::error!("bitstack: shrink by {bytes} bytes failed: {e}");
+                0
+            }
         }
-        before.saturating_sub(self.handle.resident_bytes()) as usize
     }
 
     fn grow_by(&self, bytes: usize) -> usize {
@@ -133,7 +154,18 @@ impl ElasticWeights for ElasticBitStack {
             }
         }
     }
+
+    fn begin_step(&self) {
+        self.step.pin(&self.handle);
+    }
+
+    fn end_step(&self) {
+        self.step.release();
+    }
 }
+
+/// The backend [`register`] gave mistral.rs's weight arbiter last.
+static REGISTERED: Mutex<Option<Arc<dyn ElasticWeights>>> = Mutex::new(None);
 
 /// What [`register`] set up.
 pub struct Registration {
@@ -204,16 +236,27 @@ pub fn register(
             );
         }
     }
+    let step = StepSnapshot::default();
     mistralrs_quant::register_quant_method(
         QUANT_METHOD,
-        Arc::new(BitStackFactory::new(handle.clone(), dtype)),
+        Arc::new(BitStackFactory::new(handle.clone(), step.clone(), dtype)),
     )?;
     handle.subscribe(|resize| tracing::info!("bitstack resize: {resize}"));
+    // Registered even without a budget: the engine then only brackets its
+    // steps, so that a resize made from another thread (a control handle in
+    // the host) never lands in the middle of a forward.
+    // The factory registered above replaced any earlier one; so does this
+    // backend, so that an earlier model's handle is neither pinned nor resized.
+    let elastic: Arc<dyn ElasticWeights> = Arc::new(ElasticBitStack::new(handle.clone(), step));
+    {
+        let mut registered = REGISTERED.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(earlier) = registered.replace(elastic.clone()) {
+            weight_arbiter::unregister_elastic_weights(&earlier);
+        }
+    }
+    weight_arbiter::register_elastic_weights(elastic);
     if let Some(budget) = memory_budget {
-        weight_arbiter::register_elastic_weights(Arc::new(ElasticBitStack {
-            handle: handle.clone(),
-        }));
-        weight_arbiter::set_memory_budget(Some(budget as usize));
+        weight_arbiter::set_memory_budget(Some(budget as usize))?;
     }
     Ok(Registration {
         handle,

@@ -2,14 +2,17 @@
 //! `QuantMethod`.
 //!
 //! It holds no weights of its own: each forward runs the linear of the
-//! handle's current snapshot, so a resize through the [`BitStackHandle`]
-//! reaches every layer of the mistral.rs model at once, and the blocks a
-//! shrink drops are freed when the last forward using them ends.
+//! snapshot pinned for the engine step ([`StepSnapshot`]), or of the
+//! handle's current one outside a step, so a resize through the
+//! [`BitStackHandle`] reaches every layer of the mistral.rs model at once
+//! (at the next step), and the blocks a shrink drops are freed when the last
+//! step using them ends.
 
 use std::fmt;
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
+use bitstack_quant::runtime::elastic::Snapshot;
 use bitstack_quant::runtime::linear::{stack_tensor, LinearWeight};
 use bitstack_quant::{BitStackHandle, LinearKind};
 use candle_core::{DType, Device, Result, Tensor};
@@ -33,9 +36,47 @@ impl LinearSite {
     }
 }
 
+/// The snapshot that every linear runs on during one engine step.
+///
+/// mistral.rs calls each linear's forward separately; taking the handle's
+/// current snapshot in each of them would let a resize made by another
+/// thread between two layers mix two levels in one forward. The engine's
+/// step bracket (`weight_arbiter::begin_step`) pins one snapshot here and
+/// releases it when the step ends, so blocks a shrink drops are not held
+/// between steps.
+#[derive(Clone, Default)]
+pub struct StepSnapshot {
+    pinned: Arc<RwLock<Option<Arc<Snapshot>>>>,
+}
+
+impl StepSnapshot {
+    /// Pins `handle`'s current snapshot for the step that starts.
+    pub fn pin(&self, handle: &BitStackHandle) {
+        *self.pinned.write().unwrap_or_else(PoisonError::into_inner) = Some(handle.snapshot());
+    }
+
+    /// Ends the step: later forwards take the handle's snapshot again.
+    pub fn release(&self) {
+        self.pinned
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// The pinned snapshot, or `handle`'s current one outside a step.
+    pub fn get(&self, handle: &BitStackHandle) -> Arc<Snapshot> {
+        let pinned = self.pinned.read().unwrap_or_else(PoisonError::into_inner);
+        match &*pinned {
+            Some(snapshot) => snapshot.clone(),
+            None => handle.snapshot(),
+        }
+    }
+}
+
 /// One BitStack linear of the model behind a [`BitStackHandle`].
 pub struct BitStackLinear {
     handle: BitStackHandle,
+    step: StepSnapshot,
     site: LinearSite,
     /// The dtype mistral.rs runs the model in: outputs come back in it.
     dtype: DType,
@@ -46,6 +87,7 @@ impl BitStackLinear {
     /// `in_dim` inputs and `out_dim` outputs.
     pub fn new(
         handle: BitStackHandle,
+        step: StepSnapshot,
         site: LinearSite,
         in_dim: usize,
         out_dim: usize,
@@ -75,6 +117,7 @@ impl BitStackLinear {
         }
         Ok(Self {
             handle,
+            step,
             site,
             dtype,
         })
@@ -108,7 +151,7 @@ impl QuantMethod for BitStackLinear {
     }
 
     fn dequantize_w(&self) -> Result<Tensor> {
-        let snapshot = self.handle.snapshot();
+        let snapshot = self.step.get(&self.handle);
         let linear = snapshot.layers[self.site.layer].linear(self.site.kind);
         match &linear.weight {
             LinearWeight::BitStack(s) => stack_tensor(s, &snapshot.device, self.dtype),
@@ -117,7 +160,7 @@ impl QuantMethod for BitStackLinear {
     }
 
     fn forward(&self, a: &Tensor) -> Result<Tensor> {
-        let snapshot = self.handle.snapshot();
+        let snapshot = self.step.get(&self.handle);
         let y = snapshot.layers[self.site.layer]
             .linear(self.site.kind)
             .forward(a)?;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bitstack_mistralrs::{guard, register, Registration};
+use bitstack_mistralrs::{guard, register, server, Registration};
 use bitstack_quant::Budget;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mistralrs::{
@@ -123,6 +123,10 @@ struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// Seconds a completion request's body may take to arrive; a client
+    /// that stalls longer gets a 408.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout: u64,
 }
 
 #[derive(Args)]
@@ -210,7 +214,7 @@ async fn load(args: &ModelArgs) -> Result<(Arc<MistralRs>, Option<Registration>)
         .with_force_cpu()
         .with_dtype(dtype)
         .with_max_num_seqs(args.max_seqs);
-    let runner = build(builder)
+    let runner = server::engine(builder)
         .await
         .with_context(|| format!("loading {dir}"))?;
     Ok((runner, registration))
@@ -224,25 +228,6 @@ fn mistralrs_dtype(dtype: candle_core::DType) -> Result<ModelDType> {
         candle_core::DType::BF16 => ModelDType::BF16,
         other => bail!("mistral.rs cannot run a model in {other:?}"),
     })
-}
-
-/// The engine for `builder`, shared: the chat API and the HTTP server both
-/// send to it.
-async fn build(builder: TextModelBuilder) -> Result<Arc<MistralRs>> {
-    let (pipeline, scheduler, add) =
-        mistralrs::model_builder_trait::build_text_pipeline(builder).await?;
-    let engine = add.engine_config;
-    Ok(mistralrs_core::MistralRsBuilder::new(
-        pipeline,
-        scheduler,
-        engine.throughput_logging_enabled,
-        engine.search_embedding_model,
-    )
-    .with_no_kv_cache(engine.no_kv_cache)
-    .with_no_prefix_cache(engine.no_prefix_cache)
-    .with_prefix_cache_n(engine.prefix_cache_n)
-    .build()
-    .await)
 }
 
 async fn run(args: RunArgs) -> Result<()> {
@@ -320,15 +305,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_tokens: args.max_tokens_cap,
         max_n: args.max_n,
+        body_timeout: std::time::Duration::from_secs(args.body_timeout),
     });
     let (runner, _registration) = load(&args.model).await?;
-    let router =
-        mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder::new()
-            .with_mistralrs(runner)
-            .with_max_body_limit(args.max_body_bytes)
-            .build()
-            .await?
-            .layer(axum::middleware::from_fn_with_state(policy, guard::guard));
+    let router = server::router(runner, policy).await?;
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
@@ -377,7 +357,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
                 builder = builder.with_isq(isq);
             }
             let model = Model::new(
-                build(builder)
+                server::engine(builder)
                     .await
                     .with_context(|| format!("loading {dir}"))?,
             );

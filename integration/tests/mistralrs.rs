@@ -8,52 +8,93 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bitstack_mistralrs::register;
-use bitstack_quant::method::svd::SvdMethod;
-use bitstack_quant::{compress, BitStackHandle, Budget, Checkpoint, CompressOptions, DenseDtype};
+use bitstack_quant::{BitStackHandle, Budget, Checkpoint};
 use candle_core::{DType, Device, Tensor};
 use mistralrs::{ModelDType, TextMessageRole, TextMessages, TextModelBuilder};
 
-/// A quick BitStack checkpoint of SmolLM2 (4 blocks of rank 4 per linear,
-/// round-robin order), made once per assets folder.
-fn checkpoint() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
-        let dense = assets.dir.join("SmolLM2-135M-Instruct");
-        if !dense.join("config.json").exists() {
-            bitstack_assets::import_gguf(&assets.gguf, &dense, DType::F32).expect("import");
-        }
-        let out = assets.dir.join("SmolLM2-135M-Instruct-bitstack-k4x4");
-        if !out.join("config.json").exists() {
-            let opts = CompressOptions {
-                k: 4,
-                k_per_kind: Default::default(),
-                niter: 4,
-                grid: None,
-                calib_text: assets.calib_text.clone(),
-                calib_windows: 8,
-                seq_len: 256,
-                batch: 4,
-                svd: SvdMethod::randomized(0),
-                feedback: None,
-                // The shared checkpoint predates 16-bit dense parts.
-                dense_dtype: DenseDtype::F32,
-            };
-            let partial = out.with_extension("partial");
-            let _ = std::fs::remove_dir_all(&partial);
-            compress(&dense, &partial, &opts).expect("compress");
-            std::fs::rename(&partial, &out).expect("rename");
-        }
-        out
-    })
-}
+use common::checkpoint;
+
+mod common;
 
 fn cpu() -> Device {
     Device::Cpu
+}
+
+#[test]
+fn an_engine_step_runs_on_one_snapshot_while_other_threads_resize() {
+    use bitstack_mistralrs::{BitStackLinear, ElasticBitStack, LinearSite, StepSnapshot};
+    use bitstack_quant::LinearKind;
+    use mistralrs_core::weight_arbiter::ElasticWeights;
+    use mistralrs_quant::QuantMethod;
+
+    let handle = BitStackHandle::open(checkpoint(), None, &cpu()).unwrap();
+    let max = handle.max_level();
+    let step = StepSnapshot::default();
+    let elastic = ElasticBitStack::new(handle.clone(), step.clone());
+    let site = LinearSite {
+        layer: 3,
+        kind: LinearKind::Down,
+    };
+    let (m, n) = {
+        let snapshot = handle.snapshot();
+        let linear = snapshot.layers[3].linear(LinearKind::Down);
+        match &linear.weight {
+            bitstack_quant::runtime::linear::LinearWeight::BitStack(s) => (s.m, s.n),
+            dense => panic!("down_proj of layer 3 is not a stack: {dense:?}"),
+        }
+    };
+    let linear = BitStackLinear::new(handle.clone(), step.clone(), site, n, m, DType::F32).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, n), &cpu()).unwrap();
+    let full = linear.forward(&x).unwrap();
+
+    elastic.begin_step();
+    // Another thread shrinks the model in the middle of the step.
+    let other = handle.clone();
+    std::thread::spawn(move || other.set_level(0).unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(handle.level(), 0);
+    assert_eq!(step.get(&handle).level, max, "the step keeps its snapshot");
+    let during = linear.forward(&x).unwrap();
+    assert_eq!(max_abs_diff(&during, &full), 0.0);
+    elastic.end_step();
+
+    // The next step (and anything outside a step) sees the shrink.
+    assert_eq!(step.get(&handle).level, 0);
+    let after = linear.forward(&x).unwrap();
+    assert!(max_abs_diff(&after, &full) > 0.0);
+
+    // What a shrink reports is what that resize freed.
+    handle.set_level(max).unwrap();
+    let freed = elastic.shrink_by(1);
+    assert!(freed > 0);
+    assert_eq!(
+        freed as u64,
+        handle.bytes_at_level(max) - handle.resident_bytes()
+    );
+    // Below the floor: down to the floor, and that is what is reported.
+    let freed = elastic.shrink_by(usize::MAX / 2);
+    assert_eq!(handle.level(), 0);
+    assert_eq!(
+        freed as u64,
+        handle.bytes_at_level(max - 1) - handle.bytes_at_level(0)
+    );
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

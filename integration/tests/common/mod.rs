@@ -1,0 +1,43 @@
+//! What the integration tests share: the SmolLM2 checkpoint they run.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use bitstack_quant::method::svd::SvdMethod;
+use bitstack_quant::{compress, CompressOptions, DenseDtype};
+use candle_core::DType;
+
+/// A quick BitStack checkpoint of SmolLM2 (4 blocks of rank 4 per linear,
+/// round-robin order), made once per assets folder.
+pub fn checkpoint() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
+        let dense = assets.dir.join("SmolLM2-135M-Instruct");
+        if !dense.join("config.json").exists() {
+            bitstack_assets::import_gguf(&assets.gguf, &dense, DType::F32).expect("import");
+        }
+        let out = assets.dir.join("SmolLM2-135M-Instruct-bitstack-k4x4");
+        if !out.join("config.json").exists() {
+            let opts = CompressOptions {
+                k: 4,
+                k_per_kind: Default::default(),
+                niter: 4,
+                grid: None,
+                calib_text: assets.calib_text.clone(),
+                calib_windows: 8,
+                seq_len: 256,
+                batch: 4,
+                svd: SvdMethod::randomized(0),
+                feedback: None,
+                // The shared checkpoint predates 16-bit dense parts.
+                dense_dtype: DenseDtype::F32,
+            };
+            let partial = out.with_extension("partial");
+            let _ = std::fs::remove_dir_all(&partial);
+            compress(&dense, &partial, &opts).expect("compress");
+            std::fs::rename(&partial, &out).expect("rename");
+        }
+        out
+    })
+}
