@@ -81,19 +81,26 @@ pub enum TapPoint {
 
 /// `(out, in)` of a decoder linear.
 pub fn linear_shape(cfg: &ModelConfig, kind: LinearKind) -> (usize, usize) {
+    checked_linear_shape(cfg, kind)
+        .expect("ModelConfig::validate checks that every linear's size can be counted")
+}
+
+/// [`linear_shape`], `None` when a size overflows: what config validation
+/// checks before anything multiplies shapes out.
+pub fn checked_linear_shape(cfg: &ModelConfig, kind: LinearKind) -> Option<(usize, usize)> {
     let (d, hd) = (cfg.hidden_size, cfg.head_dim());
     let (q, kv, ff) = (
-        cfg.num_attention_heads * hd,
-        cfg.kv_heads() * hd,
+        cfg.num_attention_heads.checked_mul(hd)?,
+        cfg.kv_heads().checked_mul(hd)?,
         cfg.intermediate_size,
     );
-    match kind {
+    Some(match kind {
         LinearKind::Q => (q, d),
         LinearKind::K | LinearKind::V => (kv, d),
         LinearKind::O => (d, q),
         LinearKind::Gate | LinearKind::Up => (ff, d),
         LinearKind::Down => (d, ff),
-    }
+    })
 }
 
 pub fn linear_weight_count(cfg: &ModelConfig) -> usize {

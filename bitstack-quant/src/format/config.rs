@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::format::architecture::{checked_linear_shape, LinearKind};
 use crate::format::dense::DenseDtype;
 use crate::format::grid::GridConfig;
 
@@ -278,14 +279,11 @@ impl ModelConfig {
     /// it fits, every size the geometry multiplies out fits too.
     fn checked_parameters(&self) -> Option<usize> {
         let d = self.hidden_size;
-        let q = self.num_attention_heads.checked_mul(self.head_dim())?;
-        let kv = self.kv_heads().checked_mul(self.head_dim())?;
-        let per_layer = q
-            .checked_mul(2)?
-            .checked_add(kv.checked_mul(2)?)?
-            .checked_add(self.intermediate_size.checked_mul(3)?)?
-            .checked_add(4)?
-            .checked_mul(d)?;
+        let mut per_layer = d.checked_mul(4)?;
+        for kind in LinearKind::ALL {
+            let (m, n) = checked_linear_shape(self, kind)?;
+            per_layer = per_layer.checked_add(m.checked_mul(n)?)?;
+        }
         self.num_hidden_layers
             .checked_mul(per_layer)?
             .checked_add(self.vocab_size.checked_mul(d)?.checked_mul(2)?)
