@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use crate::layout::{tiled_row, TiledSigns};
+use crate::layout::{TiledSigns, TILE_ROWS as CPU_TILE_ROWS};
 
 /// Rows of `W` per tile: the M of one tensor-core product.
 pub const TILE_ROWS: usize = 16;
@@ -41,13 +41,32 @@ pub fn position(row: usize, col: usize) -> (usize, u32) {
     (lane, bit as u32)
 }
 
+/// Byte `x`'s eight columns as they land in four lanes' words: lane `j`
+/// gets column `2j` (most significant bit first) in bit 0 and column
+/// `2j + 1` in bit 16; shifted by a register's bit, these are its halves.
+const SPREAD: [[u32; 4]; 256] = {
+    let mut table = [[0u32; 4]; 256];
+    let mut x = 0;
+    while x < 256 {
+        let mut j = 0;
+        while j < 4 {
+            let low = (x >> (7 - 2 * j)) & 1;
+            let high = (x >> (6 - 2 * j)) & 1;
+            table[x][j] = (low | high << 16) as u32;
+            j += 1;
+        }
+        x += 1;
+    }
+    table
+};
+
 /// The signs of `signs` in the decode kernel's layout.
 ///
-/// Byte by byte, not sign by sign: a row's byte `q` holds columns
-/// `8q..8q + 8`, which all fall in one 16-column step and one half of it,
-/// so they go to one register of four consecutive lanes, two adjacent
-/// columns per lane (the lower in bit `base`, the upper in `base + 16`).
-/// A 4096×4096 block is 2 M bytes to scatter rather than 16 M signs.
+/// Word by word, from whole bytes: the four words of lanes `4r..4r + 4` in
+/// one `16×64` piece hold rows `r` and `r + 8` of it, and each byte of
+/// those rows (8 columns, all in one 16-column step and one half of it)
+/// spreads over the four lanes through [`SPREAD`]. Each word is built in a
+/// register and written once.
 pub fn mma_sign_words(signs: &TiledSigns) -> Vec<u32> {
     let (m, n) = (signs.m(), signs.n());
     let chunks = n.div_ceil(CHUNK_COLS);
@@ -58,6 +77,11 @@ pub fn mma_sign_words(signs: &TiledSigns) -> Vec<u32> {
     } else {
         0xffu8 << (8 - n % 8)
     };
+    let data = signs.as_bytes();
+    // Byte `q` of row `i` in the CPU tiling (see `TiledSigns`); a set bit is +1.
+    let byte = |i: usize, q: usize| {
+        data[((i / CPU_TILE_ROWS) * row_bytes + q) * CPU_TILE_ROWS + i % CPU_TILE_ROWS]
+    };
     let mut words = vec![0u32; words_for(m, n)];
     if words.is_empty() {
         return words;
@@ -66,28 +90,30 @@ pub fn mma_sign_words(signs: &TiledSigns) -> Vec<u32> {
         .par_chunks_mut(chunks * 32)
         .enumerate()
         .for_each(|(tile, words)| {
-            let mut row = vec![0u8; row_bytes];
-            for r in 0..TILE_ROWS.min(m - tile * TILE_ROWS) {
-                tiled_row(signs, tile * TILE_ROWS + r, 0, &mut row);
-                // The four lanes of row `r` (see [`position`]).
-                let lane = (r % 8) * 4;
-                for (q, &byte) in row.iter().enumerate() {
-                    // A set bit of `TiledSigns` is +1; the kernel's is −1.
-                    let mut negative = !byte;
-                    if q + 1 == row_bytes {
-                        negative &= tail;
+            for (chunk, piece) in words.chunks_exact_mut(32).enumerate() {
+                for r in 0..TILE_ROWS / 2 {
+                    let mut lanes = [0u32; 4];
+                    for half in 0..2 {
+                        let i = tile * TILE_ROWS + r + 8 * half;
+                        if i >= m {
+                            break;
+                        }
+                        for b in 0..8 {
+                            let q = chunk * 8 + b;
+                            if q >= row_bytes {
+                                break;
+                            }
+                            let mut negative = !byte(i, q);
+                            if q + 1 == row_bytes {
+                                negative &= tail;
+                            }
+                            let bit = (b / 2) * 4 + half + 2 * (b % 2);
+                            for (lane, spread) in lanes.iter_mut().zip(SPREAD[negative as usize]) {
+                                *lane |= spread << bit;
+                            }
+                        }
                     }
-                    if negative == 0 {
-                        continue;
-                    }
-                    let (chunk, b) = (q / 8, q % 8);
-                    let base = (b / 2) * 4 + r / 8 + 2 * (b % 2);
-                    let lanes = &mut words[chunk * 32 + lane..chunk * 32 + lane + 4];
-                    for (j, word) in lanes.iter_mut().enumerate() {
-                        // Columns 2j and 2j + 1 of the byte, most significant first.
-                        let pair = u32::from(negative >> (6 - 2 * j)) & 0b11;
-                        *word |= (pair >> 1) << base | (pair & 1) << (base + 16);
-                    }
+                    piece[4 * r..4 * r + 4].copy_from_slice(&lanes);
                 }
             }
         });
