@@ -297,6 +297,11 @@ fn mutate(rng: &mut StdRng, bytes: &mut Vec<u8>, fields: &[Field]) -> String {
             bytes.truncate(keep);
             format!("truncate to {keep}")
         }
+        9 if len < 8 => {
+            // An earlier cut took the version field too.
+            flip_bytes(rng, bytes, 0..len);
+            "flip anywhere".into()
+        }
         9 => {
             // Another version: lengths read at the other width.
             let v: u32 = *pick(rng, &[0, 1, 2, 3, 4, u32::MAX]);
