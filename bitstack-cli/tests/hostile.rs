@@ -334,29 +334,12 @@ fn killed_runs_leave_nothing_half_written() {
             Checkpoint::open(&out).unwrap_or_else(|e| panic!("kill {i}: {e:#}"));
         }
     }
-    let partial = |dir: &Path| -> Vec<PathBuf> {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .starts_with(".bitstack-")
-            })
-            .collect()
-    };
     // The killed runs died long ago, as far as the sweep can tell.
-    for p in partial(&runs) {
-        let f = std::fs::File::open(&p).unwrap();
-        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
-            .unwrap();
-    }
+    age_leftovers(&runs);
     let last = runs.join("after");
     assert!(compress(&last).wait().unwrap().success());
     assert_eq!(
-        partial(&runs),
+        leftovers(&runs),
         Vec::<PathBuf>::new(),
         "leftovers were not swept"
     );
