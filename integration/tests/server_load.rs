@@ -309,69 +309,41 @@ fn a_loaded_server_finishes_or_refuses_every_request_while_budgets_move() {
         .collect();
 
     // Faults, while the load runs.
-    let chat = |body: serde_json::Value| Some(body.to_string().into_bytes());
-    let post = reqwest::Method::POST;
+    let post =
+        |path: &str, body: Vec<u8>| status(&addr, reqwest::Method::POST, path, &[], Some(body));
+    let json = |body: serde_json::Value| body.to_string().into_bytes();
+    let chat = "/v1/chat/completions";
+    let hi = serde_json::json!([{"role": "user", "content": "hi"}]);
     let faults: Vec<(&str, u16)> = vec![
-        (
-            "malformed JSON",
-            status(
-                &addr,
-                post.clone(),
-                "/v1/chat/completions",
-                &[],
-                Some(b"{\"messages\": [".to_vec()),
-            ),
-        ),
+        ("malformed JSON", post(chat, b"{\"messages\": [".to_vec())),
         (
             "messages of the wrong type",
-            status(
-                &addr,
-                post.clone(),
-                "/v1/chat/completions",
-                &[],
-                chat(serde_json::json!({"model": "default", "messages": 5})),
+            post(
+                chat,
+                json(serde_json::json!({"model": "default", "messages": 5})),
             ),
         ),
         (
             "max_tokens of the wrong type",
-            status(
-                &addr,
-                post.clone(),
-                "/v1/chat/completions",
-                &[],
-                chat(
-                    serde_json::json!({"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "lots"}),
-                ),
+            post(
+                chat,
+                json(serde_json::json!({"model": "default", "messages": hi, "max_tokens": "lots"})),
             ),
         ),
         (
             "n above the cap",
-            status(
-                &addr,
-                post.clone(),
-                "/v1/chat/completions",
-                &[],
-                chat(
-                    serde_json::json!({"model": "default", "messages": [{"role": "user", "content": "hi"}], "n": 64}),
-                ),
+            post(
+                chat,
+                json(serde_json::json!({"model": "default", "messages": hi, "n": 64})),
             ),
         ),
-        (
-            "a body over the limit",
-            status(
-                &addr,
-                post.clone(),
-                "/v1/chat/completions",
-                &[],
-                Some(vec![b' '; 100 << 10]),
-            ),
-        ),
+        ("a body over the limit", post(chat, vec![b' '; 100 << 10])),
         (
             "a cross-origin preflight",
             status(
                 &addr,
                 reqwest::Method::OPTIONS,
-                "/v1/chat/completions",
+                chat,
                 &[
                     ("origin", "https://evil.example"),
                     ("access-control-request-method", "POST"),
@@ -381,33 +353,21 @@ fn a_loaded_server_finishes_or_refuses_every_request_while_budgets_move() {
         ),
         (
             "the unload route",
-            status(
-                &addr,
-                post.clone(),
+            post(
                 "/v1/models/unload",
-                &[],
-                chat(serde_json::json!({"model_id": "default"})),
+                json(serde_json::json!({"model_id": "default"})),
             ),
         ),
         (
             "the reload route",
-            status(
-                &addr,
-                post.clone(),
+            post(
                 "/v1/models/reload",
-                &[],
-                chat(serde_json::json!({"model_id": "default"})),
+                json(serde_json::json!({"model_id": "default"})),
             ),
         ),
         (
             "the re-ISQ route",
-            status(
-                &addr,
-                post.clone(),
-                "/re_isq",
-                &[],
-                chat(serde_json::json!({"ggml_type": "Q4K"})),
-            ),
+            post("/re_isq", json(serde_json::json!({"ggml_type": "Q4K"}))),
         ),
     ];
     // A client that sends half its body, pauses, then the rest, and one
