@@ -81,10 +81,14 @@ import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
-        print(m["target"]["kind"][0], m["executable"])
-' | sort -u | while read -r kind exe; do
-    strip -o "$bundle/cuda-$kind" "$exe"
-    xz -T0 -9 -f "$bundle/cuda-$kind"
+        crate = m["target"]["src_path"].split("/")[-3]
+        print(m["target"]["kind"][0], crate, m["executable"])
+' | sort -u | while read -r kind crate exe; do
+    # cuda-test-<crate> (one per crate with CUDA tests), cuda-bench.
+    name="cuda-$kind"
+    [ "$kind" = test ] && name="cuda-test-$crate"
+    strip -o "$bundle/$name" "$exe"
+    xz -T0 -9 -f "$bundle/$name"
   done
   cp "$cuda_home/lib/libcudart.so.13" "$bundle/"
   cp scripts/device-check.sh "$bundle/"

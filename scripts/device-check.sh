@@ -8,7 +8,9 @@
 # Runs, writing everything to $OUT (default ./device-check-out):
 #   tests.log       the CUDA tests: every kernel and dtype against the f64 CPU
 #                   reference on fresh random stacks of awkward shapes, with
-#                   freed device memory poisoned (NaN) before each call
+#                   freed device memory poisoned (NaN) before each call; then
+#                   device-resident stacks (models on the GPU against the CPU,
+#                   weights rebuilt on the device, a shrink freeing memory)
 #   bench-k4.md     decode (1 row, 1–8 blocks) and prefill (2048 rows, 4
 #   bench-k16.md    blocks) on Llama-3-8B shapes, against the copy bandwidth,
 #                   cuBLAS f16 GEMV and GEMM measured in the same run
@@ -23,7 +25,8 @@ mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-for f in cuda-test cuda-bench; do
+binaries="cuda-test-bitstack-kernels cuda-test-bitstack-quant cuda-bench"
+for f in $binaries; do
   [ -f "$bundle/$f.xz" ] || { echo "device-check: $bundle/$f.xz is missing (run scripts/build-cuda.sh --bundle $bundle)" >&2; exit 2; }
   (xz -dc "$bundle/$f.xz" 2>/dev/null \
     || python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$bundle/$f.xz") > "$work/$f"
@@ -43,9 +46,14 @@ export LD_LIBRARY_PATH="${dirs#:}:$(cd "$bundle" && pwd)${LD_LIBRARY_PATH:+:$LD_
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
-"$work/cuda-test" --test-threads 1 --nocapture > "$out/tests.log" 2>&1
-tests=$?
-tail -3 "$out/tests.log"
+# The kernels against the f64 reference, then device-resident stacks
+# (whole models on the GPU: logits, rebuilt weights, memory given back).
+tests=0
+for crate in bitstack-kernels bitstack-quant; do
+  echo "== $crate" >> "$out/tests.log"
+  "$work/cuda-test-$crate" --test-threads 1 --nocapture >> "$out/tests.log" 2>&1 || tests=1
+done
+grep -E '^test result' "$out/tests.log"
 
 for k in 4 16; do
   timeout 240 "$work/cuda-bench" --k "$k" --json "$out/bench-k$k.json" > "$out/bench-k$k.md" 2> "$out/bench-k$k.err"
@@ -59,7 +67,9 @@ done
   cat "$out/gpu.txt"
   echo '```'
   echo
-  echo "tests: $(grep -E '^test result' "$out/tests.log" | tail -1) (exit $tests)"
+  echo "tests (kernels, then resident stacks):"
+  grep -E '^test result' "$out/tests.log" | sed 's/^/- /'
+  echo "(exit $tests)"
   for k in 4 16; do echo; echo "## k = $k"; echo; cat "$out/bench-k$k.md"; done
 } > "$out/summary.md"
 cat "$out/summary.md"

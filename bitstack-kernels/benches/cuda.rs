@@ -82,8 +82,8 @@ struct Bench {
 }
 
 impl StackSource for Bench {
-    fn stack(&self) -> StackRef<'_> {
-        self.host.stack_ref()
+    fn stack(&self) -> Result<StackRef<'_>> {
+        Ok(self.host.stack_ref())
     }
 
     fn cuda_stack(&self, _: &CudaDevice) -> Result<Arc<CudaStack>> {

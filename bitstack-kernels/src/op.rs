@@ -11,7 +11,9 @@ use crate::layout::{rows_of, OwnedStack, Rows, StackRef};
 
 /// Anything that can lend its resident blocks as a [`StackRef`].
 pub trait StackSource: Send + Sync {
-    fn stack(&self) -> StackRef<'_>;
+    /// The blocks on the host, for the CPU kernels; an error when they live
+    /// on a device only.
+    fn stack(&self) -> candle_core::Result<StackRef<'_>>;
 
     /// The blocks on a CUDA device. This default uploads them on every
     /// call; a source that lives across calls should keep the upload.
@@ -20,13 +22,13 @@ pub trait StackSource: Send + Sync {
         &self,
         device: &candle_core::cuda_backend::CudaDevice,
     ) -> candle_core::Result<Arc<crate::cuda::CudaStack>> {
-        crate::cuda::CudaStack::upload(device, &self.stack()).map(Arc::new)
+        crate::cuda::CudaStack::upload(device, &self.stack()?).map(Arc::new)
     }
 }
 
 impl StackSource for OwnedStack {
-    fn stack(&self) -> StackRef<'_> {
-        self.stack_ref()
+    fn stack(&self) -> candle_core::Result<StackRef<'_>> {
+        Ok(self.stack_ref())
     }
 }
 
@@ -62,7 +64,7 @@ impl CustomOp1 for BitStackMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let stack = self.source.stack();
+        let stack = self.source.stack()?;
         let Rows {
             start,
             end,
@@ -106,5 +108,38 @@ impl CustomOp1 for BitStackMatmul {
         self.source
             .cuda_stack(&storage.device)?
             .cuda_matmul_t(storage, layout)
+    }
+}
+
+/// `W` of `source` as an `m×n` tensor in `like`'s dtype on `like`'s CUDA
+/// device, rebuilt by the kernels from the blocks on the device: what a
+/// stack whose blocks live on the device only has instead of a host copy.
+/// On the CPU, rebuild from the host blocks instead (this op refuses).
+pub fn bitstack_dense(like: &Tensor, source: Arc<dyn StackSource>) -> candle_core::Result<Tensor> {
+    like.apply_op1_no_bwd(&BitStackDense { source })
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct BitStackDense {
+    source: Arc<dyn StackSource>,
+}
+
+impl CustomOp1 for BitStackDense {
+    fn name(&self) -> &'static str {
+        "bitstack-dense"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("bitstack-dense rebuilds a weight on a CUDA device only; on the CPU rebuild it from the host blocks")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let stack = self.source.cuda_stack(&storage.device)?;
+        Ok((stack.dense(storage.dtype())?, Shape::from(stack.dims())))
     }
 }

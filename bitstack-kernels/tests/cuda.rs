@@ -36,7 +36,7 @@ fn check(owned: &Arc<OwnedStack>, rows: usize, seed: u64, device: &Device) {
     let (m, n) = (owned.m, owned.n);
     let x = random_x(rows, n, seed);
     let mut want = vec![0f32; rows * m];
-    reference_matmul_t(&x, rows, &owned.stack(), &mut want);
+    reference_matmul_t(&x, rows, &owned.stack_ref(), &mut want);
     let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len().max(1) as f32).sqrt();
     let xt = Tensor::from_vec(x, (rows, n), device).unwrap();
     for dtype in [DType::F16, DType::BF16, DType::F32] {

@@ -8,7 +8,7 @@ use bitstack_kernels::grid::grid_matmul_t_add;
 use bitstack_kernels::prefill::panel_matmul_t;
 use bitstack_kernels::reference::{grid_weight, reference_matmul_t};
 use bitstack_kernels::tmac::{self, shuffle_matmul_t};
-use bitstack_kernels::{stack_matmul_t, Isa, OwnedGrid, OwnedStack, StackSource, TiledSigns};
+use bitstack_kernels::{stack_matmul_t, Isa, OwnedGrid, OwnedStack, TiledSigns};
 use candle_core::{Device, Tensor};
 use half::f16;
 
@@ -57,7 +57,7 @@ fn cases() -> Vec<(OwnedStack, String)> {
 
 fn reference(stack: &OwnedStack, x: &[f32], rows: usize) -> Vec<f32> {
     let mut want = vec![0f32; rows * stack.m];
-    reference_matmul_t(x, rows, &stack.stack(), &mut want);
+    reference_matmul_t(x, rows, &stack.stack_ref(), &mut want);
     want
 }
 
@@ -99,13 +99,13 @@ fn the_definition_by_hand() {
     assert_eq!(reference(&stack, &x, 1), [-0.5]);
     for isa in Isa::available() {
         let mut got = [f32::NAN];
-        table_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+        table_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
         assert_eq!(got, [-0.5], "decode {isa:?}");
         let mut got = [f32::NAN];
-        panel_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+        panel_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
         assert_eq!(got, [-0.5], "prefill {isa:?}");
         let mut got = [f32::NAN];
-        shuffle_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+        shuffle_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
         assert_eq!(got, [-0.5], "shuffle {isa:?}");
     }
 }
@@ -142,7 +142,7 @@ fn the_definition_by_hand_on_whole_bytes() {
     assert_eq!(reference(&stack, &x, 1), [y as f32]);
     for isa in Isa::available() {
         let mut got = [f32::NAN];
-        shuffle_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+        shuffle_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
         assert_close(&got, &[y as f32], 0.01, &format!("shuffle {isa:?}"));
     }
 }
@@ -170,7 +170,7 @@ fn an_outlier_weighs_its_value_at_every_plane_count() {
                 assert_eq!(want[i], v, "p{planes} ({i}, {c}): reference");
                 let what = format!("p{planes} ({i}, {c})");
                 let mut got = vec![f32::NAN; m];
-                stack_matmul_t(&x, 1, &stack.stack(), &mut got);
+                stack_matmul_t(&x, 1, &stack.stack_ref(), &mut got);
                 assert_close(
                     &got,
                     &want,
@@ -179,10 +179,10 @@ fn an_outlier_weighs_its_value_at_every_plane_count() {
                 );
                 for isa in Isa::available() {
                     let mut got = vec![f32::NAN; m];
-                    table_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+                    table_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
                     assert_close(&got, &want, 1e-4, &format!("decode {isa:?} {what}"));
                     let mut got = vec![f32::NAN; m];
-                    panel_matmul_t(isa, &x, 1, &stack.stack(), &mut got);
+                    panel_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
                     assert_eq!(got[i], v, "prefill {isa:?} {what}");
                 }
             }
@@ -198,7 +198,7 @@ fn decode_tables_match_the_reference() {
             let want = reference(&stack, &x, rows);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * stack.m];
-                table_matmul_t(isa, &x, rows, &stack.stack(), &mut got);
+                table_matmul_t(isa, &x, rows, &stack.stack_ref(), &mut got);
                 assert_close(
                     &got,
                     &want,
@@ -243,12 +243,12 @@ fn shuffle_matches_the_reference_and_is_the_same_on_every_isa() {
             let x = random_x(rows, stack.n, rows as u64 + 11);
             let want = reference(&stack, &x, rows);
             let mut scalar = vec![f32::NAN; rows * stack.m];
-            shuffle_matmul_t(Isa::Baseline, &x, rows, &stack.stack(), &mut scalar);
+            shuffle_matmul_t(Isa::Baseline, &x, rows, &stack.stack_ref(), &mut scalar);
             let tol = shuffle_tolerance(want.len());
             assert_close(&scalar, &want, tol, &format!("shuffle {what}, {rows} rows"));
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * stack.m];
-                shuffle_matmul_t(isa, &x, rows, &stack.stack(), &mut got);
+                shuffle_matmul_t(isa, &x, rows, &stack.stack_ref(), &mut got);
                 let same = got
                     .iter()
                     .zip(&scalar)
@@ -270,7 +270,7 @@ fn prefill_matches_the_reference() {
             let want = reference(&stack, &x, rows);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * stack.m];
-                panel_matmul_t(isa, &x, rows, &stack.stack(), &mut got);
+                panel_matmul_t(isa, &x, rows, &stack.stack_ref(), &mut got);
                 assert_close(
                     &got,
                     &want,
@@ -289,7 +289,7 @@ fn dispatch_matches_the_reference() {
             let x = random_x(rows, stack.n, rows as u64 + 17);
             let want = reference(&stack, &x, rows);
             let mut got = vec![f32::NAN; rows * stack.m];
-            stack_matmul_t(&x, rows, &stack.stack(), &mut got);
+            stack_matmul_t(&x, rows, &stack.stack_ref(), &mut got);
             let tol = if rows <= bitstack_kernels::DECODE_MAX_ROWS {
                 shuffle_tolerance(want.len())
             } else {
@@ -310,7 +310,7 @@ fn a_large_grid_stays_within_the_shuffle_bounds() {
         let x = random_x(1, n, 3);
         let want = reference(&stack, &x, 1);
         let mut got = vec![0f32; m];
-        shuffle_matmul_t(Isa::detect(), &x, 1, &stack.stack(), &mut got);
+        shuffle_matmul_t(Isa::detect(), &x, 1, &stack.stack_ref(), &mut got);
         let rms = |v: &mut dyn Iterator<Item = f32>| {
             let (s, c) = v.fold((0f64, 0usize), |(s, c), e| (s + (e as f64).powi(2), c + 1));
             (s / c as f64).sqrt() as f32
@@ -347,7 +347,7 @@ fn a_block_only_stack_is_unchanged_by_an_absent_grid() {
     let x = random_x(2, 65, 2);
     let want = reference(&stack, &x, 2);
     let mut got = vec![f32::NAN; 66];
-    stack_matmul_t(&x, 2, &stack.stack(), &mut got);
+    stack_matmul_t(&x, 2, &stack.stack_ref(), &mut got);
     assert_close(&got, &want, tmac::RELATIVE_MAX_ERROR_BOUND, "blocks only");
 }
 

@@ -7,7 +7,7 @@ use bitstack_kernels::cuda::pack;
 use bitstack_kernels::decode::{self, table_matmul_t};
 use bitstack_kernels::prefill::panel_matmul_t;
 use bitstack_kernels::reference::reference_matmul_t;
-use bitstack_kernels::{Isa, StackSource, TiledSigns};
+use bitstack_kernels::{Isa, TiledSigns};
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -31,11 +31,11 @@ const SHAPES: &[(usize, usize, usize, usize)] = &[
 fn decode_matches_the_reference_on_every_isa() {
     for (s, &(m, n, k, nb)) in SHAPES.iter().enumerate() {
         let owned = random_stack(m, n, k, nb, s as u64);
-        let stack = owned.stack();
+        let stack = owned.stack_ref();
         for rows in 1..=decode::MAX_ROWS {
             let x = random_x(rows, n, 100 + s as u64);
             let mut want = vec![0f32; rows * m];
-            reference_matmul_t(&x, rows, &owned.stack(), &mut want);
+            reference_matmul_t(&x, rows, &owned.stack_ref(), &mut want);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * m];
                 table_matmul_t(isa, &x, rows, &stack, &mut got);
@@ -54,11 +54,11 @@ fn decode_matches_the_reference_on_every_isa() {
 fn prefill_matches_the_reference_on_every_isa() {
     for (s, &(m, n, k, nb)) in SHAPES.iter().enumerate() {
         let owned = random_stack(m, n, k, nb, 50 + s as u64);
-        let stack = owned.stack();
+        let stack = owned.stack_ref();
         for rows in [1, 3, 600] {
             let x = random_x(rows, n, 200 + s as u64);
             let mut want = vec![0f32; rows * m];
-            reference_matmul_t(&x, rows, &owned.stack(), &mut want);
+            reference_matmul_t(&x, rows, &owned.stack_ref(), &mut want);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * m];
                 panel_matmul_t(isa, &x, rows, &stack, &mut got);
@@ -80,7 +80,7 @@ fn the_candle_op_takes_f32_f16_and_bf16() {
     for rows in [1, 2, 9, 20, 45] {
         let x = random_x(rows, 90, 7);
         let mut want = vec![0f32; rows * 37];
-        reference_matmul_t(&x, rows, &owned.stack(), &mut want);
+        reference_matmul_t(&x, rows, &owned.stack_ref(), &mut want);
         let xt = Tensor::from_vec(x, (1, rows, 90), &Device::Cpu).unwrap();
         // Activations rounded to the dtype, then f32 math: the error is the
         // rounding of the inputs and of the outputs, and for a few rows the
@@ -116,13 +116,13 @@ fn an_empty_stack_gives_zeros() {
     let x = random_x(2, 10, 3);
     for isa in Isa::available() {
         let mut got = vec![f32::NAN; 12];
-        table_matmul_t(isa, &x, 2, &owned.stack(), &mut got);
+        table_matmul_t(isa, &x, 2, &owned.stack_ref(), &mut got);
         assert!(got.iter().all(|&v| v == 0.0));
         let mut got = vec![f32::NAN; 12];
-        panel_matmul_t(isa, &x, 2, &owned.stack(), &mut got);
+        panel_matmul_t(isa, &x, 2, &owned.stack_ref(), &mut got);
         assert!(got.iter().all(|&v| v == 0.0));
         let mut got = vec![f32::NAN; 12];
-        bitstack_kernels::stack_matmul_t(&x, 2, &owned.stack(), &mut got);
+        bitstack_kernels::stack_matmul_t(&x, 2, &owned.stack_ref(), &mut got);
         assert!(got.iter().all(|&v| v == 0.0));
     }
 }
@@ -197,7 +197,7 @@ fn nested_decode_calls_from_rayon_tasks_match_the_reference() {
         .iter()
         .map(|owned| {
             let mut want = vec![0f32; rows * m];
-            reference_matmul_t(&x, rows, &owned.stack(), &mut want);
+            reference_matmul_t(&x, rows, &owned.stack_ref(), &mut want);
             want
         })
         .collect();
@@ -212,7 +212,7 @@ fn nested_decode_calls_from_rayon_tasks_match_the_reference() {
             (0..32usize).into_par_iter().for_each(|i| {
                 let (owned, want) = (&stacks[i % stacks.len()], &want[i % stacks.len()]);
                 let mut got = vec![f32::NAN; rows * m];
-                table_matmul_t(isa, &x, rows, &owned.stack(), &mut got);
+                table_matmul_t(isa, &x, rows, &owned.stack_ref(), &mut got);
                 assert_close(&got, want, 1e-4, &format!("nested {isa:?}"));
             })
         });

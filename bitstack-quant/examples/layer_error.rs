@@ -179,7 +179,14 @@ fn main() -> Result<()> {
         .collect();
     println!("layer linear method size bits calib_rel_err held_out_rel_err");
     for l in 0..=args.layers.iter().copied().max().unwrap_or(0) {
-        let mut layer = DecoderLayer::load(&store, &cfg, l, &BlockCounts::all(), &device)?;
+        let mut layer = DecoderLayer::load(
+            &store,
+            &cfg,
+            l,
+            &BlockCounts::all(),
+            &device,
+            &bitstack_quant::runtime::residence::Residence::Host,
+        )?;
         if !args.layers.contains(&l) {
             fit.advance(&ctx, &layer)?;
             held.advance(&ctx, &layer)?;

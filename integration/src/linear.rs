@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use bitstack_quant::runtime::elastic::Snapshot;
-use bitstack_quant::runtime::linear::{stack_tensor, LinearWeight};
+use bitstack_quant::runtime::linear::LinearWeight;
 use bitstack_quant::{BitStackHandle, LinearKind};
 use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_quant::{IsqType, QuantMethod, QuantMethodConfig, QuantizeOntoGuard, QuantizedSerde};
@@ -154,7 +154,7 @@ impl QuantMethod for BitStackLinear {
         let snapshot = self.step.get(&self.handle);
         let linear = snapshot.layers[self.site.layer].linear(self.site.kind);
         match &linear.weight {
-            LinearWeight::BitStack(s) => stack_tensor(s, &snapshot.device, self.dtype),
+            LinearWeight::BitStack(s) => s.dense_tensor(&snapshot.device, self.dtype),
             LinearWeight::Dense(w) => w.to_dtype(self.dtype),
         }
     }

@@ -173,13 +173,14 @@ mod tests {
         ] {
             let stack = random_stack(m, n, k, blocks, 7);
             assert_eq!(stack.blocks.len(), blocks);
-            assert!(stack
-                .blocks
-                .iter()
-                .all(|b| (b.signs.m(), b.signs.n()) == (m, n)
-                    && b.u.len() == m * k
-                    && b.vt.len() == k * n));
-            let w = stack.dense();
+            assert!(stack.blocks.iter().filter_map(|b| b.host()).all(|b| (
+                b.signs.m(),
+                b.signs.n()
+            ) == (m, n)
+                && b.u.len() == m * k
+                && b.vt.len() == k * n));
+            assert!(stack.is_on_host());
+            let w = stack.dense().unwrap();
             let x = random_input(rows, n, 8).unwrap();
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let want = reference(&xs, &w, rows, m, n);

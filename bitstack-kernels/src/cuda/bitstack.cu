@@ -46,10 +46,11 @@ struct BlockPtrs {
   const __half* vt;
 };
 
-// The grid planes on the device (uploaded by `CudaGrid`: five pointers,
-// then four ints, 56 bytes).
+// The grid planes on the device (made by `CudaGrid`: five pointers, then
+// four ints, 56 bytes). Each plane is an upload of its own, so a stack that
+// gains or loses a plane re-uses the others.
 struct GridDesc {
-  const uint32_t* planes;  // nplanes × words, the mma-tile layout each
+  const uint32_t* const* planes;  // nplanes addresses of words, the mma-tile layout each
   const __half* center;    // m × groups
   const __half* half;      // m × groups
   const uint8_t* ocol;     // m × groups × outliers: column within the group
@@ -71,11 +72,11 @@ __device__ __forceinline__ void bit_position(int lane, int bit, int* row, int* c
 }
 
 // Σ_b ±2^-(b+1) for the sign at `bit` of the lane's word in each plane.
-__device__ __forceinline__ float grid_level(const GridDesc& grid, size_t word, size_t words, int bit) {
+__device__ __forceinline__ float grid_level(const GridDesc& grid, size_t word, int bit) {
   float level = 0.f;
   float w = 0.5f;
   for (int b = 0; b < grid.nplanes; ++b) {
-    const uint32_t v = grid.planes[(size_t)b * words + word];
+    const uint32_t v = grid.planes[b][word];
     level += ((v >> bit) & 1u) ? -w : w;
     w *= 0.5f;
   }
@@ -310,7 +311,6 @@ __device__ void grid_decode(const GridDesc* __restrict__ gd, const T* __restrict
   const int lane = tid % 32;
   const int tile = blockIdx.x;
   const int chunks = (n + 63) / 64;
-  const size_t words = (size_t)((m + 15) / 16) * chunks * 32;
   for (int e = tid; e < DECODE_MAX_ROWS * 16; e += blockDim.x) ys[e] = 0.f;
   __syncthreads();
 
@@ -328,7 +328,7 @@ __device__ void grid_decode(const GridDesc* __restrict__ gd, const T* __restrict
       if (i < m && c < n) {
         const size_t cell = (size_t)i * grid.groups + c / grid.group;
         v = __half2float(grid.center[cell]) +
-            __half2float(grid.half[cell]) * grid_level(grid, word, words, bit);
+            __half2float(grid.half[cell]) * grid_level(grid, word, bit);
       }
       wv[bit] = v;
     }
@@ -371,7 +371,7 @@ __device__ void grid_decode(const GridDesc* __restrict__ gd, const T* __restrict
     int bit;
     sign_at(i, c, chunks, &word, &bit);
     const float q = __half2float(grid.center[cell]) +
-                    __half2float(grid.half[cell]) * grid_level(grid, word, words, bit);
+                    __half2float(grid.half[cell]) * grid_level(grid, word, bit);
     const float d = __half2float(grid.ovalue[slot]) - q;
     for (int r = 0; r < rows; ++r) atomicAdd(&ys[r * 16 + row], d * to_f32(x[(size_t)r * n + c]));
   }
@@ -424,14 +424,13 @@ __device__ void reconstruct(const BlockPtrs* __restrict__ blocks, int nblocks, T
   }
   if (gd != nullptr) {
     const GridDesc grid = *gd;
-    const size_t plane_words = (size_t)((m + 15) / 16) * chunks * 32;
     float level[4] = {0.f, 0.f, 0.f, 0.f};
     float wb = 0.5f;
     for (int b = 0; b < grid.nplanes; ++b) {
       __syncthreads();
       if (threadIdx.x < 32) {
         words[threadIdx.x] =
-            grid.planes[(size_t)b * plane_words + ((size_t)tile * chunks + chunk) * 32 + threadIdx.x];
+            grid.planes[b][((size_t)tile * chunks + chunk) * 32 + threadIdx.x];
       }
       __syncthreads();
 #pragma unroll

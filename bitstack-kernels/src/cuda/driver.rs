@@ -32,7 +32,7 @@ use candle_core::{DType, Layout, Result, Shape};
 use half::{bf16, f16};
 
 use super::pack::{self, mma_sign_words};
-use crate::layout::{rows_of, BlockRef, GridRef, Rows, StackRef};
+use crate::layout::{rows_of, BlockRef, GridRef, Rows, StackRef, TiledSigns};
 
 const PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/bitstack_sm80.ptx"));
 const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/bitstack_sm90.ptx"));
@@ -108,27 +108,54 @@ fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     Ok(dev)
 }
 
-/// The grid planes of one linear on the device: each plane's signs in the
-/// decode kernel's layout, one after another, the grid as stored, and the
-/// kernels' `GridDesc` (their addresses and sizes).
-pub struct CudaGrid {
+/// One grid plane on the device: its signs in the decode kernel's layout.
+///
+/// Planes are uploaded one by one and shared, like blocks: a stack that
+/// gains or loses a plane re-uses the uploads of the planes it keeps.
+pub struct CudaPlane {
     m: usize,
     n: usize,
-    planes: usize,
-    groups: usize,
-    outliers: usize,
-    _signs: CudaSlice<u32>,
-    _center: CudaSlice<f16>,
-    _half: CudaSlice<f16>,
-    _outlier_col: CudaSlice<u8>,
-    _outlier_value: CudaSlice<f16>,
-    /// `GridDesc`: five device addresses, then `nplanes`, `group`,
-    /// `outliers` and `groups` as i32, two to a word (little-endian).
-    desc: CudaSlice<u64>,
+    words: CudaSlice<u32>,
 }
 
-impl CudaGrid {
-    /// Packs `grid`'s planes for the kernels and copies it to `device`.
+impl CudaPlane {
+    /// Packs `signs` for the kernels and copies them to `device`.
+    pub fn upload(device: &CudaDevice, signs: &TiledSigns) -> Result<Self> {
+        Ok(Self {
+            m: signs.m(),
+            n: signs.n(),
+            words: upload(device, &mma_sign_words(signs))?,
+        })
+    }
+
+    /// Device memory held.
+    pub fn bytes(&self) -> usize {
+        Self::bytes_for(self.m, self.n)
+    }
+
+    /// What [`CudaPlane::bytes`] is for an `m×n` plane.
+    pub fn bytes_for(m: usize, n: usize) -> usize {
+        4 * pack::words_for(m, n)
+    }
+}
+
+/// The grid of one linear on the device, everything but the planes: the
+/// centers, half-widths and outliers, as stored.
+pub struct CudaGridCells {
+    m: usize,
+    n: usize,
+    group: usize,
+    groups: usize,
+    outliers: usize,
+    center: CudaSlice<f16>,
+    half: CudaSlice<f16>,
+    outlier_col: CudaSlice<u8>,
+    outlier_value: CudaSlice<f16>,
+}
+
+impl CudaGridCells {
+    /// Copies `grid`'s cells (not its planes) to `device`, after the checks
+    /// the CPU kernels make (which panic as theirs do).
     pub fn upload(device: &CudaDevice, grid: &GridRef, m: usize, n: usize) -> Result<Self> {
         let groups = grid.groups(n);
         if grid.planes.iter().any(|p| (p.m(), p.n()) != (m, n))
@@ -137,51 +164,109 @@ impl CudaGrid {
         {
             candle_core::bail!("bitstack cuda: grid does not have the sizes of a {m}×{n} linear");
         }
-        // The rest (group, outlier columns) panics as the CPU kernels do.
         grid.check(m, n);
-        let words = pack::words_for(m, n);
-        let mut signs = Vec::with_capacity(grid.planes.len() * words);
-        for plane in &grid.planes {
-            signs.extend(mma_sign_words(plane));
-        }
-        let signs = upload(device, &signs)?;
-        let center = upload(device, grid.center)?;
-        let half = upload(device, grid.half)?;
-        let outlier_col = upload(device, grid.outlier_col)?;
-        let outlier_value = upload(device, grid.outlier_value)?;
-        let stream = device.cuda_stream();
-        let pair = |a: usize, b: usize| (a as u32 as u64) | ((b as u32 as u64) << 32);
-        let desc = [
-            signs.device_ptr(&stream).0,
-            center.device_ptr(&stream).0,
-            half.device_ptr(&stream).0,
-            outlier_col.device_ptr(&stream).0,
-            outlier_value.device_ptr(&stream).0,
-            pair(grid.planes.len(), grid.group),
-            pair(grid.outliers, groups),
-        ];
         Ok(Self {
             m,
             n,
-            planes: grid.planes.len(),
+            group: grid.group,
             groups,
             outliers: grid.outliers,
-            desc: upload(device, &desc)?,
-            _signs: signs,
-            _center: center,
-            _half: half,
-            _outlier_col: outlier_col,
-            _outlier_value: outlier_value,
+            center: upload(device, grid.center)?,
+            half: upload(device, grid.half)?,
+            outlier_col: upload(device, grid.outlier_col)?,
+            outlier_value: upload(device, grid.outlier_value)?,
         })
     }
 
     /// Device memory held.
     pub fn bytes(&self) -> usize {
-        let cells = self.m * self.groups;
-        4 * self.planes * pack::words_for(self.m, self.n)
-            + 4 * cells
-            + 3 * cells * self.outliers
-            + 8 * 7
+        Self::bytes_for(self.m, self.groups, self.outliers)
+    }
+
+    /// What [`CudaGridCells::bytes`] is for `m` rows of `groups` groups
+    /// with `outliers` outliers each.
+    pub fn bytes_for(m: usize, groups: usize, outliers: usize) -> usize {
+        let cells = m * groups;
+        4 * cells + 3 * cells * outliers
+    }
+}
+
+/// The grid part of one stack on the device: its cells, its resident
+/// planes, and the kernels' `GridDesc` (their addresses and sizes).
+pub struct CudaGrid {
+    m: usize,
+    n: usize,
+    cells: Arc<CudaGridCells>,
+    planes: Vec<Arc<CudaPlane>>,
+    /// The planes' addresses, most significant first.
+    _plane_table: CudaSlice<u64>,
+    /// `GridDesc`: five device addresses, then `nplanes`, `group`,
+    /// `outliers` and `groups` as i32, two to a word (little-endian).
+    desc: CudaSlice<u64>,
+}
+
+impl CudaGrid {
+    /// A grid over cells and planes already on `device`.
+    pub fn new(
+        device: &CudaDevice,
+        cells: Arc<CudaGridCells>,
+        planes: Vec<Arc<CudaPlane>>,
+    ) -> Result<Self> {
+        let (m, n) = (cells.m, cells.n);
+        if planes.is_empty() {
+            candle_core::bail!("bitstack cuda: a grid has at least one plane");
+        }
+        if let Some((b, p)) = planes
+            .iter()
+            .enumerate()
+            .find(|(_, p)| (p.m, p.n) != (m, n))
+        {
+            candle_core::bail!(
+                "bitstack cuda: grid plane {b} is {}×{}, the grid {m}×{n}",
+                p.m,
+                p.n
+            );
+        }
+        let stream = device.cuda_stream();
+        let addresses: Vec<u64> = planes
+            .iter()
+            .map(|p| p.words.device_ptr(&stream).0)
+            .collect();
+        let plane_table = upload(device, &addresses)?;
+        let pair = |a: usize, b: usize| (a as u32 as u64) | ((b as u32 as u64) << 32);
+        let desc = [
+            plane_table.device_ptr(&stream).0,
+            cells.center.device_ptr(&stream).0,
+            cells.half.device_ptr(&stream).0,
+            cells.outlier_col.device_ptr(&stream).0,
+            cells.outlier_value.device_ptr(&stream).0,
+            pair(planes.len(), cells.group),
+            pair(cells.outliers, cells.groups),
+        ];
+        Ok(Self {
+            m,
+            n,
+            desc: upload(device, &desc)?,
+            cells,
+            planes,
+            _plane_table: plane_table,
+        })
+    }
+
+    /// Packs `grid`'s cells and planes for the kernels and copies them to `device`.
+    pub fn upload(device: &CudaDevice, grid: &GridRef, m: usize, n: usize) -> Result<Self> {
+        let cells = Arc::new(CudaGridCells::upload(device, grid, m, n)?);
+        let planes = grid
+            .planes
+            .iter()
+            .map(|p| CudaPlane::upload(device, p).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(device, cells, planes)
+    }
+
+    /// Device memory of the cells and planes (the tables aside).
+    pub fn bytes(&self) -> usize {
+        self.cells.bytes() + self.planes.iter().map(|p| p.bytes()).sum::<usize>()
     }
 }
 
@@ -287,6 +372,11 @@ impl CudaStack {
         &self.device
     }
 
+    /// The weight's rows and columns, `(m, n)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.m, self.n)
+    }
+
     /// Device memory of the blocks and the grid (the pointer table aside).
     pub fn bytes(&self) -> usize {
         self.blocks.iter().map(|b| b.bytes()).sum::<usize>()
@@ -389,9 +479,24 @@ impl CudaStack {
 
     fn prefill(&self, x: &CudaStorage, start: usize, rows: usize) -> Result<CudaStorage> {
         let (m, n) = (self.m, self.n);
+        let w = self.dense(x.dtype())?;
+        let x_layout = Layout::contiguous_with_offset((rows, n), start);
+        let wt_layout = Layout::contiguous((m, n)).transpose(0, 1)?;
+        x.matmul(&w, (1, rows, m, n), &x_layout, &wt_layout)
+    }
+
+    /// `W = Σ Sᵢ ⊙ (uᵢ·vtᵢ)` (plus the grid part) as a row-major `m×n`
+    /// matrix of `dtype` (f32, f16 or bf16) on the device: what prefill
+    /// multiplies with, and what a device-resident stack has instead of a
+    /// host copy to rebuild from.
+    pub fn dense(&self, dtype: DType) -> Result<CudaStorage> {
+        let (m, n) = (self.m, self.n);
         let dev = &self.device;
+        if m == 0 || n == 0 || (self.blocks.is_empty() && self.grid.is_none()) {
+            return zeros(dev, dtype, m * n);
+        }
         let stream = dev.cuda_stream();
-        let func = self.func(&format!("bitstack_reconstruct_{}", dtype_name(x.dtype())?))?;
+        let func = self.func(&format!("bitstack_reconstruct_{}", dtype_name(dtype)?))?;
         let cfg = LaunchConfig {
             grid_dim: (
                 n.div_ceil(pack::CHUNK_COLS) as u32,
@@ -420,18 +525,15 @@ impl CudaStack {
                 CudaStorageSlice::$wrap(w)
             }};
         }
-        let w = match x.dtype() {
+        let slice = match dtype {
             DType::F32 => rebuild!(f32, F32),
             DType::F16 => rebuild!(f16, F16),
             _ => rebuild!(bf16, BF16),
         };
-        let w = CudaStorage {
-            slice: w,
+        Ok(CudaStorage {
+            slice,
             device: dev.clone(),
-        };
-        let x_layout = Layout::contiguous_with_offset((rows, n), start);
-        let wt_layout = Layout::contiguous((m, n)).transpose(0, 1)?;
-        x.matmul(&w, (1, rows, m, n), &x_layout, &wt_layout)
+        })
     }
 
     /// A kernel of the PTX built for the newest architecture the device runs.

@@ -1,7 +1,7 @@
 //! CUDA: the sign layout the kernels read ([`pack`], always compiled, so
 //! that it is tested on any machine) and, with the `cuda` feature, the
 //! host side that uploads blocks and grid planes and launches the kernels
-//! of `bitstack.cu` on candle CUDA tensors (`CudaBlock`, `CudaGrid`,
+//! of `bitstack.cu` on candle CUDA tensors (`CudaBlock`, `CudaPlane`, `CudaGridCells`, `CudaGrid`,
 //! `CudaStack`).
 
 #[cfg(feature = "cuda")]
@@ -9,4 +9,4 @@ mod driver;
 pub mod pack;
 
 #[cfg(feature = "cuda")]
-pub use driver::{CudaBlock, CudaGrid, CudaStack, DECODE_MAX_ROWS};
+pub use driver::{CudaBlock, CudaGrid, CudaGridCells, CudaPlane, CudaStack, DECODE_MAX_ROWS};

@@ -36,8 +36,9 @@ use crate::eval::calibrate::{window_batches, windows, LayerByLayer};
 use crate::eval::perplexity::nll_sum;
 use crate::format::checkpoint::{BlockCounts, Checkpoint};
 use crate::format::order::{BlockOrder, Geometry};
-use crate::runtime::linear::{stack_tensor, LinearWeight};
+use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{load_tokenizer, tokenize_file, LinearKind, Llama, NoTaps};
+use crate::runtime::residence::Residence;
 use crate::runtime::stack::WeightStack;
 
 /// Which algorithm orders the blocks.
@@ -140,7 +141,15 @@ pub fn sort_on_device(
         bail!("sorting needs at least 1 window per batch (--batch)");
     }
     let geometry = checkpoint.geometry().clone();
-    let model = Llama::from_checkpoint(checkpoint, &BlockCounts::all(), device)?;
+    // Scoring rebuilds weights from the blocks on the host: keep them there
+    // whatever the device (a CUDA forward uploads what it runs).
+    let model = Llama::from_store(
+        checkpoint.config().clone(),
+        checkpoint.store(),
+        &BlockCounts::all(),
+        device,
+        &Residence::Host,
+    )?;
     let start = Instant::now();
     let (order, layer_passes) = match method {
         SortMethod::Local => {
@@ -162,9 +171,9 @@ pub fn sort_on_device(
 
 /// `gains[b]` for b = 1…stored−1: output error removed by block b, and the
 /// output energy of the full stack.
-pub fn block_gains(stack: &WeightStack, gram: &Mat<f32>) -> (Vec<f64>, f64) {
+pub fn block_gains(stack: &WeightStack, gram: &Mat<f32>) -> Result<(Vec<f64>, f64)> {
     let (m, n) = (stack.m, stack.n);
-    let full = stack.dense();
+    let full = stack.dense()?;
     let to_mat = |v: &[f32]| Mat::<f32>::from_fn(m, n, |i, j| v[i * n + j]);
     let quad = |e: &Mat<f32>| -> f64 {
         let eg = e * gram;
@@ -180,7 +189,7 @@ pub fn block_gains(stack: &WeightStack, gram: &Mat<f32>) -> (Vec<f64>, f64) {
     let energy = quad(&to_mat(&full));
     let mut errors = Vec::with_capacity(stack.len());
     for level in 0..stack.len() {
-        let single = stack.level_dense(level);
+        let single = stack.level_dense(level)?;
         remaining.iter_mut().zip(&single).for_each(|(r, s)| *r -= s);
         errors.push(quad(&to_mat(&remaining)));
     }
@@ -188,7 +197,7 @@ pub fn block_gains(stack: &WeightStack, gram: &Mat<f32>) -> (Vec<f64>, f64) {
     let gains = (1..stack.len())
         .map(|b| errors[b - 1] - errors[b])
         .collect();
-    (gains, energy)
+    Ok((gains, energy))
 }
 
 fn stack_of(model: &Llama, layer: usize, kind: LinearKind) -> Result<Arc<WeightStack>> {
@@ -253,7 +262,7 @@ fn proxy_scores(
                 let g = &stats.grams[&kind.input()];
                 let n = stack.n;
                 let gram = Mat::from_fn(n, n, |i, j| g[i * n + j] as f32);
-                let (gains, energy) = block_gains(&stack, &gram);
+                let (gains, energy) = block_gains(&stack, &gram)?;
                 let slot = &geometry.linears[index[kind.path(layer).as_str()]];
                 // gains[i] is block i + 1's.
                 let s = gains
@@ -297,7 +306,7 @@ fn exact(
     let stored = geometry.linears.iter().map(|l| l.stored).max().unwrap_or(1);
     // Linears run as dense weights built once, not rebuilt per forward.
     let (device, dtype) = (model.device.clone(), model.dtype());
-    let dense = |s: &WeightStack| stack_tensor(s, &device, dtype);
+    let dense = |s: &WeightStack| s.dense_tensor(&device, dtype);
     let tokens = window_batches(wins, batch, &model.device)?;
     let index = geometry.index();
     let mut scores = vec![Vec::new(); geometry.linears.len()];
@@ -336,8 +345,8 @@ fn exact(
                 // W of `level + 1` blocks: the level's W plus block `level`
                 // alone, for AVD blocks the very sum `WeightStack::dense` of
                 // the longer prefix computes (added in order, in f32).
-                let single =
-                    Tensor::from_vec(s.level_dense(level), (s.m, s.n), &device)?.to_dtype(dtype)?;
+                let single = Tensor::from_vec(s.level_dense(level)?, (s.m, s.n), &device)?
+                    .to_dtype(dtype)?;
                 model.layers[l].linear_mut(*kind).weight = LinearWeight::Dense((w + single)?);
                 let ppl = nll_from(&model, l, &cache[l], &tokens)?.exp();
                 passes += tokens.len() * (model.layers.len() - l);
@@ -391,7 +400,7 @@ fn gradient(
         let mut vars = Vec::new();
         for (l, stacks) in full.iter().enumerate() {
             for (kind, s) in LinearKind::ALL.iter().zip(stacks) {
-                let w = stack_tensor(&s.prefix(level), &device, dtype)?;
+                let w = s.prefix(level).dense_tensor(&device, dtype)?;
                 let var = candle_core::Var::from_tensor(&w)?;
                 model.layers[l].linear_mut(*kind).weight =
                     LinearWeight::Dense(var.as_tensor().clone());
@@ -425,7 +434,7 @@ fn gradient(
             }
             let predicted = match grad {
                 Some(g) => {
-                    let delta = s.level_dense(level);
+                    let delta = s.level_dense(level)?;
                     let g = g.flatten_all()?.to_vec1::<f32>()?;
                     g.iter()
                         .zip(&delta)

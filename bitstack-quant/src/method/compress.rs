@@ -26,6 +26,7 @@ use crate::runtime::model::{
     linear_shape, load_tokenizer, stored_tensor, tokenize_file, DecoderContext, DecoderLayer,
     LinearKind, Rope, TapPoint,
 };
+use crate::runtime::residence::Residence;
 
 /// Rank of the blocks by default. On SmolLM2's 576-wide matrices a block of
 /// rank 4 costs about 1.2 bits per weight (rank 16: 1.6–2.8), so the ladder
@@ -310,7 +311,15 @@ pub fn compress_on(
     let mut residuals = Vec::new();
     for l in 0..cfg.num_hidden_layers {
         let t0 = Instant::now();
-        let mut layer = DecoderLayer::load(&store, &cfg, l, &BlockCounts::all(), device)?;
+        // The source model is dense: there are no blocks to keep anywhere.
+        let mut layer = DecoderLayer::load(
+            &store,
+            &cfg,
+            l,
+            &BlockCounts::all(),
+            device,
+            &Residence::Host,
+        )?;
         let layer_stats = &calibration.next_layer_of(&ctx, &layer)?;
         pb.inc(1);
         calibration_time += t0.elapsed();

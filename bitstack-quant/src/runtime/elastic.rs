@@ -47,6 +47,7 @@ use crate::format::checkpoint::{Checkpoint, Plan};
 use crate::format::order::Geometry;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{LinearKind, Llama};
+use crate::runtime::residence::Residence;
 use crate::runtime::stack::StackPart;
 
 /// Why a resize was refused. A refused resize changes nothing.
@@ -137,6 +138,8 @@ pub struct SubscriptionId(u64);
 
 struct Shared {
     checkpoint: Checkpoint,
+    /// Where grown blocks go: the device's memory on CUDA.
+    residence: Residence,
     /// `order.order` as (linear index, block index).
     order: Vec<(usize, usize)>,
     /// Total resident bytes at each level, `0..=order.len()`.
@@ -284,6 +287,7 @@ impl BitStackHandle {
         Ok(Self {
             shared: Arc::new(Shared {
                 checkpoint,
+                residence: Residence::of(device),
                 order: order_ix,
                 ladder,
                 current: RwLock::new(Arc::new(snapshot)),
@@ -459,7 +463,7 @@ impl BitStackHandle {
             .par_iter()
             .map(|&(li, b)| {
                 let slot = &shared.checkpoint.geometry().linears[li];
-                StackPart::read(shared.checkpoint.store(), slot, b)
+                StackPart::read(shared.checkpoint.store(), slot, b, &shared.residence)
                     .with_context(|| format!("reading block {b} of {}", slot.name))
             })
             .collect::<anyhow::Result<_>>()?;

@@ -48,7 +48,7 @@ impl Linear {
             LinearWeight::BitStack(s) if x.device().is_cpu() || x.device().is_cuda() => {
                 bitstack_kernels::op::bitstack_matmul(x, s.clone())?
             }
-            LinearWeight::BitStack(s) => matmul_t(x, &stack_tensor(s, x.device(), x.dtype())?)?,
+            LinearWeight::BitStack(s) => matmul_t(x, &s.dense_tensor(x.device(), x.dtype())?)?,
         };
         match &self.bias {
             // A bias stored in 16 bits is widened to the output's type.
@@ -62,7 +62,7 @@ impl Linear {
     /// dropped: measure bytes first. Dense weights are left alone.
     pub fn materialize(&mut self, device: &Device, dtype: DType) -> Result<()> {
         if let LinearWeight::BitStack(s) = &self.weight {
-            self.weight = LinearWeight::Dense(stack_tensor(s, device, dtype)?);
+            self.weight = LinearWeight::Dense(s.dense_tensor(device, dtype)?);
         }
         Ok(())
     }
@@ -101,11 +101,6 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let y = x.reshape(((), n))?.matmul(&w.t()?)?;
     shape.push(w.dim(0)?);
     y.reshape(shape)
-}
-
-/// `W` of `stack` (its [`WeightStack::dense`]) as an `m×n` tensor on `device` as `dtype`.
-pub fn stack_tensor(stack: &WeightStack, device: &Device, dtype: DType) -> Result<Tensor> {
-    Tensor::from_vec(stack.dense(), (stack.m, stack.n), device)?.to_dtype(dtype)
 }
 
 pub fn tensor_bytes(t: &Tensor) -> usize {

@@ -3,8 +3,9 @@
 //! [`stack`] holds the resident blocks of one linear, [`linear`] the layer
 //! that runs them through the kernels, [`model`] a Llama-family runner on
 //! candle, [`elastic`] the control handle that resizes a running model and
-//! [`generate`] text generation on it. [`device`] parses `--device`, and
-//! [`device_copy`] keeps the uploads of blocks on a GPU.
+//! [`generate`] text generation on it. [`device`] parses `--device`,
+//! [`residence`] says where a model keeps its blocks (host memory, or a
+//! CUDA device only) and [`device_copy`] keeps the uploads of host blocks.
 
 pub mod device;
 pub mod device_copy;
@@ -12,4 +13,5 @@ pub mod elastic;
 pub mod generate;
 pub mod linear;
 pub mod model;
+pub mod residence;
 pub mod stack;

@@ -26,6 +26,7 @@ use crate::format::order::LinearSlot;
 use crate::format::store::TensorStore;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::linear::{tensor_bytes, Linear};
+use crate::runtime::residence::Residence;
 use crate::runtime::stack::{StackPart, WeightStack};
 
 /// The type of the activations, whatever the dense parts are stored in.
@@ -89,13 +90,14 @@ impl DecoderLayer {
     }
 
     /// Decoder layer `l` of the model in `store`, each linear dense or with
-    /// `blocks` of its BitStack blocks.
+    /// `blocks` of its BitStack blocks, kept in `residence`.
     pub fn load(
         store: &TensorStore,
         cfg: &ModelConfig,
         l: usize,
         blocks: &BlockCounts,
         device: &Device,
+        residence: &Residence,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
         let tensor = |name: &str, shape: &[usize]| stored_tensor(store, name, shape, device);
@@ -107,7 +109,7 @@ impl DecoderLayer {
             } else {
                 None
             };
-            let weight = load_linear_weight(store, cfg, &path, m, n, blocks, device)?;
+            let weight = load_linear_weight(store, cfg, &path, (m, n), blocks, device, residence)?;
             Ok(Linear { weight, bias })
         };
         Ok(Self {
@@ -292,7 +294,7 @@ impl Llama {
     pub fn load(dir: &Path, blocks: &BlockCounts, device: &Device) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
         let store = TensorStore::open_dir(dir)?;
-        Self::from_store(cfg, &store, blocks, device)
+        Self::from_store(cfg, &store, blocks, device, &Residence::of(device))
     }
 
     /// The model of checkpoint `ckpt` with `blocks` per linear.
@@ -301,19 +303,36 @@ impl Llama {
         blocks: &BlockCounts,
         device: &Device,
     ) -> Result<Self> {
-        Self::from_store(ckpt.config().clone(), ckpt.store(), blocks, device)
+        Self::from_store(
+            ckpt.config().clone(),
+            ckpt.store(),
+            blocks,
+            device,
+            &Residence::of(device),
+        )
     }
 
     /// The model in `dir` (dense, or a checkpoint) with `blocks` per linear.
     pub fn from_model_dir(dir: &ModelDir, blocks: &BlockCounts, device: &Device) -> Result<Self> {
-        Self::from_store(dir.config().clone(), dir.store(), blocks, device)
+        let residence = Residence::of(device);
+        Self::from_store(
+            dir.config().clone(),
+            dir.store(),
+            blocks,
+            device,
+            &residence,
+        )
     }
 
+    /// The model in `store` on `device`, its BitStack blocks kept in
+    /// `residence` (the loaders above keep them where the device runs them:
+    /// [`Residence::of`]).
     pub fn from_store(
         cfg: ModelConfig,
         store: &TensorStore,
         blocks: &BlockCounts,
         device: &Device,
+        residence: &Residence,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
         let tensor = |name: &str, shape: &[usize]| stored_tensor(store, name, shape, device);
@@ -327,7 +346,7 @@ impl Llama {
             bail!("lm_head.weight is missing and tie_word_embeddings is false");
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|l| DecoderLayer::load(store, &cfg, l, blocks, device))
+            .map(|l| DecoderLayer::load(store, &cfg, l, blocks, device, residence))
             .collect::<Result<_>>()?;
         let rope = Rope::new(&cfg, cfg.max_position_embeddings.min(32768), device)?;
         Ok(Self {
@@ -549,16 +568,16 @@ pub fn stored_tensor(
     )?)
 }
 
-/// The weight of linear `path`: dense if `path.weight` exists, else the
-/// first `blocks.for_linear(..)` BitStack blocks.
+/// The `m×n` weight of linear `path`: dense if `path.weight` exists, else
+/// the first `blocks.for_linear(..)` BitStack blocks, kept in `residence`.
 fn load_linear_weight(
     store: &TensorStore,
     cfg: &ModelConfig,
     path: &str,
-    m: usize,
-    n: usize,
+    (m, n): (usize, usize),
     blocks: &BlockCounts,
     device: &Device,
+    residence: &Residence,
 ) -> Result<LinearWeight> {
     let dense = format!("{path}.weight");
     if store.contains(&dense) {
@@ -597,7 +616,7 @@ fn load_linear_weight(
         );
     }
     let parts = (0..count)
-        .map(|b| StackPart::read(store, &slot, b))
+        .map(|b| StackPart::read(store, &slot, b, residence))
         .collect::<Result<Vec<_>>>()?;
     Ok(LinearWeight::BitStack(std::sync::Arc::new(
         WeightStack::from_parts(m, n, slot.k, parts)?,

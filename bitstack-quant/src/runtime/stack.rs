@@ -5,7 +5,7 @@ use std::sync::Arc;
 use bitstack_kernels::{tiled_row, GridRef, OwnedBlock, StackRef, TiledSigns};
 use rayon::prelude::*;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::format::block::{block_bytes, Block, BlockShape};
 use crate::format::checkpoint::{read_grid, read_plane, CheckedBlock};
@@ -13,108 +13,188 @@ use crate::format::grid::{plane_weight, Grid, GridConfig};
 use crate::format::order::{LinearSlot, Part};
 use crate::format::store::TensorStore;
 use crate::runtime::device_copy::DeviceCopy;
+use crate::runtime::residence::{Residence, Resident};
 
 #[cfg(feature = "cuda")]
 type BlockUpload = bitstack_kernels::cuda::CudaBlock;
 #[cfg(not(feature = "cuda"))]
 type BlockUpload = ();
 #[cfg(feature = "cuda")]
+type PlaneUpload = bitstack_kernels::cuda::CudaPlane;
+#[cfg(not(feature = "cuda"))]
+type PlaneUpload = ();
+#[cfg(feature = "cuda")]
+type CellsUpload = bitstack_kernels::cuda::CudaGridCells;
+#[cfg(not(feature = "cuda"))]
+type CellsUpload = ();
+#[cfg(feature = "cuda")]
 type StackUpload = bitstack_kernels::cuda::CudaStack;
 #[cfg(not(feature = "cuda"))]
 type StackUpload = ();
 
 /// A block as a running model holds it: the kernels' [`OwnedBlock`] (signs
-/// re-tiled, factors as stored; its fields read through this type) and its
-/// upload for CUDA forwards.
+/// re-tiled, factors as stored) in host memory, or its upload alone on a
+/// CUDA device (see [`Residence`]).
 #[derive(Clone, Debug, PartialEq)]
-pub struct StackBlock {
-    pub block: OwnedBlock,
-    /// The upload for CUDA forwards, made on first use (none on the CPU).
-    pub device: DeviceCopy<BlockUpload>,
-}
-
-impl std::ops::Deref for StackBlock {
-    type Target = OwnedBlock;
-    fn deref(&self) -> &OwnedBlock {
-        &self.block
-    }
-}
+pub struct StackBlock(Resident<OwnedBlock, BlockUpload>);
 
 impl StackBlock {
     /// Reads block `i` of linear `path` (see [`CheckedBlock::read`]), with
-    /// the signs re-tiled for the kernels from the checked buffer: the grow
-    /// path of a resize.
-    pub fn read(store: &TensorStore, path: &str, i: usize, shape: BlockShape) -> Result<Self> {
+    /// the signs re-tiled for the kernels from the checked buffer, into
+    /// `residence`: the grow path of a resize.
+    pub fn read(
+        store: &TensorStore,
+        path: &str,
+        i: usize,
+        shape: BlockShape,
+        residence: &Residence,
+    ) -> Result<Self> {
         let checked = CheckedBlock::read(store, path, i, shape)?;
-        Ok(Self {
-            block: OwnedBlock::from_row_major(
-                &checked.signs,
+        let block =
+            OwnedBlock::from_row_major(&checked.signs, shape.m, shape.n, checked.u, checked.vt);
+        Self::place(block, shape, residence)
+            .with_context(|| format!("uploading block {i} of `{path}`"))
+    }
+
+    /// Re-tiles `block` of an `m×n` weight (its row-major signs are
+    /// dropped), in host memory.
+    pub fn new(block: Block, m: usize, n: usize) -> Self {
+        Self(Resident::host(OwnedBlock::from_row_major(
+            &block.signs,
+            m,
+            n,
+            block.u,
+            block.vt,
+        )))
+    }
+
+    /// `block` of `shape` kept in `residence`.
+    pub fn place(block: OwnedBlock, shape: BlockShape, residence: &Residence) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let block = residence.place(block, |device, b| {
+            bitstack_kernels::cuda::CudaBlock::upload(
+                device,
+                b.block_ref(),
                 shape.m,
                 shape.n,
-                checked.u,
-                checked.vt,
-            ),
-            device: Default::default(),
+                shape.k,
+            )
+        })?;
+        #[cfg(not(feature = "cuda"))]
+        let block = {
+            let (Residence::Host, _) = (residence, shape);
+            Resident::host(block)
+        };
+        Ok(Self(block))
+    }
+
+    /// The block in host memory; none when it lives on a device only.
+    pub fn host(&self) -> Option<&OwnedBlock> {
+        self.0.on_host()
+    }
+
+    /// The block in the checkpoint's layout (from the host copy).
+    pub fn to_block(&self) -> Option<Block> {
+        self.host().map(|b| Block {
+            signs: b.signs.to_row_major(),
+            u: b.u.clone(),
+            vt: b.vt.clone(),
         })
-    }
-
-    /// Re-tiles `block` of an `m×n` weight (its row-major signs are dropped).
-    pub fn new(block: Block, m: usize, n: usize) -> Self {
-        Self {
-            block: OwnedBlock::from_row_major(&block.signs, m, n, block.u, block.vt),
-            device: DeviceCopy::default(),
-        }
-    }
-
-    /// The block in the checkpoint's layout.
-    pub fn to_block(&self) -> Block {
-        Block {
-            signs: self.signs.to_row_major(),
-            u: self.u.clone(),
-            vt: self.vt.clone(),
-        }
-    }
-
-    /// Bytes resident for this block.
-    pub fn bytes(&self) -> usize {
-        self.signs.bytes() + 2 * (self.u.len() + self.vt.len())
     }
 }
 
 /// A grid plane as a running model holds it: its signs re-tiled for the
-/// kernels, and (plane 0 only) the grid it refines.
+/// kernels (or their upload), and (plane 0 only) the grid it refines.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StackPlane {
-    pub signs: TiledSigns,
+    pub signs: Resident<TiledSigns, PlaneUpload>,
     /// The grid, resident with the first plane.
     pub grid: Option<Arc<ResidentGrid>>,
 }
 
-/// A linear's grid and its layout.
+/// A linear's grid (everything but the planes) and its layout.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResidentGrid {
     pub cfg: GridConfig,
-    pub grid: Grid,
+    pub cells: Resident<Grid, CellsUpload>,
 }
 
 impl StackPlane {
     /// Plane `plane` of `slot` (with the grid when it is the first),
-    /// checked as [`read_plane`] and [`read_grid`] check.
-    pub fn read(store: &TensorStore, slot: &LinearSlot, plane: usize) -> Result<Self> {
-        let signs = read_plane(store, slot, plane)?;
-        let grid = if plane == 0 {
-            let cfg = slot.grid.expect("a slot with planes has a grid");
-            Some(Arc::new(ResidentGrid {
-                cfg,
-                grid: read_grid(store, slot)?,
-            }))
-        } else {
-            None
+    /// checked as [`read_plane`] and [`read_grid`] check, into `residence`.
+    pub fn read(
+        store: &TensorStore,
+        slot: &LinearSlot,
+        plane: usize,
+        residence: &Residence,
+    ) -> Result<Self> {
+        let signs = TiledSigns::from_row_major(&read_plane(store, slot, plane)?, slot.m, slot.n);
+        let grid = match plane {
+            0 => {
+                let cfg = slot.grid.expect("a slot with planes has a grid");
+                Some((cfg, read_grid(store, slot)?))
+            }
+            _ => None,
         };
-        Ok(Self {
-            signs: TiledSigns::from_row_major(&signs, slot.m, slot.n),
-            grid,
-        })
+        Self::place(signs, grid, residence)
+            .with_context(|| format!("uploading grid plane {plane} of `{}`", slot.name))
+    }
+
+    /// A plane's `signs` (and, for the first plane, its linear's grid)
+    /// kept in `residence`.
+    pub fn place(
+        signs: TiledSigns,
+        grid: Option<(GridConfig, Grid)>,
+        residence: &Residence,
+    ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            use bitstack_kernels::cuda::{CudaGridCells, CudaPlane};
+            let (m, n) = (signs.m(), signs.n());
+            let grid = match grid {
+                Some((cfg, grid)) => {
+                    let cells = residence.place(grid, |device, g| {
+                        let gr = grid_ref(&cfg, g, n, vec![&signs]);
+                        CudaGridCells::upload(device, &gr, m, n)
+                    })?;
+                    Some(Arc::new(ResidentGrid { cfg, cells }))
+                }
+                None => None,
+            };
+            let signs = residence.place(signs, CudaPlane::upload)?;
+            Ok(Self { signs, grid })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let Residence::Host = residence;
+            Ok(Self {
+                signs: Resident::host(signs),
+                grid: grid.map(|(cfg, grid)| {
+                    Arc::new(ResidentGrid {
+                        cfg,
+                        cells: Resident::host(grid),
+                    })
+                }),
+            })
+        }
+    }
+}
+
+/// The kernels' view of a grid with `planes`.
+fn grid_ref<'a>(
+    cfg: &GridConfig,
+    g: &'a Grid,
+    n: usize,
+    planes: Vec<&'a TiledSigns>,
+) -> GridRef<'a> {
+    GridRef {
+        group: cfg.group_size(n),
+        center: &g.center,
+        half: &g.scale,
+        outliers: cfg.outliers,
+        outlier_col: &g.outlier_col,
+        outlier_value: &g.outlier_value,
+        planes,
     }
 }
 
@@ -126,16 +206,22 @@ pub enum StackPart {
 }
 
 impl StackPart {
-    /// Block `b` of `slot`, read and checked.
-    pub fn read(store: &TensorStore, slot: &LinearSlot, b: usize) -> Result<Self> {
+    /// Block `b` of `slot`, read and checked, into `residence`.
+    pub fn read(
+        store: &TensorStore,
+        slot: &LinearSlot,
+        b: usize,
+        residence: &Residence,
+    ) -> Result<Self> {
         Ok(match slot.part(b) {
             Part::Avd(i) => Self::Block(Arc::new(StackBlock::read(
                 store,
                 &slot.name,
                 i,
                 slot.shape(),
+                residence,
             )?)),
-            Part::Plane(p) => Self::Plane(Arc::new(StackPlane::read(store, slot, p)?)),
+            Part::Plane(p) => Self::Plane(Arc::new(StackPlane::read(store, slot, p, residence)?)),
         })
     }
 }
@@ -255,47 +341,106 @@ impl WeightStack {
         Self::from_parts(self.m, self.n, self.k, self.parts().chain(more))
     }
 
-    /// Bytes of all resident blocks, planes and grid.
+    /// Bytes of all resident blocks, planes and grid where they live: as
+    /// the checkpoint's layout counts them in host memory, as allocated on
+    /// a CUDA device for device-resident ones (the same for shapes whose
+    /// rows are a multiple of 16 and columns of 64).
     pub fn resident_bytes(&self) -> usize {
-        let planes = self.planes.len() * TiledSigns::bytes_for(self.m, self.n);
+        let (m, n, k) = (self.m, self.n, self.k);
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| b.0.bytes(|_| block_bytes(m, n, k)))
+            .sum();
+        let planes: usize = self
+            .planes
+            .iter()
+            .map(|p| p.signs.bytes(|_| TiledSigns::bytes_for(m, n)))
+            .sum();
         let grid = self
-            .grid()
-            .map_or(0, |g| g.cfg.grid_resident_bytes(self.m, self.n));
-        self.blocks.len() * block_bytes(self.m, self.n, self.k) + planes + grid
+            .planes
+            .first()
+            .and_then(|p| p.grid.as_deref())
+            .map_or(0, |g| g.cells.bytes(|_| g.cfg.grid_resident_bytes(m, n)));
+        blocks + planes + grid
+    }
+
+    /// Whether every resident part is in host memory (none lives on a
+    /// device only).
+    pub fn is_on_host(&self) -> bool {
+        self.host_stack().is_some()
+    }
+
+    /// The kernels' view of the stack, when every part is in host memory.
+    fn host_stack(&self) -> Option<StackRef<'_>> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| b.host().map(OwnedBlock::block_ref))
+            .collect::<Option<Vec<_>>>()?;
+        let grid = match self.grid() {
+            None => None,
+            Some(g) => {
+                let planes = self
+                    .planes
+                    .iter()
+                    .map(|p| p.signs.on_host())
+                    .collect::<Option<Vec<_>>>()?;
+                Some(grid_ref(&g.cfg, g.cells.on_host()?, self.n, planes))
+            }
+        };
+        Some(StackRef {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            blocks,
+            grid,
+        })
+    }
+
+    fn device_only(&self) -> anyhow::Error {
+        anyhow!(
+            "the blocks of this {}×{} linear live on a CUDA device only (no host copy); \
+             rebuild its weight there ({})",
+            self.m,
+            self.n,
+            "WeightStack::dense_tensor"
+        )
     }
 
     /// The part of [`WeightStack::dense`] that stored block `level` adds
     /// to the first `level` ones: an AVD block alone, or for a plane the
     /// difference of the two prefixes.
-    pub fn level_dense(&self, level: usize) -> Vec<f32> {
+    pub fn level_dense(&self, level: usize) -> Result<Vec<f32>> {
         if level < self.blocks.len() {
             return Self::new(self.m, self.n, self.k, vec![self.blocks[level].clone()]).dense();
         }
-        let long = self.prefix(level + 1).dense();
-        let short = self.prefix(level).dense();
-        long.iter().zip(&short).map(|(l, s)| l - s).collect()
+        let long = self.prefix(level + 1).dense()?;
+        let short = self.prefix(level).dense()?;
+        Ok(long.iter().zip(&short).map(|(l, s)| l - s).collect())
     }
 
-    /// `Σᵢ Sᵢ ⊙ (uᵢ·vtᵢ)` as a row-major `m×n` matrix, rows in parallel.
+    /// `Σᵢ Sᵢ ⊙ (uᵢ·vtᵢ)` as a row-major `m×n` matrix, rows in parallel,
+    /// from the host copies (an error for a device-resident stack).
     ///
     /// Used for prefill-sized inputs, where rebuilding the weight once per
     /// call is cheap next to the matrix product.
-    pub fn dense(&self) -> Vec<f32> {
+    pub fn dense(&self) -> Result<Vec<f32>> {
+        let stack = self.host_stack().ok_or_else(|| self.device_only())?;
         let (m, n, k) = (self.m, self.n, self.k);
-        let vts: Vec<Vec<f32>> = self
+        let vts: Vec<Vec<f32>> = stack
             .blocks
             .iter()
             .map(|b| b.vt.iter().map(|x| x.to_f32()).collect())
             .collect();
         let mut w = vec![0f32; m * n];
-        let grid = self.grid();
         w.par_chunks_mut(n).enumerate().for_each(|(i, out)| {
             let mut row = vec![0f32; n];
             let mut signs = vec![0u8; n.div_ceil(8)];
-            if let Some(g) = grid {
-                self.add_grid_row(g, i, &mut row, &mut signs, out);
+            if let Some(g) = &stack.grid {
+                add_grid_row(g, n, i, &mut row, &mut signs, out);
             }
-            for (b, vt) in self.blocks.iter().zip(&vts) {
+            for (b, vt) in stack.blocks.iter().zip(&vts) {
                 row.fill(0.0);
                 for j in 0..k {
                     let uij = b.u[i * k + j].to_f32();
@@ -303,98 +448,116 @@ impl WeightStack {
                         *r += uij * v;
                     }
                 }
-                tiled_row(&b.signs, i, 0, &mut signs);
+                tiled_row(b.signs, i, 0, &mut signs);
                 add_signed(&signs, &row, out);
             }
         });
-        w
+        Ok(w)
     }
 
-    /// Adds row `i` of the grid part to `out` (`row` and `signs` are
-    /// scratch): the grid point, or at an outlier its value `v` exactly.
-    fn add_grid_row(
+    /// `W` as an `m×n` tensor of `dtype` on `device`: rebuilt on the host
+    /// from host copies, or on the device by the CUDA kernels for a
+    /// device-resident stack.
+    pub fn dense_tensor(
         &self,
-        g: &ResidentGrid,
-        i: usize,
-        row: &mut [f32],
-        signs: &mut [u8],
-        out: &mut [f32],
-    ) {
-        let n = self.n;
-        let (gs, groups, o) = (g.cfg.group_size(n), g.cfg.groups(n), g.cfg.outliers);
-        let cells = i * groups..(i + 1) * groups;
-        let column = |slot: usize| (slot / o) % groups * gs + g.grid.outlier_col[slot] as usize;
-        // What `out` holds at the outliers before the grid: each ends as that
-        // plus its value.
-        let before: Vec<f32> = (cells.start * o..cells.end * o)
-            .map(|slot| out[column(slot)])
-            .collect();
-        let scale: Vec<f32> = g.grid.scale[cells.clone()]
-            .iter()
-            .map(|h| h.to_f32())
-            .collect();
-        for (c, o) in out.iter_mut().enumerate() {
-            *o += g.grid.center[i * groups + c / gs].to_f32();
+        device: &candle_core::Device,
+        dtype: candle_core::DType,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (false, candle_core::Device::Cuda(_)) = (self.is_on_host(), device) {
+            let like = candle_core::Tensor::zeros(1, dtype, device)?;
+            return bitstack_kernels::op::bitstack_dense(&like, Arc::new(self.clone()));
         }
-        for (b, plane) in self.planes.iter().enumerate() {
-            let t = plane_weight(b);
-            for (c, r) in row.iter_mut().enumerate() {
-                *r = scale[c / gs] * t;
-            }
-            tiled_row(&plane.signs, i, 0, signs);
-            add_signed(signs, row, out);
+        let w = self.dense().map_err(candle_core::Error::wrap)?;
+        candle_core::Tensor::from_vec(w, (self.m, self.n), device)?.to_dtype(dtype)
+    }
+}
+
+/// Adds row `i` of the grid part of an `n`-column weight to `out` (`row`
+/// and `signs` are scratch): the grid point, or at an outlier its value
+/// `v` exactly.
+fn add_grid_row(
+    g: &GridRef,
+    n: usize,
+    i: usize,
+    row: &mut [f32],
+    signs: &mut [u8],
+    out: &mut [f32],
+) {
+    let (gs, groups, o) = (g.group, g.groups(n), g.outliers);
+    let cells = i * groups..(i + 1) * groups;
+    let column = |slot: usize| (slot / o) % groups * gs + g.outlier_col[slot] as usize;
+    // What `out` holds at the outliers before the grid: each ends as that
+    // plus its value.
+    let before: Vec<f32> = (cells.start * o..cells.end * o)
+        .map(|slot| out[column(slot)])
+        .collect();
+    let scale: Vec<f32> = g.half[cells.clone()].iter().map(|h| h.to_f32()).collect();
+    for (c, o) in out.iter_mut().enumerate() {
+        *o += g.center[i * groups + c / gs].to_f32();
+    }
+    for (b, plane) in g.planes.iter().enumerate() {
+        let t = plane_weight(b);
+        for (c, r) in row.iter_mut().enumerate() {
+            *r = scale[c / gs] * t;
         }
-        for (slot, before) in (cells.start * o..cells.end * o).zip(before) {
-            out[column(slot)] = before + g.grid.outlier_value[slot].to_f32();
-        }
+        tiled_row(plane, i, 0, signs);
+        add_signed(signs, row, out);
+    }
+    for (slot, before) in (cells.start * o..cells.end * o).zip(before) {
+        out[column(slot)] = before + g.outlier_value[slot].to_f32();
     }
 }
 
 impl bitstack_kernels::StackSource for WeightStack {
-    fn stack(&self) -> StackRef<'_> {
-        StackRef {
-            m: self.m,
-            n: self.n,
-            k: self.k,
-            blocks: self.blocks.iter().map(|b| b.block_ref()).collect(),
-            grid: self.grid().map(|g| GridRef {
-                group: g.cfg.group_size(self.n),
-                center: &g.grid.center,
-                half: &g.grid.scale,
-                outliers: g.cfg.outliers,
-                outlier_col: &g.grid.outlier_col,
-                outlier_value: &g.grid.outlier_value,
-                planes: self.planes.iter().map(|p| &p.signs).collect(),
-            }),
-        }
+    fn stack(&self) -> candle_core::Result<StackRef<'_>> {
+        self.host_stack()
+            .ok_or_else(|| candle_core::Error::wrap(self.device_only()))
     }
 
-    /// Uploads each block the first time a CUDA forward needs it; the
-    /// blocks a resize keeps keep their uploads.
+    /// The stack on `device`: each block and plane uploaded the first time
+    /// a CUDA forward needs it (or when it was read, for a device-resident
+    /// stack), and kept; a resized stack re-uses the uploads of the parts
+    /// it keeps and makes only its pointer tables.
     #[cfg(feature = "cuda")]
     fn cuda_stack(
         &self,
         device: &candle_core::cuda_backend::CudaDevice,
     ) -> candle_core::Result<Arc<bitstack_kernels::cuda::CudaStack>> {
-        use bitstack_kernels::cuda::{CudaBlock, CudaGrid, CudaStack};
-        use bitstack_kernels::StackSource;
-        // The grid's upload holds the resident planes, so it is made per
-        // stack (per resize of this linear), not shared like the blocks'.
+        use bitstack_kernels::cuda::{CudaBlock, CudaGrid, CudaGridCells, CudaPlane, CudaStack};
+        let (m, n, k) = (self.m, self.n, self.k);
         self.device.get_or_try_make(device, || {
             let blocks = self
                 .blocks
                 .iter()
                 .map(|b| {
-                    b.device.get_or_try_make(device, || {
-                        CudaBlock::upload(device, b.block_ref(), self.m, self.n, self.k)
+                    b.0.on_device(device, |h| {
+                        CudaBlock::upload(device, h.block_ref(), m, n, k)
                     })
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let grid = match &self.stack().grid {
-                Some(g) => Some(Arc::new(CudaGrid::upload(device, g, self.m, self.n)?)),
+            let grid = match self.grid() {
                 None => None,
+                Some(g) => {
+                    let planes = self
+                        .planes
+                        .iter()
+                        .map(|p| p.signs.on_device(device, |s| CudaPlane::upload(device, s)))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    let first = self.planes[0].signs.on_host();
+                    let cells = g.cells.on_device(device, |cells| {
+                        let first = first.ok_or_else(|| {
+                            candle_core::Error::Msg(
+                                "bitstack: a host grid's first plane is on a device only".into(),
+                            )
+                        })?;
+                        let grid = grid_ref(&g.cfg, cells, n, vec![first]);
+                        CudaGridCells::upload(device, &grid, m, n)
+                    })?;
+                    Some(Arc::new(CudaGrid::new(device, cells, planes)?))
+                }
             };
-            CudaStack::new(device, self.m, self.n, self.k, blocks)?.with_grid(grid)
+            CudaStack::new(device, m, n, k, blocks)?.with_grid(grid)
         })
     }
 }
@@ -435,7 +598,7 @@ mod tests {
             let k = k.min(m.min(n));
             let blocks: Vec<Block> = (0..nb).map(|_| random_block(m, n, k, &mut rng)).collect();
             let stack = WeightStack::new(m, n, k, blocks.clone());
-            let fast = stack.dense();
+            let fast = stack.dense().unwrap();
             let slow = reconstruct(&blocks, m, n, k);
             for (a, b) in fast.iter().zip(&slow) {
                 assert!(
@@ -443,16 +606,14 @@ mod tests {
                     "{m}×{n}: {a} vs {b}"
                 );
             }
-            assert_eq!(
-                stack.resident_bytes(),
-                stack.blocks.iter().map(|b| b.bytes()).sum::<usize>()
-            );
+            assert_eq!(stack.resident_bytes(), nb * block_bytes(m, n, k));
+            assert!(stack.is_on_host());
             for (b, original) in stack.blocks.iter().zip(&blocks) {
-                assert_eq!(&b.to_block(), original);
+                assert_eq!(b.to_block().as_ref(), Some(original));
             }
             let more = stack.blocks[1..].iter().cloned().map(StackPart::Block);
             let grown = stack.prefix(1).extended(more).unwrap();
-            assert_eq!(grown.dense(), fast);
+            assert_eq!(grown.dense().unwrap(), fast);
         }
     }
 
@@ -464,9 +625,13 @@ mod tests {
         let (m, n, k) = (23, 37, 4);
         let blocks: Vec<Block> = (0..4).map(|_| random_block(m, n, k, &mut rng)).collect();
         for b in 1..blocks.len() {
-            let short = WeightStack::new(m, n, k, blocks[..b].to_vec()).dense();
-            let long = WeightStack::new(m, n, k, blocks[..=b].to_vec()).dense();
-            let single = WeightStack::new(m, n, k, vec![blocks[b].clone()]).dense();
+            let dense =
+                |blocks: &[Block]| WeightStack::new(m, n, k, blocks.to_vec()).dense().unwrap();
+            let (short, long, single) = (
+                dense(&blocks[..b]),
+                dense(&blocks[..=b]),
+                dense(&blocks[b..=b]),
+            );
             for ((l, s), o) in long.iter().zip(&short).zip(&single) {
                 assert_eq!(*l, s + o);
             }
@@ -504,11 +669,11 @@ mod tests {
             .collect();
         for (b, signs) in gp.planes.iter().enumerate() {
             parts.push(StackPart::Plane(Arc::new(StackPlane {
-                signs: TiledSigns::from_row_major(signs, m, n),
+                signs: Resident::host(TiledSigns::from_row_major(signs, m, n)),
                 grid: (b == 0).then(|| {
                     Arc::new(ResidentGrid {
                         cfg,
-                        grid: gp.grid.clone(),
+                        cells: Resident::host(gp.grid.clone()),
                     })
                 }),
             })));
@@ -545,7 +710,7 @@ mod tests {
                         .collect();
                     gp.grid.add_to(&planes, m, n, &cfg, &mut want);
                 }
-                let got = stack.dense();
+                let got = stack.dense().unwrap();
                 if avd == 0 {
                     // Without blocks, outliers are exactly their value
                     // (with blocks, the blocks' part is summed in another
@@ -566,7 +731,7 @@ mod tests {
                 // Levels add up to the prefix.
                 summed
                     .iter_mut()
-                    .zip(full.level_dense(level))
+                    .zip(full.level_dense(level).unwrap())
                     .for_each(|(s, d)| *s += d);
                 for (a, b) in summed.iter().zip(&got) {
                     assert!(
@@ -578,7 +743,7 @@ mod tests {
                 let x: Vec<f32> = (0..3 * n).map(|_| rng.random::<f32>() - 0.5).collect();
                 let mut y = vec![0f32; 3 * m];
                 use bitstack_kernels::StackSource;
-                bitstack_kernels::stack_matmul_t(&x, 3, &stack.stack(), &mut y);
+                bitstack_kernels::stack_matmul_t(&x, 3, &stack.stack().unwrap(), &mut y);
                 let want: Vec<f32> = (0..3 * m)
                     .map(|j| {
                         (0..n)
@@ -607,7 +772,7 @@ mod tests {
                 .prefix(avd + 1)
                 .extended(full.parts().skip(avd + 1))
                 .unwrap();
-            assert_eq!(regrown.dense(), full.dense());
+            assert_eq!(regrown.dense().unwrap(), full.dense().unwrap());
         }
     }
 
