@@ -185,7 +185,7 @@ fn main() -> Result<()> {
             l,
             &BlockCounts::all(),
             &device,
-            &bitstack_quant::runtime::residence::Residence::Host,
+            &bitstack_quant::runtime::placement::Placement::default(),
         )?;
         if !args.layers.contains(&l) {
             fit.advance(&ctx, &layer)?;

@@ -38,7 +38,7 @@ use crate::format::checkpoint::{BlockCounts, Checkpoint};
 use crate::format::order::{BlockOrder, Geometry};
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{load_tokenizer, tokenize_file, LinearKind, Llama, NoTaps};
-use crate::runtime::residence::Residence;
+use crate::runtime::placement::Placement;
 use crate::runtime::stack::WeightStack;
 
 /// Which algorithm orders the blocks.
@@ -148,7 +148,7 @@ pub fn sort_on_device(
         checkpoint.store(),
         &BlockCounts::all(),
         device,
-        &Residence::Host,
+        &Placement::default(),
     )?;
     let start = Instant::now();
     let (order, layer_passes) = match method {

@@ -21,6 +21,7 @@ pub mod grid;
 pub mod model_dir;
 pub mod order;
 pub mod pack;
+pub mod shard;
 pub mod store;
 pub mod synthetic;
 pub mod writer;

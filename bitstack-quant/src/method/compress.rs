@@ -26,7 +26,7 @@ use crate::runtime::model::{
     linear_shape, load_tokenizer, stored_tensor, tokenize_file, DecoderContext, DecoderLayer,
     LinearKind, Rope, TapPoint,
 };
-use crate::runtime::residence::Residence;
+use crate::runtime::placement::Placement;
 
 /// Rank of the blocks by default. On SmolLM2's 576-wide matrices a block of
 /// rank 4 costs about 1.2 bits per weight (rank 16: 1.6–2.8), so the ladder
@@ -318,7 +318,7 @@ pub fn compress_on(
             l,
             &BlockCounts::all(),
             device,
-            &Residence::Host,
+            &Placement::default(),
         )?;
         let layer_stats = &calibration.next_layer_of(&ctx, &layer)?;
         pb.inc(1);

@@ -47,7 +47,7 @@ use crate::format::checkpoint::{Checkpoint, Plan};
 use crate::format::order::Geometry;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{LinearKind, Llama};
-use crate::runtime::residence::Residence;
+use crate::runtime::placement::Placement;
 use crate::runtime::stack::StackPart;
 
 /// Why a resize was refused. A refused resize changes nothing.
@@ -138,8 +138,9 @@ pub struct SubscriptionId(u64);
 
 struct Shared {
     checkpoint: Checkpoint,
-    /// Where grown blocks go: the device's memory on CUDA.
-    residence: Residence,
+    /// Where grown blocks go (the device's memory on CUDA) and, under
+    /// tensor parallelism, which slice of them this rank keeps.
+    placement: Placement,
     /// `order.order` as (linear index, block index).
     order: Vec<(usize, usize)>,
     /// Total resident bytes at each level, `0..=order.len()`.
@@ -245,7 +246,14 @@ impl BitStackHandle {
             }
         };
         let max = checkpoint.plan_all().rung.total_bytes as u64;
-        Self::start(checkpoint, &plan, budget.unwrap_or(max).min(max), device)
+        let placement = Placement::of(device);
+        Self::start(
+            checkpoint,
+            &plan,
+            budget.unwrap_or(max).min(max),
+            device,
+            placement,
+        )
     }
 
     /// Runs `checkpoint` on `device` at the rung `plan` chose (see
@@ -256,7 +264,26 @@ impl BitStackHandle {
         device: &Device,
     ) -> anyhow::Result<Self> {
         let budget = plan.rung.total_bytes as u64;
-        Self::start(checkpoint, plan, budget, device)
+        Self::start(checkpoint, plan, budget, device, Placement::of(device))
+    }
+
+    /// Runs `checkpoint` on `device` at the rung `plan` chose, its linears
+    /// placed by `placement`: under tensor parallelism this rank's slices,
+    /// with every figure (ladder, budget, resident bytes) this rank's.
+    /// Every rank at one level holds its slice of the model one process
+    /// runs at that level.
+    pub fn from_checkpoint_placed(
+        checkpoint: Checkpoint,
+        plan: &Plan,
+        device: &Device,
+        placement: Placement,
+    ) -> anyhow::Result<Self> {
+        placement.check(checkpoint.config())?;
+        let ladder = checkpoint
+            .order()
+            .ladder(&placement.geometry(checkpoint.geometry()));
+        let budget = ladder[plan.level()].total_bytes as u64;
+        Self::start(checkpoint, plan, budget, device, placement)
     }
 
     fn start(
@@ -264,8 +291,9 @@ impl BitStackHandle {
         plan: &Plan,
         budget: u64,
         device: &Device,
+        placement: Placement,
     ) -> anyhow::Result<Self> {
-        let geometry = checkpoint.geometry();
+        let geometry = &placement.geometry(checkpoint.geometry());
         let index = geometry.index();
         let order_ix: Vec<(usize, usize)> = checkpoint
             .order()
@@ -274,11 +302,18 @@ impl BitStackHandle {
             .map(|(name, b)| (index[name.as_str()], *b))
             .collect();
         let ladder: Vec<u64> = checkpoint
-            .ladder()
+            .order()
+            .ladder(geometry)
             .iter()
             .map(|r| r.total_bytes as u64)
             .collect();
-        let model = Llama::from_checkpoint(&checkpoint, &plan.counts, device)?;
+        let model = Llama::from_store(
+            checkpoint.config().clone(),
+            checkpoint.store(),
+            &plan.counts,
+            device,
+            &placement,
+        )?;
         let snapshot = Snapshot {
             model,
             level: plan.level(),
@@ -287,7 +322,7 @@ impl BitStackHandle {
         Ok(Self {
             shared: Arc::new(Shared {
                 checkpoint,
-                residence: Residence::of(device),
+                placement,
                 order: order_ix,
                 ladder,
                 current: RwLock::new(Arc::new(snapshot)),
@@ -463,8 +498,17 @@ impl BitStackHandle {
             .par_iter()
             .map(|&(li, b)| {
                 let slot = &shared.checkpoint.geometry().linears[li];
-                StackPart::read(shared.checkpoint.store(), slot, b, &shared.residence)
-                    .with_context(|| format!("reading block {b} of {}", slot.name))
+                let shard = shared
+                    .placement
+                    .shard(LinearKind::ALL[li % LinearKind::ALL.len()]);
+                StackPart::read(
+                    shared.checkpoint.store(),
+                    slot,
+                    b,
+                    &shared.placement.residence,
+                    shard,
+                )
+                .with_context(|| format!("reading block {b} of {}", slot.name))
             })
             .collect::<anyhow::Result<_>>()?;
         let mut added: BTreeMap<usize, Vec<StackPart>> = BTreeMap::new();

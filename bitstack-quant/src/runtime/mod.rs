@@ -5,7 +5,9 @@
 //! candle, [`elastic`] the control handle that resizes a running model and
 //! [`generate`] text generation on it. [`device`] parses `--device`,
 //! [`residence`] says where a model keeps its blocks (host memory, or a
-//! CUDA device only) and [`device_copy`] keeps the uploads of host blocks.
+//! CUDA device only), [`placement`] that and which slice of each linear a
+//! tensor-parallel rank holds, and [`device_copy`] keeps the uploads of
+//! host blocks.
 
 pub mod device;
 pub mod device_copy;
@@ -13,5 +15,6 @@ pub mod elastic;
 pub mod generate;
 pub mod linear;
 pub mod model;
+pub mod placement;
 pub mod residence;
 pub mod stack;

@@ -26,7 +26,7 @@ use crate::format::order::LinearSlot;
 use crate::format::store::TensorStore;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::linear::{tensor_bytes, Linear};
-use crate::runtime::residence::Residence;
+use crate::runtime::placement::Placement;
 use crate::runtime::stack::{StackPart, WeightStack};
 
 /// The type of the activations, whatever the dense parts are stored in.
@@ -90,26 +90,26 @@ impl DecoderLayer {
     }
 
     /// Decoder layer `l` of the model in `store`, each linear dense or with
-    /// `blocks` of its BitStack blocks, kept in `residence`.
+    /// `blocks` of its BitStack blocks, placed by `placement`.
     pub fn load(
         store: &TensorStore,
         cfg: &ModelConfig,
         l: usize,
         blocks: &BlockCounts,
         device: &Device,
-        residence: &Residence,
+        placement: &Placement,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
         let tensor = |name: &str, shape: &[usize]| stored_tensor(store, name, shape, device);
         let lin = |kind: LinearKind| -> Result<Linear> {
-            let (m, n) = linear_shape(cfg, kind);
+            let m = linear_shape(cfg, kind).0;
             let path = kind.path(l);
             let bias = if has_bias(cfg, kind) {
                 Some(tensor(&format!("{path}.bias"), &[m])?)
             } else {
                 None
             };
-            let weight = load_linear_weight(store, cfg, &path, (m, n), blocks, device, residence)?;
+            let weight = load_linear_weight(store, cfg, l, kind, blocks, device, placement)?;
             Ok(Linear { weight, bias })
         };
         Ok(Self {
@@ -294,7 +294,7 @@ impl Llama {
     pub fn load(dir: &Path, blocks: &BlockCounts, device: &Device) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
         let store = TensorStore::open_dir(dir)?;
-        Self::from_store(cfg, &store, blocks, device, &Residence::of(device))
+        Self::from_store(cfg, &store, blocks, device, &Placement::of(device))
     }
 
     /// The model of checkpoint `ckpt` with `blocks` per linear.
@@ -308,32 +308,38 @@ impl Llama {
             ckpt.store(),
             blocks,
             device,
-            &Residence::of(device),
+            &Placement::of(device),
         )
     }
 
     /// The model in `dir` (dense, or a checkpoint) with `blocks` per linear.
     pub fn from_model_dir(dir: &ModelDir, blocks: &BlockCounts, device: &Device) -> Result<Self> {
-        let residence = Residence::of(device);
+        let placement = Placement::of(device);
         Self::from_store(
             dir.config().clone(),
             dir.store(),
             blocks,
             device,
-            &residence,
+            &placement,
         )
     }
 
-    /// The model in `store` on `device`, its BitStack blocks kept in
-    /// `residence` (the loaders above keep them where the device runs them:
-    /// [`Residence::of`]).
+    /// The model in `store` on `device`, its linears placed by `placement`
+    /// (the loaders above hold them whole, their blocks where the device
+    /// runs them: [`Placement::of`]).
+    ///
+    /// A tensor-parallel placement holds this rank's slice of every linear
+    /// (see [`crate::format::shard`]) and the dense parts whole: such a
+    /// model holds the rank's weights for an engine that runs the ranks
+    /// (its own forward, which runs whole heads, refuses the slices).
     pub fn from_store(
         cfg: ModelConfig,
         store: &TensorStore,
         blocks: &BlockCounts,
         device: &Device,
-        residence: &Residence,
+        placement: &Placement,
     ) -> Result<Self> {
+        placement.check(&cfg)?;
         let d = cfg.hidden_size;
         let tensor = |name: &str, shape: &[usize]| stored_tensor(store, name, shape, device);
         let embed = tensor("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
@@ -346,7 +352,7 @@ impl Llama {
             bail!("lm_head.weight is missing and tie_word_embeddings is false");
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|l| DecoderLayer::load(store, &cfg, l, blocks, device, residence))
+            .map(|l| DecoderLayer::load(store, &cfg, l, blocks, device, placement))
             .collect::<Result<_>>()?;
         let rope = Rope::new(&cfg, cfg.max_position_embeddings.min(32768), device)?;
         Ok(Self {
@@ -568,21 +574,30 @@ pub fn stored_tensor(
     )?)
 }
 
-/// The `m×n` weight of linear `path`: dense if `path.weight` exists, else
-/// the first `blocks.for_linear(..)` BitStack blocks, kept in `residence`.
+/// The weight of linear `kind` of layer `l`: dense if `{path}.weight`
+/// exists, else the first `blocks.for_linear(..)` BitStack blocks; the
+/// part `placement` holds.
 fn load_linear_weight(
     store: &TensorStore,
     cfg: &ModelConfig,
-    path: &str,
-    (m, n): (usize, usize),
+    l: usize,
+    kind: LinearKind,
     blocks: &BlockCounts,
     device: &Device,
-    residence: &Residence,
+    placement: &Placement,
 ) -> Result<LinearWeight> {
+    let (m, n) = linear_shape(cfg, kind);
+    let path = &kind.path(l);
+    let shard = placement.shard(kind);
+    let (lm, ln) = shard.map_or((m, n), |s| s.local(m, n));
     let dense = format!("{path}.weight");
     if store.contains(&dense) {
         let v = store.f32_shaped(&dense, &[m, n])?;
-        return Ok(LinearWeight::Dense(Tensor::from_vec(v, (m, n), device)?));
+        let v = match shard {
+            None => v,
+            Some(s) => s.dense(&v, m, n),
+        };
+        return Ok(LinearWeight::Dense(Tensor::from_vec(v, (lm, ln), device)?));
     }
     let first = names::qweight(path, 0);
     let first_plane = grid::names::plane(path, 0);
@@ -616,10 +631,10 @@ fn load_linear_weight(
         );
     }
     let parts = (0..count)
-        .map(|b| StackPart::read(store, &slot, b, residence))
+        .map(|b| StackPart::read(store, &slot, b, &placement.residence, shard))
         .collect::<Result<Vec<_>>>()?;
     Ok(LinearWeight::BitStack(std::sync::Arc::new(
-        WeightStack::from_parts(m, n, slot.k, parts)?,
+        WeightStack::from_parts(lm, ln, slot.k, parts)?,
     )))
 }
 

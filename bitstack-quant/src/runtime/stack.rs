@@ -11,6 +11,7 @@ use crate::format::block::{block_bytes, Block, BlockShape};
 use crate::format::checkpoint::{read_grid, read_plane, CheckedBlock};
 use crate::format::grid::{plane_weight, Grid, GridConfig};
 use crate::format::order::{LinearSlot, Part};
+use crate::format::shard::LinearShard;
 use crate::format::store::TensorStore;
 use crate::runtime::device_copy::DeviceCopy;
 use crate::runtime::residence::{Residence, Resident};
@@ -39,23 +40,6 @@ type StackUpload = ();
 pub struct StackBlock(Resident<OwnedBlock, BlockUpload>);
 
 impl StackBlock {
-    /// Reads block `i` of linear `path` (see [`CheckedBlock::read`]), with
-    /// the signs re-tiled for the kernels from the checked buffer, into
-    /// `residence`: the grow path of a resize.
-    pub fn read(
-        store: &TensorStore,
-        path: &str,
-        i: usize,
-        shape: BlockShape,
-        residence: &Residence,
-    ) -> Result<Self> {
-        let checked = CheckedBlock::read(store, path, i, shape)?;
-        let block =
-            OwnedBlock::from_row_major(&checked.signs, shape.m, shape.n, checked.u, checked.vt);
-        Self::place(block, shape, residence)
-            .with_context(|| format!("uploading block {i} of `{path}`"))
-    }
-
     /// Re-tiles `block` of an `m×n` weight (its row-major signs are
     /// dropped), in host memory.
     pub fn new(block: Block, m: usize, n: usize) -> Self {
@@ -120,26 +104,6 @@ pub struct ResidentGrid {
 }
 
 impl StackPlane {
-    /// Plane `plane` of `slot` (with the grid when it is the first),
-    /// checked as [`read_plane`] and [`read_grid`] check, into `residence`.
-    pub fn read(
-        store: &TensorStore,
-        slot: &LinearSlot,
-        plane: usize,
-        residence: &Residence,
-    ) -> Result<Self> {
-        let signs = TiledSigns::from_row_major(&read_plane(store, slot, plane)?, slot.m, slot.n);
-        let grid = match plane {
-            0 => {
-                let cfg = slot.grid.expect("a slot with planes has a grid");
-                Some((cfg, read_grid(store, slot)?))
-            }
-            _ => None,
-        };
-        Self::place(signs, grid, residence)
-            .with_context(|| format!("uploading grid plane {plane} of `{}`", slot.name))
-    }
-
     /// A plane's `signs` (and, for the first plane, its linear's grid)
     /// kept in `residence`.
     pub fn place(
@@ -206,22 +170,53 @@ pub enum StackPart {
 }
 
 impl StackPart {
-    /// Block `b` of `slot`, read and checked, into `residence`.
+    /// Block `b` of `slot`, read and checked (see [`CheckedBlock::read`],
+    /// [`read_plane`] and [`read_grid`]), cut to this rank's `shard` under
+    /// tensor parallelism, its signs re-tiled for the kernels, and kept in
+    /// `residence`: what loading and the grow path of a resize read.
     pub fn read(
         store: &TensorStore,
         slot: &LinearSlot,
         b: usize,
         residence: &Residence,
+        shard: Option<LinearShard>,
     ) -> Result<Self> {
+        let (m, n, k) = (slot.m, slot.n, slot.k);
+        let (lm, ln) = shard.map_or((m, n), |s| s.local(m, n));
         Ok(match slot.part(b) {
-            Part::Avd(i) => Self::Block(Arc::new(StackBlock::read(
-                store,
-                &slot.name,
-                i,
-                slot.shape(),
-                residence,
-            )?)),
-            Part::Plane(p) => Self::Plane(Arc::new(StackPlane::read(store, slot, p, residence)?)),
+            Part::Avd(i) => {
+                let c = CheckedBlock::read(store, &slot.name, i, slot.shape())?;
+                let (signs, u, vt) = match shard {
+                    None => (c.signs, c.u, c.vt),
+                    Some(s) => (s.signs(&c.signs, m, n), s.u(c.u, m, k), s.vt(c.vt, k, n)),
+                };
+                let block = OwnedBlock::from_row_major(&signs, lm, ln, u, vt);
+                let block = StackBlock::place(block, BlockShape::new(lm, ln, k), residence)
+                    .with_context(|| format!("uploading block {i} of `{}`", slot.name))?;
+                Self::Block(Arc::new(block))
+            }
+            Part::Plane(p) => {
+                let signs = read_plane(store, slot, p)?;
+                let signs = match shard {
+                    None => signs,
+                    Some(s) => s.signs(&signs, m, n),
+                };
+                let grid = match p {
+                    0 => {
+                        let cfg = slot.grid.expect("a slot with planes has a grid");
+                        let grid = read_grid(store, slot)?;
+                        Some(match shard {
+                            None => (cfg, grid),
+                            Some(s) => s.grid(grid, cfg, m, n),
+                        })
+                    }
+                    _ => None,
+                };
+                let signs = TiledSigns::from_row_major(&signs, lm, ln);
+                let plane = StackPlane::place(signs, grid, residence)
+                    .with_context(|| format!("uploading grid plane {p} of `{}`", slot.name))?;
+                Self::Plane(Arc::new(plane))
+            }
         })
     }
 }
