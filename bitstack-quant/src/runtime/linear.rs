@@ -43,18 +43,24 @@ impl Linear {
     /// on the CPU and, in a build with the `cuda` feature, on CUDA; elsewhere
     /// `W` is rebuilt for the call.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => matmul_t(x, w)?,
-            LinearWeight::BitStack(s) if x.device().is_cpu() || x.device().is_cuda() => {
-                bitstack_kernels::op::bitstack_matmul(x, s.clone())?
-            }
-            LinearWeight::BitStack(s) => matmul_t(x, &s.dense_tensor(x.device(), x.dtype())?)?,
-        };
+        let y = self.forward_weight(x)?;
         match &self.bias {
             // A bias stored in 16 bits is widened to the output's type.
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
         }
+    }
+
+    /// `x·Wᵀ` without the bias, for an engine that adds the bias itself
+    /// (mistral.rs's column- and row-parallel layers do).
+    pub fn forward_weight(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.weight {
+            LinearWeight::Dense(w) => matmul_t(x, w)?,
+            LinearWeight::BitStack(s) if x.device().is_cpu() || x.device().is_cuda() => {
+                bitstack_kernels::op::bitstack_matmul(x, s.clone())?
+            }
+            LinearWeight::BitStack(s) => matmul_t(x, &s.dense_tensor(x.device(), x.dtype())?)?,
+        })
     }
 
     /// Replaces a BitStack weight by its dense `W` on `device` as `dtype`,
