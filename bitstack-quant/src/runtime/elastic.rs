@@ -47,6 +47,7 @@ use crate::format::checkpoint::{Checkpoint, Plan};
 use crate::format::order::Geometry;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{LinearKind, Llama};
+use crate::format::shard::TensorParallel;
 use crate::runtime::placement::Placement;
 use crate::runtime::stack::StackPart;
 
@@ -375,6 +376,12 @@ impl BitStackHandle {
     /// Resident bytes at `level` (clamped to the top level).
     pub fn bytes_at_level(&self, level: usize) -> u64 {
         self.shared.ladder[level.min(self.max_level())]
+    }
+
+    /// The tensor-parallel rank whose slices this handle holds (`None`:
+    /// whole linears).
+    pub fn tensor_parallel(&self) -> Option<TensorParallel> {
+        self.shared.placement.tensor_parallel
     }
 
     /// The checkpoint's linears and the bytes outside them.
