@@ -96,3 +96,40 @@ fn writing_is_deterministic_and_refuses_a_full_dir() {
     );
     assert!(spec.write_bitstack(&a, 2, 2).is_err());
 }
+
+#[test]
+fn a_linears_only_model_holds_no_dense_parts_and_refuses_to_run() {
+    use bitstack_quant::runtime::linear::LinearWeight;
+    use bitstack_quant::runtime::placement::Placement;
+
+    let spec = SyntheticSpec::default();
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("packed");
+    spec.write_bitstack(&dir, 3, 4).unwrap();
+    let open = |placement: Placement| {
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let plan = checkpoint.plan_all();
+        BitStackHandle::from_checkpoint_placed(checkpoint, &plan, &Device::Cpu, placement).unwrap()
+    };
+    let whole = open(Placement::of(&Device::Cpu));
+    let linears = open(Placement::of(&Device::Cpu).linears_only());
+    let (w, l) = (whole.snapshot(), linears.snapshot());
+    // Only the blocks are held (this spec has no biases)…
+    assert_eq!(l.resident_bytes(), l.stack_bytes());
+    assert_eq!(l.stack_bytes(), w.stack_bytes());
+    assert!(w.resident_bytes() > w.stack_bytes());
+    // …the same blocks…
+    for ((_, _, a), (_, _, b)) in w.linears().zip(l.linears()) {
+        let (LinearWeight::BitStack(a), LinearWeight::BitStack(b)) = (&a.weight, &b.weight) else {
+            panic!("dense linear")
+        };
+        assert_eq!(a.dense().unwrap(), b.dense().unwrap());
+    }
+    // …the budget still counts the dense parts (the engine's copies)…
+    assert_eq!(linears.resident_bytes(), whole.resident_bytes());
+    // …and the model cannot run on its own.
+    let tokens = Tensor::from_slice(&[1u32, 2, 3], (1, 3), &Device::Cpu).unwrap();
+    let e = l.forward(&tokens).unwrap_err().to_string();
+    assert!(e.contains("holds its linears only"), "{e}");
+    finite_logits(&whole, spec.vocab);
+}

@@ -26,7 +26,7 @@ use crate::format::order::LinearSlot;
 use crate::format::store::TensorStore;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::linear::{tensor_bytes, Linear};
-use crate::runtime::placement::Placement;
+use crate::runtime::placement::{DenseParts, Placement};
 use crate::runtime::stack::{StackPart, WeightStack};
 
 /// The type of the activations, whatever the dense parts are stored in.
@@ -100,12 +100,15 @@ impl DecoderLayer {
         placement: &Placement,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
-        let tensor = |name: &str, shape: &[usize]| stored_tensor(store, name, shape, device);
+        let norm = |name: &str| {
+            dense_part(store, name, &[d], device, placement.dense_parts)
+        };
         let lin = |kind: LinearKind| -> Result<Linear> {
             let m = linear_shape(cfg, kind).0;
             let path = kind.path(l);
+            // Biases belong to the linears: held whoever holds the rest.
             let bias = if has_bias(cfg, kind) {
-                Some(tensor(&format!("{path}.bias"), &[m])?)
+                Some(stored_tensor(store, &format!("{path}.bias"), &[m], device)?)
             } else {
                 None
             };
@@ -113,11 +116,10 @@ impl DecoderLayer {
             Ok(Linear { weight, bias })
         };
         Ok(Self {
-            input_layernorm: tensor(&format!("model.layers.{l}.input_layernorm.weight"), &[d])?,
-            post_attention_layernorm: tensor(
-                &format!("model.layers.{l}.post_attention_layernorm.weight"),
-                &[d],
-            )?,
+            input_layernorm: norm(&format!("model.layers.{l}.input_layernorm.weight"))?,
+            post_attention_layernorm: norm(&format!(
+                "model.layers.{l}.post_attention_layernorm.weight"
+            ))?,
             q: lin(LinearKind::Q)?,
             k: lin(LinearKind::K)?,
             v: lin(LinearKind::V)?,
@@ -285,6 +287,9 @@ pub struct Llama {
     /// Use only ops with a backward pass (slower), so that gradients of the
     /// loss reach the linear weights.
     pub differentiable: bool,
+    /// Whether `embed`, `norm`, `lm_head` and the layers' norms are held
+    /// (else they are empty and forwards refuse to run).
+    pub dense_parts: DenseParts,
     rope: Rope,
 }
 
@@ -341,7 +346,9 @@ impl Llama {
     ) -> Result<Self> {
         placement.check(&cfg)?;
         let d = cfg.hidden_size;
-        let tensor = |name: &str, shape: &[usize]| stored_tensor(store, name, shape, device);
+        let tensor = |name: &str, shape: &[usize]| {
+            dense_part(store, name, shape, device, placement.dense_parts)
+        };
         let embed = tensor("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let norm = tensor("model.norm.weight", &[d])?;
         let lm_head = if store.contains("lm_head.weight") && !cfg.tie_word_embeddings {
@@ -363,6 +370,7 @@ impl Llama {
             lm_head,
             device: device.clone(),
             differentiable: false,
+            dense_parts: placement.dense_parts,
             rope,
         })
     }
@@ -375,6 +383,7 @@ impl Llama {
     /// Token ids `[B, L]` → hidden states after the embedding (f32: only
     /// the rows looked up are widened).
     pub fn embed(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        self.check_runnable()?;
         let (b, l) = tokens.dims2()?;
         let flat = tokens.flatten_all()?;
         self.embed
@@ -402,7 +411,18 @@ impl Llama {
         taps: &mut dyn Taps,
         cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<Tensor> {
+        self.check_runnable()?;
         self.layers[index].forward(&self.context(), x, taps, cache)
+    }
+
+    /// Errs when the dense parts are held elsewhere.
+    fn check_runnable(&self) -> candle_core::Result<()> {
+        match self.dense_parts {
+            DenseParts::Held => Ok(()),
+            DenseParts::Elsewhere => candle_core::bail!(
+                "this model holds its linears only (the engine running it holds the embeddings, norms and head): it cannot run a forward itself"
+            ),
+        }
     }
 
     /// The parts every layer's forward shares.
@@ -448,6 +468,7 @@ impl Llama {
     /// hidden states' type. A head stored in another type (16 bits) is
     /// widened [`HEAD_ROWS_PER_CHUNK`] rows at a time inside the product.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        self.check_runnable()?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let dims = hidden.dims().to_vec();
         let flat = hidden.reshape(((), dims[dims.len() - 1]))?;
@@ -555,6 +576,21 @@ fn widen_rows(w: &Tensor, start: usize, rows: usize, dtype: DType) -> candle_cor
         }
     }
     Tensor::from_vec(out, (rows, d), w.device())
+}
+
+/// Dense part `name` of `store` (see [`stored_tensor`]), or an empty
+/// tensor when the dense parts are held elsewhere.
+fn dense_part(
+    store: &TensorStore,
+    name: &str,
+    shape: &[usize],
+    device: &Device,
+    parts: DenseParts,
+) -> Result<Tensor> {
+    match parts {
+        DenseParts::Held => stored_tensor(store, name, shape, device),
+        DenseParts::Elsewhere => Ok(Tensor::zeros(0, DType::F32, device)?),
+    }
 }
 
 /// Dense tensor `name` of `store` on `device`, in its stored dtype: a

@@ -17,6 +17,19 @@ pub struct Placement {
     /// This rank, when the model is split over several; every linear whole
     /// when `None`.
     pub tensor_parallel: Option<TensorParallel>,
+    pub dense_parts: DenseParts,
+}
+
+/// Who holds a model's dense parts: embeddings, norms and output head.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DenseParts {
+    /// The model does, and runs on its own.
+    #[default]
+    Held,
+    /// An engine that runs the model's linears does (mistral.rs holds its
+    /// own copies), so they are not held twice: the model holds its
+    /// linears, and its own forward refuses to run.
+    Elsewhere,
 }
 
 impl Placement {
@@ -24,7 +37,15 @@ impl Placement {
     pub fn of(device: &Device) -> Self {
         Self {
             residence: Residence::of(device),
-            tensor_parallel: None,
+            ..Self::default()
+        }
+    }
+
+    /// This placement with the dense parts held by the engine instead.
+    pub fn linears_only(self) -> Self {
+        Self {
+            dense_parts: DenseParts::Elsewhere,
+            ..self
         }
     }
 
