@@ -18,12 +18,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context};
+use bitstack_quant::format::shard::{Split, TensorParallel};
+use bitstack_quant::runtime::placement::Placement;
 use bitstack_quant::{BitStackHandle, Budget, Checkpoint, ResizeError, QUANT_METHOD};
 use candle_core::{DType, Device};
 use mistralrs_core::weight_arbiter::{self, ElasticWeights};
-use mistralrs_quant::{ExternalQuantFactory, QuantMethod, ShardedVarBuilder};
+use mistralrs_quant::{
+    ExternalParallel, ExternalQuantFactory, ExternalTp, QuantMethod, ShardedVarBuilder,
+};
 
-pub use linear::{BitStackLinear, LinearSite, StepSnapshot};
+pub use linear::{BitStackLinear, LevelSync, LinearSite, StepSnapshot};
 
 /// Builds mistral.rs linears over one [`BitStackHandle`].
 pub struct BitStackFactory {
@@ -59,9 +63,9 @@ impl ExternalQuantFactory for BitStackFactory {
                 self.handle.clone(),
                 self.step.clone(),
                 site,
-                in_dim,
-                out_dim,
+                (in_dim, out_dim),
                 self.dtype,
+                bias,
             )?)),
             // BitStack stacks the seven projections of each decoder layer;
             // anything else (an untied lm_head) is stored dense.
@@ -80,6 +84,86 @@ impl ExternalQuantFactory for BitStackFactory {
                 ))
             }
         }
+    }
+
+    /// This rank's part of a linear under mistral.rs's tensor parallelism:
+    /// the slices of the handle's stacks that
+    /// [`bitstack_quant::format::shard`] cuts, which must be the ones
+    /// mistral.rs asks for (q, k, v, gate, up split by output, o and down by
+    /// input; the handle was opened for this rank by [`register_rank`]).
+    ///
+    /// The first linear of the model (layer 0's q) also keeps every rank at
+    /// rank 0's level: at each forward it broadcasts rank 0's level through
+    /// mistral.rs's all-reduce and pins that level's snapshot for the step
+    /// on every rank (see [`LevelSync`]).
+    fn tensor_parallel_linear(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        config: &serde_json::Value,
+        vb: ShardedVarBuilder,
+        tp: &ExternalTp,
+    ) -> candle_core::Result<Arc<dyn QuantMethod>> {
+        let prefix = vb.prefix();
+        let (rank, world) = (tp.comm.rank(), tp.comm.world_size());
+        let held = self.handle.tensor_parallel();
+        let held_world = held.map_or(1, |t| t.world());
+        if world != held_world || held.is_some_and(|t| t.rank() != rank) {
+            candle_core::bail!(
+                "bitstack: {prefix}: mistral.rs runs rank {rank} of {world}, but the BitStack checkpoint was opened for rank {} of {held_world}",
+                held.map_or(0, |t| t.rank())
+            );
+        }
+        let Some(site) = LinearSite::from_prefix(&prefix) else {
+            candle_core::bail!(
+                "bitstack: {prefix} is not a decoder linear and cannot be split over ranks"
+            );
+        };
+        let (dim, parts, part) = match tp.shard {
+            mistralrs_quant::Shard::Simple {
+                dim,
+                rank,
+                world_size,
+            } => (dim, world_size, rank),
+            other => candle_core::bail!(
+                "bitstack: {prefix}: mistral.rs asks for the slice {other:?}, which BitStack cannot cut (replicated key/value heads are not supported)"
+            ),
+        };
+        if parts == 1 && world == 1 {
+            return self.linear(in_dim, out_dim, false, config, vb);
+        }
+        let want = match Split::of(site.kind) {
+            Split::Rows => (ExternalParallel::Column, 0),
+            Split::Columns => (ExternalParallel::Row, 1),
+        };
+        if (tp.kind, dim) != want || (parts, part) != (world, rank) {
+            candle_core::bail!(
+                "bitstack: {prefix}: mistral.rs asks for part {part} of {parts} along dimension {dim} ({:?}); BitStack holds part {rank} of {world} along dimension {} ({:?})",
+                tp.kind,
+                want.1,
+                want.0
+            );
+        }
+        let (local_in, local_out) = match tp.kind {
+            ExternalParallel::Column => (in_dim, out_dim / world),
+            ExternalParallel::Row => (in_dim / world, out_dim),
+        };
+        // The parallel layer adds its part of the bias (column) or the
+        // whole bias after the ranks' sum (row).
+        let linear = BitStackLinear::new(
+            self.handle.clone(),
+            self.step.clone(),
+            site,
+            (local_in, local_out),
+            self.dtype,
+            false,
+        )?;
+        let first = site.layer == 0 && site.kind == bitstack_quant::LinearKind::Q;
+        Ok(Arc::new(if first {
+            linear.with_level_sync(LevelSync::new(&tp.comm)?)
+        } else {
+            linear
+        }))
     }
 
     /// How many 16-bit weights one stored weight stands for, for mistral.rs's
@@ -182,6 +266,9 @@ pub struct Registration {
 /// quantization method and, with a `memory_budget` (weights plus KV cache,
 /// in bytes or a percent of the 16-bit model), as elastic weights.
 ///
+/// One process running the whole model; see [`register_rank`] for one rank
+/// of mistral.rs's tensor parallelism.
+///
 /// `dtype` is the one the mistral.rs model will run in; `None` picks the
 /// stored type of the checkpoint's dense parts ([`model_dtype`]), so that
 /// mistral.rs holds its embeddings, norms and lm_head as stored — 16 bits
@@ -192,6 +279,23 @@ pub fn register(
     memory_budget: Option<Budget>,
     device: &Device,
     dtype: Option<DType>,
+) -> anyhow::Result<Registration> {
+    register_rank(dir, weight_budget, memory_budget, device, dtype, None)
+}
+
+/// [`register`] for rank `tensor_parallel` of mistral.rs's tensor
+/// parallelism (`None`: the whole model): the handle holds this rank's
+/// slice of every linear, and every figure (ladder, budgets, resident
+/// bytes) is this rank's. The budgets select levels of the one global
+/// order, the same on every rank; rank 0 decides the level (its arbiter
+/// gets the memory budget) and the other ranks follow it at each forward.
+pub fn register_rank(
+    dir: &Path,
+    weight_budget: Option<Budget>,
+    memory_budget: Option<Budget>,
+    device: &Device,
+    dtype: Option<DType>,
+    tensor_parallel: Option<TensorParallel>,
 ) -> anyhow::Result<Registration> {
     let checkpoint = Checkpoint::open(dir).map_err(|e| {
         // Say what to do about a model of another kind: mistral.rs users
@@ -219,7 +323,13 @@ pub fn register(
         Some(b) => checkpoint.plan(b)?,
         None => checkpoint.plan_all(),
     };
-    let handle = BitStackHandle::from_checkpoint(checkpoint, &plan, device)
+    // mistral.rs holds the embeddings, norms and head; the handle holds
+    // the linears only, so they are not held twice.
+    let mut placement = Placement::of(device).linears_only();
+    if let Some(tp) = tensor_parallel {
+        placement = placement.with_tensor_parallel(tp);
+    }
+    let handle = BitStackHandle::from_checkpoint_placed(checkpoint, &plan, device, placement)
         .with_context(|| format!("loading the BitStack checkpoint in {}", dir.display()))?;
     let memory_budget = match memory_budget {
         None => None,
@@ -255,8 +365,13 @@ pub fn register(
         }
     }
     weight_arbiter::register_elastic_weights(elastic);
-    if let Some(budget) = memory_budget {
-        weight_arbiter::set_memory_budget(Some(budget as usize))?;
+    let follower = tensor_parallel.is_some_and(|tp| tp.rank() != 0);
+    match memory_budget {
+        Some(_) if follower => {
+            tracing::info!("bitstack: rank 0 decides the level; this rank follows it at each step")
+        }
+        Some(budget) => weight_arbiter::set_memory_budget(Some(budget as usize))?,
+        None => {}
     }
     Ok(Registration {
         handle,

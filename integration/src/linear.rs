@@ -52,7 +52,12 @@ pub struct StepSnapshot {
 impl StepSnapshot {
     /// Pins `handle`'s current snapshot for the step that starts.
     pub fn pin(&self, handle: &BitStackHandle) {
-        *self.pinned.write().unwrap_or_else(PoisonError::into_inner) = Some(handle.snapshot());
+        self.pin_snapshot(handle.snapshot());
+    }
+
+    /// Pins `snapshot` for the rest of the step.
+    pub fn pin_snapshot(&self, snapshot: Arc<Snapshot>) {
+        *self.pinned.write().unwrap_or_else(PoisonError::into_inner) = Some(snapshot);
     }
 
     /// Ends the step: later forwards take the handle's snapshot again.
@@ -73,6 +78,63 @@ impl StepSnapshot {
     }
 }
 
+/// Keeps the tensor-parallel ranks at one level: rank 0's.
+///
+/// Each rank holds its own handle, and its own threads may resize it; a
+/// forward whose ranks ran different levels would sum slices of different
+/// models. So the first linear of every forward broadcasts rank 0's level
+/// (an all-reduce of rank 0's level and the others' zeros, through the
+/// ranks' own channel, which every rank crosses at the same point of the
+/// same forward), moves its rank there, and pins that level's snapshot for
+/// the rest of the step. Rank 0 sends the level of the snapshot it pins.
+pub struct LevelSync {
+    all_reduce: mistralrs_quant::SumAllReduce,
+    rank: usize,
+}
+
+impl LevelSync {
+    pub fn new(comm: &Arc<mistralrs_quant::Comm>) -> Result<Self> {
+        Ok(Self {
+            all_reduce: mistralrs_quant::SumAllReduce::new(comm),
+            rank: comm.rank(),
+        })
+    }
+
+    /// Moves this rank to rank 0's level and pins that snapshot in `step`.
+    fn apply(&self, handle: &BitStackHandle, step: &StepSnapshot) -> Result<()> {
+        let mine = (self.rank == 0).then(|| handle.snapshot());
+        let sent = mine.as_ref().map_or(0.0, |s| s.level as f32);
+        let level = self
+            .all_reduce
+            .sum_all_reduce(&Tensor::new(&[sent], &Device::Cpu)?)?
+            .to_vec1::<f32>()?[0] as usize;
+        let snapshot = match mine {
+            Some(snapshot) => snapshot,
+            None => {
+                // A resize by another thread of this rank may land between
+                // the move and the read: move again (a few times at most).
+                let mut tries = 0;
+                loop {
+                    let snapshot = handle.snapshot();
+                    if snapshot.level == level {
+                        break snapshot;
+                    }
+                    tries += 1;
+                    if tries > 8 {
+                        candle_core::bail!(
+                            "bitstack: this rank cannot stay at rank 0's level {level}: another thread keeps resizing it"
+                        );
+                    }
+                    tracing::info!("bitstack: level {} -> {level}, rank 0's", snapshot.level);
+                    handle.set_level(level).map_err(candle_core::Error::wrap)?;
+                }
+            }
+        };
+        step.pin_snapshot(snapshot);
+        Ok(())
+    }
+}
+
 /// One BitStack linear of the model behind a [`BitStackHandle`].
 pub struct BitStackLinear {
     handle: BitStackHandle,
@@ -80,18 +142,24 @@ pub struct BitStackLinear {
     site: LinearSite,
     /// The dtype mistral.rs runs the model in: outputs come back in it.
     dtype: DType,
+    /// Whether this layer adds the checkpoint's bias: mistral.rs's column-
+    /// and row-parallel layers add their own, its replicated ones do not.
+    adds_bias: bool,
+    /// On the first linear of a tensor-parallel model.
+    sync: Option<LevelSync>,
 }
 
 impl BitStackLinear {
     /// The linear at `site`; fails unless the handle's model has it, with
-    /// `in_dim` inputs and `out_dim` outputs.
+    /// `in_dim` inputs and `out_dim` outputs. `adds_bias`: whether its
+    /// forward adds the checkpoint's bias (mistral.rs's `bias` argument).
     pub fn new(
         handle: BitStackHandle,
         step: StepSnapshot,
         site: LinearSite,
-        in_dim: usize,
-        out_dim: usize,
+        (in_dim, out_dim): (usize, usize),
         dtype: DType,
+        adds_bias: bool,
     ) -> Result<Self> {
         let snapshot = handle.snapshot();
         let Some(layer) = snapshot.layers.get(site.layer) else {
@@ -120,7 +188,17 @@ impl BitStackLinear {
             step,
             site,
             dtype,
+            adds_bias,
+            sync: None,
         })
+    }
+
+    /// This linear, keeping the ranks at one level before each forward.
+    pub fn with_level_sync(self, sync: LevelSync) -> Self {
+        Self {
+            sync: Some(sync),
+            ..self
+        }
     }
 
     pub fn site(&self) -> LinearSite {
@@ -160,10 +238,16 @@ impl QuantMethod for BitStackLinear {
     }
 
     fn forward(&self, a: &Tensor) -> Result<Tensor> {
+        if let Some(sync) = &self.sync {
+            sync.apply(&self.handle, &self.step)?;
+        }
         let snapshot = self.step.get(&self.handle);
-        let y = snapshot.layers[self.site.layer]
-            .linear(self.site.kind)
-            .forward(a)?;
+        let linear = snapshot.layers[self.site.layer].linear(self.site.kind);
+        let y = if self.adds_bias {
+            linear.forward(a)?
+        } else {
+            linear.forward_weight(a)?
+        };
         y.to_dtype(a.dtype())
     }
 

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bitstack_mistralrs::{guard, register, server, Registration};
+use bitstack_mistralrs::{guard, register_rank, server, Registration};
+use bitstack_quant::format::shard::TensorParallel;
 use bitstack_quant::Budget;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mistralrs::{
@@ -76,6 +77,15 @@ struct ModelArgs {
     /// Sequences run together at most.
     #[arg(long, default_value_t = 16)]
     max_seqs: usize,
+    /// Run as one rank of mistral.rs's tensor parallelism over its `ring`
+    /// backend (TCP between processes, CPU): a JSON file with this
+    /// process's `rank` and `world_size` (a power of two), the `port` it
+    /// listens on for its left neighbour, `right_ip`/`right_port` of its
+    /// right one, and `master_ip`/`master_port` of rank 0. Every rank loads
+    /// its slice of each linear; rank 0 answers, the others follow it (they
+    /// never return). See scripts/tp-loopback.sh.
+    #[arg(long, env = "RING_CONFIG", value_name = "FILE")]
+    ring_config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -177,8 +187,12 @@ fn main() -> Result<()> {
 /// Registers the checkpoint (for --quant bitstack) and loads the model.
 async fn load(args: &ModelArgs) -> Result<(Arc<MistralRs>, Option<Registration>)> {
     let dir = args.model.to_str().context("the model path is not UTF-8")?;
+    let tensor_parallel = match &args.ring_config {
+        Some(file) => Some(ring_rank(file)?),
+        None => None,
+    };
     let registration = match args.quant {
-        Quant::Bitstack => Some(register(
+        Quant::Bitstack => Some(register_rank(
             &args.model,
             args.weight_budget,
             args.memory_budget,
@@ -186,6 +200,7 @@ async fn load(args: &ModelArgs) -> Result<(Arc<MistralRs>, Option<Registration>)
             // The checkpoint's dense dtype: mistral.rs keeps the embeddings,
             // norms and lm_head in it, as the weight budget counts them.
             None,
+            tensor_parallel,
         )?),
         Quant::None => {
             if args.weight_budget.is_some() || args.memory_budget.is_some() {
@@ -218,6 +233,37 @@ async fn load(args: &ModelArgs) -> Result<(Arc<MistralRs>, Option<Registration>)
         .await
         .with_context(|| format!("loading {dir}"))?;
     Ok((runner, registration))
+}
+
+/// This process's rank in the ring config `file`, which mistral.rs then
+/// reads through `RING_CONFIG`.
+fn ring_rank(file: &std::path::Path) -> Result<TensorParallel> {
+    let text = std::fs::read(file)
+        .with_context(|| format!("reading the ring config {}", file.display()))?;
+    let config: mistralrs_quant::RingConfig = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a ring config", file.display()))?;
+    if !config.world_size.is_power_of_two() || config.world_size < 2 {
+        bail!(
+            "{}: world_size {} must be a power of two, at least 2 (the ring backend's rule)",
+            file.display(),
+            config.world_size
+        );
+    }
+    let tp = TensorParallel::new(config.rank, config.world_size)
+        .with_context(|| format!("in {}", file.display()))?;
+    // mistral.rs reads the file itself when it loads the model.
+    std::env::set_var("RING_CONFIG", file);
+    tracing::info!(
+        "tensor parallelism: rank {} of {}{}",
+        tp.rank(),
+        tp.world(),
+        if tp.rank() == 0 {
+            ""
+        } else {
+            " (follows rank 0: this process serves rank 0's requests and does not return)"
+        }
+    );
+    Ok(tp)
 }
 
 /// mistral.rs's name for `dtype`.
@@ -336,6 +382,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
             weight_budget: Some(*budget),
             memory_budget: None,
             max_seqs: 1,
+            ring_config: None,
         };
         let (runner, registration) = load(&model_args).await?;
         let model = Model::new(runner);

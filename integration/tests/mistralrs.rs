@@ -46,7 +46,8 @@ fn an_engine_step_runs_on_one_snapshot_while_other_threads_resize() {
             dense => panic!("down_proj of layer 3 is not a stack: {dense:?}"),
         }
     };
-    let linear = BitStackLinear::new(handle.clone(), step.clone(), site, n, m, DType::F32).unwrap();
+    let linear =
+        BitStackLinear::new(handle.clone(), step.clone(), site, (n, m), DType::F32, true).unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, n), &cpu()).unwrap();
     let full = linear.forward(&x).unwrap();
 
@@ -100,11 +101,14 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[tokio::test(flavor = "multi_thread")]
 async fn logits_equal_our_runner_at_several_levels() {
     let dir = checkpoint();
-    let probe = BitStackHandle::open(dir, None, &cpu()).unwrap();
-    let max = probe.max_level();
+    // Our runner (the plugin's handle holds the linears only).
+    let reference = BitStackHandle::open(dir, None, &cpu()).unwrap();
+    let max = reference.max_level();
     let levels = [0, max / 2, max];
-    let bytes: Vec<u64> = levels.iter().map(|&l| probe.bytes_at_level(l)).collect();
-    drop(probe);
+    let bytes: Vec<u64> = levels
+        .iter()
+        .map(|&l| reference.bytes_at_level(l))
+        .collect();
     for (&level, &bytes) in levels.iter().zip(&bytes) {
         let opened = Checkpoint::opened_count();
         let reg = register(
@@ -140,8 +144,8 @@ async fn logits_equal_our_runner_at_several_levels() {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let ours: Vec<f32> = reg
-            .handle
+        reference.set_level(level).unwrap();
+        let ours: Vec<f32> = reference
             .snapshot()
             .model
             .forward(&ids)
@@ -175,6 +179,80 @@ async fn logits_equal_our_runner_at_several_levels() {
             "level {level}: greedy tokens differ"
         );
     }
+}
+
+/// A random Qwen2 checkpoint (biases on q, k and v) with SmolLM2's
+/// tokenizer: mistral.rs's column-parallel layers add those biases
+/// themselves, so the BitStack linears under them must not add them again.
+#[tokio::test(flavor = "multi_thread")]
+async fn biases_are_added_once() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("qwen2-biases");
+    let spec = bitstack_quant::format::synthetic::SyntheticSpec {
+        model_type: "qwen2",
+        vocab: 49152,
+        hidden: 128,
+        intermediate: 256,
+        heads: 4,
+        kv_heads: 2,
+        ..Default::default()
+    };
+    spec.write_bitstack(&dir, 3, 8).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    // What mistral.rs's Qwen2 config asks for besides.
+    config["sliding_window"] = 512.into();
+    config["use_sliding_window"] = false.into();
+    config["max_window_layers"] = 2.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(common::dense().join(file), dir.join(file)).unwrap();
+    }
+    let reg = register(&dir, None, None, &cpu(), Some(DType::F32)).unwrap();
+    let model = TextModelBuilder::new(dir.to_str().unwrap())
+        .with_force_cpu()
+        .with_dtype(ModelDType::F32)
+        .build()
+        .await
+        .unwrap();
+    let messages = TextMessages::new().add_message(TextMessageRole::User, "Hello.");
+    let (chunks, tokens) = model.send_raw_chat_request(messages).await.unwrap();
+    let theirs: Vec<f32> = chunks
+        .last()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let ids = Tensor::new(tokens.as_slice(), &cpu())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let reference = BitStackHandle::open(&dir, None, &cpu()).unwrap();
+    assert_eq!(reference.level(), reg.handle.level());
+    let ours: Vec<f32> = reference
+        .snapshot()
+        .model
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (theirs, ours) = (&theirs[theirs.len() - 49152..], &ours[ours.len() - 49152..]);
+    let scale = ours.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let worst = theirs
+        .iter()
+        .zip(ours)
+        .fold(0f32, |a, (t, o)| a.max((t - o).abs()));
+    assert!(
+        worst <= 1e-3 * scale,
+        "logits differ by {worst} (scale {scale})"
+    );
 }
 
 /// The server, its stdout's address line read, stderr collected in a file.

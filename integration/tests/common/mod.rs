@@ -7,9 +7,10 @@ use bitstack_quant::method::svd::SvdMethod;
 use bitstack_quant::{compress, CompressOptions, DenseDtype};
 use candle_core::DType;
 
-/// A quick BitStack checkpoint of SmolLM2 (4 blocks of rank 4 per linear,
-/// round-robin order), made once per assets folder.
-pub fn checkpoint() -> &'static PathBuf {
+/// The dense SmolLM2 (f32, imported from the pinned GGUF once per assets
+/// folder), with its tokenizer and chat template.
+#[allow(dead_code)]
+pub fn dense() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
@@ -17,6 +18,18 @@ pub fn checkpoint() -> &'static PathBuf {
         if !dense.join("config.json").exists() {
             bitstack_assets::import_gguf(&assets.gguf, &dense, DType::F32).expect("import");
         }
+        dense
+    })
+}
+
+/// A quick BitStack checkpoint of SmolLM2 (4 blocks of rank 4 per linear,
+/// round-robin order), made once per assets folder.
+#[allow(dead_code)]
+pub fn checkpoint() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
+        let dense = dense();
         let out = assets.dir.join("SmolLM2-135M-Instruct-bitstack-k4x4");
         if !out.join("config.json").exists() {
             let opts = CompressOptions {
@@ -35,7 +48,7 @@ pub fn checkpoint() -> &'static PathBuf {
             };
             let partial = out.with_extension("partial");
             let _ = std::fs::remove_dir_all(&partial);
-            compress(&dense, &partial, &opts).expect("compress");
+            compress(dense, &partial, &opts).expect("compress");
             std::fs::rename(&partial, &out).expect("rename");
         }
         out
