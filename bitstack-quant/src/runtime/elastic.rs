@@ -45,9 +45,9 @@ use rayon::prelude::*;
 use crate::format::budget::Budget;
 use crate::format::checkpoint::{Checkpoint, Plan};
 use crate::format::order::Geometry;
+use crate::format::shard::TensorParallel;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{LinearKind, Llama};
-use crate::format::shard::TensorParallel;
 use crate::runtime::placement::Placement;
 use crate::runtime::stack::StackPart;
 

@@ -100,9 +100,7 @@ impl DecoderLayer {
         placement: &Placement,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
-        let norm = |name: &str| {
-            dense_part(store, name, &[d], device, placement.dense_parts)
-        };
+        let norm = |name: &str| dense_part(store, name, &[d], device, placement.dense_parts);
         let lin = |kind: LinearKind| -> Result<Linear> {
             let m = linear_shape(cfg, kind).0;
             let path = kind.path(l);
