@@ -105,6 +105,18 @@ impl Follower {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap()
     }
+
+    /// CPU time the process has used (Linux: user + system ticks of
+    /// `/proc/PID/stat`, 100 to the second).
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name's closing parenthesis; utime and
+        // stime are the 14th and 15th of the whole line.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    }
 }
 
 impl Drop for Follower {
@@ -228,6 +240,12 @@ async fn two_ranks_on_loopback_compute_what_one_process_does() {
             "rank 1 never moved to level {level}:\n{log}"
         );
     }
+
+    // An idle follower waits for rank 0 without spinning a core.
+    let busy = follower.cpu_seconds();
+    std::thread::sleep(Duration::from_secs(1));
+    let busy = follower.cpu_seconds() - busy;
+    assert!(busy < 0.25, "an idle rank 1 used {busy:.2} s of CPU in 1 s");
 
     let (tp_text, tp_time) = greedy(&model, TOKENS).await.unwrap();
     assert_eq!(tp_text, text, "greedy tokens of two ranks");
