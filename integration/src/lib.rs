@@ -114,11 +114,6 @@ impl ExternalQuantFactory for BitStackFactory {
                 held.map_or(0, |t| t.rank())
             );
         }
-        let Some(site) = LinearSite::from_prefix(&prefix) else {
-            candle_core::bail!(
-                "bitstack: {prefix} is not a decoder linear and cannot be split over ranks"
-            );
-        };
         let (dim, parts, part) = match tp.shard {
             mistralrs_quant::Shard::Simple {
                 dim,
@@ -132,6 +127,11 @@ impl ExternalQuantFactory for BitStackFactory {
         if parts == 1 && world == 1 {
             return self.linear(in_dim, out_dim, false, config, vb);
         }
+        let Some(site) = LinearSite::from_prefix(&prefix) else {
+            candle_core::bail!(
+                "bitstack: {prefix} is not a decoder linear and cannot be split over ranks"
+            );
+        };
         let want = match Split::of(site.kind) {
             Split::Rows => (ExternalParallel::Column, 0),
             Split::Columns => (ExternalParallel::Row, 1),
