@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bitstack_mistralrs::register;
 use bitstack_quant::{BitStackHandle, Budget, Checkpoint};
 use candle_core::{DType, Device, Tensor};
-use mistralrs::{ModelDType, TextMessageRole, TextMessages, TextModelBuilder};
+use mistralrs::{ModelDType, TextModelBuilder};
 
 use common::checkpoint;
 
@@ -128,18 +128,7 @@ async fn logits_equal_our_runner_at_several_levels() {
             .build()
             .await
             .unwrap();
-        let messages = TextMessages::new()
-            .add_message(TextMessageRole::User, "What is the capital of France?");
-        let (chunks, tokens) = model.send_raw_chat_request(messages).await.unwrap();
-        let theirs: Vec<f32> = chunks
-            .last()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let (theirs, tokens) = common::raw_logits(&model, "What is the capital of France?").await;
         let ids = Tensor::new(tokens.as_slice(), &cpu())
             .unwrap()
             .unsqueeze(0)
@@ -219,15 +208,7 @@ async fn biases_are_added_once() {
         .build()
         .await
         .unwrap();
-    let messages = TextMessages::new().add_message(TextMessageRole::User, "Hello.");
-    let (chunks, tokens) = model.send_raw_chat_request(messages).await.unwrap();
-    let theirs: Vec<f32> = chunks
-        .last()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (theirs, tokens) = common::raw_logits(&model, "Hello.").await;
     let ids = Tensor::new(tokens.as_slice(), &cpu())
         .unwrap()
         .unsqueeze(0)

@@ -11,8 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use candle_core::DType;
-use mistralrs::{ModelDType, TextMessageRole, TextMessages, TextModelBuilder};
+use mistralrs::{ModelDType, TextModelBuilder};
 use mistralrs_quant::{
     register_quant_method, registered_quant_methods, unregister_quant_method, ExternalQuantFactory,
     QuantMethod, QuantMethodConfig, ShardedVarBuilder, UnquantLinear,
@@ -75,17 +74,7 @@ async fn last_logits(dir: &Path) -> Result<Vec<f32>, String> {
         .build()
         .await
         .map_err(|e| format!("{e:#}"))?;
-    let messages = TextMessages::new().add_message(TextMessageRole::User, "Hello there.");
-    let (chunks, _) = model.send_raw_chat_request(messages).await.unwrap();
-    Ok(chunks
-        .last()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap())
+    Ok(common::raw_logits(&model, "Hello there.").await.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -128,17 +128,7 @@ impl Drop for Follower {
 
 /// The logits of the last prompt position.
 async fn last_logits(model: &Model) -> Vec<f32> {
-    let messages = TextMessages::new().add_message(TextMessageRole::User, PROMPT);
-    let (chunks, _) = model.send_raw_chat_request(messages).await.unwrap();
-    let all: Vec<f32> = chunks
-        .last()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (all, _) = common::raw_logits(model, PROMPT).await;
     all[all.len() - 49152..].to_vec()
 }
 

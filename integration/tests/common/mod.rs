@@ -54,3 +54,22 @@ pub fn checkpoint() -> &'static PathBuf {
         out
     })
 }
+
+/// The raw logits mistral.rs returns for a one-message chat, as flat f32,
+/// and the prompt's tokens.
+#[allow(dead_code)]
+pub async fn raw_logits(model: &mistralrs::Model, prompt: &str) -> (Vec<f32>, Vec<u32>) {
+    let messages =
+        mistralrs::TextMessages::new().add_message(mistralrs::TextMessageRole::User, prompt);
+    let (chunks, tokens) = model.send_raw_chat_request(messages).await.unwrap();
+    let logits = chunks
+        .last()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    (logits, tokens)
+}
