@@ -7,5 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --release --workspace -- --include-ignored
 scripts/setup-mistralrs.sh
+# The elastic paged KV pool's bookkeeping (mistralrs-core-0003), with
+# mistral.rs's own tests of the pool beside it: plain Rust, on the CPU.
+cargo test --release --manifest-path integration/Cargo.toml -p mistralrs-core --lib paged_attention::
 # One test at a time: the server tests time concurrent requests.
 cargo test --release --manifest-path integration/Cargo.toml -- --test-threads 1

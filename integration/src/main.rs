@@ -15,8 +15,8 @@ use bitstack_quant::format::shard::TensorParallel;
 use bitstack_quant::Budget;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mistralrs::{
-    IsqType, MistralRs, Model, ModelDType, RequestBuilder, SamplingParams, TextMessageRole,
-    TextMessages, TextModelBuilder,
+    IsqType, MemoryGpuConfig, MistralRs, Model, ModelDType, PagedAttentionMetaBuilder,
+    RequestBuilder, SamplingParams, TextMessageRole, TextMessages, TextModelBuilder,
 };
 
 #[derive(Parser)]
@@ -32,6 +32,7 @@ use mistralrs::{
     after_help = "Examples:\n  \
         mistralrs-bitstack run -m smollm2-bitstack --quant bitstack --weight-budget 4bpw --prompt 'What is the capital of France?' --max-tokens 32 --temperature 0\n  \
         mistralrs-bitstack serve -m smollm2-bitstack --quant bitstack --memory-budget 120MiB --port 8080\n  \
+        mistralrs-bitstack serve -m qwen-bitstack --quant bitstack --device cuda --memory-budget 1.5GiB --port 8080\n  \
         mistralrs-bitstack bench -m smollm2-bitstack --quant bitstack --weight-budget 3bpw,4bpw,6bpw --dense SmolLM2-135M-Instruct"
 )]
 struct Cli {
@@ -74,6 +75,10 @@ struct ModelArgs {
     /// model: makes the weights elastic under load.
     #[arg(long, value_name = "SPEC")]
     memory_budget: Option<Budget>,
+    /// Quantize a dense model (--quant none) as it loads, with mistral.rs's
+    /// in-situ quantization: the baselines BitStack is compared with.
+    #[arg(long, value_enum)]
+    isq: Option<IsqArg>,
     /// Sequences run together at most.
     #[arg(long, default_value_t = 16)]
     max_seqs: usize,
@@ -86,6 +91,151 @@ struct ModelArgs {
     /// never return). See scripts/tp-loopback.sh.
     #[arg(long, env = "RING_CONFIG", value_name = "FILE")]
     ring_config: Option<PathBuf>,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+/// Where and in what the model runs.
+#[derive(Args, Clone)]
+struct TargetArgs {
+    /// Where the model runs: cpu, cuda (the first GPU) or cuda:N. CUDA needs
+    /// a binary built with `scripts/build-mistralrs-bitstack.sh --cuda`.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: DeviceArg,
+    /// The dtype mistral.rs runs the model in. By default a BitStack
+    /// checkpoint's stored dtype (what its weight budgets count), and for a
+    /// dense model f32 on the CPU, bf16 on a GPU.
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
+    /// mistral.rs's paged attention (its KV cache in a pool of blocks):
+    /// auto is on for a GPU, as in mistral.rs; the CPU has none.
+    #[arg(long, value_enum, default_value = "auto")]
+    paged_attn: PagedAttn,
+    /// Tokens the paged KV pool holds at start-up. With --memory-budget it
+    /// is the pool's smallest size: the pool grows past it when the weights
+    /// shrink under load, and comes back to it when they grow.
+    #[arg(long, default_value_t = 4096, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    paged_kv_tokens: u64,
+}
+
+/// A device given as `cpu`, `cuda` or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| {
+                    format!("{s:?} is not a device: give cpu, cuda or cuda:N (N = 0, 1, ...)")
+                }),
+        }
+    }
+}
+
+impl DeviceArg {
+    fn candle(self) -> Result<candle_core::Device> {
+        match self {
+            Self::Cpu => Ok(candle_core::Device::Cpu),
+            Self::Cuda(n) => {
+                if !cfg!(feature = "cuda") {
+                    bail!(
+                        "--device cuda:{n}: this binary was built without CUDA (build it with scripts/build-mistralrs-bitstack.sh --cuda)"
+                    );
+                }
+                candle_core::Device::new_cuda(n)
+                    .with_context(|| format!("opening GPU {n} (--device cuda:{n})"))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum IsqArg {
+    /// 4.5 bits per weight (llama.cpp's Q4_K).
+    Q4k,
+    /// 8.5 bits per weight (llama.cpp's Q8_0).
+    Q8_0,
+}
+
+impl IsqArg {
+    fn mistralrs(self) -> IsqType {
+        match self {
+            Self::Q4k => IsqType::Q4K,
+            Self::Q8_0 => IsqType::Q8_0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DTypeArg {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl DTypeArg {
+    fn candle(self) -> candle_core::DType {
+        match self {
+            Self::F16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::F32 => candle_core::DType::F32,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PagedAttn {
+    /// On for a GPU, off for the CPU.
+    Auto,
+    On,
+    Off,
+}
+
+impl TargetArgs {
+    /// Whether the model runs with paged attention on `device`.
+    fn paged(&self, device: &candle_core::Device) -> Result<bool> {
+        Ok(match (self.paged_attn, device.is_cpu()) {
+            (PagedAttn::On, true) => {
+                bail!("--paged-attn on needs a GPU: mistral.rs has no paged attention on the CPU")
+            }
+            (PagedAttn::Off, _) | (PagedAttn::Auto, true) => false,
+            (PagedAttn::On | PagedAttn::Auto, false) => true,
+        })
+    }
+
+    /// `builder` set to run on this device, in `dtype`, with or without paged attention.
+    fn apply(
+        &self,
+        builder: TextModelBuilder,
+        device: &candle_core::Device,
+        dtype: ModelDType,
+    ) -> Result<TextModelBuilder> {
+        let paged = self.paged(device)?;
+        let mut builder = match device {
+            candle_core::Device::Cpu => builder.with_force_cpu(),
+            other => builder.with_device(other.clone()),
+        }
+        .with_dtype(dtype);
+        if paged {
+            builder = builder.with_paged_attn(
+                PagedAttentionMetaBuilder::default()
+                    .with_gpu_memory(MemoryGpuConfig::ContextSize(self.paged_kv_tokens as usize))
+                    .build()?,
+            );
+        }
+        Ok(builder)
+    }
 }
 
 #[derive(Args)]
@@ -160,13 +310,15 @@ struct BenchArgs {
     /// Runs per model (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    #[command(flatten)]
+    target: TargetArgs,
 }
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "info,mistralrs_core=warn,mistralrs_core::weight_arbiter=info".into()
+                "info,mistralrs_core=warn,mistralrs_core::weight_arbiter=info,mistralrs_core::paged_attention=info".into()
             }),
         )
         .with_writer(std::io::stderr)
@@ -191,15 +343,21 @@ async fn load(args: &ModelArgs) -> Result<(Arc<MistralRs>, Option<Registration>)
         Some(file) => Some(ring_rank(file)?),
         None => None,
     };
+    let device = args.target.device.candle()?;
+    args.target.paged(&device)?;
     let registration = match args.quant {
+        Quant::Bitstack if args.isq.is_some() => {
+            bail!("--isq quantizes a dense model: a BitStack checkpoint is already quantized (use --quant none)")
+        }
         Quant::Bitstack => Some(register_rank(
             &args.model,
             args.weight_budget,
             args.memory_budget,
-            &candle_core::Device::Cpu,
-            // The checkpoint's dense dtype: mistral.rs keeps the embeddings,
-            // norms and lm_head in it, as the weight budget counts them.
-            None,
+            &device,
+            // By default the checkpoint's dense dtype: mistral.rs keeps the
+            // embeddings, norms and lm_head in it, as the weight budget
+            // counts them.
+            args.target.dtype.map(DTypeArg::candle),
             tensor_parallel,
         )?),
         Quant::None => {
@@ -221,14 +379,19 @@ async fn load(args: &ModelArgs) -> Result<(Arc<MistralRs>, Option<Registration>)
             ))
         );
     }
-    let dtype = match &registration {
-        Some(r) => mistralrs_dtype(r.dtype)?,
-        None => ModelDType::F32,
+    let dtype = match (&registration, args.target.dtype) {
+        (Some(r), _) => mistralrs_dtype(r.dtype)?,
+        (None, Some(d)) => mistralrs_dtype(d.candle())?,
+        (None, None) if device.is_cpu() => ModelDType::F32,
+        (None, None) => ModelDType::BF16,
     };
-    let builder = TextModelBuilder::new(dir)
-        .with_force_cpu()
-        .with_dtype(dtype)
+    let mut builder = args
+        .target
+        .apply(TextModelBuilder::new(dir), &device, dtype)?
         .with_max_num_seqs(args.max_seqs);
+    if let Some(isq) = args.isq {
+        builder = builder.with_isq(isq.mistralrs());
+    }
     let runner = server::engine(builder)
         .await
         .with_context(|| format!("loading {dir}"))?;
@@ -381,8 +544,10 @@ async fn bench(args: BenchArgs) -> Result<()> {
             quant: Quant::Bitstack,
             weight_budget: Some(*budget),
             memory_budget: None,
+            isq: None,
             max_seqs: 1,
             ring_config: None,
+            target: args.target.clone(),
         };
         let (runner, registration) = load(&model_args).await?;
         let model = Model::new(runner);
@@ -395,10 +560,24 @@ async fn bench(args: BenchArgs) -> Result<()> {
     }
     if let Some(dense) = &args.dense {
         let dir = dense.to_str().context("the dense path is not UTF-8")?;
-        for (name, isq) in [("unquantized f32", None), ("ISQ Q4K", Some(IsqType::Q4K))] {
-            let mut builder = TextModelBuilder::new(dir)
-                .with_force_cpu()
-                .with_dtype(ModelDType::F32)
+        let device = args.target.device.candle()?;
+        let dtype = match args.target.dtype {
+            Some(d) => d,
+            None if device.is_cpu() => DTypeArg::F32,
+            None => DTypeArg::Bf16,
+        };
+        let unquantized = format!("unquantized {dtype:?}").to_lowercase();
+        for (name, isq) in [
+            (unquantized.as_str(), None),
+            ("ISQ Q4K", Some(IsqType::Q4K)),
+        ] {
+            let mut builder = args
+                .target
+                .apply(
+                    TextModelBuilder::new(dir),
+                    &device,
+                    mistralrs_dtype(dtype.candle())?,
+                )?
                 .with_max_num_seqs(1);
             if let Some(isq) = isq {
                 builder = builder.with_isq(isq);

@@ -459,6 +459,22 @@ fn bad_input_fails_at_start_up_with_a_clear_error() {
     let err = start_error(dir, "bitstack", &["--weight-budget", "1MiB"], &log);
     assert!(err.contains("below the floor"), "{err}");
 
+    // Where and how to run: a CPU build asked for a GPU says how to get a
+    // CUDA one; paged attention needs a GPU; ISQ is for dense models.
+    if !cfg!(feature = "cuda") {
+        let err = start_error(dir, "bitstack", &["--device", "cuda"], &log);
+        assert!(
+            err.contains("built without CUDA") && err.contains("--cuda"),
+            "{err}"
+        );
+    }
+    let err = start_error(dir, "bitstack", &["--device", "gpu0"], &log);
+    assert!(err.contains("\"gpu0\" is not a device"), "{err}");
+    let err = start_error(dir, "bitstack", &["--paged-attn", "on"], &log);
+    assert!(err.contains("--paged-attn on needs a GPU"), "{err}");
+    let err = start_error(dir, "bitstack", &["--isq", "q4k"], &log);
+    assert!(err.contains("already quantized"), "{err}");
+
     // An unknown quant_method (not registered): mistral.rs names the ones it knows.
     let unknown = tmp.join("unknown");
     copy_dir(dir, &unknown);
