@@ -625,3 +625,34 @@ async fn time(model: &Model, prompt: &str, args: &BenchArgs) -> Result<(f64, f64
     };
     Ok((median(decode), median(prefill)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_as_cpu_cuda_or_cuda_n() {
+        assert_eq!("cpu".parse::<DeviceArg>(), Ok(DeviceArg::Cpu));
+        assert_eq!("cuda".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU", "metal"] {
+            let err = bad.parse::<DeviceArg>().unwrap_err();
+            assert!(err.contains("is not a device"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn paged_attention_is_on_for_a_gpu_and_refused_on_the_cpu() {
+        let target = |paged_attn| TargetArgs {
+            device: DeviceArg::Cpu,
+            dtype: None,
+            paged_attn,
+            paged_kv_tokens: 4096,
+        };
+        let cpu = candle_core::Device::Cpu;
+        assert!(!target(PagedAttn::Auto).paged(&cpu).unwrap());
+        assert!(!target(PagedAttn::Off).paged(&cpu).unwrap());
+        let err = target(PagedAttn::On).paged(&cpu).unwrap_err().to_string();
+        assert!(err.contains("needs a GPU"), "{err}");
+    }
+}
