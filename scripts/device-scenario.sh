@@ -26,8 +26,10 @@
 #    (mistralrs-bitstack bench).
 #
 # The budget counts linear weights and KV cache (the embeddings, norms and
-# lm_head are the same for all three and held outside it). By default it
-# leaves the unquantized model's pool a third of what the load needs.
+# lm_head are the same for all three and held outside it). By default the
+# load's KV cache is half the size of the bf16 linears, and the budget lies
+# halfway between BitStack's floor and its full size beside that load: its
+# weights must shrink and can, while the unquantized model does not fit.
 # --out (default ./device-scenario-out) gets two files: summary.md (also
 # printed last) and logs.tar.xz (one log per server, the requests as JSON
 # lines, the bench and the logits test). Models and binaries are made in
@@ -122,13 +124,26 @@ if [ -z "$max_tokens" ]; then
   [ "$max_tokens" -ge 64 ] || max_tokens=64
 fi
 need=$(( clients * (max_tokens + 64) * kv_per_token ))
-[ -n "$budget_mib" ] || budget_mib=$(( (lin_bf16 + need / 3) / mib + 1 ))
+# BitStack's linears at full size and at the floor, from `bitstack inspect`.
+read -r full_lin floor_lin < <("$work/bin/bitstack" inspect "$ckpt" | python3 -c '
+import re, sys
+text = sys.stdin.read()
+full = int(re.search(r"total: (\d+) bytes of linear weights", text).group(1))
+dense = int(re.search(r"dense parts: (\d+) bytes", text).group(1))
+floor = int(re.search(r"floor \(one block in every linear plus the dense parts\): (\d+) bytes", text).group(1))
+print(full, floor - dense)
+')
+headroom=$(( clients * 64 * kv_per_token ))
+# Halfway between BitStack's floor and its full size beside the load (so
+# its weights must shrink, and can): the unquantized model does not fit.
+[ -n "$budget_mib" ] || budget_mib=$(( (floor_lin + need + headroom + (full_lin - floor_lin) / 2) / mib + 1 ))
 budget=$(( budget_mib * mib ))
 kv_tokens() { local t=$(( (budget - $1) / kv_per_token )); [ "$t" -ge 16 ] && echo "$t" || echo 16; }
 cat > "$out/setup.txt" <<EOF
 GPU: $gpu
 clients: $clients, max_tokens: $max_tokens, KV per token: $kv_per_token bytes
-load KV need: $(( need / mib )) MiB; budget (linears + KV): $budget_mib MiB
+load KV need: $(( need / mib )) MiB (+ $(( headroom / mib )) MiB headroom); budget (linears + KV): $budget_mib MiB
+BitStack linears: $(( full_lin / mib )) MiB at full size, $(( floor_lin / mib )) MiB at the floor
 unquantized bf16 linears: $(( lin_bf16 / mib )) MiB -> pool of $(kv_tokens "$lin_bf16") tokens
 ISQ Q4K linears: ~$(( lin_q4k / mib )) MiB -> pool of $(kv_tokens "$lin_q4k") tokens
 EOF
