@@ -203,6 +203,16 @@ enum PagedAttn {
 }
 
 impl TargetArgs {
+    /// The dtype a dense model runs in: --dtype, else f32 on the CPU and
+    /// bf16 on a GPU.
+    fn dense_dtype(&self, device: &candle_core::Device) -> DTypeArg {
+        match self.dtype {
+            Some(d) => d,
+            None if device.is_cpu() => DTypeArg::F32,
+            None => DTypeArg::Bf16,
+        }
+    }
+
     /// Whether the model runs with paged attention on `device`.
     fn paged(&self, device: &candle_core::Device) -> Result<bool> {
         Ok(match (self.paged_attn, device.is_cpu()) {
@@ -379,11 +389,9 @@ async fn load(args: &ModelArgs) -> Result<(Arc<MistralRs>, Option<Registration>)
             ))
         );
     }
-    let dtype = match (&registration, args.target.dtype) {
-        (Some(r), _) => mistralrs_dtype(r.dtype)?,
-        (None, Some(d)) => mistralrs_dtype(d.candle())?,
-        (None, None) if device.is_cpu() => ModelDType::F32,
-        (None, None) => ModelDType::BF16,
+    let dtype = match &registration {
+        Some(r) => mistralrs_dtype(r.dtype)?,
+        None => mistralrs_dtype(args.target.dense_dtype(&device).candle())?,
     };
     let mut builder = args
         .target
@@ -561,11 +569,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
     if let Some(dense) = &args.dense {
         let dir = dense.to_str().context("the dense path is not UTF-8")?;
         let device = args.target.device.candle()?;
-        let dtype = match args.target.dtype {
-            Some(d) => d,
-            None if device.is_cpu() => DTypeArg::F32,
-            None => DTypeArg::Bf16,
-        };
+        let dtype = args.target.dense_dtype(&device);
         let unquantized = format!("unquantized {dtype:?}").to_lowercase();
         for (name, isq) in [
             (unquantized.as_str(), None),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use bitstack_mistralrs::register;
 use bitstack_quant::{BitStackHandle, Budget};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use mistralrs::{ModelDType, TextModelBuilder};
 
 mod common;
@@ -44,34 +44,15 @@ async fn logits_on_cuda_equal_our_runner_at_three_levels() {
             .await
             .unwrap();
         let (theirs, tokens) = common::raw_logits(&model, "What is the capital of France?").await;
-        let ids = Tensor::new(tokens.as_slice(), &gpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
         reference.set_level(level).unwrap();
-        let ours: Vec<f32> = reference
-            .snapshot()
-            .model
-            .forward(&ids)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let ours = common::our_logits(&reference, &tokens);
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
         let vocab = config["vocab_size"].as_u64().unwrap() as usize;
         assert!(theirs.len() >= vocab && ours.len() >= vocab);
         // Both end with the logits of the last prompt position.
-        let theirs = &theirs[theirs.len() - vocab..];
-        let ours = &ours[ours.len() - vocab..];
-        let scale = ours.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let worst = theirs
-            .iter()
-            .zip(ours)
-            .fold(0f32, |a, (t, o)| a.max((t - o).abs()));
+        let (worst, scale) =
+            common::gap(&theirs[theirs.len() - vocab..], &ours[ours.len() - vocab..]);
         println!(
             "level {level}/{max}: {} prompt tokens, max |Δ logit| {worst:.2e} of {scale:.2} on {:?}",
             tokens.len(),

@@ -129,30 +129,14 @@ async fn logits_equal_our_runner_at_several_levels() {
             .await
             .unwrap();
         let (theirs, tokens) = common::raw_logits(&model, "What is the capital of France?").await;
-        let ids = Tensor::new(tokens.as_slice(), &cpu())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
         reference.set_level(level).unwrap();
-        let ours: Vec<f32> = reference
-            .snapshot()
-            .model
-            .forward(&ids)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let ours = common::our_logits(&reference, &tokens);
         // Both end with the logits of the last prompt position.
         let vocab = 49152;
         assert!(theirs.len() >= vocab && ours.len() >= vocab);
         let theirs = &theirs[theirs.len() - vocab..];
         let ours = &ours[ours.len() - vocab..];
-        let scale = ours.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let worst = theirs
-            .iter()
-            .zip(ours)
-            .fold(0f32, |a, (t, o)| a.max((t - o).abs()));
+        let (worst, scale) = common::gap(theirs, ours);
         println!(
             "level {level}: {} prompt tokens, max |Δ logit| {worst:.2e} of {scale:.2}",
             tokens.len()
@@ -161,10 +145,9 @@ async fn logits_equal_our_runner_at_several_levels() {
             worst <= 1e-3 * scale,
             "level {level}: logits differ by {worst} (scale {scale})"
         );
-        let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
         assert_eq!(
-            argmax(theirs),
-            argmax(ours),
+            common::argmax(theirs),
+            common::argmax(ours),
             "level {level}: greedy tokens differ"
         );
     }
@@ -209,27 +192,10 @@ async fn biases_are_added_once() {
         .await
         .unwrap();
     let (theirs, tokens) = common::raw_logits(&model, "Hello.").await;
-    let ids = Tensor::new(tokens.as_slice(), &cpu())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
     let reference = BitStackHandle::open(&dir, None, &cpu()).unwrap();
     assert_eq!(reference.level(), reg.handle.level());
-    let ours: Vec<f32> = reference
-        .snapshot()
-        .model
-        .forward(&ids)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let (theirs, ours) = (&theirs[theirs.len() - 49152..], &ours[ours.len() - 49152..]);
-    let scale = ours.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let worst = theirs
-        .iter()
-        .zip(ours)
-        .fold(0f32, |a, (t, o)| a.max((t - o).abs()));
+    let ours = common::our_logits(&reference, &tokens);
+    let (worst, scale) = common::gap(&theirs[theirs.len() - 49152..], &ours[ours.len() - 49152..]);
     assert!(
         worst <= 1e-3 * scale,
         "logits differ by {worst} (scale {scale})"

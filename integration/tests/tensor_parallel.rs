@@ -167,16 +167,6 @@ async fn build(dir: &Path) -> Model {
         .unwrap()
 }
 
-fn worst(a: &[f32], b: &[f32]) -> (f32, f32) {
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    (worst, scale)
-}
-
-fn argmax(v: &[f32]) -> usize {
-    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn two_ranks_on_loopback_compute_what_one_process_does() {
     let root = tempfile::tempdir().unwrap();
@@ -213,14 +203,14 @@ async fn two_ranks_on_loopback_compute_what_one_process_does() {
     for (level, want) in levels.iter().zip(&want) {
         reg.handle.set_level(*level).unwrap();
         let got = last_logits(&model).await;
-        let (worst, scale) = worst(&got, want);
+        let (worst, scale) = common::gap(&got, want);
         println!("level {level}: max |Δ logit| {worst:.2e} of {scale:.2}");
         assert!(
             worst <= 1e-4 * scale,
             "level {level}: two ranks' logits differ from one process's by {worst} (scale {scale})\n{}",
             follower.log()
         );
-        assert_eq!(argmax(&got), argmax(want), "level {level}");
+        assert_eq!(common::argmax(&got), common::argmax(want), "level {level}");
     }
     // Rank 1 followed rank 0 to each level.
     let log = follower.log();

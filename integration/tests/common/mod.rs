@@ -62,14 +62,41 @@ pub async fn raw_logits(model: &mistralrs::Model, prompt: &str) -> (Vec<f32>, Ve
     let messages =
         mistralrs::TextMessages::new().add_message(mistralrs::TextMessageRole::User, prompt);
     let (chunks, tokens) = model.send_raw_chat_request(messages).await.unwrap();
-    let logits = chunks
-        .last()
-        .unwrap()
-        .to_dtype(DType::F32)
+    (flat_f32(chunks.last().unwrap()), tokens)
+}
+
+/// A tensor's values, flattened, as f32.
+#[allow(dead_code)]
+pub fn flat_f32(t: &candle_core::Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1()
+        .unwrap()
+}
+
+/// Our runner's logits for `tokens` (one sequence) at the handle's level,
+/// on its device, as flat f32.
+#[allow(dead_code)]
+pub fn our_logits(handle: &bitstack_quant::BitStackHandle, tokens: &[u32]) -> Vec<f32> {
+    let snapshot = handle.snapshot();
+    let ids = candle_core::Tensor::new(tokens, &snapshot.device)
+        .unwrap()
+        .unsqueeze(0)
         .unwrap();
-    (logits, tokens)
+    flat_f32(&snapshot.model.forward(&ids).unwrap())
+}
+
+/// The largest |a - b|, and the scale it is judged against: the largest |b|.
+#[allow(dead_code)]
+pub fn gap(a: &[f32], b: &[f32]) -> (f32, f32) {
+    let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (worst, b.iter().fold(0f32, |m, v| m.max(v.abs())))
+}
+
+/// The index of the largest value (the greedy token).
+#[allow(dead_code)]
+pub fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
 }
