@@ -42,6 +42,12 @@ pub struct CompressArgs {
     /// Weights per row and group of the grid kept exact.
     #[arg(long, default_value_t = 1)]
     pub outliers: usize,
+    /// Exponent α of the activation scales `‖x‖^α` folded into the
+    /// weights before compressing: 1 (the reference's) when there are AVD
+    /// blocks, 0.5 for grid planes alone (--niter 0 --planes P), where it
+    /// measured far better; 0 scales nothing.
+    #[arg(long, value_name = "ALPHA")]
+    pub scale_power: Option<f32>,
     #[command(flatten)]
     pub calib: CalibArgs,
     /// Windows of calibration text for the activation scales.
@@ -105,6 +111,7 @@ impl CompressArgs {
                 rounds: self.rounds,
             }),
             dense_dtype: self.dense_dtype.into(),
+            scale_power: self.scale_power,
         }
     }
 }

@@ -72,6 +72,10 @@ struct Args {
     /// Planes made (`grid`); each run scores a prefix of them.
     #[arg(long, default_value_t = 6)]
     total_planes: usize,
+    /// Exponent α of the activation scales `‖x‖^α` (compress's
+    /// `--scale-power`).
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f32,
 }
 
 /// Replaces the row-major `w` (rows of `n`) by its first `planes` planes.
@@ -125,7 +129,7 @@ fn main() -> Result<()> {
         let dense = Llama::from_model_dir(&dir, &BlockCounts::all(), &Device::Cpu)?;
         calibrate(&dense, &calib, 4, false, &progress_bar(0, "calibrating"))?
             .iter()
-            .map(|stats| LayerScales::from_stats(stats, &dense.cfg))
+            .map(|stats| LayerScales::from_stats_with_power(stats, &dense.cfg, args.alpha))
             .collect::<Result<_>>()?
     };
     // Every linear, folded, decomposed and gridded once for every run.

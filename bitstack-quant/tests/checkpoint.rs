@@ -40,6 +40,7 @@ fn opts(dir: &Path) -> CompressOptions {
         feedback: None,
         k_per_kind: Default::default(),
         dense_dtype: Default::default(),
+        scale_power: None,
     }
 }
 

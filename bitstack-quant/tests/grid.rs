@@ -202,3 +202,77 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+/// The exponent of the activation scales is the layout's unless given, is
+/// recorded in the config, and is what the folded norms show: the dense
+/// norm over the stored one is the scale `s^α`.
+#[test]
+fn the_scale_power_is_the_layouts_and_is_folded_in() {
+    use bitstack_quant::format::store::TensorStore;
+    let root = tempfile::tempdir().unwrap();
+    let dense = root.path().join("dense");
+    let spec = SyntheticSpec::default();
+    spec.write(&dense).unwrap();
+    let norm = "model.layers.1.input_layernorm.weight";
+    let stored = |name: &str, opts: CompressOptions| {
+        let out = root.path().join(name);
+        compress(&dense, &out, &opts).unwrap();
+        let q = ModelConfig::from_dir(&out).unwrap().quantization_config;
+        let ln = TensorStore::open_dir(&out)
+            .unwrap()
+            .f32_shaped(norm, &[spec.hidden])
+            .unwrap();
+        (q.unwrap().scale_power, ln)
+    };
+    let with_avd = options(root.path());
+    let planes_only = CompressOptions {
+        niter: 0,
+        ..options(root.path())
+    };
+    let (avd_power, s1) = stored("avd", with_avd.clone());
+    let (grid_power, s_half) = stored("grid", planes_only.clone());
+    let (none_power, s0) = stored(
+        "none",
+        CompressOptions {
+            scale_power: Some(0.0),
+            ..planes_only.clone()
+        },
+    );
+    assert_eq!(
+        (avd_power, grid_power, none_power),
+        (Some(1.0), Some(0.5), Some(0.0))
+    );
+    let source = TensorStore::open_dir(&dense)
+        .unwrap()
+        .f32_shaped(norm, &[spec.hidden])
+        .unwrap();
+    for c in 0..spec.hidden {
+        let (s, half) = (source[c] / s1[c], source[c] / s_half[c]);
+        assert!(
+            (s0[c] - source[c]).abs() <= 2e-3 * source[c].abs(),
+            "α = 0 scaled column {c}"
+        );
+        assert!(
+            (half * half - s).abs() <= 5e-3 * s,
+            "column {c}: s = {s}, s^½ = {half}"
+        );
+        assert!(
+            (s - 1.0).abs() > 1e-2,
+            "column {c}: a scale of 1 tests nothing"
+        );
+    }
+    // Out of range or not a number: refused before any work.
+    for bad in [3.0, -0.5, f32::NAN] {
+        let e = compress(
+            &dense,
+            &root.path().join("bad"),
+            &CompressOptions {
+                scale_power: Some(bad),
+                ..planes_only.clone()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--scale-power"), "{e}");
+        assert!(!root.path().join("bad").exists());
+    }
+}

@@ -77,6 +77,11 @@ pub struct QuantizationConfig {
     /// (format version 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid: Option<GridConfig>,
+    /// The exponent of the activation scales compress folded in (a
+    /// record of how the checkpoint was made; absent means the
+    /// reference's 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_power: Option<f32>,
 }
 
 fn format_v1() -> u32 {
@@ -98,6 +103,7 @@ impl QuantizationConfig {
             format_version: FORMAT_VERSION,
             k_per_linear,
             grid: None,
+            scale_power: None,
         }
     }
 

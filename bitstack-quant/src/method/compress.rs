@@ -18,7 +18,7 @@ use crate::format::store::TensorStore;
 use crate::format::writer::{CheckpointWriter, LinearBlocks, OwnedTensor};
 use crate::method::decompose::{decompose_with, Refit};
 use crate::method::feedback::Feedback;
-use crate::method::scale::{fold, LayerScales};
+use crate::method::scale::{fold, LayerScales, AVD_SCALE_POWER, GRID_SCALE_POWER};
 use crate::method::svd::SvdMethod;
 use crate::progress::progress_bar;
 use crate::runtime::linear::LinearWeight;
@@ -65,6 +65,9 @@ pub struct CompressOptions {
     pub feedback: Option<FeedbackOptions>,
     /// Storage type of the dense parts (embeddings, norms, biases, lm_head).
     pub dense_dtype: DenseDtype,
+    /// Exponent of the activation scales; `None` takes the layout's
+    /// ([`CompressOptions::scale_power`]).
+    pub scale_power: Option<f32>,
 }
 
 /// Settings of error-feedback sign choice.
@@ -105,7 +108,19 @@ impl CompressOptions {
             svd: SvdMethod::randomized(0),
             feedback: Some(FeedbackOptions::default()),
             dense_dtype: DenseDtype::default(),
+            scale_power: None,
         }
+    }
+
+    /// The exponent of the activation scales: as given, else the
+    /// reference's 1 when there are AVD blocks and 1/2 for grid planes
+    /// alone (see [`crate::method::scale`]).
+    pub fn scale_power(&self) -> f32 {
+        self.scale_power.unwrap_or(if self.niter > 0 {
+            AVD_SCALE_POWER
+        } else {
+            GRID_SCALE_POWER
+        })
     }
 
     /// Rank of the blocks of `kind`.
@@ -236,6 +251,10 @@ pub fn compress_on(
     if let Some(grid) = &opts.grid {
         grid.check().map_err(anyhow::Error::msg)?;
     }
+    let power = opts.scale_power();
+    if !(0.0..=2.0).contains(&power) {
+        bail!("--scale-power {power} is out of range: it must be 0…2");
+    }
     if let Some(f) = &opts.feedback {
         if !(f.damp.is_finite() && f.damp >= 0.0) {
             bail!("--damp {} must be a finite fraction ≥ 0", f.damp);
@@ -259,6 +278,7 @@ pub fn compress_on(
     if let Some(grid) = opts.grid {
         quantization = quantization.with_grid(grid);
     }
+    quantization.scale_power = Some(power);
     let mut writer = CheckpointWriter::create(out_dir, raw_cfg, &quantization, opts.dense_dtype)?;
 
     let ids = tokenize_file(&tokenizer, &opts.calib_text).context("calibration text")?;
@@ -324,7 +344,7 @@ pub fn compress_on(
         pb.inc(1);
         calibration_time += t0.elapsed();
         let t1 = Instant::now();
-        let scales = LayerScales::from_stats(layer_stats, &cfg)?;
+        let scales = LayerScales::from_stats_with_power(layer_stats, &cfg, power)?;
         fold(&mut layer, &scales)?;
         let weights: Vec<(LinearKind, Vec<f32>)> = LinearKind::ALL
             .iter()

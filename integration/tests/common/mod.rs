@@ -45,6 +45,7 @@ pub fn checkpoint() -> &'static PathBuf {
                 feedback: None,
                 // The shared checkpoint predates 16-bit dense parts.
                 dense_dtype: DenseDtype::F32,
+                scale_power: None,
             };
             let partial = out.with_extension("partial");
             let _ = std::fs::remove_dir_all(&partial);
