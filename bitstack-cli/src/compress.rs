@@ -13,7 +13,7 @@ use bitstack_quant::DenseDtype;
 use clap::Args;
 
 use crate::args::{at_least, CalibArgs, DeviceArgs, WindowArgs, CALIB_WINDOWS};
-use crate::options::{DTypeArg, RefitArg, SignsArg, SvdArg};
+use crate::options::{DTypeArg, GridRangesArg, RefitArg, SignsArg, SvdArg};
 
 #[derive(Args, Debug)]
 pub struct CompressArgs {
@@ -32,7 +32,7 @@ pub struct CompressArgs {
     pub niter: usize,
     /// Grid planes per linear after the AVD blocks: nested bit planes of
     /// what the blocks leave, on a grid per row and group of input
-    /// columns (format version 2). 0 writes AVD blocks only.
+    /// columns (format version 3). 0 writes AVD blocks only.
     #[arg(long, default_value_t = 0)]
     pub planes: usize,
     /// Input columns per group of the grid planes (8…128; a width that is
@@ -42,6 +42,9 @@ pub struct CompressArgs {
     /// Weights per row and group of the grid kept exact.
     #[arg(long, default_value_t = 1)]
     pub outliers: usize,
+    /// How the grid stores each row and group's center and half-range.
+    #[arg(long, value_enum, default_value_t = GridRangesArg::Int8)]
+    pub grid_ranges: GridRangesArg,
     /// Exponent α of the activation scales `‖x‖^α` folded into the
     /// weights before compressing: 1 (the reference's) when there are AVD
     /// blocks, 0.5 for grid planes alone (--niter 0 --planes P), where it
@@ -99,6 +102,7 @@ impl CompressArgs {
                 planes: self.planes,
                 group: self.group,
                 outliers: self.outliers,
+                ranges: self.grid_ranges.into(),
             }),
             calib_text,
             calib_windows: self.calib_windows,

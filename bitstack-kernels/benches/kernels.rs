@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use bitstack_kernels::decode::table_matmul_t;
+use bitstack_kernels::layout::GridRanges;
 use bitstack_kernels::prefill::panel_matmul_t;
 use bitstack_kernels::tmac::{self, shuffle_matmul_t};
 use bitstack_kernels::{stack_matmul_t, Isa, OwnedGrid, OwnedStack, TiledSigns};
@@ -39,7 +40,14 @@ fn random_grid(m: usize, n: usize, planes: usize) -> OwnedStack {
             .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
             .collect()
     };
-    let (center, half, outlier_value) = (f(m * groups), f(m * groups), f(m * groups));
+    let outlier_value = f(m * groups);
+    // 8-bit ranges under per-row steps, as compress writes them.
+    let ranges = GridRanges::Int8 {
+        center_code: (0..m * groups).map(|_| rng.random::<i8>()).collect(),
+        half_code: (0..m * groups).map(|_| rng.random::<u8>()).collect(),
+        center_step: vec![f16::from_f32(1.0 / 256.0); m],
+        half_step: vec![f16::from_f32(1.0 / 512.0); m],
+    };
     let planes = (0..planes)
         .map(|_| {
             let bytes: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
@@ -48,8 +56,7 @@ fn random_grid(m: usize, n: usize, planes: usize) -> OwnedStack {
         .collect();
     let grid = OwnedGrid {
         group,
-        center,
-        half,
+        ranges,
         outliers,
         outlier_col: (0..m * groups).map(|_| rng.random::<u8>() % 128).collect(),
         outlier_value,

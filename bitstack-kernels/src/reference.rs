@@ -45,5 +45,6 @@ pub fn grid_weight(grid: &GridRef, n: usize, i: usize, c: usize) -> f64 {
         let sign = if plane.sign(i, c) { 1.0 } else { -1.0 };
         levels += sign * 0.5f64.powi(b as i32 + 1);
     }
-    grid.center[cell].to_f64() + grid.half[cell].to_f64() * levels
+    let (center, half) = grid.ranges.at(groups, cell);
+    center as f64 + half as f64 * levels
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bitstack_kernels::decode::table_matmul_t;
 use bitstack_kernels::grid::grid_matmul_t_add;
+use bitstack_kernels::layout::GridRanges;
 use bitstack_kernels::prefill::panel_matmul_t;
 use bitstack_kernels::reference::{grid_weight, reference_matmul_t};
 use bitstack_kernels::tmac::{self, shuffle_matmul_t};
@@ -63,17 +64,30 @@ fn reference(stack: &OwnedStack, x: &[f32], rows: usize) -> Vec<f32> {
 
 /// A 1×4 weight worked out by hand: groups of 2, two planes, one outlier
 /// per group.
-fn hand_stack() -> OwnedStack {
+fn hand_stack(coded: bool) -> OwnedStack {
     // Plane 0: + − + +; plane 1: − − + −.
     let planes = [0b1011_0000u8, 0b0010_0000]
         .iter()
         .map(|&b| TiledSigns::from_row_major(&[b], 1, 4))
         .collect();
     let h = |v: &[f32]| v.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
+    // The same centers and halves, as f16 or as codes times a row step.
+    let ranges = if coded {
+        GridRanges::Int8 {
+            center_code: vec![1, -2],
+            half_code: vec![1, 2],
+            center_step: h(&[0.5]),
+            half_step: h(&[2.0]),
+        }
+    } else {
+        GridRanges::F16 {
+            center: h(&[0.5, -1.0]),
+            half: h(&[2.0, 4.0]),
+        }
+    };
     let grid = OwnedGrid {
         group: 2,
-        center: h(&[0.5, -1.0]),
-        half: h(&[2.0, 4.0]),
+        ranges,
         outliers: 1,
         outlier_col: vec![1, 0],
         outlier_value: h(&[3.0, -2.5]),
@@ -84,29 +98,31 @@ fn hand_stack() -> OwnedStack {
 
 #[test]
 fn the_definition_by_hand() {
-    let stack = hand_stack();
-    // Recomputed by hand for outliers that hold their value: levels
-    // ±1/2 ±1/4 per column are 0.25, −0.75, 0.75, 0.25. Weights:
-    // 0.5 + 2·0.25 = 1; the outlier 3 (its grid point 0.5 − 2·0.75 = −1
-    // replaced); the outlier −2.5 (grid point −1 + 4·0.75 = 2 replaced);
-    // −1 + 4·0.25 = 0.
-    let grid = stack.stack_ref().grid.unwrap();
-    let w: Vec<f64> = (0..4).map(|c| grid_weight(&grid, 4, 0, c)).collect();
-    assert_eq!(w, [1.0, 3.0, -2.5, 0.0]);
-    let x = [1.0f32, 2.0, 3.0, 4.0];
-    // y = 1 + 6 − 7.5 + 0; the kernels' way, grid sums −1 + 6 plus the
-    // corrections (3 − (−1))·2 = 8 and (−2.5 − 2)·3 = −13.5: all exact.
-    assert_eq!(reference(&stack, &x, 1), [-0.5]);
-    for isa in Isa::available() {
-        let mut got = [f32::NAN];
-        table_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
-        assert_eq!(got, [-0.5], "decode {isa:?}");
-        let mut got = [f32::NAN];
-        panel_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
-        assert_eq!(got, [-0.5], "prefill {isa:?}");
-        let mut got = [f32::NAN];
-        shuffle_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
-        assert_eq!(got, [-0.5], "shuffle {isa:?}");
+    for coded in [false, true] {
+        let stack = hand_stack(coded);
+        // Recomputed by hand for outliers that hold their value: levels
+        // ±1/2 ±1/4 per column are 0.25, −0.75, 0.75, 0.25. Weights:
+        // 0.5 + 2·0.25 = 1; the outlier 3 (its grid point 0.5 − 2·0.75 = −1
+        // replaced); the outlier −2.5 (grid point −1 + 4·0.75 = 2 replaced);
+        // −1 + 4·0.25 = 0.
+        let grid = stack.stack_ref().grid.unwrap();
+        let w: Vec<f64> = (0..4).map(|c| grid_weight(&grid, 4, 0, c)).collect();
+        assert_eq!(w, [1.0, 3.0, -2.5, 0.0]);
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        // y = 1 + 6 − 7.5 + 0; the kernels' way, grid sums −1 + 6 plus the
+        // corrections (3 − (−1))·2 = 8 and (−2.5 − 2)·3 = −13.5: all exact.
+        assert_eq!(reference(&stack, &x, 1), [-0.5]);
+        for isa in Isa::available() {
+            let mut got = [f32::NAN];
+            table_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
+            assert_eq!(got, [-0.5], "decode {isa:?}");
+            let mut got = [f32::NAN];
+            panel_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
+            assert_eq!(got, [-0.5], "prefill {isa:?}");
+            let mut got = [f32::NAN];
+            shuffle_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
+            assert_eq!(got, [-0.5], "shuffle {isa:?}");
+        }
     }
 }
 
@@ -120,8 +136,10 @@ fn the_definition_by_hand_on_whole_bytes() {
         .collect();
     let grid = OwnedGrid {
         group: 8,
-        center: vec![f16::from_f32(0.5)],
-        half: vec![f16::from_f32(2.0)],
+        ranges: GridRanges::F16 {
+            center: vec![f16::from_f32(0.5)],
+            half: vec![f16::from_f32(2.0)],
+        },
         outliers: 2,
         outlier_col: vec![7, 1],
         outlier_value: vec![f16::from_f32(-3.0), f16::from_f32(2.5)],
@@ -375,4 +393,16 @@ fn a_group_past_256_is_refused() {
     let mut grid = random_grid(2, 300, 300, 1, 0, 1);
     grid.group = 300;
     OwnedStack::with_grid(2, 300, 1, Vec::new(), Some(grid));
+}
+
+#[test]
+#[should_panic(expected = "steps are not one per row")]
+fn coded_ranges_need_a_step_per_row() {
+    // Odd seeds code the ranges in 8 bits.
+    let mut grid = random_grid(3, 40, 8, 2, 1, 1);
+    let GridRanges::Int8 { half_step, .. } = &mut grid.ranges else {
+        panic!("an odd seed gives 8-bit ranges");
+    };
+    half_step.pop();
+    OwnedStack::with_grid(3, 40, 1, Vec::new(), Some(grid));
 }

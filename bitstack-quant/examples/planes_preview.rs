@@ -20,7 +20,7 @@ use anyhow::{bail, Result};
 use bitstack_quant::eval::calibrate::{calibrate, windows};
 use bitstack_quant::eval::perplexity::evaluate;
 use bitstack_quant::format::block::reconstruct;
-use bitstack_quant::format::grid::{grid_planes, GridConfig};
+use bitstack_quant::format::grid::{grid_planes, GridConfig, RangeCoding};
 use bitstack_quant::method::decompose::decompose;
 use bitstack_quant::method::rtn::{rtn_bits_per_weight, rtn_in_place};
 use bitstack_quant::method::scale::{fold, LayerScales};
@@ -72,6 +72,9 @@ struct Args {
     /// Planes made (`grid`); each run scores a prefix of them.
     #[arg(long, default_value_t = 6)]
     total_planes: usize,
+    /// Target columns per group of the grid (`grid`; compress's `--group`).
+    #[arg(long, default_value_t = GROUP)]
+    group: usize,
     /// Exponent α of the activation scales `‖x‖^α` (compress's
     /// `--scale-power`).
     #[arg(long, default_value_t = 1.0)]
@@ -160,8 +163,9 @@ fn main() -> Result<()> {
             }
             let cfg = GridConfig {
                 planes: args.total_planes,
-                group: GROUP,
+                group: args.group,
                 outliers: args.outliers,
+                ranges: RangeCoding::Int8,
             };
             let grid = match args.method {
                 Method::Grid => Some(grid_planes(&v, m, n, cfg)?),

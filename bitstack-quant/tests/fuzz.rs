@@ -604,7 +604,7 @@ fn pristine() -> &'static Pristine {
             grid: Some(GridConfig {
                 planes: 2,
                 group: 16,
-                outliers: 1,
+                ..GridConfig::new(2)
             }),
             ..common::small_options(calib, 2, 1)
         };

@@ -7,8 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use bitstack_quant::format::checkpoint::{BlockCounts, Checkpoint};
-use bitstack_quant::format::config::{ModelConfig, FORMAT_VERSION_GRID};
-use bitstack_quant::format::grid::GridConfig;
+use bitstack_quant::format::config::{ModelConfig, FORMAT_VERSION_GRID, FORMAT_VERSION_GRID_INT8};
+use bitstack_quant::format::grid::{GridConfig, RangeCoding};
 use bitstack_quant::format::synthetic::SyntheticSpec;
 use bitstack_quant::method::compress::{compress, CompressOptions};
 use bitstack_quant::runtime::elastic::BitStackHandle;
@@ -24,9 +24,8 @@ fn options(root: &Path) -> CompressOptions {
     std::fs::write(&calib, "planes on a grid, nested like blocks. ".repeat(40)).unwrap();
     CompressOptions {
         grid: Some(GridConfig {
-            planes: PLANES,
             group: 16,
-            outliers: 1,
+            ..GridConfig::new(PLANES)
         }),
         ..common::small_options(calib, 2, AVD)
     }
@@ -52,7 +51,7 @@ fn every_prefix_loads_and_more_planes_fit_better() {
     let (dense, out) = compressed(root.path());
     let cfg = ModelConfig::from_dir(&out).unwrap();
     let q = cfg.quantization_config.as_ref().unwrap();
-    assert_eq!(q.format_version, FORMAT_VERSION_GRID);
+    assert_eq!(q.format_version, FORMAT_VERSION_GRID_INT8);
     assert_eq!((q.niter, q.avd_blocks()), (AVD + PLANES, AVD));
 
     let reference = common::logits(
@@ -151,13 +150,13 @@ fn a_broken_grid_or_plane_is_named() {
     copy_dir(&out, &missing);
     common::rewrite_safetensors(
         &missing.join(shard.file_name().unwrap()),
-        |tensors| tensors.retain(|t| t.0 != format!("{q_proj}.grid_scale")),
+        |tensors| tensors.retain(|t| t.0 != format!("{q_proj}.grid_half_code")),
         false,
     );
     let e = format!("{:#}", Checkpoint::open(&missing).err().unwrap());
-    assert!(e.contains(&format!("{q_proj}.grid_scale")), "{e}");
+    assert!(e.contains(&format!("{q_proj}.grid_half_code")), "{e}");
 
-    // A NaN in the center is named with its tensor.
+    // A NaN in a row's center step is named with its tensor.
     let nan = root.path().join("nan");
     copy_dir(&out, &nan);
     common::rewrite_safetensors(
@@ -165,7 +164,7 @@ fn a_broken_grid_or_plane_is_named() {
         |tensors| {
             let t = tensors
                 .iter_mut()
-                .find(|t| t.0 == format!("{q_proj}.grid_center"))
+                .find(|t| t.0 == format!("{q_proj}.grid_center_step"))
                 .unwrap();
             t.3[2..4].copy_from_slice(&half::f16::NAN.to_le_bytes());
         },
@@ -178,7 +177,7 @@ fn a_broken_grid_or_plane_is_named() {
             .unwrap()
     );
     assert!(
-        e.contains(&format!("{q_proj}.grid_center")) && e.contains("non-finite"),
+        e.contains(&format!("{q_proj}.grid_center_step")) && e.contains("non-finite"),
         "{e}"
     );
 
@@ -188,11 +187,73 @@ fn a_broken_grid_or_plane_is_named() {
     let text = std::fs::read_to_string(future.join("config.json")).unwrap();
     std::fs::write(
         future.join("config.json"),
-        text.replace("\"format_version\": 2", "\"format_version\": 3"),
+        text.replace("\"format_version\": 3", "\"format_version\": 4"),
     )
     .unwrap();
     let e = format!("{:#}", Checkpoint::open(&future).err().unwrap());
-    assert!(e.contains("format_version 3 is not supported"), "{e}");
+    assert!(e.contains("format_version 4 is not supported"), "{e}");
+
+    // Format 2 with 8-bit ranges is a contradiction, refused by name.
+    std::fs::write(
+        future.join("config.json"),
+        text.replace("\"format_version\": 3", "\"format_version\": 2"),
+    )
+    .unwrap();
+    let e = format!("{:#}", Checkpoint::open(&future).err().unwrap());
+    assert!(
+        e.contains("format_version 2 does not go with grid ranges Int8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn format_2_f16_ranges_still_load_and_fit_as_the_8_bit_ones() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, int8) = compressed(root.path());
+    let f16 = root.path().join("f16");
+    let mut opts = options(root.path());
+    opts.grid = opts.grid.map(|g| GridConfig {
+        ranges: RangeCoding::F16,
+        ..g
+    });
+    compress(&dense, &f16, &opts).unwrap();
+    let q = ModelConfig::from_dir(&f16)
+        .unwrap()
+        .quantization_config
+        .unwrap();
+    assert_eq!(q.format_version, FORMAT_VERSION_GRID);
+
+    let reference = common::logits(
+        &Llama::load(&dense, &BlockCounts::all(), &Device::Cpu).unwrap(),
+        &tokens(),
+    );
+    let error = |dir: &Path| {
+        let model = Llama::load(dir, &BlockCounts::all(), &Device::Cpu).unwrap();
+        common::relative_error(&common::logits(&model, &tokens()), &reference)
+    };
+    let (e16, e8) = (error(&f16), error(&int8));
+    assert!(e16 < 0.1 && e8 < 0.1, "f16 {e16}, int8 {e8}");
+    assert!(
+        e8 < 1.25 * e16,
+        "8-bit ranges fit worse: {e8} against {e16}"
+    );
+
+    // 8-bit codes save 2 bytes per (row, group) and cost 4 per row.
+    let (c16, c8) = (
+        Checkpoint::open(&f16).unwrap(),
+        Checkpoint::open(&int8).unwrap(),
+    );
+    let saved: usize = c16
+        .geometry()
+        .linears
+        .iter()
+        .map(|s| {
+            let g = s.grid.unwrap();
+            2 * s.m * g.groups(s.n) - 4 * s.m
+        })
+        .sum();
+    let bytes = |c: &Checkpoint| c.ladder().last().unwrap().linear_bytes;
+    assert_eq!(bytes(&c16) - bytes(&c8), saved);
 }
 
 fn copy_dir(from: &Path, to: &Path) {

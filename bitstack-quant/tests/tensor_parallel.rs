@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use bitstack_quant::format::architecture::LinearKind;
-use bitstack_quant::format::grid::GridConfig;
+use bitstack_quant::format::grid::{GridConfig, RangeCoding};
 use bitstack_quant::format::shard::{Split, TensorParallel};
 use bitstack_quant::format::synthetic::SyntheticSpec;
 use bitstack_quant::method::compress::{compress, CompressOptions};
@@ -48,7 +48,7 @@ fn checkpoints(root: &Path) -> Vec<std::path::PathBuf> {
         grid: Some(GridConfig {
             planes: 3,
             group: 16,
-            outliers: 1,
+            ..GridConfig::new(3)
         }),
         ..common::small_options(calib, 4, 1)
     };
@@ -116,10 +116,19 @@ fn the_ranks_hold_slices_of_the_whole_model_at_every_level() {
                     Split::Rows => w.k * w.n,
                     Split::Columns => w.m * w.k,
                 };
+                // And, split by column, a grid's 8-bit ranges' two f16
+                // steps per row.
+                let steps = match (
+                    Split::of(*kind),
+                    w.planes.first().and_then(|p| p.grid.as_ref()),
+                ) {
+                    (Split::Columns, Some(g)) if g.cfg.ranges == RangeCoding::Int8 => 4 * w.m,
+                    _ => 0,
+                };
                 let bytes: usize = got.iter().map(|g| g[i].1.resident_bytes()).sum();
                 assert_eq!(
                     bytes,
-                    w.resident_bytes() + (world - 1) * w.blocks.len() * 2 * replicated,
+                    w.resident_bytes() + (world - 1) * (w.blocks.len() * 2 * replicated + steps),
                     "{kind:?} bytes at level {level}"
                 );
             }
@@ -162,10 +171,12 @@ fn a_world_that_does_not_divide_the_model_is_refused_before_loading() {
     std::fs::write(&calib, "groups that do not split. ".repeat(40)).unwrap();
     let grid = root.path().join("grid64");
     let options = CompressOptions {
+        // Format 2's f16 ranges split as format 3's codes do.
         grid: Some(GridConfig {
             planes: 1,
             group: 64,
             outliers: 0,
+            ranges: RangeCoding::F16,
         }),
         ..common::small_options(calib, 2, 1)
     };

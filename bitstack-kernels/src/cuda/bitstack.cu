@@ -46,20 +46,37 @@ struct BlockPtrs {
   const __half* vt;
 };
 
-// The grid planes on the device (made by `CudaGrid`: five pointers, then
-// four ints, 56 bytes). Each plane is an upload of its own, so a stack that
-// gains or loses a plane re-uses the others.
+// The grid planes on the device (made by `CudaGrid`: nine pointers, then
+// four ints, 88 bytes). Each plane is an upload of its own, so a stack that
+// gains or loses a plane re-uses the others. The ranges are either f16
+// (`center`, `half`; format 2) or 8-bit codes under per-row f16 steps
+// (`ccode`, `hcode`, `cstep`, `hstep`; format 3): the other pair is null.
 struct GridDesc {
   const uint32_t* const* planes;  // nplanes addresses of words, the mma-tile layout each
-  const __half* center;    // m × groups
-  const __half* half;      // m × groups
+  const __half* center;    // m × groups, or null
+  const __half* half;      // m × groups, or null
   const uint8_t* ocol;     // m × groups × outliers: column within the group
   const __half* ovalue;    // m × groups × outliers: the outlier's weight
+  const int8_t* ccode;     // m × groups, or null
+  const uint8_t* hcode;    // m × groups, or null
+  const __half* cstep;     // m, or null
+  const __half* hstep;     // m, or null
   int nplanes;
   int group;
   int outliers;
   int groups;
 };
+
+// (center, half) of cell `cell` (= i·groups + g). An f16 times an 8-bit
+// code is exact in f32, as on the CPU.
+__device__ __forceinline__ float2 grid_range(const GridDesc& grid, size_t cell) {
+  if (grid.cstep != nullptr) {
+    const size_t i = cell / grid.groups;
+    return make_float2(__half2float(grid.cstep[i]) * (float)grid.ccode[cell],
+                       __half2float(grid.hstep[i]) * (float)grid.hcode[cell]);
+  }
+  return make_float2(__half2float(grid.center[cell]), __half2float(grid.half[cell]));
+}
 
 // Row (within a 16-row tile) and column (within a 64-column chunk) of bit
 // `bit` of lane `lane`'s sign word: the inverse of `cuda::pack::position`.
@@ -327,8 +344,8 @@ __device__ void grid_decode(const GridDesc* __restrict__ gd, const T* __restrict
       float v = 0.f;
       if (i < m && c < n) {
         const size_t cell = (size_t)i * grid.groups + c / grid.group;
-        v = __half2float(grid.center[cell]) +
-            __half2float(grid.half[cell]) * grid_level(grid, word, bit);
+        const float2 range = grid_range(grid, cell);
+        v = range.x + range.y * grid_level(grid, word, bit);
       }
       wv[bit] = v;
     }
@@ -370,8 +387,8 @@ __device__ void grid_decode(const GridDesc* __restrict__ gd, const T* __restrict
     size_t word;
     int bit;
     sign_at(i, c, chunks, &word, &bit);
-    const float q = __half2float(grid.center[cell]) +
-                    __half2float(grid.half[cell]) * grid_level(grid, word, bit);
+    const float2 range = grid_range(grid, cell);
+    const float q = range.x + range.y * grid_level(grid, word, bit);
     const float d = __half2float(grid.ovalue[slot]) - q;
     for (int r = 0; r < rows; ++r) atomicAdd(&ys[r * 16 + row], d * to_f32(x[(size_t)r * n + c]));
   }
@@ -450,7 +467,8 @@ __device__ void reconstruct(const BlockPtrs* __restrict__ blocks, int nblocks, T
         if (c >= n) continue;
         const int g = c / grid.group;
         const size_t cell = (size_t)i * grid.groups + g;
-        float wg = __half2float(grid.center[cell]) + __half2float(grid.half[cell]) * level[e];
+        const float2 range = grid_range(grid, cell);
+        float wg = range.x + range.y * level[e];
         for (int t = 0; t < grid.outliers; ++t) {
           const size_t slot = cell * grid.outliers + t;
           if (g * grid.group + grid.ocol[slot] == c) wg = __half2float(grid.ovalue[slot]);

@@ -25,14 +25,14 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{DType, Layout, Result, Shape};
 use half::{bf16, f16};
 
 use super::pack::{self, mma_sign_words};
-use crate::layout::{rows_of, BlockRef, GridRef, Rows, StackRef, TiledSigns};
+use crate::layout::{rows_of, BlockRef, GridRangesRef, GridRef, Rows, StackRef, TiledSigns};
 
 const PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/bitstack_sm80.ptx"));
 const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/bitstack_sm90.ptx"));
@@ -147,10 +147,70 @@ pub struct CudaGridCells {
     group: usize,
     groups: usize,
     outliers: usize,
-    center: CudaSlice<f16>,
-    half: CudaSlice<f16>,
+    ranges: CudaRanges,
     outlier_col: CudaSlice<u8>,
     outlier_value: CudaSlice<f16>,
+}
+
+/// A grid's ranges on the device, as stored (see [`GridRanges`](crate::layout::GridRanges)).
+enum CudaRanges {
+    F16 {
+        center: CudaSlice<f16>,
+        half: CudaSlice<f16>,
+    },
+    Int8 {
+        center_code: CudaSlice<i8>,
+        half_code: CudaSlice<u8>,
+        center_step: CudaSlice<f16>,
+        half_step: CudaSlice<f16>,
+    },
+}
+
+impl CudaRanges {
+    fn upload(device: &CudaDevice, ranges: &GridRangesRef) -> Result<Self> {
+        Ok(match *ranges {
+            GridRangesRef::F16 { center, half } => CudaRanges::F16 {
+                center: upload(device, center)?,
+                half: upload(device, half)?,
+            },
+            GridRangesRef::Int8 {
+                center_code,
+                half_code,
+                center_step,
+                half_step,
+            } => CudaRanges::Int8 {
+                center_code: upload(device, center_code)?,
+                half_code: upload(device, half_code)?,
+                center_step: upload(device, center_step)?,
+                half_step: upload(device, half_step)?,
+            },
+        })
+    }
+
+    /// `GridDesc`'s `center, half` and `ccode, hcode, cstep, hstep`
+    /// addresses (null for the other encoding).
+    fn addresses(&self, stream: &Arc<CudaStream>) -> ([u64; 2], [u64; 4]) {
+        match self {
+            CudaRanges::F16 { center, half } => (
+                [center.device_ptr(stream).0, half.device_ptr(stream).0],
+                [0; 4],
+            ),
+            CudaRanges::Int8 {
+                center_code,
+                half_code,
+                center_step,
+                half_step,
+            } => (
+                [0; 2],
+                [
+                    center_code.device_ptr(stream).0,
+                    half_code.device_ptr(stream).0,
+                    center_step.device_ptr(stream).0,
+                    half_step.device_ptr(stream).0,
+                ],
+            ),
+        }
+    }
 }
 
 impl CudaGridCells {
@@ -158,10 +218,23 @@ impl CudaGridCells {
     /// the CPU kernels make (which panic as theirs do).
     pub fn upload(device: &CudaDevice, grid: &GridRef, m: usize, n: usize) -> Result<Self> {
         let groups = grid.groups(n);
-        if grid.planes.iter().any(|p| (p.m(), p.n()) != (m, n))
-            || grid.center.len() != m * groups
-            || grid.half.len() != m * groups
-        {
+        let cells = match grid.ranges {
+            GridRangesRef::F16 { center, half } => {
+                center.len() == m * groups && half.len() == m * groups
+            }
+            GridRangesRef::Int8 {
+                center_code,
+                half_code,
+                center_step,
+                half_step,
+            } => {
+                center_code.len() == m * groups
+                    && half_code.len() == m * groups
+                    && center_step.len() == m
+                    && half_step.len() == m
+            }
+        };
+        if grid.planes.iter().any(|p| (p.m(), p.n()) != (m, n)) || !cells {
             candle_core::bail!("bitstack cuda: grid does not have the sizes of a {m}×{n} linear");
         }
         grid.check(m, n);
@@ -171,8 +244,7 @@ impl CudaGridCells {
             group: grid.group,
             groups,
             outliers: grid.outliers,
-            center: upload(device, grid.center)?,
-            half: upload(device, grid.half)?,
+            ranges: CudaRanges::upload(device, &grid.ranges)?,
             outlier_col: upload(device, grid.outlier_col)?,
             outlier_value: upload(device, grid.outlier_value)?,
         })
@@ -180,14 +252,12 @@ impl CudaGridCells {
 
     /// Device memory held.
     pub fn bytes(&self) -> usize {
-        Self::bytes_for(self.m, self.groups, self.outliers)
-    }
-
-    /// What [`CudaGridCells::bytes`] is for `m` rows of `groups` groups
-    /// with `outliers` outliers each.
-    pub fn bytes_for(m: usize, groups: usize, outliers: usize) -> usize {
-        let cells = m * groups;
-        4 * cells + 3 * cells * outliers
+        let cells = self.m * self.groups;
+        let ranges = match self.ranges {
+            CudaRanges::F16 { .. } => 4 * cells,
+            CudaRanges::Int8 { .. } => 2 * cells + 4 * self.m,
+        };
+        ranges + 3 * cells * self.outliers
     }
 }
 
@@ -200,7 +270,7 @@ pub struct CudaGrid {
     planes: Vec<Arc<CudaPlane>>,
     /// The planes' addresses, most significant first.
     _plane_table: CudaSlice<u64>,
-    /// `GridDesc`: five device addresses, then `nplanes`, `group`,
+    /// `GridDesc`: nine device addresses, then `nplanes`, `group`,
     /// `outliers` and `groups` as i32, two to a word (little-endian).
     desc: CudaSlice<u64>,
 }
@@ -234,12 +304,17 @@ impl CudaGrid {
             .collect();
         let plane_table = upload(device, &addresses)?;
         let pair = |a: usize, b: usize| (a as u32 as u64) | ((b as u32 as u64) << 32);
+        let ([center, half], [ccode, hcode, cstep, hstep]) = cells.ranges.addresses(&stream);
         let desc = [
             plane_table.device_ptr(&stream).0,
-            cells.center.device_ptr(&stream).0,
-            cells.half.device_ptr(&stream).0,
+            center,
+            half,
             cells.outlier_col.device_ptr(&stream).0,
             cells.outlier_value.device_ptr(&stream).0,
+            ccode,
+            hcode,
+            cstep,
+            hstep,
             pair(planes.len(), cells.group),
             pair(cells.outliers, cells.groups),
         ];

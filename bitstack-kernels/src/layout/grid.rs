@@ -30,10 +30,8 @@ pub const MAX_GROUP: usize = 256;
 pub struct GridRef<'a> {
     /// Columns per group (the last group of a row may be shorter).
     pub group: usize,
-    /// `m×G`, row-major.
-    pub center: &'a [f16],
-    /// `m×G`, row-major: the half-width of each (row, group)'s grid.
-    pub half: &'a [f16],
+    /// Each (row, group)'s center and half-width.
+    pub ranges: GridRangesRef<'a>,
     /// Outliers per (row, group).
     pub outliers: usize,
     /// `m×G×o`: column within the group, distinct within a (row, group).
@@ -67,8 +65,7 @@ impl GridRef<'_> {
         );
         assert!(!self.planes.is_empty(), "a grid has at least one plane");
         let groups = self.groups(n);
-        assert_eq!(self.center.len(), m * groups, "grid center is not m×G");
-        assert_eq!(self.half.len(), m * groups, "grid half is not m×G");
+        self.ranges.check(m, groups);
         let slots = m * groups * self.outliers;
         assert_eq!(self.outlier_col.len(), slots, "grid outlier_col");
         assert_eq!(self.outlier_value.len(), slots, "grid outlier_value");
@@ -139,7 +136,8 @@ impl GridRef<'_> {
             let w = plane_weight(b);
             level += if plane.sign(i, c) { w } else { -w };
         }
-        self.center[cell].to_f32() + self.half[cell].to_f32() * level
+        let (center, half) = self.ranges.at(groups, cell);
+        center + half * level
     }
 }
 
@@ -160,10 +158,7 @@ pub fn plane_weight(b: usize) -> f32 {
 #[derive(Clone, Debug, PartialEq)]
 pub struct OwnedGrid {
     pub group: usize,
-    /// `m×G`, row-major.
-    pub center: Vec<f16>,
-    /// `m×G`, row-major.
-    pub half: Vec<f16>,
+    pub ranges: GridRanges,
     pub outliers: usize,
     /// `m×G×o`: column within the group, distinct within a (row, group).
     pub outlier_col: Vec<u8>,
@@ -178,8 +173,7 @@ impl OwnedGrid {
     pub fn grid_ref(&self) -> GridRef<'_> {
         GridRef {
             group: self.group,
-            center: &self.center,
-            half: &self.half,
+            ranges: self.ranges.as_ref(),
             outliers: self.outliers,
             outlier_col: &self.outlier_col,
             outlier_value: &self.outlier_value,
@@ -190,7 +184,149 @@ impl OwnedGrid {
     /// Memory held.
     pub fn bytes(&self) -> usize {
         self.planes.iter().map(TiledSigns::bytes).sum::<usize>()
-            + 2 * (self.center.len() + self.half.len() + self.outlier_value.len())
+            + self.ranges.bytes()
+            + 2 * self.outlier_value.len()
             + self.outlier_col.len()
+    }
+}
+
+/// Each (row, group)'s center and half-width, owned, as a checkpoint
+/// stores them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GridRanges {
+    /// An f16 each (format version 2): 32 bits per (row, group).
+    F16 {
+        /// `m×G`, row-major.
+        center: Vec<f16>,
+        /// `m×G`, row-major, ≥ 0.
+        half: Vec<f16>,
+    },
+    /// 8-bit codes under two f16 steps per row (format version 3): 16
+    /// bits per (row, group), 32 per row. `center[i,g] =
+    /// center_step[i]·center_code[i,g]`, `half[i,g] =
+    /// half_step[i]·half_code[i,g]`. An f16 times an 8-bit integer needs
+    /// at most 19 significant bits, so every kernel's f32 product is exact.
+    Int8 {
+        /// `m×G`, row-major.
+        center_code: Vec<i8>,
+        /// `m×G`, row-major.
+        half_code: Vec<u8>,
+        /// `m`: one per row.
+        center_step: Vec<f16>,
+        /// `m`: one per row, ≥ 0.
+        half_step: Vec<f16>,
+    },
+}
+
+impl GridRanges {
+    /// Borrowed.
+    pub fn as_ref(&self) -> GridRangesRef<'_> {
+        match self {
+            GridRanges::F16 { center, half } => GridRangesRef::F16 { center, half },
+            GridRanges::Int8 {
+                center_code,
+                half_code,
+                center_step,
+                half_step,
+            } => GridRangesRef::Int8 {
+                center_code,
+                half_code,
+                center_step,
+                half_step,
+            },
+        }
+    }
+
+    /// Memory held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            GridRanges::F16 { center, half } => 2 * (center.len() + half.len()),
+            GridRanges::Int8 {
+                center_code,
+                half_code,
+                center_step,
+                half_step,
+            } => center_code.len() + half_code.len() + 2 * (center_step.len() + half_step.len()),
+        }
+    }
+}
+
+/// Each (row, group)'s center and half-width, borrowed (see [`GridRanges`]).
+#[derive(Clone, Copy, Debug)]
+pub enum GridRangesRef<'a> {
+    F16 {
+        center: &'a [f16],
+        half: &'a [f16],
+    },
+    Int8 {
+        center_code: &'a [i8],
+        half_code: &'a [u8],
+        center_step: &'a [f16],
+        half_step: &'a [f16],
+    },
+}
+
+impl GridRangesRef<'_> {
+    /// Panics unless there is a range for each of `m×groups` cells (and
+    /// steps for `m` rows): the kernels index without bounds checks.
+    pub fn check(&self, m: usize, groups: usize) {
+        match self {
+            GridRangesRef::F16 { center, half } => {
+                assert_eq!(center.len(), m * groups, "grid center is not m×G");
+                assert_eq!(half.len(), m * groups, "grid half is not m×G");
+            }
+            GridRangesRef::Int8 {
+                center_code,
+                half_code,
+                center_step,
+                half_step,
+            } => {
+                assert_eq!(
+                    center_code.len(),
+                    m * groups,
+                    "grid center codes are not m×G"
+                );
+                assert_eq!(half_code.len(), m * groups, "grid half codes are not m×G");
+                assert_eq!(
+                    center_step.len(),
+                    m,
+                    "grid center steps are not one per row"
+                );
+                assert_eq!(half_step.len(), m, "grid half steps are not one per row");
+            }
+        }
+    }
+
+    /// `(center, half)` of cell `cell = i·groups + g`, in f32 (exact).
+    #[inline(always)]
+    pub fn at(&self, groups: usize, cell: usize) -> (f32, f32) {
+        match self {
+            GridRangesRef::F16 { center, half } => (center[cell].to_f32(), half[cell].to_f32()),
+            GridRangesRef::Int8 {
+                center_code,
+                half_code,
+                center_step,
+                half_step,
+            } => {
+                let i = cell / groups;
+                (
+                    center_step[i].to_f32() * center_code[cell] as f32,
+                    half_step[i].to_f32() * half_code[cell] as f32,
+                )
+            }
+        }
+    }
+
+    /// The centers and halves of the consecutive cells `cells`, in f32.
+    pub fn to_f32(
+        &self,
+        groups: usize,
+        cells: std::ops::Range<usize>,
+        center: &mut [f32],
+        half: &mut [f32],
+    ) {
+        for ((cell, c), h) in cells.zip(center.iter_mut()).zip(half.iter_mut()) {
+            (*c, *h) = self.at(groups, cell);
+        }
     }
 }

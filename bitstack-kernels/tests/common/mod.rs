@@ -1,6 +1,7 @@
 //! Random stacks and a tolerance check shared by the kernel tests.
 #![allow(dead_code)]
 
+use bitstack_kernels::layout::GridRanges;
 use bitstack_kernels::{OwnedGrid, OwnedStack, TiledSigns};
 use candle_core::{DType, Tensor};
 use half::f16;
@@ -36,7 +37,9 @@ pub fn random_stack(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> O
 /// Random grid planes for an `m×n` linear: `planes` planes, `outliers`
 /// per (row, group) on distinct columns (every group needs that many), each
 /// of a value up to ±3. The grid's weights are about as large as a random
-/// block's.
+/// block's. Even seeds store the ranges as f16 (format 2), odd ones as
+/// 8-bit codes under per-row steps (format 3), so every kernel test meets
+/// both.
 pub fn random_grid(
     m: usize,
     n: usize,
@@ -52,8 +55,21 @@ pub fn random_grid(
             .map(|_| f16::from_f32(lo + rng.random::<f32>() * (hi - lo)))
             .collect()
     };
-    let center = f(m * groups, -0.2, 0.2, &mut rng);
-    let half = f(m * groups, 0.1, 1.0, &mut rng);
+    let ranges = if seed.is_multiple_of(2) {
+        GridRanges::F16 {
+            center: f(m * groups, -0.2, 0.2, &mut rng),
+            half: f(m * groups, 0.1, 1.0, &mut rng),
+        }
+    } else {
+        let center_code = (0..m * groups).map(|_| rng.random::<i8>()).collect();
+        let half_code = (0..m * groups).map(|_| rng.random::<u8>()).collect();
+        GridRanges::Int8 {
+            center_code,
+            half_code,
+            center_step: f(m, 0.0, 0.2 / 127.0, &mut rng),
+            half_step: f(m, 0.0, 1.0 / 255.0, &mut rng),
+        }
+    };
     let mut outlier_col = Vec::with_capacity(m * groups * outliers);
     for _ in 0..m {
         for g in 0..groups {
@@ -72,8 +88,7 @@ pub fn random_grid(
         .collect();
     OwnedGrid {
         group,
-        center,
-        half,
+        ranges,
         outliers,
         outlier_col,
         outlier_value,

@@ -23,7 +23,7 @@ use crate::format::block::{checksum, names, Block, BlockShape};
 use crate::format::budget::Budget;
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
-use crate::format::grid::{self, Grid};
+use crate::format::grid::{self, Grid, GridRanges, RangeCoding};
 use crate::format::order::{
     is_measurement, BlockOrder, DenseMeasurement, Geometry, LinearSlot, Measurement, Rung,
 };
@@ -314,8 +314,18 @@ fn check_stored(store: &TensorStore, slot: &LinearSlot) -> Result<()> {
     if let Some(cfg) = slot.grid {
         let (groups, o) = (cfg.groups(n), cfg.outliers);
         let path = &slot.name;
-        store.check(&grid::names::center(path), Dtype::F16, &[m, groups])?;
-        store.check(&grid::names::scale(path), Dtype::F16, &[m, groups])?;
+        match cfg.ranges {
+            RangeCoding::F16 => {
+                store.check(&grid::names::center(path), Dtype::F16, &[m, groups])?;
+                store.check(&grid::names::scale(path), Dtype::F16, &[m, groups])?;
+            }
+            RangeCoding::Int8 => {
+                store.check(&grid::names::center_code(path), Dtype::I8, &[m, groups])?;
+                store.check(&grid::names::half_code(path), Dtype::U8, &[m, groups])?;
+                store.check(&grid::names::center_step(path), Dtype::F16, &[m])?;
+                store.check(&grid::names::half_step(path), Dtype::F16, &[m])?;
+            }
+        }
         store.check(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?;
         store.check(
             &grid::names::outlier_value(path),
@@ -358,9 +368,29 @@ pub fn read_grid(store: &TensorStore, slot: &LinearSlot) -> Result<Grid> {
             store.location(&name)
         })
     };
+    let ranges = match cfg.ranges {
+        RangeCoding::F16 => GridRanges::F16 {
+            center: f16s(grid::names::center(path), &[m, groups])?,
+            half: f16s(grid::names::scale(path), &[m, groups])?,
+        },
+        RangeCoding::Int8 => GridRanges::Int8 {
+            center_code: store
+                .bytes(&grid::names::center_code(path), Dtype::I8, &[m, groups])?
+                .into_iter()
+                .map(|b| b as i8)
+                .collect(),
+            half_code: store.bytes(&grid::names::half_code(path), Dtype::U8, &[m, groups])?,
+            center_step: f16s(grid::names::center_step(path), &[m])?,
+            half_step: f16s(grid::names::half_step(path), &[m])?,
+        },
+    };
+    // The tensor a grid's errors name: its first.
+    let first = match cfg.ranges {
+        RangeCoding::F16 => grid::names::center(path),
+        RangeCoding::Int8 => grid::names::center_code(path),
+    };
     let grid = Grid {
-        center: f16s(grid::names::center(path), &[m, groups])?,
-        scale: f16s(grid::names::scale(path), &[m, groups])?,
+        ranges,
         outlier_col: store.bytes(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?,
         outlier_value: f16s(grid::names::outlier_value(path), &[m, groups, o])?,
     };
@@ -369,15 +399,11 @@ pub fn read_grid(store: &TensorStore, slot: &LinearSlot) -> Result<Grid> {
         path,
         &grid::names::grid_checksum(path),
         grid.checksum(),
-        || grid::names::center(path),
+        || first.clone(),
     )
     .context("the grid")?;
-    grid.check(m, n, &cfg).map_err(|e| {
-        anyhow::anyhow!(
-            "the grid of `{path}` in {}: {e}",
-            file_of(store, &grid::names::center(path))
-        )
-    })?;
+    grid.check(m, n, &cfg)
+        .map_err(|e| anyhow::anyhow!("the grid of `{path}` in {}: {e}", file_of(store, &first)))?;
     Ok(grid)
 }
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::format::architecture::{checked_linear_shape, LinearKind};
 use crate::format::dense::DenseDtype;
-use crate::format::grid::GridConfig;
+use crate::format::grid::{GridConfig, RangeCoding};
 
 /// Architectures the runner implements (all share the Llama block).
 pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
@@ -56,9 +56,22 @@ fn max_pos() -> usize {
 pub const QUANT_METHOD: &str = "bitstack";
 /// The layout of checkpoints with AVD blocks only (the reference's).
 pub const FORMAT_VERSION: u32 = 1;
-/// The layout of checkpoints whose linears end in grid planes
-/// ([`crate::format::grid`]); AVD-only checkpoints are still written as 1.
+/// The layout of checkpoints whose linears end in grid planes with f16
+/// ranges ([`crate::format::grid`]); AVD-only checkpoints are still
+/// written as 1.
 pub const FORMAT_VERSION_GRID: u32 = 2;
+/// Grid planes with 8-bit ranges ([`RangeCoding::Int8`]), what compress
+/// writes now.
+pub const FORMAT_VERSION_GRID_INT8: u32 = 3;
+
+/// The format version of checkpoints whose linears end in grid planes
+/// coded as `ranges`.
+pub fn grid_format_version(ranges: RangeCoding) -> u32 {
+    match ranges {
+        RangeCoding::F16 => FORMAT_VERSION_GRID,
+        RangeCoding::Int8 => FORMAT_VERSION_GRID_INT8,
+    }
+}
 
 /// The `quantization_config` block of a BitStack checkpoint.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -109,7 +122,7 @@ impl QuantizationConfig {
 
     /// This layout with its last `grid.planes` blocks as grid planes.
     pub fn with_grid(mut self, grid: GridConfig) -> Self {
-        self.format_version = FORMAT_VERSION_GRID;
+        self.format_version = grid_format_version(grid.ranges);
         self.grid = Some(grid);
         self
     }
@@ -257,8 +270,15 @@ impl ModelConfig {
             }
             match (q.format_version, &q.grid) {
                 (FORMAT_VERSION, None) => {}
-                (FORMAT_VERSION_GRID, Some(grid)) => {
+                (v @ (FORMAT_VERSION_GRID | FORMAT_VERSION_GRID_INT8), Some(grid)) => {
                     grid.check().map_err(anyhow::Error::msg)?;
+                    if grid_format_version(grid.ranges) != v {
+                        bail!(
+                            "BitStack format_version {v} does not go with grid ranges {:?} (format_version {} does)",
+                            grid.ranges,
+                            grid_format_version(grid.ranges)
+                        );
+                    }
                     if grid.planes > q.niter {
                         bail!(
                             "the grid has {} planes but niter is {} (planes are part of niter)",
@@ -267,14 +287,14 @@ impl ModelConfig {
                         );
                     }
                 }
-                (FORMAT_VERSION_GRID, None) => {
-                    bail!("BitStack format_version 2 needs a `grid` in quantization_config")
+                (v @ (FORMAT_VERSION_GRID | FORMAT_VERSION_GRID_INT8), None) => {
+                    bail!("BitStack format_version {v} needs a `grid` in quantization_config")
                 }
                 (FORMAT_VERSION, Some(_)) => {
-                    bail!("a `grid` in quantization_config needs format_version 2")
+                    bail!("a `grid` in quantization_config needs format_version {FORMAT_VERSION_GRID} or {FORMAT_VERSION_GRID_INT8}")
                 }
                 (v, _) => bail!(
-                    "BitStack format_version {v} is not supported (only {FORMAT_VERSION} and {FORMAT_VERSION_GRID}): a newer bitstack wrote it"
+                    "BitStack format_version {v} is not supported (only {FORMAT_VERSION}, {FORMAT_VERSION_GRID} and {FORMAT_VERSION_GRID_INT8}): a newer bitstack wrote it"
                 ),
             }
         }

@@ -22,7 +22,7 @@ use safetensors::{Dtype, View};
 use crate::format::block::{names, Block, BlockShape};
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
-use crate::format::grid::{self, GridConfig, GridPlanes};
+use crate::format::grid::{self, GridConfig, GridPlanes, GridRanges};
 
 /// A tensor owned in memory, ready to be serialized.
 pub struct OwnedTensor {
@@ -37,6 +37,13 @@ impl OwnedTensor {
             dtype: Dtype::U8,
             shape: vec![data.len()],
             data,
+        }
+    }
+    pub fn i8(values: &[i8], shape: &[usize]) -> Self {
+        Self {
+            dtype: Dtype::I8,
+            shape: shape.to_vec(),
+            data: values.iter().map(|&x| x as u8).collect(),
         }
     }
     pub fn f16(values: &[f16], shape: &[usize]) -> Self {
@@ -217,14 +224,40 @@ impl CheckpointWriter {
                 );
                 let g = &gp.grid;
                 let path = l.path.as_str();
-                tensors.push((
-                    grid::names::center(path),
-                    OwnedTensor::f16(&g.center, &[m, groups]),
-                ));
-                tensors.push((
-                    grid::names::scale(path),
-                    OwnedTensor::f16(&g.scale, &[m, groups]),
-                ));
+                match &g.ranges {
+                    GridRanges::F16 { center, half } => {
+                        tensors.push((
+                            grid::names::center(path),
+                            OwnedTensor::f16(center, &[m, groups]),
+                        ));
+                        tensors.push((
+                            grid::names::scale(path),
+                            OwnedTensor::f16(half, &[m, groups]),
+                        ));
+                    }
+                    GridRanges::Int8 {
+                        center_code,
+                        half_code,
+                        center_step,
+                        half_step,
+                    } => {
+                        tensors.push((
+                            grid::names::center_code(path),
+                            OwnedTensor::i8(center_code, &[m, groups]),
+                        ));
+                        let mut half = OwnedTensor::u8(half_code.clone());
+                        half.shape = vec![m, groups];
+                        tensors.push((grid::names::half_code(path), half));
+                        tensors.push((
+                            grid::names::center_step(path),
+                            OwnedTensor::f16(center_step, &[m]),
+                        ));
+                        tensors.push((
+                            grid::names::half_step(path),
+                            OwnedTensor::f16(half_step, &[m]),
+                        ));
+                    }
+                }
                 let mut cols = OwnedTensor::u8(g.outlier_col.clone());
                 cols.shape = vec![m, groups, o];
                 tensors.push((grid::names::outlier_col(path), cols));

@@ -153,8 +153,7 @@ fn grid_ref<'a>(
 ) -> GridRef<'a> {
     GridRef {
         group: cfg.group_size(n),
-        center: &g.center,
-        half: &g.scale,
+        ranges: g.ranges.as_ref(),
         outliers: cfg.outliers,
         outlier_col: &g.outlier_col,
         outlier_value: &g.outlier_value,
@@ -487,9 +486,11 @@ fn add_grid_row(
     let before: Vec<f32> = (cells.start * o..cells.end * o)
         .map(|slot| out[column(slot)])
         .collect();
-    let scale: Vec<f32> = g.half[cells.clone()].iter().map(|h| h.to_f32()).collect();
+    let (mut center, mut scale) = (vec![0f32; groups], vec![0f32; groups]);
+    g.ranges
+        .to_f32(groups, cells.clone(), &mut center, &mut scale);
     for (c, o) in out.iter_mut().enumerate() {
-        *o += g.center[i * groups + c / gs].to_f32();
+        *o += center[c / gs];
     }
     for (b, plane) in g.planes.iter().enumerate() {
         let t = plane_weight(b);
@@ -569,6 +570,7 @@ fn add_signed(signs: &[u8], row: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::format::block::reconstruct;
+    use crate::format::grid::RangeCoding;
     use crate::format::pack::pack_signs;
     use half::f16;
     use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -685,10 +687,16 @@ mod tests {
             (33, 200, 4, 2, 128, 1),
             (5, 9, 1, 1, 8, 0),
         ] {
+            // Both codings of the ranges.
             let cfg = GridConfig {
                 planes: 4,
                 group,
                 outliers,
+                ranges: if outliers.is_multiple_of(2) {
+                    RangeCoding::F16
+                } else {
+                    RangeCoding::Int8
+                },
             };
             let (blocks, gp) = random_grid_stack(m, n, k, avd, cfg, &mut rng);
             let full = WeightStack::from_parts(m, n, k, parts_of(&blocks, &gp, cfg, m, n)).unwrap();
