@@ -30,8 +30,10 @@ fn random_stack(m: usize, n: usize, k: usize, blocks: usize) -> OwnedStack {
     OwnedStack::from_row_major(m, n, k, blocks)
 }
 
-/// `planes` random grid planes (groups of 128, one outlier each) and no block.
-fn random_grid(m: usize, n: usize, planes: usize) -> OwnedStack {
+/// `planes` random grid planes (groups of 128, one outlier each) and no
+/// block; 8-bit ranges under per-row steps (format 3, what compress writes)
+/// or f16 ones (format 2).
+fn random_grid(m: usize, n: usize, planes: usize, coded: bool) -> OwnedStack {
     let mut rng = StdRng::seed_from_u64(3);
     let (group, outliers) = (128, 1);
     let groups = n.div_ceil(group);
@@ -41,12 +43,18 @@ fn random_grid(m: usize, n: usize, planes: usize) -> OwnedStack {
             .collect()
     };
     let outlier_value = f(m * groups);
-    // 8-bit ranges under per-row steps, as compress writes them.
-    let ranges = GridRanges::Int8 {
-        center_code: (0..m * groups).map(|_| rng.random::<i8>()).collect(),
-        half_code: (0..m * groups).map(|_| rng.random::<u8>()).collect(),
-        center_step: vec![f16::from_f32(1.0 / 256.0); m],
-        half_step: vec![f16::from_f32(1.0 / 512.0); m],
+    let ranges = if coded {
+        GridRanges::Int8 {
+            center_code: (0..m * groups).map(|_| rng.random::<i8>()).collect(),
+            half_code: (0..m * groups).map(|_| rng.random::<u8>()).collect(),
+            center_step: vec![f16::from_f32(1.0 / 256.0); m],
+            half_step: vec![f16::from_f32(1.0 / 512.0); m],
+        }
+    } else {
+        GridRanges::F16 {
+            center: f(m * groups),
+            half: f(m * groups),
+        }
     };
     let planes = (0..planes)
         .map(|_| {
@@ -79,10 +87,15 @@ fn grid(c: &mut Criterion) {
             .sample_size(10)
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3));
-        let grid = random_grid(m, n, p);
+        let grid = random_grid(m, n, p, true);
         let stack = grid.stack_ref();
         group.bench_function(BenchmarkId::new("grid_tmac", format!("{isa:?}")), |b| {
             b.iter(|| shuffle_matmul_t(isa, &x, 1, &stack, &mut out))
+        });
+        let f16_grid = random_grid(m, n, p, false);
+        let f16_stack = f16_grid.stack_ref();
+        group.bench_function(BenchmarkId::new("grid_tmac_f16", format!("{isa:?}")), |b| {
+            b.iter(|| shuffle_matmul_t(isa, &x, 1, &f16_stack, &mut out))
         });
         group.bench_function(BenchmarkId::new("grid_decode", format!("{isa:?}")), |b| {
             b.iter(|| table_matmul_t(isa, &x, 1, &stack, &mut out))
