@@ -13,7 +13,7 @@ use bitstack_quant::DenseDtype;
 use clap::Args;
 
 use crate::args::{at_least, CalibArgs, DeviceArgs, WindowArgs, CALIB_WINDOWS};
-use crate::options::{DTypeArg, GridRangesArg, RefitArg, SignsArg, SvdArg};
+use crate::options::{DTypeArg, GridCodingArg, RefitArg, SignsArg, SvdArg};
 
 #[derive(Args, Debug)]
 pub struct CompressArgs {
@@ -42,9 +42,10 @@ pub struct CompressArgs {
     /// Weights per row and group of the grid kept exact.
     #[arg(long, default_value_t = 1)]
     pub outliers: usize,
-    /// How the grid stores each row and group's center and half-range.
-    #[arg(long, value_enum, default_value_t = GridRangesArg::Int8)]
-    pub grid_ranges: GridRangesArg,
+    /// How the grid stores each row and group's center and half-range and
+    /// each outlier's value.
+    #[arg(long, value_enum, default_value_t = GridCodingArg::Int8)]
+    pub grid_coding: GridCodingArg,
     /// Exponent α of the activation scales `‖x‖^α` folded into the
     /// weights before compressing: 1 (the reference's) when there are AVD
     /// blocks, 0.5 for grid planes alone (--niter 0 --planes P), where it
@@ -102,7 +103,7 @@ impl CompressArgs {
                 planes: self.planes,
                 group: self.group,
                 outliers: self.outliers,
-                ranges: self.grid_ranges.into(),
+                coding: self.grid_coding.into(),
             }),
             calib_text,
             calib_windows: self.calib_windows,

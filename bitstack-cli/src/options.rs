@@ -7,7 +7,7 @@
 
 use bitstack_assets::Model;
 use bitstack_quant::eval::sort::SortMethod;
-use bitstack_quant::format::grid::RangeCoding;
+use bitstack_quant::format::grid::GridCoding;
 use bitstack_quant::method::compress::FeedbackOptions;
 use bitstack_quant::method::decompose::Refit;
 use bitstack_quant::method::svd::SvdMethod;
@@ -305,15 +305,17 @@ mod tests {
         assert_eq!(names::<SignsArg>(), ["avd", "feedback"]);
         assert_eq!(names::<RefitArg>(), ["none", "svd", "weighted"]);
         assert_eq!(names::<SortMethodArg>(), ["fast", "exact", "local"]);
+        assert_eq!(names::<GridCodingArg>(), ["int8", "f16"]);
     }
 }
 
-/// `compress --grid-ranges`: how the grid planes store each (row, group)'s
-/// center and half-range.
+/// `compress --grid-coding`: how the grid planes store each (row, group)'s
+/// center and half-range and each outlier's value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum GridRangesArg {
-    /// 8-bit codes under two f16 steps per row (format version 3): 0.31
-    /// bits per weight of grid at groups of 128, measured as good as f16.
+pub enum GridCodingArg {
+    /// 8-bit codes under three f16 steps per row (format version 3): at
+    /// groups of 128, 0.25 bits per weight of grid plus 48/n (n input
+    /// columns), measured as good as f16.
     #[default]
     Int8,
     /// An f16 each (format version 2, for readers older than version 3):
@@ -321,11 +323,11 @@ pub enum GridRangesArg {
     F16,
 }
 
-impl From<GridRangesArg> for RangeCoding {
-    fn from(r: GridRangesArg) -> Self {
+impl From<GridCodingArg> for GridCoding {
+    fn from(r: GridCodingArg) -> Self {
         match r {
-            GridRangesArg::Int8 => RangeCoding::Int8,
-            GridRangesArg::F16 => RangeCoding::F16,
+            GridCodingArg::Int8 => GridCoding::Int8,
+            GridCodingArg::F16 => GridCoding::F16,
         }
     }
 }

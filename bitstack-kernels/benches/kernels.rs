@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bitstack_kernels::decode::table_matmul_t;
-use bitstack_kernels::layout::GridRanges;
+use bitstack_kernels::layout::GridValues;
 use bitstack_kernels::prefill::panel_matmul_t;
 use bitstack_kernels::tmac::{self, shuffle_matmul_t};
 use bitstack_kernels::{stack_matmul_t, Isa, OwnedGrid, OwnedStack, TiledSigns};
@@ -31,8 +31,8 @@ fn random_stack(m: usize, n: usize, k: usize, blocks: usize) -> OwnedStack {
 }
 
 /// `planes` random grid planes (groups of 128, one outlier each) and no
-/// block; 8-bit ranges under per-row steps (format 3, what compress writes)
-/// or f16 ones (format 2).
+/// block; 8-bit codes under per-row steps (format 3, what compress writes)
+/// or f16 numbers (format 2).
 fn random_grid(m: usize, n: usize, planes: usize, coded: bool) -> OwnedStack {
     let mut rng = StdRng::seed_from_u64(3);
     let (group, outliers) = (128, 1);
@@ -42,18 +42,20 @@ fn random_grid(m: usize, n: usize, planes: usize, coded: bool) -> OwnedStack {
             .map(|_| f16::from_f32(rng.random::<f32>() - 0.5))
             .collect()
     };
-    let outlier_value = f(m * groups);
-    let ranges = if coded {
-        GridRanges::Int8 {
+    let values = if coded {
+        GridValues::Int8 {
             center_code: (0..m * groups).map(|_| rng.random::<i8>()).collect(),
             half_code: (0..m * groups).map(|_| rng.random::<u8>()).collect(),
+            outlier_code: (0..m * groups).map(|_| rng.random::<i8>()).collect(),
             center_step: vec![f16::from_f32(1.0 / 256.0); m],
             half_step: vec![f16::from_f32(1.0 / 512.0); m],
+            outlier_step: vec![f16::from_f32(1.0 / 128.0); m],
         }
     } else {
-        GridRanges::F16 {
+        GridValues::F16 {
             center: f(m * groups),
             half: f(m * groups),
+            outlier: f(m * groups),
         }
     };
     let planes = (0..planes)
@@ -64,10 +66,9 @@ fn random_grid(m: usize, n: usize, planes: usize, coded: bool) -> OwnedStack {
         .collect();
     let grid = OwnedGrid {
         group,
-        ranges,
+        values,
         outliers,
         outlier_col: (0..m * groups).map(|_| rng.random::<u8>() % 128).collect(),
-        outlier_value,
         planes,
     };
     OwnedStack::with_grid(m, n, 1, Vec::new(), Some(grid))

@@ -143,11 +143,11 @@ pub(crate) fn outlier_deltas(grid: &GridRef, n: usize, i0: usize, delta: &mut [f
     }
     let slot0 = i0 * groups * o;
     let cols = &grid.outlier_col[slot0..][..delta.len()];
-    let values = &grid.outlier_value[slot0..][..delta.len()];
-    for (s, ((d, &col), v)) in delta.iter_mut().zip(cols).zip(values).enumerate() {
+    for (s, (d, &col)) in delta.iter_mut().zip(cols).enumerate() {
         let cell = i0 * groups + s / o;
         let (i, g) = (cell / groups, cell % groups);
-        *d = v.to_f32() - grid.point(groups, i, g * grid.group + col as usize);
+        let v = grid.values.outlier(groups * o, slot0 + s);
+        *d = v - grid.point(groups, i, g * grid.group + col as usize);
     }
 }
 
@@ -250,7 +250,7 @@ fn scan_rows_body(plan: Plan, grid: &GridRef, i0: usize, y: &mut [f32]) {
                 }
             }
             let cell = i * groups + g;
-            let (center, half) = grid.ranges.at(groups, cell);
+            let (center, half) = grid.values.range(groups, cell);
             for (r, y) in y.iter_mut().enumerate() {
                 let xg = sums[r * groups + g];
                 *y += center * xg + half * (2.0 * acc[r] - levels * xg);
@@ -258,7 +258,7 @@ fn scan_rows_body(plan: Plan, grid: &GridRef, i0: usize, y: &mut [f32]) {
             for slot in cell * o..(cell + 1) * o {
                 let col = grid.outlier_col[slot] as usize;
                 let q = grid.point(groups, i, c0 + col);
-                let delta = grid.outlier_value[slot].to_f32() - q;
+                let delta = grid.values.outlier(groups * o, slot) - q;
                 for (r, y) in y.iter_mut().enumerate() {
                     *y += delta * x[r * n + c0 + col];
                 }

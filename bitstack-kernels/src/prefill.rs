@@ -196,7 +196,7 @@ fn add_grid_row(grid: &GridRef, n: usize, i: usize, c0: usize, signs: &mut [u8],
     let (g0, g1) = (c0 / grid.group, (c0 + cols).div_ceil(grid.group));
     for g in g0..g1 {
         let cell = i * groups + g;
-        let (center, half) = grid.ranges.at(groups, cell);
+        let (center, half) = grid.values.range(groups, cell);
         let lo = (g * grid.group).max(c0) - c0;
         let hi = ((g + 1) * grid.group).min(c0 + cols) - c0;
         // The grid's weights, in place of the levels, then each outlier's
@@ -208,7 +208,7 @@ fn add_grid_row(grid: &GridRef, n: usize, i: usize, c0: usize, signs: &mut [u8],
         for slot in cell * o..(cell + 1) * o {
             let c = g * grid.group + grid.outlier_col[slot] as usize;
             if (c0..c0 + cols).contains(&c) {
-                levels[c - c0] = grid.outlier_value[slot].to_f32();
+                levels[c - c0] = grid.values.outlier(groups * o, slot);
             }
         }
     }

@@ -37,7 +37,7 @@ pub fn grid_weight(grid: &GridRef, n: usize, i: usize, c: usize) -> f64 {
     for t in 0..grid.outliers {
         let slot = cell * grid.outliers + t;
         if g * grid.group + grid.outlier_col[slot] as usize == c {
-            return grid.outlier_value[slot].to_f64();
+            return grid.values.outlier(groups * grid.outliers, slot) as f64;
         }
     }
     let mut levels = 0f64;
@@ -45,6 +45,6 @@ pub fn grid_weight(grid: &GridRef, n: usize, i: usize, c: usize) -> f64 {
         let sign = if plane.sign(i, c) { 1.0 } else { -1.0 };
         levels += sign * 0.5f64.powi(b as i32 + 1);
     }
-    let (center, half) = grid.ranges.at(groups, cell);
+    let (center, half) = grid.values.range(groups, cell);
     center as f64 + half as f64 * levels
 }

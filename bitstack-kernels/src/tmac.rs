@@ -73,7 +73,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::layout::{
-    nibble_sign, plane_weight, BlockRef, GridRangesRef, GridRef, StackRef, TILE_ROWS,
+    nibble_sign, plane_weight, BlockRef, GridRef, GridValuesRef, StackRef, TILE_ROWS,
 };
 use crate::{multiversion, Isa};
 
@@ -652,15 +652,16 @@ impl<'a> GridPlan<'a> {
         grow(&mut buf.grid_t, 2 * groups * TILE_ROWS);
         let (center, rest) = buf.grid_row[..cells * (2 + o)].split_at_mut(cells);
         let (half, delta) = rest.split_at_mut(cells);
-        match grid.ranges {
-            GridRangesRef::F16 {
+        match grid.values {
+            GridValuesRef::F16 {
                 center: c16,
                 half: h16,
+                ..
             } => {
                 to_f32(isa, &c16[i0 * groups..][..cells], center);
                 to_f32(isa, &h16[i0 * groups..][..cells], half);
             }
-            ranges => ranges.to_f32(groups, i0 * groups..i0 * groups + cells, center, half),
+            values => values.ranges_f32(groups, i0 * groups..i0 * groups + cells, center, half),
         }
         crate::grid::outlier_deltas(grid, self.n, i0, delta);
         let (center_t, half_t) =

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bitstack_kernels::decode::table_matmul_t;
 use bitstack_kernels::grid::grid_matmul_t_add;
-use bitstack_kernels::layout::GridRanges;
+use bitstack_kernels::layout::GridValues;
 use bitstack_kernels::prefill::panel_matmul_t;
 use bitstack_kernels::reference::{grid_weight, reference_matmul_t};
 use bitstack_kernels::tmac::{self, shuffle_matmul_t};
@@ -71,26 +71,29 @@ fn hand_stack(coded: bool) -> OwnedStack {
         .map(|&b| TiledSigns::from_row_major(&[b], 1, 4))
         .collect();
     let h = |v: &[f32]| v.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
-    // The same centers and halves, as f16 or as codes times a row step.
-    let ranges = if coded {
-        GridRanges::Int8 {
+    // The same centers, halves and outliers, as f16 or as codes times a
+    // row step.
+    let values = if coded {
+        GridValues::Int8 {
             center_code: vec![1, -2],
             half_code: vec![1, 2],
+            outlier_code: vec![6, -5],
             center_step: h(&[0.5]),
             half_step: h(&[2.0]),
+            outlier_step: h(&[0.5]),
         }
     } else {
-        GridRanges::F16 {
+        GridValues::F16 {
             center: h(&[0.5, -1.0]),
             half: h(&[2.0, 4.0]),
+            outlier: h(&[3.0, -2.5]),
         }
     };
     let grid = OwnedGrid {
         group: 2,
-        ranges,
+        values,
         outliers: 1,
         outlier_col: vec![1, 0],
-        outlier_value: h(&[3.0, -2.5]),
         planes,
     };
     OwnedStack::with_grid(1, 4, 1, Vec::new(), Some(grid))
@@ -136,13 +139,13 @@ fn the_definition_by_hand_on_whole_bytes() {
         .collect();
     let grid = OwnedGrid {
         group: 8,
-        ranges: GridRanges::F16 {
+        values: GridValues::F16 {
             center: vec![f16::from_f32(0.5)],
             half: vec![f16::from_f32(2.0)],
+            outlier: vec![f16::from_f32(-3.0), f16::from_f32(2.5)],
         },
         outliers: 2,
         outlier_col: vec![7, 1],
-        outlier_value: vec![f16::from_f32(-3.0), f16::from_f32(2.5)],
         planes,
     };
     let stack = OwnedStack::with_grid(1, 8, 1, Vec::new(), Some(grid));
@@ -180,7 +183,7 @@ fn an_outlier_weighs_its_value_at_every_plane_count() {
             for t in 0..o {
                 let slot = (i * groups + g) * o + t;
                 let c = g * group + grid.outlier_col[slot] as usize;
-                let v = grid.outlier_value[slot].to_f32();
+                let v = grid.values.outlier(groups * o, slot);
                 assert_eq!(grid_weight(&grid, n, i, c), v as f64, "p{planes}");
                 let mut x = vec![0f32; n];
                 x[c] = 1.0;
@@ -397,12 +400,12 @@ fn a_group_past_256_is_refused() {
 
 #[test]
 #[should_panic(expected = "steps are not one per row")]
-fn coded_ranges_need_a_step_per_row() {
-    // Odd seeds code the ranges in 8 bits.
+fn coded_values_need_a_step_per_row() {
+    // Odd seeds code the numbers in 8 bits.
     let mut grid = random_grid(3, 40, 8, 2, 1, 1);
-    let GridRanges::Int8 { half_step, .. } = &mut grid.ranges else {
-        panic!("an odd seed gives 8-bit ranges");
+    let GridValues::Int8 { outlier_step, .. } = &mut grid.values else {
+        panic!("an odd seed gives 8-bit codes");
     };
-    half_step.pop();
+    outlier_step.pop();
     OwnedStack::with_grid(3, 40, 1, Vec::new(), Some(grid));
 }

@@ -20,7 +20,7 @@ use anyhow::{bail, Result};
 use bitstack_quant::eval::calibrate::{calibrate, windows};
 use bitstack_quant::eval::perplexity::evaluate;
 use bitstack_quant::format::block::reconstruct;
-use bitstack_quant::format::grid::{grid_planes, GridConfig, RangeCoding};
+use bitstack_quant::format::grid::{grid_planes, GridCoding, GridConfig};
 use bitstack_quant::method::decompose::decompose;
 use bitstack_quant::method::rtn::{rtn_bits_per_weight, rtn_in_place};
 use bitstack_quant::method::scale::{fold, LayerScales};
@@ -165,7 +165,7 @@ fn main() -> Result<()> {
                 planes: args.total_planes,
                 group: args.group,
                 outliers: args.outliers,
-                ranges: RangeCoding::Int8,
+                coding: GridCoding::Int8,
             };
             let grid = match args.method {
                 Method::Grid => Some(grid_planes(&v, m, n, cfg)?),

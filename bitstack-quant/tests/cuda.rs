@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bitstack_kernels::{OwnedBlock, TiledSigns};
 use bitstack_quant::format::block::BlockShape;
-use bitstack_quant::format::grid::{grid_planes, GridConfig, RangeCoding};
+use bitstack_quant::format::grid::{grid_planes, GridCoding, GridConfig};
 use bitstack_quant::format::synthetic::{random_block, SyntheticSpec};
 use bitstack_quant::runtime::elastic::BitStackHandle;
 use bitstack_quant::runtime::linear::LinearWeight;
@@ -180,15 +180,15 @@ fn device_resident_grid_planes_rebuild_and_run_as_host_ones_at_every_prefix() {
         unreachable!()
     };
     let device = Residence::Cuda(dev.clone());
-    for (m, n, k, avd, group, outliers, ranges) in [
-        (37, 200, 4, 2, 128, 1, RangeCoding::Int8),
-        (16, 64, 2, 0, 32, 2, RangeCoding::F16),
+    for (m, n, k, avd, group, outliers, coding) in [
+        (37, 200, 4, 2, 128, 1, GridCoding::Int8),
+        (16, 64, 2, 0, 32, 2, GridCoding::F16),
     ] {
         let cfg = GridConfig {
             planes: 4,
             group,
             outliers,
-            ranges,
+            coding,
         };
         let shape = BlockShape { m, n, k };
         let blocks: Vec<OwnedBlock> = (0..avd)

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use bitstack_quant::format::checkpoint::{BlockCounts, Checkpoint};
 use bitstack_quant::format::config::{ModelConfig, FORMAT_VERSION_GRID, FORMAT_VERSION_GRID_INT8};
-use bitstack_quant::format::grid::{GridConfig, RangeCoding};
+use bitstack_quant::format::grid::{GridCoding, GridConfig};
 use bitstack_quant::format::synthetic::SyntheticSpec;
 use bitstack_quant::method::compress::{compress, CompressOptions};
 use bitstack_quant::runtime::elastic::BitStackHandle;
@@ -150,13 +150,13 @@ fn a_broken_grid_or_plane_is_named() {
     copy_dir(&out, &missing);
     common::rewrite_safetensors(
         &missing.join(shard.file_name().unwrap()),
-        |tensors| tensors.retain(|t| t.0 != format!("{q_proj}.grid_half_code")),
+        |tensors| tensors.retain(|t| t.0 != format!("{q_proj}.grid_outlier_code")),
         false,
     );
     let e = format!("{:#}", Checkpoint::open(&missing).err().unwrap());
-    assert!(e.contains(&format!("{q_proj}.grid_half_code")), "{e}");
+    assert!(e.contains(&format!("{q_proj}.grid_outlier_code")), "{e}");
 
-    // A NaN in a row's center step is named with its tensor.
+    // A NaN in a row's outlier step is named with its tensor.
     let nan = root.path().join("nan");
     copy_dir(&out, &nan);
     common::rewrite_safetensors(
@@ -164,7 +164,7 @@ fn a_broken_grid_or_plane_is_named() {
         |tensors| {
             let t = tensors
                 .iter_mut()
-                .find(|t| t.0 == format!("{q_proj}.grid_center_step"))
+                .find(|t| t.0 == format!("{q_proj}.grid_outlier_step"))
                 .unwrap();
             t.3[2..4].copy_from_slice(&half::f16::NAN.to_le_bytes());
         },
@@ -177,7 +177,7 @@ fn a_broken_grid_or_plane_is_named() {
             .unwrap()
     );
     assert!(
-        e.contains(&format!("{q_proj}.grid_center_step")) && e.contains("non-finite"),
+        e.contains(&format!("{q_proj}.grid_outlier_step")) && e.contains("non-finite"),
         "{e}"
     );
 
@@ -201,19 +201,19 @@ fn a_broken_grid_or_plane_is_named() {
     .unwrap();
     let e = format!("{:#}", Checkpoint::open(&future).err().unwrap());
     assert!(
-        e.contains("format_version 2 does not go with grid ranges Int8"),
+        e.contains("format_version 2 does not go with grid coding Int8"),
         "{e}"
     );
 }
 
 #[test]
-fn format_2_f16_ranges_still_load_and_fit_as_the_8_bit_ones() {
+fn format_2_f16_numbers_still_load_and_fit_as_the_8_bit_ones() {
     let root = tempfile::tempdir().unwrap();
     let (dense, int8) = compressed(root.path());
     let f16 = root.path().join("f16");
     let mut opts = options(root.path());
     opts.grid = opts.grid.map(|g| GridConfig {
-        ranges: RangeCoding::F16,
+        coding: GridCoding::F16,
         ..g
     });
     compress(&dense, &f16, &opts).unwrap();
@@ -233,12 +233,10 @@ fn format_2_f16_ranges_still_load_and_fit_as_the_8_bit_ones() {
     };
     let (e16, e8) = (error(&f16), error(&int8));
     assert!(e16 < 0.1 && e8 < 0.1, "f16 {e16}, int8 {e8}");
-    assert!(
-        e8 < 1.25 * e16,
-        "8-bit ranges fit worse: {e8} against {e16}"
-    );
+    assert!(e8 < 1.25 * e16, "8-bit codes fit worse: {e8} against {e16}");
 
-    // 8-bit codes save 2 bytes per (row, group) and cost 4 per row.
+    // 8-bit codes save 2 bytes per (row, group) and 1 per outlier, and
+    // cost 6 per row.
     let (c16, c8) = (
         Checkpoint::open(&f16).unwrap(),
         Checkpoint::open(&int8).unwrap(),
@@ -249,7 +247,8 @@ fn format_2_f16_ranges_still_load_and_fit_as_the_8_bit_ones() {
         .iter()
         .map(|s| {
             let g = s.grid.unwrap();
-            2 * s.m * g.groups(s.n) - 4 * s.m
+            let cells = s.m * g.groups(s.n);
+            2 * cells + cells * g.outliers - 6 * s.m
         })
         .sum();
     let bytes = |c: &Checkpoint| c.ladder().last().unwrap().linear_bytes;

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use bitstack_quant::format::architecture::LinearKind;
-use bitstack_quant::format::grid::{GridConfig, RangeCoding};
+use bitstack_quant::format::grid::{GridCoding, GridConfig};
 use bitstack_quant::format::shard::{Split, TensorParallel};
 use bitstack_quant::format::synthetic::SyntheticSpec;
 use bitstack_quant::method::compress::{compress, CompressOptions};
@@ -116,13 +116,13 @@ fn the_ranks_hold_slices_of_the_whole_model_at_every_level() {
                     Split::Rows => w.k * w.n,
                     Split::Columns => w.m * w.k,
                 };
-                // And, split by column, a grid's 8-bit ranges' two f16
+                // And, split by column, a grid's 8-bit codes' three f16
                 // steps per row.
                 let steps = match (
                     Split::of(*kind),
                     w.planes.first().and_then(|p| p.grid.as_ref()),
                 ) {
-                    (Split::Columns, Some(g)) if g.cfg.ranges == RangeCoding::Int8 => 4 * w.m,
+                    (Split::Columns, Some(g)) if g.cfg.coding == GridCoding::Int8 => 6 * w.m,
                     _ => 0,
                 };
                 let bytes: usize = got.iter().map(|g| g[i].1.resident_bytes()).sum();
@@ -176,7 +176,7 @@ fn a_world_that_does_not_divide_the_model_is_refused_before_loading() {
             planes: 1,
             group: 64,
             outliers: 0,
-            ranges: RangeCoding::F16,
+            coding: GridCoding::F16,
         }),
         ..common::small_options(calib, 2, 1)
     };

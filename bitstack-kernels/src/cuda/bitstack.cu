@@ -46,21 +46,24 @@ struct BlockPtrs {
   const __half* vt;
 };
 
-// The grid planes on the device (made by `CudaGrid`: nine pointers, then
-// four ints, 88 bytes). Each plane is an upload of its own, so a stack that
-// gains or loses a plane re-uses the others. The ranges are either f16
-// (`center`, `half`; format 2) or 8-bit codes under per-row f16 steps
-// (`ccode`, `hcode`, `cstep`, `hstep`; format 3): the other pair is null.
+// The grid planes on the device (made by `CudaGrid`: eleven pointers, then
+// four ints, 104 bytes). Each plane is an upload of its own, so a stack
+// that gains or loses a plane re-uses the others. The numbers are either
+// f16 (`center`, `half`, `ovalue`; format 2) or 8-bit codes under per-row
+// f16 steps (`ccode`, `hcode`, `ocode`, `cstep`, `hstep`, `ostep`; format
+// 3): the other set is null.
 struct GridDesc {
   const uint32_t* const* planes;  // nplanes addresses of words, the mma-tile layout each
   const __half* center;    // m × groups, or null
   const __half* half;      // m × groups, or null
   const uint8_t* ocol;     // m × groups × outliers: column within the group
-  const __half* ovalue;    // m × groups × outliers: the outlier's weight
+  const __half* ovalue;    // m × groups × outliers: the outlier's weight, or null
   const int8_t* ccode;     // m × groups, or null
   const uint8_t* hcode;    // m × groups, or null
   const __half* cstep;     // m, or null
   const __half* hstep;     // m, or null
+  const int8_t* ocode;     // m × groups × outliers, or null
+  const __half* ostep;     // m, or null
   int nplanes;
   int group;
   int outliers;
@@ -76,6 +79,15 @@ __device__ __forceinline__ float2 grid_range(const GridDesc& grid, size_t cell) 
                        __half2float(grid.hstep[i]) * (float)grid.hcode[cell]);
   }
   return make_float2(__half2float(grid.center[cell]), __half2float(grid.half[cell]));
+}
+
+// The weight of outlier `slot`, exact in f32 as on the CPU.
+__device__ __forceinline__ float grid_outlier(const GridDesc& grid, size_t slot) {
+  if (grid.ostep != nullptr) {
+    const size_t i = slot / ((size_t)grid.groups * grid.outliers);
+    return __half2float(grid.ostep[i]) * (float)grid.ocode[slot];
+  }
+  return __half2float(grid.ovalue[slot]);
 }
 
 // Row (within a 16-row tile) and column (within a 64-column chunk) of bit
@@ -389,7 +401,7 @@ __device__ void grid_decode(const GridDesc* __restrict__ gd, const T* __restrict
     sign_at(i, c, chunks, &word, &bit);
     const float2 range = grid_range(grid, cell);
     const float q = range.x + range.y * grid_level(grid, word, bit);
-    const float d = __half2float(grid.ovalue[slot]) - q;
+    const float d = grid_outlier(grid, slot) - q;
     for (int r = 0; r < rows; ++r) atomicAdd(&ys[r * 16 + row], d * to_f32(x[(size_t)r * n + c]));
   }
   __syncthreads();
@@ -471,7 +483,7 @@ __device__ void reconstruct(const BlockPtrs* __restrict__ blocks, int nblocks, T
         float wg = range.x + range.y * level[e];
         for (int t = 0; t < grid.outliers; ++t) {
           const size_t slot = cell * grid.outliers + t;
-          if (g * grid.group + grid.ocol[slot] == c) wg = __half2float(grid.ovalue[slot]);
+          if (g * grid.group + grid.ocol[slot] == c) wg = grid_outlier(grid, slot);
         }
         acc[e] += wg;
       }

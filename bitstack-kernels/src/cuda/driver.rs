@@ -32,7 +32,7 @@ use candle_core::{DType, Layout, Result, Shape};
 use half::{bf16, f16};
 
 use super::pack::{self, mma_sign_words};
-use crate::layout::{rows_of, BlockRef, GridRangesRef, GridRef, Rows, StackRef, TiledSigns};
+use crate::layout::{rows_of, BlockRef, GridRef, GridValuesRef, Rows, StackRef, TiledSigns};
 
 const PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/bitstack_sm80.ptx"));
 const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/bitstack_sm90.ptx"));
@@ -147,66 +147,90 @@ pub struct CudaGridCells {
     group: usize,
     groups: usize,
     outliers: usize,
-    ranges: CudaRanges,
+    values: CudaValues,
     outlier_col: CudaSlice<u8>,
-    outlier_value: CudaSlice<f16>,
 }
 
-/// A grid's ranges on the device, as stored (see [`GridRanges`](crate::layout::GridRanges)).
-enum CudaRanges {
+/// A grid's numbers on the device, as stored (see
+/// [`GridValues`](crate::layout::GridValues)).
+enum CudaValues {
     F16 {
         center: CudaSlice<f16>,
         half: CudaSlice<f16>,
+        outlier: CudaSlice<f16>,
     },
     Int8 {
         center_code: CudaSlice<i8>,
         half_code: CudaSlice<u8>,
+        outlier_code: CudaSlice<i8>,
         center_step: CudaSlice<f16>,
         half_step: CudaSlice<f16>,
+        outlier_step: CudaSlice<f16>,
     },
 }
 
-impl CudaRanges {
-    fn upload(device: &CudaDevice, ranges: &GridRangesRef) -> Result<Self> {
-        Ok(match *ranges {
-            GridRangesRef::F16 { center, half } => CudaRanges::F16 {
+impl CudaValues {
+    fn upload(device: &CudaDevice, values: &GridValuesRef) -> Result<Self> {
+        Ok(match *values {
+            GridValuesRef::F16 {
+                center,
+                half,
+                outlier,
+            } => CudaValues::F16 {
                 center: upload(device, center)?,
                 half: upload(device, half)?,
+                outlier: upload(device, outlier)?,
             },
-            GridRangesRef::Int8 {
+            GridValuesRef::Int8 {
                 center_code,
                 half_code,
+                outlier_code,
                 center_step,
                 half_step,
-            } => CudaRanges::Int8 {
+                outlier_step,
+            } => CudaValues::Int8 {
                 center_code: upload(device, center_code)?,
                 half_code: upload(device, half_code)?,
+                outlier_code: upload(device, outlier_code)?,
                 center_step: upload(device, center_step)?,
                 half_step: upload(device, half_step)?,
+                outlier_step: upload(device, outlier_step)?,
             },
         })
     }
 
-    /// `GridDesc`'s `center, half` and `ccode, hcode, cstep, hstep`
-    /// addresses (null for the other encoding).
-    fn addresses(&self, stream: &Arc<CudaStream>) -> ([u64; 2], [u64; 4]) {
+    /// `GridDesc`'s `center, half, ovalue` and `ccode, hcode, cstep,
+    /// hstep, ocode, ostep` addresses (null for the other coding).
+    fn addresses(&self, stream: &Arc<CudaStream>) -> ([u64; 3], [u64; 6]) {
         match self {
-            CudaRanges::F16 { center, half } => (
-                [center.device_ptr(stream).0, half.device_ptr(stream).0],
-                [0; 4],
+            CudaValues::F16 {
+                center,
+                half,
+                outlier,
+            } => (
+                [
+                    center.device_ptr(stream).0,
+                    half.device_ptr(stream).0,
+                    outlier.device_ptr(stream).0,
+                ],
+                [0; 6],
             ),
-            CudaRanges::Int8 {
+            CudaValues::Int8 {
                 center_code,
                 half_code,
+                outlier_code,
                 center_step,
                 half_step,
+                outlier_step,
             } => (
-                [0; 2],
+                [0; 3],
                 [
                     center_code.device_ptr(stream).0,
                     half_code.device_ptr(stream).0,
                     center_step.device_ptr(stream).0,
                     half_step.device_ptr(stream).0,
+                    outlier_code.device_ptr(stream).0,
+                    outlier_step.device_ptr(stream).0,
                 ],
             ),
         }
@@ -218,23 +242,30 @@ impl CudaGridCells {
     /// the CPU kernels make (which panic as theirs do).
     pub fn upload(device: &CudaDevice, grid: &GridRef, m: usize, n: usize) -> Result<Self> {
         let groups = grid.groups(n);
-        let cells = match grid.ranges {
-            GridRangesRef::F16 { center, half } => {
-                center.len() == m * groups && half.len() == m * groups
-            }
-            GridRangesRef::Int8 {
+        let (cells, o) = (m * groups, grid.outliers);
+        let sized = match grid.values {
+            GridValuesRef::F16 {
+                center,
+                half,
+                outlier,
+            } => center.len() == cells && half.len() == cells && outlier.len() == cells * o,
+            GridValuesRef::Int8 {
                 center_code,
                 half_code,
+                outlier_code,
                 center_step,
                 half_step,
+                outlier_step,
             } => {
-                center_code.len() == m * groups
-                    && half_code.len() == m * groups
-                    && center_step.len() == m
-                    && half_step.len() == m
+                center_code.len() == cells
+                    && half_code.len() == cells
+                    && outlier_code.len() == cells * o
+                    && [center_step, half_step, outlier_step]
+                        .iter()
+                        .all(|s| s.len() == m)
             }
         };
-        if grid.planes.iter().any(|p| (p.m(), p.n()) != (m, n)) || !cells {
+        if grid.planes.iter().any(|p| (p.m(), p.n()) != (m, n)) || !sized {
             candle_core::bail!("bitstack cuda: grid does not have the sizes of a {m}×{n} linear");
         }
         grid.check(m, n);
@@ -244,20 +275,20 @@ impl CudaGridCells {
             group: grid.group,
             groups,
             outliers: grid.outliers,
-            ranges: CudaRanges::upload(device, &grid.ranges)?,
+            values: CudaValues::upload(device, &grid.values)?,
             outlier_col: upload(device, grid.outlier_col)?,
-            outlier_value: upload(device, grid.outlier_value)?,
         })
     }
 
     /// Device memory held.
     pub fn bytes(&self) -> usize {
         let cells = self.m * self.groups;
-        let ranges = match self.ranges {
-            CudaRanges::F16 { .. } => 4 * cells,
-            CudaRanges::Int8 { .. } => 2 * cells + 4 * self.m,
+        let slots = cells * self.outliers;
+        let values = match self.values {
+            CudaValues::F16 { .. } => 4 * cells + 2 * slots,
+            CudaValues::Int8 { .. } => 2 * cells + slots + 6 * self.m,
         };
-        ranges + 3 * cells * self.outliers
+        values + slots
     }
 }
 
@@ -270,7 +301,7 @@ pub struct CudaGrid {
     planes: Vec<Arc<CudaPlane>>,
     /// The planes' addresses, most significant first.
     _plane_table: CudaSlice<u64>,
-    /// `GridDesc`: nine device addresses, then `nplanes`, `group`,
+    /// `GridDesc`: eleven device addresses, then `nplanes`, `group`,
     /// `outliers` and `groups` as i32, two to a word (little-endian).
     desc: CudaSlice<u64>,
 }
@@ -304,17 +335,20 @@ impl CudaGrid {
             .collect();
         let plane_table = upload(device, &addresses)?;
         let pair = |a: usize, b: usize| (a as u32 as u64) | ((b as u32 as u64) << 32);
-        let ([center, half], [ccode, hcode, cstep, hstep]) = cells.ranges.addresses(&stream);
+        let ([center, half, ovalue], [ccode, hcode, cstep, hstep, ocode, ostep]) =
+            cells.values.addresses(&stream);
         let desc = [
             plane_table.device_ptr(&stream).0,
             center,
             half,
             cells.outlier_col.device_ptr(&stream).0,
-            cells.outlier_value.device_ptr(&stream).0,
+            ovalue,
             ccode,
             hcode,
             cstep,
             hstep,
+            ocode,
+            ostep,
             pair(planes.len(), cells.group),
             pair(cells.outliers, cells.groups),
         ];

@@ -1,7 +1,7 @@
 //! The grid planes of one linear, borrowed ([`GridRef`]) and owned
 //! ([`OwnedGrid`]): nested bit planes of the residual the AVD blocks leave,
 //! on a per-(row, group) uniform grid, with a few weights per (row, group)
-//! kept exact (their stored f16 value, whatever the plane count).
+//! kept exact (their stored value, whatever the plane count).
 
 use half::f16;
 
@@ -22,7 +22,7 @@ pub const MAX_GROUP: usize = 256;
 /// with `s_b(i,c) = ±1` the signs of plane `b`, packed as the blocks' are.
 /// Every slot is an outlier (`o` is the exact count per group), and the
 /// `o` slots of one (row, group) have distinct columns, so an outlier's
-/// weight is its stored f16 value at every plane count: nothing here
+/// weight is its stored value at every plane count: nothing here
 /// depends on `p` but the planes. The kernels add, per outlier, the
 /// difference `(v − q_p)·x[col]` to the plain grid's sum, with `q_p` the
 /// grid point at the outlier read from the `p` planes' signs there.
@@ -30,14 +30,12 @@ pub const MAX_GROUP: usize = 256;
 pub struct GridRef<'a> {
     /// Columns per group (the last group of a row may be shorter).
     pub group: usize,
-    /// Each (row, group)'s center and half-width.
-    pub ranges: GridRangesRef<'a>,
+    /// Each (row, group)'s center and half-width, and each outlier's value.
+    pub values: GridValuesRef<'a>,
     /// Outliers per (row, group).
     pub outliers: usize,
     /// `m×G×o`: column within the group, distinct within a (row, group).
     pub outlier_col: &'a [u8],
-    /// `m×G×o`: the outlier's weight.
-    pub outlier_value: &'a [f16],
     /// `p ≥ 1` planes, most significant first, each `m×n`.
     pub planes: Vec<&'a TiledSigns>,
 }
@@ -65,10 +63,9 @@ impl GridRef<'_> {
         );
         assert!(!self.planes.is_empty(), "a grid has at least one plane");
         let groups = self.groups(n);
-        self.ranges.check(m, groups);
+        self.values.check(m, groups, self.outliers);
         let slots = m * groups * self.outliers;
         assert_eq!(self.outlier_col.len(), slots, "grid outlier_col");
-        assert_eq!(self.outlier_value.len(), slots, "grid outlier_value");
         for (b, p) in self.planes.iter().enumerate() {
             assert_eq!((p.m(), p.n()), (m, n), "grid plane {b}");
         }
@@ -136,7 +133,7 @@ impl GridRef<'_> {
             let w = plane_weight(b);
             level += if plane.sign(i, c) { w } else { -w };
         }
-        let (center, half) = self.ranges.at(groups, cell);
+        let (center, half) = self.values.range(groups, cell);
         center + half * level
     }
 }
@@ -158,12 +155,10 @@ pub fn plane_weight(b: usize) -> f32 {
 #[derive(Clone, Debug, PartialEq)]
 pub struct OwnedGrid {
     pub group: usize,
-    pub ranges: GridRanges,
+    pub values: GridValues,
     pub outliers: usize,
     /// `m×G×o`: column within the group, distinct within a (row, group).
     pub outlier_col: Vec<u8>,
-    /// `m×G×o`: the outlier's weight.
-    pub outlier_value: Vec<f16>,
     /// Most significant first.
     pub planes: Vec<TiledSigns>,
 }
@@ -173,10 +168,9 @@ impl OwnedGrid {
     pub fn grid_ref(&self) -> GridRef<'_> {
         GridRef {
             group: self.group,
-            ranges: self.ranges.as_ref(),
+            values: self.values.as_ref(),
             outliers: self.outliers,
             outlier_col: &self.outlier_col,
-            outlier_value: &self.outlier_value,
             planes: self.planes.iter().collect(),
         }
     }
@@ -184,129 +178,178 @@ impl OwnedGrid {
     /// Memory held.
     pub fn bytes(&self) -> usize {
         self.planes.iter().map(TiledSigns::bytes).sum::<usize>()
-            + self.ranges.bytes()
-            + 2 * self.outlier_value.len()
+            + self.values.bytes()
             + self.outlier_col.len()
     }
 }
 
-/// Each (row, group)'s center and half-width, owned, as a checkpoint
-/// stores them.
+/// The numbers of a grid, owned, as a checkpoint stores them: each (row,
+/// group)'s center and half-width, and each outlier's value.
 #[derive(Clone, Debug, PartialEq)]
-pub enum GridRanges {
-    /// An f16 each (format version 2): 32 bits per (row, group).
+pub enum GridValues {
+    /// An f16 each (format version 2): 32 bits per (row, group) and 16 per
+    /// outlier.
     F16 {
         /// `m×G`, row-major.
         center: Vec<f16>,
         /// `m×G`, row-major, ≥ 0.
         half: Vec<f16>,
+        /// `m×G×o`: the outliers' weights.
+        outlier: Vec<f16>,
     },
-    /// 8-bit codes under two f16 steps per row (format version 3): 16
-    /// bits per (row, group), 32 per row. `center[i,g] =
-    /// center_step[i]·center_code[i,g]`, `half[i,g] =
-    /// half_step[i]·half_code[i,g]`. An f16 times an 8-bit integer needs
-    /// at most 19 significant bits, so every kernel's f32 product is exact.
+    /// 8-bit codes under three f16 steps per row (format version 3): 16
+    /// bits per (row, group), 8 per outlier, 48 per row. `center[i,g] =
+    /// center_step[i]·center_code[i,g]`, likewise `half` (u8 codes) and
+    /// `outlier` (i8). An f16 times an 8-bit integer needs at most 19
+    /// significant bits, so every kernel's f32 product is exact.
     Int8 {
         /// `m×G`, row-major.
         center_code: Vec<i8>,
         /// `m×G`, row-major.
         half_code: Vec<u8>,
+        /// `m×G×o`.
+        outlier_code: Vec<i8>,
         /// `m`: one per row.
         center_step: Vec<f16>,
         /// `m`: one per row, ≥ 0.
         half_step: Vec<f16>,
+        /// `m`: one per row.
+        outlier_step: Vec<f16>,
     },
 }
 
-impl GridRanges {
+impl GridValues {
     /// Borrowed.
-    pub fn as_ref(&self) -> GridRangesRef<'_> {
+    pub fn as_ref(&self) -> GridValuesRef<'_> {
         match self {
-            GridRanges::F16 { center, half } => GridRangesRef::F16 { center, half },
-            GridRanges::Int8 {
+            GridValues::F16 {
+                center,
+                half,
+                outlier,
+            } => GridValuesRef::F16 {
+                center,
+                half,
+                outlier,
+            },
+            GridValues::Int8 {
                 center_code,
                 half_code,
+                outlier_code,
                 center_step,
                 half_step,
-            } => GridRangesRef::Int8 {
+                outlier_step,
+            } => GridValuesRef::Int8 {
                 center_code,
                 half_code,
+                outlier_code,
                 center_step,
                 half_step,
+                outlier_step,
             },
         }
     }
 
     /// Memory held.
     pub fn bytes(&self) -> usize {
-        match self {
-            GridRanges::F16 { center, half } => 2 * (center.len() + half.len()),
-            GridRanges::Int8 {
-                center_code,
-                half_code,
-                center_step,
-                half_step,
-            } => center_code.len() + half_code.len() + 2 * (center_step.len() + half_step.len()),
-        }
+        self.as_ref().bytes()
     }
 }
 
-/// Each (row, group)'s center and half-width, borrowed (see [`GridRanges`]).
+/// The numbers of a grid, borrowed (see [`GridValues`]).
 #[derive(Clone, Copy, Debug)]
-pub enum GridRangesRef<'a> {
+pub enum GridValuesRef<'a> {
     F16 {
         center: &'a [f16],
         half: &'a [f16],
+        outlier: &'a [f16],
     },
     Int8 {
         center_code: &'a [i8],
         half_code: &'a [u8],
+        outlier_code: &'a [i8],
         center_step: &'a [f16],
         half_step: &'a [f16],
+        outlier_step: &'a [f16],
     },
 }
 
-impl GridRangesRef<'_> {
-    /// Panics unless there is a range for each of `m×groups` cells (and
-    /// steps for `m` rows): the kernels index without bounds checks.
-    pub fn check(&self, m: usize, groups: usize) {
+impl GridValuesRef<'_> {
+    /// Memory held.
+    pub fn bytes(&self) -> usize {
         match self {
-            GridRangesRef::F16 { center, half } => {
-                assert_eq!(center.len(), m * groups, "grid center is not m×G");
-                assert_eq!(half.len(), m * groups, "grid half is not m×G");
-            }
-            GridRangesRef::Int8 {
+            GridValuesRef::F16 {
+                center,
+                half,
+                outlier,
+            } => 2 * (center.len() + half.len() + outlier.len()),
+            GridValuesRef::Int8 {
                 center_code,
                 half_code,
+                outlier_code,
                 center_step,
                 half_step,
+                outlier_step,
             } => {
+                center_code.len()
+                    + half_code.len()
+                    + outlier_code.len()
+                    + 2 * (center_step.len() + half_step.len() + outlier_step.len())
+            }
+        }
+    }
+
+    /// Panics unless there is a range for each of `m×groups` cells, a
+    /// value for each of their `o` outliers (and steps for `m` rows): the
+    /// kernels index without bounds checks.
+    pub fn check(&self, m: usize, groups: usize, o: usize) {
+        let cells = m * groups;
+        match self {
+            GridValuesRef::F16 {
+                center,
+                half,
+                outlier,
+            } => {
+                assert_eq!(center.len(), cells, "grid center is not m×G");
+                assert_eq!(half.len(), cells, "grid half is not m×G");
                 assert_eq!(
-                    center_code.len(),
-                    m * groups,
-                    "grid center codes are not m×G"
+                    outlier.len(),
+                    cells * o,
+                    "grid outlier values are not m×G×o"
                 );
-                assert_eq!(half_code.len(), m * groups, "grid half codes are not m×G");
+            }
+            GridValuesRef::Int8 {
+                center_code,
+                half_code,
+                outlier_code,
+                center_step,
+                half_step,
+                outlier_step,
+            } => {
+                assert_eq!(center_code.len(), cells, "grid center codes are not m×G");
+                assert_eq!(half_code.len(), cells, "grid half codes are not m×G");
                 assert_eq!(
-                    center_step.len(),
-                    m,
-                    "grid center steps are not one per row"
+                    outlier_code.len(),
+                    cells * o,
+                    "grid outlier codes are not m×G×o"
                 );
-                assert_eq!(half_step.len(), m, "grid half steps are not one per row");
+                for steps in [center_step, half_step, outlier_step] {
+                    assert_eq!(steps.len(), m, "grid steps are not one per row");
+                }
             }
         }
     }
 
     /// `(center, half)` of cell `cell = i·groups + g`, in f32 (exact).
     #[inline(always)]
-    pub fn at(&self, groups: usize, cell: usize) -> (f32, f32) {
+    pub fn range(&self, groups: usize, cell: usize) -> (f32, f32) {
         match self {
-            GridRangesRef::F16 { center, half } => (center[cell].to_f32(), half[cell].to_f32()),
-            GridRangesRef::Int8 {
+            GridValuesRef::F16 { center, half, .. } => (center[cell].to_f32(), half[cell].to_f32()),
+            GridValuesRef::Int8 {
                 center_code,
                 half_code,
                 center_step,
                 half_step,
+                ..
             } => {
                 let i = cell / groups;
                 (
@@ -317,8 +360,22 @@ impl GridRangesRef<'_> {
         }
     }
 
+    /// The value of outlier `slot` (of `per_row = groups·o` per row), in
+    /// f32 (exact).
+    #[inline(always)]
+    pub fn outlier(&self, per_row: usize, slot: usize) -> f32 {
+        match self {
+            GridValuesRef::F16 { outlier, .. } => outlier[slot].to_f32(),
+            GridValuesRef::Int8 {
+                outlier_code,
+                outlier_step,
+                ..
+            } => outlier_step[slot / per_row].to_f32() * outlier_code[slot] as f32,
+        }
+    }
+
     /// The centers and halves of the consecutive cells `cells`, in f32.
-    pub fn to_f32(
+    pub fn ranges_f32(
         &self,
         groups: usize,
         cells: std::ops::Range<usize>,
@@ -326,7 +383,7 @@ impl GridRangesRef<'_> {
         half: &mut [f32],
     ) {
         for ((cell, c), h) in cells.zip(center.iter_mut()).zip(half.iter_mut()) {
-            (*c, *h) = self.at(groups, cell);
+            (*c, *h) = self.range(groups, cell);
         }
     }
 }

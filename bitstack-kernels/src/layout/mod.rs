@@ -19,7 +19,7 @@ mod tiled;
 
 pub(crate) use bits::{nibble_sign, SIGN_MASKS};
 pub use bits::{packed_sign, row_major_sign};
-pub use grid::{plane_weight, GridRanges, GridRangesRef, GridRef, OwnedGrid, MAX_GROUP};
+pub use grid::{plane_weight, GridRef, GridValues, GridValuesRef, OwnedGrid, MAX_GROUP};
 pub(crate) use rows::{rows_of, Rows};
 pub use stack::{BlockRef, OwnedBlock, OwnedStack, StackRef};
 pub use tiled::{tiled_row, TiledSigns, TILE_ROWS};

@@ -1,7 +1,7 @@
 //! Random stacks and a tolerance check shared by the kernel tests.
 #![allow(dead_code)]
 
-use bitstack_kernels::layout::GridRanges;
+use bitstack_kernels::layout::GridValues;
 use bitstack_kernels::{OwnedGrid, OwnedStack, TiledSigns};
 use candle_core::{DType, Tensor};
 use half::f16;
@@ -37,7 +37,7 @@ pub fn random_stack(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> O
 /// Random grid planes for an `m×n` linear: `planes` planes, `outliers`
 /// per (row, group) on distinct columns (every group needs that many), each
 /// of a value up to ±3. The grid's weights are about as large as a random
-/// block's. Even seeds store the ranges as f16 (format 2), odd ones as
+/// block's. Even seeds store the numbers as f16 (format 2), odd ones as
 /// 8-bit codes under per-row steps (format 3), so every kernel test meets
 /// both.
 pub fn random_grid(
@@ -55,21 +55,6 @@ pub fn random_grid(
             .map(|_| f16::from_f32(lo + rng.random::<f32>() * (hi - lo)))
             .collect()
     };
-    let ranges = if seed.is_multiple_of(2) {
-        GridRanges::F16 {
-            center: f(m * groups, -0.2, 0.2, &mut rng),
-            half: f(m * groups, 0.1, 1.0, &mut rng),
-        }
-    } else {
-        let center_code = (0..m * groups).map(|_| rng.random::<i8>()).collect();
-        let half_code = (0..m * groups).map(|_| rng.random::<u8>()).collect();
-        GridRanges::Int8 {
-            center_code,
-            half_code,
-            center_step: f(m, 0.0, 0.2 / 127.0, &mut rng),
-            half_step: f(m, 0.0, 1.0 / 255.0, &mut rng),
-        }
-    };
     let mut outlier_col = Vec::with_capacity(m * groups * outliers);
     for _ in 0..m {
         for g in 0..groups {
@@ -79,7 +64,26 @@ pub fn random_grid(
             outlier_col.extend(cols.iter().map(|c| c as u8));
         }
     }
-    let outlier_value = f(m * groups * outliers, -3.0, 3.0, &mut rng);
+    let (cells, slots) = (m * groups, m * groups * outliers);
+    let values = if seed.is_multiple_of(2) {
+        GridValues::F16 {
+            center: f(cells, -0.2, 0.2, &mut rng),
+            half: f(cells, 0.1, 1.0, &mut rng),
+            outlier: f(slots, -3.0, 3.0, &mut rng),
+        }
+    } else {
+        let center_code = (0..cells).map(|_| rng.random::<i8>()).collect();
+        let half_code = (0..cells).map(|_| rng.random::<u8>()).collect();
+        let outlier_code = (0..slots).map(|_| rng.random::<i8>()).collect();
+        GridValues::Int8 {
+            center_code,
+            half_code,
+            outlier_code,
+            center_step: f(m, 0.0, 0.2 / 127.0, &mut rng),
+            half_step: f(m, 0.0, 1.0 / 255.0, &mut rng),
+            outlier_step: f(m, 0.0, 3.0 / 127.0, &mut rng),
+        }
+    };
     let planes = (0..planes)
         .map(|_| {
             let bytes: Vec<u8> = (0..(m * n).div_ceil(8)).map(|_| rng.random()).collect();
@@ -88,10 +92,9 @@ pub fn random_grid(
         .collect();
     OwnedGrid {
         group,
-        ranges,
+        values,
         outliers,
         outlier_col,
-        outlier_value,
         planes,
     }
 }

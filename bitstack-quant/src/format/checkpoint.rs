@@ -23,7 +23,7 @@ use crate::format::block::{checksum, names, Block, BlockShape};
 use crate::format::budget::Budget;
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
-use crate::format::grid::{self, Grid, GridRanges, RangeCoding};
+use crate::format::grid::{self, Grid, GridCoding, GridValues};
 use crate::format::order::{
     is_measurement, BlockOrder, DenseMeasurement, Geometry, LinearSlot, Measurement, Rung,
 };
@@ -314,24 +314,30 @@ fn check_stored(store: &TensorStore, slot: &LinearSlot) -> Result<()> {
     if let Some(cfg) = slot.grid {
         let (groups, o) = (cfg.groups(n), cfg.outliers);
         let path = &slot.name;
-        match cfg.ranges {
-            RangeCoding::F16 => {
+        match cfg.coding {
+            GridCoding::F16 => {
                 store.check(&grid::names::center(path), Dtype::F16, &[m, groups])?;
                 store.check(&grid::names::scale(path), Dtype::F16, &[m, groups])?;
+                store.check(
+                    &grid::names::outlier_value(path),
+                    Dtype::F16,
+                    &[m, groups, o],
+                )?;
             }
-            RangeCoding::Int8 => {
+            GridCoding::Int8 => {
                 store.check(&grid::names::center_code(path), Dtype::I8, &[m, groups])?;
                 store.check(&grid::names::half_code(path), Dtype::U8, &[m, groups])?;
-                store.check(&grid::names::center_step(path), Dtype::F16, &[m])?;
-                store.check(&grid::names::half_step(path), Dtype::F16, &[m])?;
+                store.check(&grid::names::outlier_code(path), Dtype::I8, &[m, groups, o])?;
+                for step in [
+                    grid::names::center_step(path),
+                    grid::names::half_step(path),
+                    grid::names::outlier_step(path),
+                ] {
+                    store.check(&step, Dtype::F16, &[m])?;
+                }
             }
         }
         store.check(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?;
-        store.check(
-            &grid::names::outlier_value(path),
-            Dtype::F16,
-            &[m, groups, o],
-        )?;
         for b in 0..cfg.planes {
             store.check(
                 &grid::names::plane(path, b),
@@ -368,31 +374,36 @@ pub fn read_grid(store: &TensorStore, slot: &LinearSlot) -> Result<Grid> {
             store.location(&name)
         })
     };
-    let ranges = match cfg.ranges {
-        RangeCoding::F16 => GridRanges::F16 {
+    let i8s = |name: String, shape: &[usize]| -> Result<Vec<i8>> {
+        Ok(store
+            .bytes(&name, Dtype::I8, shape)?
+            .into_iter()
+            .map(|b| b as i8)
+            .collect())
+    };
+    let values = match cfg.coding {
+        GridCoding::F16 => GridValues::F16 {
             center: f16s(grid::names::center(path), &[m, groups])?,
             half: f16s(grid::names::scale(path), &[m, groups])?,
+            outlier: f16s(grid::names::outlier_value(path), &[m, groups, o])?,
         },
-        RangeCoding::Int8 => GridRanges::Int8 {
-            center_code: store
-                .bytes(&grid::names::center_code(path), Dtype::I8, &[m, groups])?
-                .into_iter()
-                .map(|b| b as i8)
-                .collect(),
+        GridCoding::Int8 => GridValues::Int8 {
+            center_code: i8s(grid::names::center_code(path), &[m, groups])?,
             half_code: store.bytes(&grid::names::half_code(path), Dtype::U8, &[m, groups])?,
+            outlier_code: i8s(grid::names::outlier_code(path), &[m, groups, o])?,
             center_step: f16s(grid::names::center_step(path), &[m])?,
             half_step: f16s(grid::names::half_step(path), &[m])?,
+            outlier_step: f16s(grid::names::outlier_step(path), &[m])?,
         },
     };
     // The tensor a grid's errors name: its first.
-    let first = match cfg.ranges {
-        RangeCoding::F16 => grid::names::center(path),
-        RangeCoding::Int8 => grid::names::center_code(path),
+    let first = match cfg.coding {
+        GridCoding::F16 => grid::names::center(path),
+        GridCoding::Int8 => grid::names::center_code(path),
     };
     let grid = Grid {
-        ranges,
+        values,
         outlier_col: store.bytes(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?,
-        outlier_value: f16s(grid::names::outlier_value(path), &[m, groups, o])?,
     };
     check_checksum(
         store,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::format::architecture::{checked_linear_shape, LinearKind};
 use crate::format::dense::DenseDtype;
-use crate::format::grid::{GridConfig, RangeCoding};
+use crate::format::grid::{GridCoding, GridConfig};
 
 /// Architectures the runner implements (all share the Llama block).
 pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
@@ -57,19 +57,19 @@ pub const QUANT_METHOD: &str = "bitstack";
 /// The layout of checkpoints with AVD blocks only (the reference's).
 pub const FORMAT_VERSION: u32 = 1;
 /// The layout of checkpoints whose linears end in grid planes with f16
-/// ranges ([`crate::format::grid`]); AVD-only checkpoints are still
+/// numbers ([`crate::format::grid`]); AVD-only checkpoints are still
 /// written as 1.
 pub const FORMAT_VERSION_GRID: u32 = 2;
-/// Grid planes with 8-bit ranges ([`RangeCoding::Int8`]), what compress
+/// Grid planes with 8-bit codes ([`GridCoding::Int8`]), what compress
 /// writes now.
 pub const FORMAT_VERSION_GRID_INT8: u32 = 3;
 
 /// The format version of checkpoints whose linears end in grid planes
-/// coded as `ranges`.
-pub fn grid_format_version(ranges: RangeCoding) -> u32 {
-    match ranges {
-        RangeCoding::F16 => FORMAT_VERSION_GRID,
-        RangeCoding::Int8 => FORMAT_VERSION_GRID_INT8,
+/// coded as `coding`.
+pub fn grid_format_version(coding: GridCoding) -> u32 {
+    match coding {
+        GridCoding::F16 => FORMAT_VERSION_GRID,
+        GridCoding::Int8 => FORMAT_VERSION_GRID_INT8,
     }
 }
 
@@ -122,7 +122,7 @@ impl QuantizationConfig {
 
     /// This layout with its last `grid.planes` blocks as grid planes.
     pub fn with_grid(mut self, grid: GridConfig) -> Self {
-        self.format_version = grid_format_version(grid.ranges);
+        self.format_version = grid_format_version(grid.coding);
         self.grid = Some(grid);
         self
     }
@@ -272,11 +272,11 @@ impl ModelConfig {
                 (FORMAT_VERSION, None) => {}
                 (v @ (FORMAT_VERSION_GRID | FORMAT_VERSION_GRID_INT8), Some(grid)) => {
                     grid.check().map_err(anyhow::Error::msg)?;
-                    if grid_format_version(grid.ranges) != v {
+                    if grid_format_version(grid.coding) != v {
                         bail!(
-                            "BitStack format_version {v} does not go with grid ranges {:?} (format_version {} does)",
-                            grid.ranges,
-                            grid_format_version(grid.ranges)
+                            "BitStack format_version {v} does not go with grid coding {:?} (format_version {} does)",
+                            grid.coding,
+                            grid_format_version(grid.coding)
                         );
                     }
                     if grid.planes > q.niter {

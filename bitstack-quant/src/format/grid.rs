@@ -18,7 +18,7 @@
 //! q_p[i, c] = c[i, g] + a[i, g] · Σ_{b<p} 2^-(b+1) · s_b[i, c]      (g = c's group)
 //! ```
 //!
-//! except at an outlier, where it is exactly the outlier's f16 value `v`,
+//! except at an outlier, where it is exactly the outlier's stored value `v`,
 //! at every `p`. The kernels add the plain grid's sum and then, per
 //! outlier, `(v − q_p)·x[col]`, reading `q_p` from the resident planes'
 //! signs at its column (`p` bit reads per outlier): nothing per outlier
@@ -27,19 +27,21 @@
 //! resident with the first plane. Planes may follow AVD blocks, gridding
 //! what they leave.
 //!
-//! Format version 2 stores each center and half-range as an f16; version
-//! 3 ([`RangeCoding::Int8`], what compress writes now) as 8-bit codes
-//! under two f16 steps per row, which cuts the grid from 0.44 to 0.31 bits
-//! per weight at groups of 128 and measured no worse (SmolLM2, wiki and
-//! Rust code, 3–5 planes): the ranges vary little within a row, so 8 bits
-//! of the row's largest resolve them far finer than a grid step.
+//! Format version 2 stores each center, half-range and outlier value as
+//! an f16; version 3 ([`GridCoding::Int8`], what compress writes now) as
+//! 8-bit codes under three f16 steps per row (one each for the centers,
+//! the half-ranges and the outliers). That cuts the grid from `56/group`
+//! to `32/group + 48/n` bits per weight (SmolLM2: 0.40 → 0.30) and
+//! measured no worse (SmolLM2, wiki and Rust code, 3–5 planes): the
+//! numbers vary little within a row, so 8 bits of the row's largest
+//! resolve them far finer than a grid step.
 
 use half::f16;
 use serde::{Deserialize, Serialize};
 
 pub use bitstack_kernels::layout::plane_weight;
 
-pub use bitstack_kernels::layout::GridRanges;
+pub use bitstack_kernels::layout::GridValues;
 
 use crate::format::block::as_le_bytes;
 use crate::format::pack;
@@ -56,16 +58,16 @@ pub struct GridConfig {
     pub group: usize,
     /// Weights per row and group kept exact.
     pub outliers: usize,
-    /// How the centers and half-ranges are stored (absent: f16, format
-    /// version 2).
+    /// How the centers, half-ranges and outlier values are stored
+    /// (absent: f16, format version 2).
     #[serde(default)]
-    pub ranges: RangeCoding,
+    pub coding: GridCoding,
 }
 
 /// How a grid stores each (row, group)'s center and half-range.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RangeCoding {
+pub enum GridCoding {
     /// An f16 each: 32 bits per (row, group) (format version 2).
     #[default]
     F16,
@@ -75,13 +77,13 @@ pub enum RangeCoding {
 }
 
 impl GridConfig {
-    /// 128 columns per group, one exact weight per group, 8-bit ranges.
+    /// 128 columns per group, one exact weight per group, 8-bit codes.
     pub fn new(planes: usize) -> Self {
         Self {
             planes,
             group: 128,
             outliers: 1,
-            ranges: RangeCoding::Int8,
+            coding: GridCoding::Int8,
         }
     }
 
@@ -120,16 +122,16 @@ impl GridConfig {
         Ok(())
     }
 
-    /// Bytes of the grid of an `m×n` linear as stored: center and
-    /// half-range per row and group (two f16, or two 8-bit codes and two
-    /// f16 steps per row), a u8 column and an f16 value per outlier.
+    /// Bytes of the grid of an `m×n` linear as stored: a center and a
+    /// half-range per row and group, a u8 column and a value per outlier;
+    /// the numbers in f16, or as 8-bit codes under three f16 steps per row.
     pub fn grid_stored_bytes(&self, m: usize, n: usize) -> usize {
         let cells = m * self.groups(n);
-        let ranges = match self.ranges {
-            RangeCoding::F16 => 4 * cells,
-            RangeCoding::Int8 => 2 * cells + 4 * m,
-        };
-        ranges + 3 * self.outliers * cells
+        let slots = cells * self.outliers;
+        match self.coding {
+            GridCoding::F16 => 4 * cells + 3 * slots,
+            GridCoding::Int8 => 2 * cells + 2 * slots + 6 * m,
+        }
     }
 
     /// Bytes of the grid when resident: as stored (the kernels take the
@@ -142,12 +144,11 @@ impl GridConfig {
 /// The grid of one `m×n` linear (everything but the planes' signs).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Grid {
-    /// The center and half-range of each row and group.
-    pub ranges: GridRanges,
+    /// The center and half-range of each row and group, and each
+    /// outlier's value.
+    pub values: GridValues,
     /// `m×G×o`: column of each outlier within its group.
     pub outlier_col: Vec<u8>,
-    /// `m×G×o`: each outlier's value.
-    pub outlier_value: Vec<f16>,
 }
 
 /// A grid and its planes' row-major packed signs, most significant first.
@@ -210,12 +211,11 @@ pub fn grid_planes(
         });
     }
     // Per row: outliers, center and half-range of each group.
-    type RowGrid = (RowRanges, Vec<u8>, Vec<f16>);
-    let rows: Vec<RowGrid> = (0..m)
+    let rows: Vec<(GridValues, Vec<u8>)> = (0..m)
         .into_par_iter()
         .map(|i| {
             let (mut center, mut scale) = (vec![0f32; groups], vec![0f32; groups]);
-            let (mut cols, mut values) = (vec![0u8; groups * o], vec![f16::ZERO; groups * o]);
+            let (mut cols, mut values) = (vec![0u8; groups * o], vec![0f32; groups * o]);
             let mut exact = vec![false; gs];
             let mut by_size: Vec<usize> = Vec::with_capacity(gs);
             for g in 0..groups {
@@ -229,10 +229,7 @@ pub fn grid_planes(
                 for (t, &j) in by_size.iter().take(o).enumerate() {
                     exact[j] = true;
                     cols[g * o + t] = j as u8;
-                    values[g * o + t] = f16::from_f32(vals[j]);
-                    if !values[g * o + t].is_finite() {
-                        return Err(GridError::Range { row: i, group: g });
-                    }
+                    values[g * o + t] = vals[j];
                 }
                 let (lo, hi) = vals
                     .iter()
@@ -245,34 +242,34 @@ pub fn grid_planes(
                     (center[g], scale[g]) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
                 }
             }
-            let ranges = RowRanges::code(&center, &scale, cfg.ranges)
+            let row = code_row(&center, &scale, &values, o, cfg.coding)
                 .map_err(|group| GridError::Range { row: i, group })?;
-            Ok((ranges, cols, values))
+            Ok((row, cols))
         })
         .collect::<Result<_, _>>()?;
     let mut outlier_col = Vec::with_capacity(m * groups * o);
-    let mut outlier_value = Vec::with_capacity(m * groups * o);
-    let mut ranges = match cfg.ranges {
-        RangeCoding::F16 => GridRanges::F16 {
+    let mut values = match cfg.coding {
+        GridCoding::F16 => GridValues::F16 {
             center: Vec::with_capacity(m * groups),
             half: Vec::with_capacity(m * groups),
+            outlier: Vec::with_capacity(m * groups * o),
         },
-        RangeCoding::Int8 => GridRanges::Int8 {
+        GridCoding::Int8 => GridValues::Int8 {
             center_code: Vec::with_capacity(m * groups),
             half_code: Vec::with_capacity(m * groups),
+            outlier_code: Vec::with_capacity(m * groups * o),
             center_step: Vec::with_capacity(m),
             half_step: Vec::with_capacity(m),
+            outlier_step: Vec::with_capacity(m),
         },
     };
-    for (row, cols, values) in rows {
-        row.append_to(&mut ranges);
+    for (row, cols) in rows {
+        append(&mut values, row);
         outlier_col.extend(cols);
-        outlier_value.extend(values);
     }
     let grid = Grid {
-        ranges,
+        values,
         outlier_col,
-        outlier_value,
     };
     let signs = choose_signs(r, m, n, &grid, &cfg);
     Ok(GridPlanes {
@@ -281,110 +278,130 @@ pub fn grid_planes(
     })
 }
 
-/// One row's ranges, coded.
-enum RowRanges {
-    F16 {
-        center: Vec<f16>,
-        half: Vec<f16>,
-    },
-    Int8 {
-        center_code: Vec<i8>,
-        half_code: Vec<u8>,
-        center_step: f16,
-        half_step: f16,
-    },
-}
-
-impl RowRanges {
-    /// Codes a row's centers and half-ranges; `Err(group)` names a group
-    /// whose values f16 cannot hold. 8-bit codes: each step is the
-    /// smallest f16 at or above the row's largest |center| / 127 or half
-    /// / 255; centers round to the nearest step, half-ranges up to the
-    /// next (so the grid still spans the group).
-    fn code(center: &[f32], half: &[f32], coding: RangeCoding) -> Result<Self, usize> {
-        let finite = |v: &[f16]| v.iter().position(|x| !x.is_finite());
-        match coding {
-            RangeCoding::F16 => {
-                let center: Vec<f16> = center.iter().map(|&c| f16::from_f32(c)).collect();
-                let half: Vec<f16> = half.iter().map(|&h| f16::from_f32(h)).collect();
-                if let Some(g) = finite(&center).or(finite(&half)) {
-                    return Err(g);
+/// One row's centers, half-ranges and outlier values (`o` per group),
+/// coded; `Err(group)` names a group whose numbers the coding cannot hold.
+/// 8-bit codes: each step is the smallest f16 at or above the row's
+/// largest |center| / 127, half / 255 or |outlier| / 127; centers and
+/// outliers round to the nearest step, half-ranges up to the next (so the
+/// grid still spans the group).
+fn code_row(
+    center: &[f32],
+    half: &[f32],
+    outlier: &[f32],
+    o: usize,
+    coding: GridCoding,
+) -> Result<GridValues, usize> {
+    let cells = center.len();
+    match coding {
+        GridCoding::F16 => {
+            let to_f16 = |v: &[f32], per: usize| -> Result<Vec<f16>, usize> {
+                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                match h.iter().position(|x| !x.is_finite()) {
+                    Some(e) => Err(e / per.max(1)),
+                    None => Ok(h),
                 }
-                Ok(RowRanges::F16 { center, half })
-            }
-            RangeCoding::Int8 => {
-                let largest = |v: &[f32]| v.iter().fold(0f32, |a, x| a.max(x.abs()));
-                let step_of = |max: f32, codes: f32| {
-                    let s = max / codes;
-                    let h = f16::from_f32(s);
-                    if h.to_f32() < s {
-                        f16::from_bits(h.to_bits() + 1)
-                    } else {
-                        h
-                    }
-                };
-                let (cmax, hmax) = (largest(center), largest(half));
-                let (center_step, half_step) = (step_of(cmax, 127.0), step_of(hmax, 255.0));
-                if !center_step.is_finite() || !half_step.is_finite() {
-                    let big = |v: &[f32], max: f32| v.iter().position(|x| x.abs() == max);
-                    let g = if !center_step.is_finite() {
-                        big(center, cmax)
-                    } else {
-                        big(half, hmax)
-                    };
-                    return Err(g.unwrap_or(0));
+            };
+            Ok(GridValues::F16 {
+                center: to_f16(center, 1)?,
+                half: to_f16(half, 1)?,
+                outlier: to_f16(outlier, o)?,
+            })
+        }
+        GridCoding::Int8 => {
+            // The step for `max` over `codes` levels, and its group if f16
+            // cannot hold it.
+            let step_of = |v: &[f32], codes: f32, per: usize| -> Result<f16, usize> {
+                let max = v.iter().fold(0f32, |a, x| a.max(x.abs()));
+                let s = max / codes;
+                let mut h = f16::from_f32(s);
+                if h.to_f32() < s {
+                    h = f16::from_bits(h.to_bits() + 1);
                 }
-                let code = |x: f32, step: f16, round: fn(f32) -> f32, lim: f32| {
-                    let s = step.to_f32();
-                    if s > 0.0 {
-                        round(x / s).clamp(-lim, lim)
-                    } else {
-                        0.0
-                    }
-                };
-                Ok(RowRanges::Int8 {
-                    center_code: center
-                        .iter()
-                        .map(|&c| code(c, center_step, f32::round, 127.0) as i8)
-                        .collect(),
-                    half_code: half
-                        .iter()
-                        .map(|&h| code(h, half_step, f32::ceil, 255.0) as u8)
-                        .collect(),
-                    center_step,
-                    half_step,
-                })
-            }
+                if h.is_finite() {
+                    Ok(h)
+                } else {
+                    let e = v.iter().position(|x| x.abs() == max).unwrap_or(0);
+                    Err(e / per.max(1))
+                }
+            };
+            let code = |x: f32, step: f16, round: fn(f32) -> f32, lim: f32| {
+                let s = step.to_f32();
+                if s > 0.0 {
+                    round(x / s).clamp(-lim, lim)
+                } else {
+                    0.0
+                }
+            };
+            let center_step = step_of(center, 127.0, 1)?;
+            let half_step = step_of(half, 255.0, 1)?;
+            let outlier_step = step_of(outlier, 127.0, o)?;
+            debug_assert_eq!(half.len(), cells);
+            Ok(GridValues::Int8 {
+                center_code: center
+                    .iter()
+                    .map(|&c| code(c, center_step, f32::round, 127.0) as i8)
+                    .collect(),
+                half_code: half
+                    .iter()
+                    .map(|&h| code(h, half_step, f32::ceil, 255.0) as u8)
+                    .collect(),
+                outlier_code: outlier
+                    .iter()
+                    .map(|&v| code(v, outlier_step, f32::round, 127.0) as i8)
+                    .collect(),
+                center_step: vec![center_step],
+                half_step: vec![half_step],
+                outlier_step: vec![outlier_step],
+            })
         }
     }
+}
 
-    fn append_to(self, ranges: &mut GridRanges) {
-        match (self, ranges) {
-            (RowRanges::F16 { center, half }, GridRanges::F16 { center: c, half: h }) => {
-                c.extend(center);
-                h.extend(half);
-            }
-            (
-                RowRanges::Int8 {
-                    center_code,
-                    half_code,
-                    center_step,
-                    half_step,
-                },
-                GridRanges::Int8 {
-                    center_code: c,
-                    half_code: h,
-                    center_step: cs,
-                    half_step: hs,
-                },
-            ) => {
-                c.extend(center_code);
-                h.extend(half_code);
-                cs.push(center_step);
-                hs.push(half_step);
-            }
-            _ => unreachable!("a row is coded as its grid"),
+/// Appends `row`'s numbers to `all`, coded alike.
+fn append(all: &mut GridValues, row: GridValues) {
+    match (all, row) {
+        (
+            GridValues::F16 {
+                center,
+                half,
+                outlier,
+            },
+            GridValues::F16 {
+                center: c,
+                half: h,
+                outlier: v,
+            },
+        ) => {
+            center.extend(c);
+            half.extend(h);
+            outlier.extend(v);
         }
+        (
+            GridValues::Int8 {
+                center_code,
+                half_code,
+                outlier_code,
+                center_step,
+                half_step,
+                outlier_step,
+            },
+            GridValues::Int8 {
+                center_code: c,
+                half_code: h,
+                outlier_code: v,
+                center_step: cs,
+                half_step: hs,
+                outlier_step: vs,
+            },
+        ) => {
+            center_code.extend(c);
+            half_code.extend(h);
+            outlier_code.extend(v);
+            center_step.extend(cs);
+            half_step.extend(hs);
+            outlier_step.extend(vs);
+        }
+        _ => unreachable!("a row is coded as its grid"),
     }
 }
 
@@ -393,14 +410,14 @@ impl RowRanges {
 fn choose_signs(r: &[f32], m: usize, n: usize, grid: &Grid, cfg: &GridConfig) -> Vec<Vec<u8>> {
     use rayon::prelude::*;
     let (gs, groups) = (cfg.group_size(n), cfg.groups(n));
-    let ranges = grid.ranges.as_ref();
+    let values = grid.values.as_ref();
     let rows: Vec<Vec<f32>> = (0..m)
         .into_par_iter()
         .map(|i| {
             let mut out = vec![0f32; cfg.planes * n];
             for c in 0..n {
                 let cell = i * groups + c / gs;
-                let (mut q, a) = ranges.at(groups, cell);
+                let (mut q, a) = values.range(groups, cell);
                 let x = r[i * n + c];
                 for b in 0..cfg.planes {
                     let up = x >= q;
@@ -428,58 +445,63 @@ impl Grid {
     /// the kernels index without bounds checks.
     pub fn check(&self, m: usize, n: usize, cfg: &GridConfig) -> Result<(), String> {
         let (gs, groups, o) = (cfg.group_size(n), cfg.groups(n), cfg.outliers);
-        let cells = m * groups;
-        match (&self.ranges, cfg.ranges) {
-            (GridRanges::F16 { center, half }, RangeCoding::F16) => {
-                if center.len() != cells || half.len() != cells {
-                    return Err(format!(
-                        "center and half-range must hold {m}×{groups} values"
-                    ));
-                }
+        let (cells, slots) = (m * groups, m * groups * o);
+        let sized = |what: &str, len: usize, want: usize| {
+            if len == want {
+                Ok(())
+            } else {
+                Err(format!("{what} hold {len} values, not {want}"))
+            }
+        };
+        match (&self.values, cfg.coding) {
+            (
+                GridValues::F16 {
+                    center,
+                    half,
+                    outlier,
+                },
+                GridCoding::F16,
+            ) => {
+                sized("the centers", center.len(), cells)?;
+                sized("the half-ranges", half.len(), cells)?;
+                sized("the outlier values", outlier.len(), slots)?;
                 if let Some(i) = half.iter().position(|h| h.is_nan() || h.to_f32() < 0.0) {
                     return Err(format!("half-range {i} is {} (must be ≥ 0)", half[i]));
                 }
             }
             (
-                GridRanges::Int8 {
+                GridValues::Int8 {
                     center_code,
                     half_code,
+                    outlier_code,
                     center_step,
                     half_step,
+                    outlier_step,
                 },
-                RangeCoding::Int8,
+                GridCoding::Int8,
             ) => {
-                if center_code.len() != cells || half_code.len() != cells {
-                    return Err(format!(
-                        "center and half-range codes must hold {m}×{groups} values"
-                    ));
-                }
-                if center_step.len() != m || half_step.len() != m {
-                    return Err(format!("the steps must hold one value per row ({m})"));
-                }
-                let bad = |s: &f16| !s.is_finite() || s.to_f32() < 0.0;
-                if let Some(i) = center_step.iter().position(bad) {
-                    return Err(format!(
-                        "row {i}: center step {} (must be ≥ 0)",
-                        center_step[i]
-                    ));
-                }
-                if let Some(i) = half_step.iter().position(bad) {
-                    return Err(format!(
-                        "row {i}: half-range step {} (must be ≥ 0)",
-                        half_step[i]
-                    ));
+                sized("the center codes", center_code.len(), cells)?;
+                sized("the half-range codes", half_code.len(), cells)?;
+                sized("the outlier codes", outlier_code.len(), slots)?;
+                for (what, steps) in [
+                    ("center", center_step),
+                    ("half-range", half_step),
+                    ("outlier", outlier_step),
+                ] {
+                    sized(&format!("the {what} steps"), steps.len(), m)?;
+                    let bad = |s: &f16| !s.is_finite() || s.to_f32() < 0.0;
+                    if let Some(i) = steps.iter().position(bad) {
+                        return Err(format!("row {i}: {what} step {} (must be ≥ 0)", steps[i]));
+                    }
                 }
             }
             (_, coding) => {
                 return Err(format!(
-                    "the ranges are not coded as the config's {coding:?}"
+                    "the grid's numbers are not coded as the config's {coding:?}"
                 ));
             }
         }
-        if self.outlier_col.len() != cells * o || self.outlier_value.len() != cells * o {
-            return Err(format!("outliers must hold {m}×{groups}×{o} values"));
-        }
+        sized("the outlier columns", self.outlier_col.len(), slots)?;
         for (slot, &col) in self.outlier_col.iter().enumerate() {
             let g = (slot / o) % groups;
             let len = gs.min(n - g * gs);
@@ -497,6 +519,11 @@ impl Grid {
         Ok(())
     }
 
+    /// The value of outlier `slot` of a linear with `groups·o` per row.
+    pub fn outlier(&self, per_row: usize, slot: usize) -> f32 {
+        self.values.as_ref().outlier(per_row, slot)
+    }
+
     /// `q_p` at (`i`, `c`) for the first `p` planes, whose signs `sign(b,
     /// i, c)` gives: the grid point before outliers.
     pub fn point(
@@ -509,7 +536,7 @@ impl Grid {
         sign: impl Fn(usize) -> bool,
     ) -> f32 {
         let cell = i * groups + c / gs;
-        let (mut q, a) = self.ranges.as_ref().at(groups, cell);
+        let (mut q, a) = self.values.as_ref().range(groups, cell);
         for b in 0..p {
             let step = a * plane_weight(b);
             q += if sign(b) { step } else { -step };
@@ -519,7 +546,7 @@ impl Grid {
 
     /// Adds the first `planes.len()` planes (row-major packed signs) of
     /// this grid to the row-major `m×n` matrix `w`: the grid point at
-    /// every weight but the outliers, which get exactly their f16 value
+    /// every weight but the outliers, which get exactly their stored value
     /// (with at least one plane).
     ///
     /// The straightforward reference; the kernels are tested against it.
@@ -542,35 +569,46 @@ impl Grid {
         if p == 0 {
             return;
         }
-        for (slot, (before, v)) in before.iter().zip(&self.outlier_value).enumerate() {
-            w[at(slot)] = before + v.to_f32();
+        for (slot, before) in before.iter().enumerate() {
+            w[at(slot)] = before + self.outlier(groups * o, slot);
         }
     }
 
-    /// CRC-32 of the grid as stored: the ranges (f16 centers and
-    /// half-ranges, or their codes and then their steps), outlier columns,
-    /// outlier values (little-endian).
+    /// CRC-32 of the grid as stored (little-endian). Format 2: centers,
+    /// half-ranges, outlier columns, outlier values. Format 3: center codes,
+    /// half-range codes, their steps, outlier columns, outlier codes, their
+    /// steps.
     pub fn checksum(&self) -> u32 {
         let mut h = crc32fast::Hasher::new();
-        match &self.ranges {
-            GridRanges::F16 { center, half } => {
+        match &self.values {
+            GridValues::F16 {
+                center,
+                half,
+                outlier,
+            } => {
                 h.update(&as_le_bytes(center));
                 h.update(&as_le_bytes(half));
+                h.update(&self.outlier_col);
+                h.update(&as_le_bytes(outlier));
             }
-            GridRanges::Int8 {
+            GridValues::Int8 {
                 center_code,
                 half_code,
+                outlier_code,
                 center_step,
                 half_step,
+                outlier_step,
             } => {
-                h.update(&center_code.iter().map(|&c| c as u8).collect::<Vec<u8>>());
+                let bytes = |v: &[i8]| v.iter().map(|&c| c as u8).collect::<Vec<u8>>();
+                h.update(&bytes(center_code));
                 h.update(half_code);
                 h.update(&as_le_bytes(center_step));
                 h.update(&as_le_bytes(half_step));
+                h.update(&self.outlier_col);
+                h.update(&bytes(outlier_code));
+                h.update(&as_le_bytes(outlier_step));
             }
         }
-        h.update(&self.outlier_col);
-        h.update(&as_le_bytes(&self.outlier_value));
         h.finalize()
     }
 }
@@ -580,12 +618,13 @@ pub fn plane_checksum(signs: &[u8]) -> u32 {
     crc32fast::hash(signs)
 }
 
-/// The tensor names of a linear's grid and planes: `P.grid_center`,
-/// `P.grid_scale` (f16 `[m, G]`: half the range; format 2) or
-/// `P.grid_center_code` (i8 `[m, G]`), `P.grid_half_code` (u8 `[m, G]`),
-/// `P.grid_center_step` and `P.grid_half_step` (f16 `[m]`; format 3),
-/// `P.grid_outlier_col` (u8 `[m, G, o]`),
-/// `P.grid_outlier_value` (f16 `[m, G, o]`) and `P.plane_{b}` (u8
+/// The tensor names of a linear's grid and planes. Format 2:
+/// `P.grid_center`, `P.grid_scale` (f16 `[m, G]`: half the range),
+/// `P.grid_outlier_value` (f16 `[m, G, o]`). Format 3: `P.grid_center_code`
+/// (i8 `[m, G]`), `P.grid_half_code` (u8 `[m, G]`), `P.grid_outlier_code`
+/// (i8 `[m, G, o]`) and their steps `P.grid_center_step`,
+/// `P.grid_half_step`, `P.grid_outlier_step` (f16 `[m]`). Both:
+/// `P.grid_outlier_col` (u8 `[m, G, o]`) and `P.plane_{b}` (u8
 /// `[⌈m·n/8⌉]`); CRC-32s in the file metadata as `P.crc32_grid` and
 /// `P.crc32_plane_{b}`.
 pub mod names {
@@ -612,6 +651,12 @@ pub mod names {
     }
     pub fn outlier_value(linear: &str) -> String {
         format!("{linear}.grid_outlier_value")
+    }
+    pub fn outlier_code(linear: &str) -> String {
+        format!("{linear}.grid_outlier_code")
+    }
+    pub fn outlier_step(linear: &str) -> String {
+        format!("{linear}.grid_outlier_step")
     }
     pub fn plane(linear: &str, b: usize) -> String {
         format!("{linear}.plane_{b}")
@@ -657,19 +702,19 @@ mod tests {
     #[test]
     fn every_longer_prefix_is_closer_and_outliers_stay_exact() {
         let mut rng = StdRng::seed_from_u64(3);
-        for (m, n, group, outliers, ranges) in [
-            (7, 37, 8, 1, RangeCoding::F16),
-            (5, 200, 128, 2, RangeCoding::F16),
-            (1, 9, 8, 0, RangeCoding::F16),
-            (7, 37, 8, 1, RangeCoding::Int8),
-            (5, 200, 128, 2, RangeCoding::Int8),
-            (1, 9, 8, 0, RangeCoding::Int8),
+        for (m, n, group, outliers, coding) in [
+            (7, 37, 8, 1, GridCoding::F16),
+            (5, 200, 128, 2, GridCoding::F16),
+            (1, 9, 8, 0, GridCoding::F16),
+            (7, 37, 8, 1, GridCoding::Int8),
+            (5, 200, 128, 2, GridCoding::Int8),
+            (1, 9, 8, 0, GridCoding::Int8),
         ] {
             let cfg = GridConfig {
                 planes: 5,
                 group,
                 outliers,
-                ranges,
+                coding,
             };
             let r = random(m * n, &mut rng);
             let gp = grid_planes(&r, m, n, cfg).unwrap();
@@ -687,13 +732,24 @@ mod tests {
                 for (slot, &col) in gp.grid.outlier_col.iter().enumerate() {
                     let cell = slot / outliers.max(1);
                     let c = (cell / groups) * n + (cell % groups) * gs + col as usize;
-                    // Exactly the stored f16 value, at every prefix.
-                    assert_eq!(
+                    // Exactly the stored value, at every prefix: the f16 of
+                    // the weight, or its 8-bit code under the row's step
+                    // (half a step from it at most).
+                    let stored = gp.grid.outlier(groups * outliers, slot);
+                    assert_eq!(w[c], stored, "p={p}: outlier {slot}");
+                    let row = &r[(cell / groups) * n..][..n];
+                    let tol = match coding {
+                        GridCoding::F16 => 2e-3 * r[c].abs(),
+                        GridCoding::Int8 => {
+                            row.iter().fold(0f32, |a, x| a.max(x.abs())) / 254.0 * 1.01
+                        }
+                    };
+                    assert!(
+                        (w[c] - r[c]).abs() <= tol,
+                        "{coding:?}: {} vs {}",
                         w[c],
-                        gp.grid.outlier_value[slot].to_f32(),
-                        "p={p}: outlier {slot}"
+                        r[c]
                     );
-                    assert!((w[c] - r[c]).abs() <= 2e-3 * r[c].abs());
                 }
                 let e = sq(&w);
                 assert!(
@@ -712,36 +768,37 @@ mod tests {
 
     #[test]
     fn a_hand_checked_grid() {
-        // One row, one group of 4: the outlier 10 is exactly its f16 value
-        // 10 at every plane count; the rest span [−1, 1], so one plane puts
+        // One row, one group of 4: the outlier 10 is exactly its stored
+        // value at every plane count (10 in f16; 127 steps of 10/127 rounded
+        // up to f16 in 8 bits); the rest span [−1, 1], so one plane puts
         // them at ±0.5, two at ±0.25 and ±0.75 (all exact in f32).
         let r = [1.0, -1.0, 10.0, 0.3];
-        for ranges in [RangeCoding::F16, RangeCoding::Int8] {
+        for coding in [GridCoding::F16, GridCoding::Int8] {
             let cfg = GridConfig {
                 planes: 2,
                 group: 8,
                 outliers: 1,
-                ranges,
+                coding,
             };
             let gp = grid_planes(&r, 1, 4, cfg).unwrap();
             assert_eq!(gp.grid.outlier_col, vec![2]);
-            let (center, half) = gp.grid.ranges.as_ref().at(1, 0);
+            let (center, half) = gp.grid.values.as_ref().range(1, 0);
             // f16 holds 0 and 1 exactly; 8-bit codes round the half-range
             // up to the next multiple of its step (1/255, rounded up to f16).
-            let slack = match ranges {
-                RangeCoding::F16 => 0.0,
-                RangeCoding::Int8 => 1.0 / 255.0,
+            let slack = match coding {
+                GridCoding::F16 => 0.0,
+                GridCoding::Int8 => 1.0 / 255.0,
             };
             assert_eq!(center, 0.0);
-            assert!((1.0..=1.0 + slack).contains(&half), "{ranges:?}: {half}");
+            assert!((1.0..=1.0 + slack).contains(&half), "{coding:?}: {half}");
+            let v = gp.grid.outlier(1, 0);
+            assert!((v - 10.0).abs() <= 10.0 / 254.0, "{coding:?}: {v}");
             let one = rebuild(&gp, 1, 1, 4, &cfg);
             let two = rebuild(&gp, 2, 1, 4, &cfg);
-            for (w, want) in [
-                (one, [0.5, -0.5, 10.0, 0.5]),
-                (two, [0.75, -0.75, 10.0, 0.25]),
-            ] {
+            assert_eq!((one[2], two[2]), (v, v));
+            for (w, want) in [(one, [0.5, -0.5, v, 0.5]), (two, [0.75, -0.75, v, 0.25])] {
                 for (w, want) in w.iter().zip(want) {
-                    assert!((w - want).abs() <= slack, "{ranges:?}: {w} vs {want}");
+                    assert!((w - want).abs() <= slack, "{coding:?}: {w} vs {want}");
                 }
             }
         }
@@ -756,9 +813,16 @@ mod tests {
             e.to_string(),
             "weight holds a non-finite value at row 1, column 4"
         );
-        let r = [1e5f32, -1e5, 0.0, 1.0, 2.0];
-        let e = grid_planes(&r, 1, 5, GridConfig::new(2)).unwrap_err();
-        assert!(e.to_string().contains("do not fit f16"), "{e}");
+        // f16 numbers stop at 65504; 8-bit codes at 127 (255) f16 steps.
+        let f16_coded = GridConfig {
+            coding: GridCoding::F16,
+            ..GridConfig::new(2)
+        };
+        for (big, cfg) in [(1e5f32, f16_coded), (1e10, GridConfig::new(2))] {
+            let r = [big, -big, 0.0, 1.0, 2.0];
+            let e = grid_planes(&r, 1, 5, cfg).unwrap_err();
+            assert!(e.to_string().contains("do not fit f16"), "{e}");
+        }
         // Three columns cannot hold four distinct outliers.
         let cfg = GridConfig {
             outliers: 4,
@@ -771,7 +835,7 @@ mod tests {
             planes: 1,
             group: 8,
             outliers: 2,
-            ranges: RangeCoding::Int8,
+            coding: GridCoding::Int8,
         };
         let r: Vec<f32> = (0..8).map(|c| c as f32).collect();
         let mut gp = grid_planes(&r, 1, 8, cfg).unwrap();

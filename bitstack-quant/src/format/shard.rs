@@ -25,7 +25,7 @@ use half::f16;
 
 use crate::format::architecture::{linear_shape, LinearKind};
 use crate::format::config::ModelConfig;
-use crate::format::grid::{Grid, GridConfig, GridRanges};
+use crate::format::grid::{Grid, GridConfig, GridValues};
 use crate::format::order::{Geometry, LinearSlot};
 
 /// One rank of a tensor-parallel group.
@@ -267,27 +267,35 @@ impl LinearShard {
                 let rows = self.range(m);
                 let cells = rows.start * groups..rows.end * groups;
                 let slots = cells.start * o..cells.end * o;
-                let ranges = match grid.ranges {
-                    GridRanges::F16 { center, half } => GridRanges::F16 {
+                let values = match grid.values {
+                    GridValues::F16 {
+                        center,
+                        half,
+                        outlier,
+                    } => GridValues::F16 {
                         center: center[cells.clone()].to_vec(),
                         half: half[cells].to_vec(),
+                        outlier: outlier[slots.clone()].to_vec(),
                     },
-                    GridRanges::Int8 {
+                    GridValues::Int8 {
                         center_code,
                         half_code,
+                        outlier_code,
                         center_step,
                         half_step,
-                    } => GridRanges::Int8 {
+                        outlier_step,
+                    } => GridValues::Int8 {
                         center_code: center_code[cells.clone()].to_vec(),
                         half_code: half_code[cells].to_vec(),
+                        outlier_code: outlier_code[slots.clone()].to_vec(),
                         center_step: center_step[rows.clone()].to_vec(),
-                        half_step: half_step[rows].to_vec(),
+                        half_step: half_step[rows.clone()].to_vec(),
+                        outlier_step: outlier_step[rows].to_vec(),
                     },
                 };
                 let grid = Grid {
-                    ranges,
-                    outlier_col: grid.outlier_col[slots.clone()].to_vec(),
-                    outlier_value: grid.outlier_value[slots].to_vec(),
+                    values,
+                    outlier_col: grid.outlier_col[slots].to_vec(),
                 };
                 (cfg, grid)
             }
@@ -295,28 +303,37 @@ impl LinearShard {
                 let group = cfg.group_size(n);
                 let local = GridConfig { group, ..cfg };
                 let part = self.range(groups);
+                let take = |v: &[f16], per: usize| group_columns(v, m, groups, part.clone(), per);
                 // The steps are per row: every rank keeps them whole.
-                let ranges = match grid.ranges {
-                    GridRanges::F16 { center, half } => GridRanges::F16 {
-                        center: group_columns(&center, m, groups, part.clone(), 1),
-                        half: group_columns(&half, m, groups, part.clone(), 1),
+                let values = match grid.values {
+                    GridValues::F16 {
+                        center,
+                        half,
+                        outlier,
+                    } => GridValues::F16 {
+                        center: take(&center, 1),
+                        half: take(&half, 1),
+                        outlier: take(&outlier, o),
                     },
-                    GridRanges::Int8 {
+                    GridValues::Int8 {
                         center_code,
                         half_code,
+                        outlier_code,
                         center_step,
                         half_step,
-                    } => GridRanges::Int8 {
+                        outlier_step,
+                    } => GridValues::Int8 {
                         center_code: group_columns(&center_code, m, groups, part.clone(), 1),
                         half_code: group_columns(&half_code, m, groups, part.clone(), 1),
+                        outlier_code: group_columns(&outlier_code, m, groups, part.clone(), o),
                         center_step,
                         half_step,
+                        outlier_step,
                     },
                 };
                 let grid = Grid {
-                    ranges,
-                    outlier_col: group_columns(&grid.outlier_col, m, groups, part.clone(), o),
-                    outlier_value: group_columns(&grid.outlier_value, m, groups, part, o),
+                    values,
+                    outlier_col: group_columns(&grid.outlier_col, m, groups, part, o),
                 };
                 debug_assert_eq!(local.group_size(n / self.world), group);
                 (local, grid)
@@ -359,7 +376,7 @@ fn copy_bits(src: &[u8], from: usize, dst: &mut [u8], to: usize, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::grid::RangeCoding;
+    use crate::format::grid::GridCoding;
     use crate::format::pack::{pack_signs, sign_at};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -423,49 +440,51 @@ mod tests {
     #[test]
     fn a_grid_splits_by_row_or_by_whole_group() {
         let (m, n, world) = (4, 256, 2);
-        for ranges in [RangeCoding::F16, RangeCoding::Int8] {
+        for coding in [GridCoding::F16, GridCoding::Int8] {
             let cfg = GridConfig {
                 planes: 2,
                 group: 64,
                 outliers: 2,
-                ranges,
+                coding,
             };
             let groups = cfg.groups(n);
             let cells = m * groups;
             // Cell c's center is c, row i's steps are i (Int8).
             let h = |x: usize| f16::from_f32(x as f32);
-            let coded = match ranges {
-                RangeCoding::F16 => GridRanges::F16 {
+            let coded = match coding {
+                GridCoding::F16 => GridValues::F16 {
                     center: (0..cells).map(h).collect(),
                     half: (0..cells).map(h).collect(),
+                    outlier: (0..cells * 2).map(h).collect(),
                 },
-                RangeCoding::Int8 => GridRanges::Int8 {
+                GridCoding::Int8 => GridValues::Int8 {
                     center_code: (0..cells).map(|c| c as i8).collect(),
                     half_code: (0..cells).map(|c| c as u8).collect(),
+                    outlier_code: (0..cells * 2).map(|s| s as i8).collect(),
                     center_step: (0..m).map(h).collect(),
                     half_step: (0..m).map(h).collect(),
+                    outlier_step: (0..m).map(h).collect(),
                 },
             };
             let centers = |g: &Grid| -> Vec<f32> {
-                match &g.ranges {
-                    GridRanges::F16 { center, .. } => center.iter().map(|x| x.to_f32()).collect(),
-                    GridRanges::Int8 { center_code, .. } => {
+                match &g.values {
+                    GridValues::F16 { center, .. } => center.iter().map(|x| x.to_f32()).collect(),
+                    GridValues::Int8 { center_code, .. } => {
                         center_code.iter().map(|&x| x as f32).collect()
                     }
                 }
             };
             let steps = |g: &Grid| -> Vec<f32> {
-                match &g.ranges {
-                    GridRanges::F16 { .. } => Vec::new(),
-                    GridRanges::Int8 { center_step, .. } => {
+                match &g.values {
+                    GridValues::F16 { .. } => Vec::new(),
+                    GridValues::Int8 { center_step, .. } => {
                         center_step.iter().map(|x| x.to_f32()).collect()
                     }
                 }
             };
             let grid = Grid {
-                ranges: coded,
+                values: coded,
                 outlier_col: (0..cells * 2).map(|s| s as u8).collect(),
-                outlier_value: (0..cells * 2).map(h).collect(),
             };
             let [rows, cols] = both_splits(1, world);
             let (rcfg, r) = rows.grid(grid.clone(), cfg, m, n);
@@ -473,7 +492,7 @@ mod tests {
             // Rows 2 and 3: cells 8…15.
             assert_eq!(centers(&r)[0], 8.0);
             assert_eq!(r.outlier_col, (16..32).collect::<Vec<u8>>());
-            if ranges == RangeCoding::Int8 {
+            if coding == GridCoding::Int8 {
                 assert_eq!(steps(&r), [2.0, 3.0]);
             }
             let (ccfg, c) = cols.grid(grid, cfg, m, n);
@@ -481,7 +500,7 @@ mod tests {
             // Row 0's groups 2 and 3, then row 1's 6 and 7, …
             assert_eq!(centers(&c), [2.0, 3.0, 6.0, 7.0, 10.0, 11.0, 14.0, 15.0]);
             assert_eq!(&c.outlier_col[..4], &[4, 5, 6, 7]);
-            if ranges == RangeCoding::Int8 {
+            if coding == GridCoding::Int8 {
                 // Per-row steps stay whole on every rank.
                 assert_eq!(steps(&c), [0.0, 1.0, 2.0, 3.0]);
             }

@@ -22,7 +22,7 @@ use safetensors::{Dtype, View};
 use crate::format::block::{names, Block, BlockShape};
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
-use crate::format::grid::{self, GridConfig, GridPlanes, GridRanges};
+use crate::format::grid::{self, GridConfig, GridPlanes, GridValues};
 
 /// A tensor owned in memory, ready to be serialized.
 pub struct OwnedTensor {
@@ -224,8 +224,12 @@ impl CheckpointWriter {
                 );
                 let g = &gp.grid;
                 let path = l.path.as_str();
-                match &g.ranges {
-                    GridRanges::F16 { center, half } => {
+                match &g.values {
+                    GridValues::F16 {
+                        center,
+                        half,
+                        outlier,
+                    } => {
                         tensors.push((
                             grid::names::center(path),
                             OwnedTensor::f16(center, &[m, groups]),
@@ -234,13 +238,27 @@ impl CheckpointWriter {
                             grid::names::scale(path),
                             OwnedTensor::f16(half, &[m, groups]),
                         ));
+                        tensors.push((
+                            grid::names::outlier_value(path),
+                            OwnedTensor::f16(outlier, &[m, groups, o]),
+                        ));
                     }
-                    GridRanges::Int8 {
+                    GridValues::Int8 {
                         center_code,
                         half_code,
+                        outlier_code,
                         center_step,
                         half_step,
+                        outlier_step,
                     } => {
+                        tensors.push((
+                            grid::names::outlier_code(path),
+                            OwnedTensor::i8(outlier_code, &[m, groups, o]),
+                        ));
+                        tensors.push((
+                            grid::names::outlier_step(path),
+                            OwnedTensor::f16(outlier_step, &[m]),
+                        ));
                         tensors.push((
                             grid::names::center_code(path),
                             OwnedTensor::i8(center_code, &[m, groups]),
@@ -261,10 +279,6 @@ impl CheckpointWriter {
                 let mut cols = OwnedTensor::u8(g.outlier_col.clone());
                 cols.shape = vec![m, groups, o];
                 tensors.push((grid::names::outlier_col(path), cols));
-                tensors.push((
-                    grid::names::outlier_value(path),
-                    OwnedTensor::f16(&g.outlier_value, &[m, groups, o]),
-                ));
                 checksums.insert(
                     grid::names::grid_checksum(path),
                     format!("{:08x}", g.checksum()),

@@ -153,10 +153,9 @@ fn grid_ref<'a>(
 ) -> GridRef<'a> {
     GridRef {
         group: cfg.group_size(n),
-        ranges: g.ranges.as_ref(),
+        values: g.values.as_ref(),
         outliers: cfg.outliers,
         outlier_col: &g.outlier_col,
-        outlier_value: &g.outlier_value,
         planes,
     }
 }
@@ -487,8 +486,8 @@ fn add_grid_row(
         .map(|slot| out[column(slot)])
         .collect();
     let (mut center, mut scale) = (vec![0f32; groups], vec![0f32; groups]);
-    g.ranges
-        .to_f32(groups, cells.clone(), &mut center, &mut scale);
+    g.values
+        .ranges_f32(groups, cells.clone(), &mut center, &mut scale);
     for (c, o) in out.iter_mut().enumerate() {
         *o += center[c / gs];
     }
@@ -501,7 +500,7 @@ fn add_grid_row(
         add_signed(signs, row, out);
     }
     for (slot, before) in (cells.start * o..cells.end * o).zip(before) {
-        out[column(slot)] = before + g.outlier_value[slot].to_f32();
+        out[column(slot)] = before + g.values.outlier(groups * o, slot);
     }
 }
 
@@ -570,7 +569,7 @@ fn add_signed(signs: &[u8], row: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::format::block::reconstruct;
-    use crate::format::grid::RangeCoding;
+    use crate::format::grid::GridCoding;
     use crate::format::pack::pack_signs;
     use half::f16;
     use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -687,15 +686,15 @@ mod tests {
             (33, 200, 4, 2, 128, 1),
             (5, 9, 1, 1, 8, 0),
         ] {
-            // Both codings of the ranges.
+            // Both codings of the grid's numbers.
             let cfg = GridConfig {
                 planes: 4,
                 group,
                 outliers,
-                ranges: if outliers.is_multiple_of(2) {
-                    RangeCoding::F16
+                coding: if outliers.is_multiple_of(2) {
+                    GridCoding::F16
                 } else {
-                    RangeCoding::Int8
+                    GridCoding::Int8
                 },
             };
             let (blocks, gp) = random_grid_stack(m, n, k, avd, cfg, &mut rng);
