@@ -242,31 +242,11 @@ impl CudaGridCells {
     /// the CPU kernels make (which panic as theirs do).
     pub fn upload(device: &CudaDevice, grid: &GridRef, m: usize, n: usize) -> Result<Self> {
         let groups = grid.groups(n);
-        let (cells, o) = (m * groups, grid.outliers);
-        let sized = match grid.values {
-            GridValuesRef::F16 {
-                center,
-                half,
-                outlier,
-            } => center.len() == cells && half.len() == cells && outlier.len() == cells * o,
-            GridValuesRef::Int8 {
-                center_code,
-                half_code,
-                outlier_code,
-                center_step,
-                half_step,
-                outlier_step,
-            } => {
-                center_code.len() == cells
-                    && half_code.len() == cells
-                    && outlier_code.len() == cells * o
-                    && [center_step, half_step, outlier_step]
-                        .iter()
-                        .all(|s| s.len() == m)
-            }
-        };
-        if grid.planes.iter().any(|p| (p.m(), p.n()) != (m, n)) || !sized {
+        if grid.planes.iter().any(|p| (p.m(), p.n()) != (m, n)) {
             candle_core::bail!("bitstack cuda: grid does not have the sizes of a {m}×{n} linear");
+        }
+        if let Some(e) = grid.values.misfit(m, groups, grid.outliers) {
+            candle_core::bail!("bitstack cuda: {e} for a {m}×{n} linear");
         }
         grid.check(m, n);
         Ok(Self {

@@ -298,25 +298,22 @@ impl GridValuesRef<'_> {
         }
     }
 
-    /// Panics unless there is a range for each of `m×groups` cells, a
-    /// value for each of their `o` outliers (and steps for `m` rows): the
-    /// kernels index without bounds checks.
-    pub fn check(&self, m: usize, groups: usize, o: usize) {
-        let cells = m * groups;
+    /// What is missing for an `m×groups` grid with `o` outliers per
+    /// group: the first array whose length is wrong, or `None` when every
+    /// cell has a range, every outlier a value (and every row its steps).
+    pub fn misfit(&self, m: usize, groups: usize, o: usize) -> Option<String> {
+        let (cells, slots) = (m * groups, m * groups * o);
+        let wrong = |what: &str, len: usize, want: usize| {
+            (len != want).then(|| format!("{what} ({len}, not {want})"))
+        };
         match self {
             GridValuesRef::F16 {
                 center,
                 half,
                 outlier,
-            } => {
-                assert_eq!(center.len(), cells, "grid center is not m×G");
-                assert_eq!(half.len(), cells, "grid half is not m×G");
-                assert_eq!(
-                    outlier.len(),
-                    cells * o,
-                    "grid outlier values are not m×G×o"
-                );
-            }
+            } => wrong("grid center is not m×G", center.len(), cells)
+                .or_else(|| wrong("grid half is not m×G", half.len(), cells))
+                .or_else(|| wrong("grid outlier values are not m×G×o", outlier.len(), slots)),
             GridValuesRef::Int8 {
                 center_code,
                 half_code,
@@ -324,18 +321,28 @@ impl GridValuesRef<'_> {
                 center_step,
                 half_step,
                 outlier_step,
-            } => {
-                assert_eq!(center_code.len(), cells, "grid center codes are not m×G");
-                assert_eq!(half_code.len(), cells, "grid half codes are not m×G");
-                assert_eq!(
-                    outlier_code.len(),
-                    cells * o,
-                    "grid outlier codes are not m×G×o"
-                );
-                for steps in [center_step, half_step, outlier_step] {
-                    assert_eq!(steps.len(), m, "grid steps are not one per row");
-                }
-            }
+            } => wrong("grid center codes are not m×G", center_code.len(), cells)
+                .or_else(|| wrong("grid half codes are not m×G", half_code.len(), cells))
+                .or_else(|| {
+                    wrong(
+                        "grid outlier codes are not m×G×o",
+                        outlier_code.len(),
+                        slots,
+                    )
+                })
+                .or_else(|| {
+                    [center_step, half_step, outlier_step]
+                        .iter()
+                        .find_map(|s| wrong("grid steps are not one per row", s.len(), m))
+                }),
+        }
+    }
+
+    /// Panics unless [`GridValuesRef::misfit`] finds nothing: the kernels
+    /// index without bounds checks.
+    pub fn check(&self, m: usize, groups: usize, o: usize) {
+        if let Some(e) = self.misfit(m, groups, o) {
+            panic!("{e}");
         }
     }
 

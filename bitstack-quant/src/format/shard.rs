@@ -266,36 +266,10 @@ impl LinearShard {
             Split::Rows => {
                 let rows = self.range(m);
                 let cells = rows.start * groups..rows.end * groups;
-                let slots = cells.start * o..cells.end * o;
-                let values = match grid.values {
-                    GridValues::F16 {
-                        center,
-                        half,
-                        outlier,
-                    } => GridValues::F16 {
-                        center: center[cells.clone()].to_vec(),
-                        half: half[cells].to_vec(),
-                        outlier: outlier[slots.clone()].to_vec(),
-                    },
-                    GridValues::Int8 {
-                        center_code,
-                        half_code,
-                        outlier_code,
-                        center_step,
-                        half_step,
-                        outlier_step,
-                    } => GridValues::Int8 {
-                        center_code: center_code[cells.clone()].to_vec(),
-                        half_code: half_code[cells].to_vec(),
-                        outlier_code: outlier_code[slots.clone()].to_vec(),
-                        center_step: center_step[rows.clone()].to_vec(),
-                        half_step: half_step[rows.clone()].to_vec(),
-                        outlier_step: outlier_step[rows].to_vec(),
-                    },
-                };
+                let slots = Part::Run(cells.start * o..cells.end * o);
                 let grid = Grid {
-                    values,
-                    outlier_col: grid.outlier_col[slots].to_vec(),
+                    values: pick_values(&grid.values, &Part::Run(cells), &slots, &Part::Run(rows)),
+                    outlier_col: slots.pick(&grid.outlier_col),
                 };
                 (cfg, grid)
             }
@@ -303,42 +277,83 @@ impl LinearShard {
                 let group = cfg.group_size(n);
                 let local = GridConfig { group, ..cfg };
                 let part = self.range(groups);
-                let take = |v: &[f16], per: usize| group_columns(v, m, groups, part.clone(), per);
-                // The steps are per row: every rank keeps them whole.
-                let values = match grid.values {
-                    GridValues::F16 {
-                        center,
-                        half,
-                        outlier,
-                    } => GridValues::F16 {
-                        center: take(&center, 1),
-                        half: take(&half, 1),
-                        outlier: take(&outlier, o),
-                    },
-                    GridValues::Int8 {
-                        center_code,
-                        half_code,
-                        outlier_code,
-                        center_step,
-                        half_step,
-                        outlier_step,
-                    } => GridValues::Int8 {
-                        center_code: group_columns(&center_code, m, groups, part.clone(), 1),
-                        half_code: group_columns(&half_code, m, groups, part.clone(), 1),
-                        outlier_code: group_columns(&outlier_code, m, groups, part.clone(), o),
-                        center_step,
-                        half_step,
-                        outlier_step,
-                    },
+                let groups_of = |per| Part::Groups {
+                    m,
+                    groups,
+                    part: part.clone(),
+                    per,
                 };
+                let slots = groups_of(o);
+                // The steps are per row: every rank keeps them whole.
                 let grid = Grid {
-                    values,
-                    outlier_col: group_columns(&grid.outlier_col, m, groups, part, o),
+                    values: pick_values(&grid.values, &groups_of(1), &slots, &Part::Whole),
+                    outlier_col: slots.pick(&grid.outlier_col),
                 };
                 debug_assert_eq!(local.group_size(n / self.world), group);
                 (local, grid)
             }
         }
+    }
+}
+
+/// The part of one array of a grid a rank holds.
+enum Part {
+    /// One run of the array.
+    Run(Range<usize>),
+    /// Groups `part` of each row of an `m×groups×per` array.
+    Groups {
+        m: usize,
+        groups: usize,
+        part: Range<usize>,
+        per: usize,
+    },
+    /// All of it.
+    Whole,
+}
+
+impl Part {
+    fn pick<T: Copy>(&self, v: &[T]) -> Vec<T> {
+        match self {
+            Part::Run(r) => v[r.clone()].to_vec(),
+            Part::Groups {
+                m,
+                groups,
+                part,
+                per,
+            } => group_columns(v, *m, *groups, part.clone(), *per),
+            Part::Whole => v.to_vec(),
+        }
+    }
+}
+
+/// A grid's numbers, each array cut to its part: `cells` for those per
+/// (row, group), `slots` per outlier, `rows` per row (the steps).
+fn pick_values(v: &GridValues, cells: &Part, slots: &Part, rows: &Part) -> GridValues {
+    match v {
+        GridValues::F16 {
+            center,
+            half,
+            outlier,
+        } => GridValues::F16 {
+            center: cells.pick(center),
+            half: cells.pick(half),
+            outlier: slots.pick(outlier),
+        },
+        GridValues::Int8 {
+            center_code,
+            half_code,
+            outlier_code,
+            center_step,
+            half_step,
+            outlier_step,
+        } => GridValues::Int8 {
+            center_code: cells.pick(center_code),
+            half_code: cells.pick(half_code),
+            outlier_code: slots.pick(outlier_code),
+            center_step: rows.pick(center_step),
+            half_step: rows.pick(half_step),
+            outlier_step: rows.pick(outlier_step),
+        },
     }
 }
 
