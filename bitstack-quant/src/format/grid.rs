@@ -445,52 +445,31 @@ impl Grid {
     /// the kernels index without bounds checks.
     pub fn check(&self, m: usize, n: usize, cfg: &GridConfig) -> Result<(), String> {
         let (gs, groups, o) = (cfg.group_size(n), cfg.groups(n), cfg.outliers);
-        let (cells, slots) = (m * groups, m * groups * o);
-        let sized = |what: &str, len: usize, want: usize| {
-            if len == want {
-                Ok(())
-            } else {
-                Err(format!("{what} hold {len} values, not {want}"))
-            }
-        };
+        if let Some(e) = self.values.as_ref().misfit(m, groups, o) {
+            return Err(e);
+        }
+        let bad = |s: &f16| s.is_nan() || s.to_f32() < 0.0;
         match (&self.values, cfg.coding) {
-            (
-                GridValues::F16 {
-                    center,
-                    half,
-                    outlier,
-                },
-                GridCoding::F16,
-            ) => {
-                sized("the centers", center.len(), cells)?;
-                sized("the half-ranges", half.len(), cells)?;
-                sized("the outlier values", outlier.len(), slots)?;
-                if let Some(i) = half.iter().position(|h| h.is_nan() || h.to_f32() < 0.0) {
+            (GridValues::F16 { half, .. }, GridCoding::F16) => {
+                if let Some(i) = half.iter().position(bad) {
                     return Err(format!("half-range {i} is {} (must be ≥ 0)", half[i]));
                 }
             }
             (
                 GridValues::Int8 {
-                    center_code,
-                    half_code,
-                    outlier_code,
                     center_step,
                     half_step,
                     outlier_step,
+                    ..
                 },
                 GridCoding::Int8,
             ) => {
-                sized("the center codes", center_code.len(), cells)?;
-                sized("the half-range codes", half_code.len(), cells)?;
-                sized("the outlier codes", outlier_code.len(), slots)?;
                 for (what, steps) in [
                     ("center", center_step),
                     ("half-range", half_step),
                     ("outlier", outlier_step),
                 ] {
-                    sized(&format!("the {what} steps"), steps.len(), m)?;
-                    let bad = |s: &f16| !s.is_finite() || s.to_f32() < 0.0;
-                    if let Some(i) = steps.iter().position(bad) {
+                    if let Some(i) = steps.iter().position(|s| !s.is_finite() || bad(s)) {
                         return Err(format!("row {i}: {what} step {} (must be ≥ 0)", steps[i]));
                     }
                 }
@@ -501,7 +480,13 @@ impl Grid {
                 ));
             }
         }
-        sized("the outlier columns", self.outlier_col.len(), slots)?;
+        if self.outlier_col.len() != m * groups * o {
+            return Err(format!(
+                "the outlier columns hold {} values, not {}",
+                self.outlier_col.len(),
+                m * groups * o
+            ));
+        }
         for (slot, &col) in self.outlier_col.iter().enumerate() {
             let g = (slot / o) % groups;
             let len = gs.min(n - g * gs);
