@@ -95,7 +95,7 @@ if [ ! -f "$dense/config.json" ]; then
   "$work/bin/bitstack" import-gguf --dtype bf16 "${gguf[0]}" "$dense"
 fi
 if [ ! -f "$ckpt/config.json" ]; then
-  "$work/bin/bitstack" compress "$dense" "$ckpt" --k 4 --niter 4 --calib "$bundle/wiki-calib.txt" \
+  "$work/bin/bitstack" compress "$dense" "$ckpt" --layout blocks --k 4 --niter 4 --calib "$bundle/wiki-calib.txt" \
     --calib-windows 8 --seq-len 256 --dense-dtype bf16 2>&1 | tail -3
 fi
 

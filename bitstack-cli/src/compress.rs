@@ -2,18 +2,18 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use bitstack_quant::format::grid::GridConfig;
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::method::compress::{
-    compress_on, CompressOptions, FeedbackOptions, DEFAULT_K, DEFAULT_NITER,
+    compress_on, CompressOptions, FeedbackOptions, DEFAULT_K, DEFAULT_NITER, DEFAULT_PLANES,
 };
 use bitstack_quant::runtime::model::LinearKind;
 use bitstack_quant::DenseDtype;
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use crate::args::{at_least, CalibArgs, DeviceArgs, WindowArgs, CALIB_WINDOWS};
-use crate::options::{DTypeArg, GridCodingArg, RefitArg, SignsArg, SvdArg};
+use crate::options::{DTypeArg, GridCodingArg, LayoutArg, RefitArg, SignsArg, SvdArg};
 
 #[derive(Args, Debug)]
 pub struct CompressArgs {
@@ -21,20 +21,25 @@ pub struct CompressArgs {
     pub model: String,
     /// Where to write the checkpoint (must not exist or be empty).
     pub out_dir: PathBuf,
-    /// Rank of each block's u·vt product (k = 16 is the paper's).
+    /// What each linear becomes: grid planes from 3 bits per weight up,
+    /// AVD blocks below.
+    #[arg(long, value_enum, default_value_t = LayoutArg::default())]
+    pub layout: LayoutArg,
+    /// Rank of each AVD block's u·vt product (k = 16 is the paper's).
     #[arg(long, default_value_t = DEFAULT_K, value_parser = at_least::<1>)]
     pub k: usize,
     /// Rank per kind of linear, overriding --k: `k_proj=8,v_proj=8`.
     #[arg(long, value_name = "KIND=K,…", value_delimiter = ',', value_parser = parse_k_for)]
     pub k_for: Vec<(LinearKind, usize)>,
-    /// AVD blocks per linear.
-    #[arg(long, default_value_t = DEFAULT_NITER)]
-    pub niter: usize,
-    /// Grid planes per linear after the AVD blocks: nested bit planes of
-    /// what the blocks leave, on a grid per row and group of input
-    /// columns (format version 3). 0 writes AVD blocks only.
-    #[arg(long, default_value_t = 0)]
-    pub planes: usize,
+    /// AVD blocks per linear, with --layout blocks or blocks+planes
+    /// [default: 8].
+    #[arg(long)]
+    pub niter: Option<usize>,
+    /// Grid planes per linear, with --layout planes or blocks+planes: nested
+    /// bit planes (of what the blocks leave, if any) on a grid per row and
+    /// group of input columns, each 1 bit per weight [default: 6].
+    #[arg(long)]
+    pub planes: Option<usize>,
     /// Input columns per group of the grid planes (8…128; a width that is
     /// not a multiple is split into equal groups).
     #[arg(long, default_value_t = 128)]
@@ -48,8 +53,8 @@ pub struct CompressArgs {
     pub grid_coding: GridCodingArg,
     /// Exponent α of the activation scales `‖x‖^α` folded into the
     /// weights before compressing: 1 (the reference's) when there are AVD
-    /// blocks, 0.5 for grid planes alone (--niter 0 --planes P), where it
-    /// measured far better; 0 scales nothing.
+    /// blocks, 0.5 for --layout planes, where it measured far better; 0
+    /// scales nothing.
     #[arg(long, value_name = "ALPHA")]
     pub scale_power: Option<f32>,
     #[command(flatten)]
@@ -93,14 +98,57 @@ pub struct CompressArgs {
 }
 
 impl CompressArgs {
+    /// AVD blocks and grid planes per linear, by `--layout`. A count given
+    /// for a part the layout does not have is refused, so `--niter 8`
+    /// alone does not quietly write planes.
+    pub fn parts(&self) -> Result<(usize, usize)> {
+        let (niter, planes) = match self.layout {
+            LayoutArg::Planes => {
+                if let Some(n @ 1..) = self.niter {
+                    bail!("--niter {n} counts AVD blocks, which --layout planes has none of: give --layout blocks (blocks only) or --layout blocks+planes (blocks, then planes)");
+                }
+                (0, self.planes.unwrap_or(DEFAULT_PLANES))
+            }
+            LayoutArg::Blocks => {
+                if let Some(p @ 1..) = self.planes {
+                    bail!("--planes {p} counts grid planes, which --layout blocks has none of: give --layout planes (planes only) or --layout blocks+planes (blocks, then planes)");
+                }
+                (self.niter.unwrap_or(DEFAULT_NITER), 0)
+            }
+            LayoutArg::BlocksThenPlanes => (
+                self.niter.unwrap_or(DEFAULT_NITER),
+                self.planes.unwrap_or(DEFAULT_PLANES),
+            ),
+        };
+        match self.layout {
+            LayoutArg::Planes | LayoutArg::BlocksThenPlanes if planes == 0 => {
+                bail!(
+                    "--planes 0 stores no grid planes: --layout {} needs at least 1",
+                    self.layout_name()
+                )
+            }
+            LayoutArg::Blocks | LayoutArg::BlocksThenPlanes if niter == 0 => {
+                bail!("--niter 0 stores no AVD blocks: --layout {} needs at least 1 (or give --layout planes)", self.layout_name())
+            }
+            _ => Ok((niter, planes)),
+        }
+    }
+
+    fn layout_name(&self) -> String {
+        self.layout
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string())
+    }
+
     /// The library's options for these flags, calibrating on `calib_text`.
-    pub fn options(&self, calib_text: PathBuf) -> CompressOptions {
-        CompressOptions {
+    pub fn options(&self, calib_text: PathBuf) -> Result<CompressOptions> {
+        let (niter, planes) = self.parts()?;
+        Ok(CompressOptions {
             k: self.k,
             k_per_kind: self.k_for.iter().copied().collect(),
-            niter: self.niter,
-            grid: (self.planes > 0).then_some(GridConfig {
-                planes: self.planes,
+            niter,
+            grid: (planes > 0).then_some(GridConfig {
+                planes,
                 group: self.group,
                 outliers: self.outliers,
                 coding: self.grid_coding.into(),
@@ -117,13 +165,15 @@ impl CompressArgs {
             }),
             dense_dtype: self.dense_dtype.into(),
             scale_power: self.scale_power,
-        }
+        })
     }
 }
 
 pub fn run(args: &CompressArgs) -> Result<()> {
+    // Flags that contradict each other are refused before any download.
+    args.parts()?;
     let model_dir = resolve_model(&args.model)?;
-    let opts = args.options(args.calib.path()?);
+    let opts = args.options(args.calib.path()?)?;
     let r = compress_on(
         &model_dir,
         &args.out_dir,

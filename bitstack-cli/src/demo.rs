@@ -28,7 +28,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Budgets to load the compressed model at.
-    #[arg(long, value_delimiter = ',', default_value = "2.5bpw,3.5bpw,5bpw")]
+    #[arg(long, value_delimiter = ',', default_value = "3bpw,4bpw,5bpw")]
     pub budgets: Vec<Budget>,
     #[command(flatten)]
     pub score: ScoreArgs,

@@ -167,13 +167,17 @@ mod tests {
         }
     }
 
-    fn compress(extra: &[&str]) -> CompressOptions {
+    fn compress_result(extra: &[&str]) -> anyhow::Result<CompressOptions> {
         let mut args = vec!["compress", "model", "out"];
         args.extend(extra);
         match parse(&args) {
             Command::Compress(c) => c.options(PathBuf::from("calib.txt")),
             _ => panic!("not compress"),
         }
+    }
+
+    fn compress(extra: &[&str]) -> CompressOptions {
+        compress_result(extra).unwrap_or_else(|e| panic!("compress {extra:?}: {e}"))
     }
 
     fn sort(extra: &[&str]) -> SortOptions {
@@ -274,6 +278,63 @@ mod tests {
     }
 
     #[test]
+    fn every_layout_reaches_compress_with_its_counts() {
+        let parts = |o: &CompressOptions| (o.niter, o.grid.map_or(0, |g| g.planes));
+        assert_eq!(parts(&compress(&[])), (0, 6), "default: planes");
+        assert_eq!(parts(&compress(&["--layout", "planes"])), (0, 6));
+        assert_eq!(parts(&compress(&["--planes", "4"])), (0, 4));
+        // The spelling of earlier releases still means planes alone.
+        assert_eq!(parts(&compress(&["--niter", "0", "--planes", "5"])), (0, 5));
+        assert_eq!(parts(&compress(&["--layout", "blocks"])), (8, 0));
+        assert_eq!(
+            parts(&compress(&["--layout", "blocks", "--niter", "3"])),
+            (3, 0)
+        );
+        assert_eq!(parts(&compress(&["--layout", "blocks+planes"])), (8, 6));
+        assert_eq!(
+            parts(&compress(&[
+                "--layout",
+                "blocks+planes",
+                "--niter",
+                "1",
+                "--planes",
+                "3"
+            ])),
+            (1, 3)
+        );
+        // The library's defaults are the CLI's.
+        let lib = CompressOptions::recommended(PathBuf::from("calib.txt"));
+        assert_eq!(parts(&lib), parts(&compress(&[])));
+        assert_eq!(lib.grid, compress(&[]).grid);
+        let lib = CompressOptions::avd_blocks(PathBuf::from("calib.txt"));
+        assert_eq!(parts(&lib), parts(&compress(&["--layout", "blocks"])));
+        // The scale exponent follows the layout.
+        assert_eq!(compress(&[]).scale_power(), 0.5);
+        assert_eq!(compress(&["--layout", "blocks"]).scale_power(), 1.0);
+    }
+
+    #[test]
+    fn a_count_the_layout_has_no_part_for_is_refused() {
+        for (extra, needle) in [
+            (&["--niter", "8"][..], "--niter 8 counts AVD blocks"),
+            (
+                &["--layout", "blocks", "--planes", "2"],
+                "--planes 2 counts grid planes",
+            ),
+            (&["--planes", "0"], "--planes 0"),
+            (
+                &["--layout", "blocks+planes", "--planes", "0"],
+                "--planes 0",
+            ),
+            (&["--layout", "blocks", "--niter", "0"], "--niter 0"),
+            (&["--layout", "blocks+planes", "--niter", "0"], "--niter 0"),
+        ] {
+            let e = compress_result(extra).expect_err(&format!("{extra:?} accepted"));
+            assert!(e.to_string().contains(needle), "{extra:?}: {e}");
+        }
+    }
+
+    #[test]
     fn every_sort_method_reaches_sort() {
         for (name, want) in [
             ("fast", SortMethod::Fast),
@@ -306,7 +367,26 @@ mod tests {
         assert_eq!(names::<RefitArg>(), ["none", "svd", "weighted"]);
         assert_eq!(names::<SortMethodArg>(), ["fast", "exact", "local"]);
         assert_eq!(names::<GridCodingArg>(), ["int8", "f16"]);
+        assert_eq!(names::<LayoutArg>(), ["planes", "blocks", "blocks+planes"]);
     }
+}
+
+/// `compress --layout`: what each linear's stack is made of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    /// Nested bit planes on a uniform grid per row and group of input
+    /// columns (--planes, 6 by default; format version 3): from 3 bits
+    /// per weight up the better layout, on the calibration's kind of text
+    /// and off it (SmolLM2 at 4 bits: 1.25× dense PPL, where RTN w4 needs
+    /// 4.27 bits for 1.35×).
+    #[default]
+    Planes,
+    /// AVD blocks: signs times a rank-k product (--niter, 8 by default;
+    /// --k, --signs, --refit), the better layout below 3 bits per weight.
+    Blocks,
+    /// --niter AVD blocks, then --planes grid planes of what they leave.
+    #[value(name = "blocks+planes")]
+    BlocksThenPlanes,
 }
 
 /// `compress --grid-coding`: how the grid planes store each (row, group)'s

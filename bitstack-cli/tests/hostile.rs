@@ -210,14 +210,18 @@ fn hostile_flags_and_files_exit_with_status_1_and_a_message() {
             "--k",
         ),
         (
-            args(&["compress", dense, out, "--calib", text, "--k", "100000"]),
+            args(&[
+                "compress", dense, out, "--calib", text, "--layout", "blocks", "--k", "100000",
+            ]),
             1,
             "--k 100000",
         ),
         (
-            args(&["compress", dense, out, "--calib", text, "--niter", "0"]),
+            args(&[
+                "compress", dense, out, "--calib", text, "--layout", "blocks", "--niter", "0",
+            ]),
             1,
-            "--planes",
+            "--niter 0 stores no AVD blocks",
         ),
         (
             args(&["compress", dense, out, "--calib", text, "--batch", "0"]),
@@ -313,7 +317,8 @@ fn killed_runs_leave_nothing_half_written() {
     let compress = |out: &Path| {
         Command::new(env!("CARGO_BIN_EXE_bitstack"))
             .args(["compress", s(&f.dense), s(out), "--calib", s(&f.text)])
-            .args(["--calib-windows", "4", "--seq-len", "32", "--niter", "3"])
+            .args(["--calib-windows", "4", "--seq-len", "32"])
+            .args(["--layout", "blocks", "--niter", "3"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

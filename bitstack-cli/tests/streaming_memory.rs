@@ -35,7 +35,9 @@ fn compress_peak(root: &Path, layers: usize, text: &Path) -> u64 {
     let out = root.join(format!("packed-{layers}"));
     let run = Command::new(env!("CARGO_BIN_EXE_bitstack"))
         .args(["compress", dense.to_str().unwrap(), out.to_str().unwrap()])
-        .args(["--signs", "avd", "--k", "1", "--niter", "1"])
+        .args([
+            "--layout", "blocks", "--signs", "avd", "--k", "1", "--niter", "1",
+        ])
         .args(["--calib", text.to_str().unwrap()])
         .args(["--calib-windows", "1", "--seq-len", "16", "--batch", "1"])
         .env("RUST_LOG", "warn")

@@ -100,7 +100,21 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn logits_equal_our_runner_at_several_levels() {
-    let dir = checkpoint();
+    logits_equal_our_runner(checkpoint()).await;
+}
+
+/// The same for the default layout, grid planes with 8-bit grid numbers.
+#[tokio::test(flavor = "multi_thread")]
+async fn grid_plane_logits_equal_our_runner_at_several_levels() {
+    let dir = common::grid_checkpoint();
+    let stored = Checkpoint::open(dir).unwrap();
+    assert_eq!(stored.quantization().format_version, 3, "the default format");
+    logits_equal_our_runner(dir).await;
+}
+
+/// mistral.rs, its linears replaced by the plugin's, at the floor, middle
+/// and top of `dir`'s ladder, against our runner at the same level.
+async fn logits_equal_our_runner(dir: &Path) {
     // Our runner (the plugin's handle holds the linears only).
     let reference = BitStackHandle::open(dir, None, &cpu()).unwrap();
     let max = reference.max_level();

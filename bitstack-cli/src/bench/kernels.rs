@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use bitstack_quant::format::block::Block;
+use bitstack_quant::format::grid::{grid_planes, GridConfig};
 use bitstack_quant::runtime::linear::{Linear, LinearWeight};
 use bitstack_quant::runtime::stack::WeightStack;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -26,6 +27,17 @@ pub fn random_stack(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> W
         .map(|_| bitstack_quant::format::synthetic::random_block(m, n, k, 1.0, &mut rng))
         .collect();
     WeightStack::new(m, n, k, blocks)
+}
+
+/// The `m×n` weight `w` as `planes` grid planes of the default layout
+/// (`compress --layout planes`: groups of 128 columns, one exact weight
+/// per group, 8-bit grid numbers), host-resident.
+pub fn grid_stack(w: &Tensor, planes: usize) -> Result<WeightStack> {
+    let (m, n) = w.dims2()?;
+    let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    let cfg = GridConfig::new(planes);
+    let gp = grid_planes(&values, m, n, cfg)?;
+    WeightStack::from_parts(m, n, 1, WeightStack::grid_parts(&gp, cfg, m, n))
 }
 
 /// A random dense `m×n` f32 weight (entries Gaussian, standard deviation `1/√n`).
@@ -194,6 +206,49 @@ mod tests {
                 err < bound,
                 "{m}x{n}, {blocks} blocks: relative error {err}"
             );
+        }
+    }
+
+    #[test]
+    fn grid_stacks_approach_their_dense_weight_plane_by_plane() {
+        for (m, n, rows) in [(64, 256, 3), (33, 40, 1), (1, 300, 2)] {
+            let w = random_dense(m, n, 5).unwrap();
+            let ws: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let x = random_input(rows, n, 6).unwrap();
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let want = reference(&xs, &ws, rows, m, n);
+            let full = grid_stack(&w, 6).unwrap();
+            assert_eq!((full.blocks.len(), full.planes.len()), (0, 6));
+            let mut last = f64::INFINITY;
+            for p in [2, 4, 6] {
+                let stack = full.prefix(p);
+                let bytes = stack.resident_bytes();
+                let y = stack_linear(stack).forward(&x).unwrap();
+                assert_eq!(y.dims(), &[rows, m]);
+                let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                let err = relative_error(&got, &want);
+                assert!(err < last, "{m}x{n}: {p} planes err {err} ≥ {last}");
+                last = err;
+                // p bits of signs and the grid: more than p bits per weight,
+                // and under half a bit more where no tile is padded and the
+                // per-row steps spread over many columns.
+                let bpw = bitstack_quant::bits_per_weight(bytes, m * n);
+                assert!(bpw > p as f64, "{m}x{n}, {p} planes: {bpw}");
+                if m % 32 == 0 && n >= 256 {
+                    assert!(bpw < p as f64 + 0.5, "{m}x{n}, {p} planes: {bpw}");
+                }
+            }
+            assert!(last < 0.05, "{m}x{n}: 6 planes err {last}");
+        }
+    }
+
+    #[test]
+    fn the_bits_per_weight_of_blocks_count_their_resident_bytes() {
+        for (m, n, k, b) in [(64, 256, 4, 3), (33, 40, 2, 1)] {
+            let bytes = random_stack(m, n, k, b, 1).resident_bytes();
+            let bpw = bitstack_quant::bits_per_weight(bytes, m * n);
+            let formula = super::super::measure::stack_bits_per_weight(m, n, k, b);
+            assert!((bpw - formula).abs() < 1e-12, "{bpw} vs {formula}");
         }
     }
 

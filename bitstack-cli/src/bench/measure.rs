@@ -11,7 +11,12 @@ use candle_core::{DType, Module, Tensor};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use super::kernels::{random_input, random_stack, stack_linear, DenseBaselines, DenseLayout};
+use bitstack_quant::format::block::Block;
+use bitstack_quant::runtime::stack::WeightStack;
+
+use super::kernels::{
+    grid_stack, random_input, random_stack, stack_linear, DenseBaselines, DenseLayout,
+};
 
 /// The default shapes (`m×n`): a Llama-3-8B attention projection, SmolLM2's
 /// attention, up/gate and down projections, and Llama-3-8B's up/gate and down
@@ -19,6 +24,8 @@ use super::kernels::{random_input, random_stack, stack_linear, DenseBaselines, D
 pub const DEFAULT_SHAPES: &str = "4096x4096,576x576,1536x576,576x1536,14336x4096,4096x14336";
 /// The default block counts.
 pub const DEFAULT_BLOCKS: &str = "1,2,3,4,6,8";
+/// The default grid plane counts: the 3-to-6-bit range they serve.
+pub const DEFAULT_PLANES: &str = "3,4,5";
 /// The default rows of `x`: one token (decoding) and a 512-token prefill.
 pub const DEFAULT_ROWS: &str = "1,512";
 /// The default rank of each block's `u·vt`.
@@ -33,8 +40,12 @@ pub const Q4K_BPW: f64 = 4.5;
 pub struct BenchConfig {
     /// `(m, n)`: out features, in features.
     pub shapes: Vec<(usize, usize)>,
+    /// AVD block counts (rank `k`).
     pub blocks: Vec<usize>,
     pub k: usize,
+    /// Grid plane counts (the default layout's grid, fitted to the random
+    /// dense weight the baselines use).
+    pub planes: Vec<usize>,
     pub rows: Vec<usize>,
     /// Each measurement repeats until this much time has passed (and at
     /// least [`MIN_REPS`] times).
@@ -45,9 +56,16 @@ pub struct BenchConfig {
 impl BenchConfig {
     /// Refuses what cannot be measured, saying why.
     pub fn validate(&self) -> Result<()> {
-        if self.shapes.is_empty() || self.blocks.is_empty() || self.rows.is_empty() {
-            bail!("nothing to measure: --shapes, --blocks and --rows each need at least one value");
+        if self.shapes.is_empty()
+            || (self.blocks.is_empty() && self.planes.is_empty())
+            || self.rows.is_empty()
+        {
+            bail!("nothing to measure: --shapes, --rows and one of --blocks and --planes each need at least one value");
         }
+        if let Some(p) = self.planes.iter().find(|&&p| p == 0) {
+            bail!("--planes {p}: a grid weight needs at least 1 plane");
+        }
+
         if self.k == 0 {
             bail!("--k 0: each block needs a rank of at least 1");
         }
@@ -61,7 +79,7 @@ impl BenchConfig {
             if m == 0 || n == 0 {
                 bail!("shape {m}x{n}: both sizes must be at least 1");
             }
-            if self.k > m.min(n) {
+            if !self.blocks.is_empty() && self.k > m.min(n) {
                 bail!(
                     "--k {} is larger than min(m, n) = {} of shape {m}x{n}: a block's u·vt has rank at most min(m, n)",
                     self.k,
@@ -73,9 +91,11 @@ impl BenchConfig {
     }
 
     /// Progress steps of [`run`]: one per baseline (dense f32 and f16 in two
-    /// layouts each, Q4K) and per block count, for every shape and row count.
+    /// layouts each, Q4K), per block count and per plane count, for every
+    /// shape and row count.
     pub fn steps(&self) -> u64 {
-        (self.shapes.len() * self.rows.len() * (5 + self.blocks.len())) as u64
+        let ours = self.blocks.len() + self.planes.len();
+        (self.shapes.len() * self.rows.len() * (5 + ours)) as u64
     }
 }
 
@@ -84,8 +104,12 @@ impl BenchConfig {
 pub struct BenchRow {
     pub m: usize,
     pub n: usize,
+    /// `blocks` (AVD blocks of rank `k`) or `planes` (grid planes).
+    pub layout: Layout,
+    /// How many blocks or planes.
     pub blocks: usize,
-    pub k: usize,
+    /// The blocks' rank; `None` for grid planes.
+    pub k: Option<usize>,
     pub rows: usize,
     /// Bits per weight of the BitStack weight.
     pub bpw: f64,
@@ -94,6 +118,16 @@ pub struct BenchRow {
     pub dense_f16_ms: f64,
     /// `None` where Q4_K cannot hold the shape (`n` not a multiple of 256).
     pub q4k_ms: Option<f64>,
+}
+
+/// What a row of the bench times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// AVD blocks: signs times a rank-k product.
+    Blocks,
+    /// Grid planes (`compress --layout planes`).
+    Planes,
 }
 
 /// `MxN` (or `MXN`) as `(m, n)`: the value parser of `--shapes`.
@@ -140,6 +174,16 @@ pub fn median_time<T>(
     })
 }
 
+impl Layout {
+    /// The word for a count of them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Blocks => "blocks",
+            Layout::Planes => "planes",
+        }
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -154,13 +198,20 @@ fn ms(d: Duration) -> f64 {
 /// Rows come shape by shape, then by row count, then by block count.
 pub fn run(cfg: &BenchConfig, pb: &ProgressBar) -> Result<Vec<BenchRow>> {
     cfg.validate()?;
-    let max_blocks = *cfg.blocks.iter().max().expect("validated");
+    let max_blocks = cfg.blocks.iter().copied().max().unwrap_or(0);
+    let max_planes = cfg.planes.iter().copied().max().unwrap_or(0);
     let mut out = Vec::new();
     for (i, &(m, n)) in cfg.shapes.iter().enumerate() {
         let seed = cfg.seed.wrapping_add(1000 * i as u64);
         pb.set_message(format!("{m}x{n} setup"));
         let dense = DenseBaselines::random(m, n, seed)?;
-        let full = random_stack(m, n, cfg.k, max_blocks, seed + 1);
+        let full = random_stack(m, n, cfg.k.min(m.min(n)), max_blocks, seed + 1);
+        let grid = if max_planes > 0 {
+            pb.set_message(format!("{m}x{n} grid planes"));
+            grid_stack(&dense.w_f32, max_planes)?
+        } else {
+            WeightStack::new(m, n, 1, Vec::<Block>::new())
+        };
         for &rows in &cfg.rows {
             let x = random_input(rows, n, seed + 2)?;
             let x16 = x.to_dtype(DType::F16)?;
@@ -189,16 +240,28 @@ pub fn run(cfg: &BenchConfig, pb: &ProgressBar) -> Result<Vec<BenchRow>> {
                     None
                 }
             };
-            for &b in &cfg.blocks {
-                let linear = stack_linear(full.prefix(b));
-                let ours_ms = timed(&format!("{b} blocks"), &mut || linear.forward(&x))?;
+            let ours = cfg
+                .blocks
+                .iter()
+                .map(|&b| (Layout::Blocks, b, full.prefix(b)))
+                .chain(
+                    cfg.planes
+                        .iter()
+                        .map(|&p| (Layout::Planes, p, grid.prefix(p))),
+                );
+            for (layout, b, stack) in ours {
+                let bpw = bitstack_quant::bits_per_weight(stack.resident_bytes(), m * n);
+                let linear = stack_linear(stack);
+                let what = format!("{b} {}", layout.name());
+                let ours_ms = timed(&what, &mut || linear.forward(&x))?;
                 out.push(BenchRow {
                     m,
                     n,
+                    layout,
                     blocks: b,
-                    k: cfg.k,
+                    k: (layout == Layout::Blocks).then_some(cfg.k),
                     rows,
-                    bpw: stack_bits_per_weight(m, n, cfg.k, b),
+                    bpw,
                     ours_ms,
                     dense_f32_ms: f32_ms,
                     dense_f16_ms: f16_ms,
@@ -231,12 +294,13 @@ mod tests {
             shapes: vec![(64, 256), (33, 40)],
             blocks: vec![1, 2],
             k: 4,
+            planes: vec![3],
             rows: vec![1, 3],
             min_time: Duration::ZERO,
             seed: 0,
         };
         ok.validate().unwrap();
-        assert_eq!(ok.steps(), 2 * 2 * (5 + 2));
+        assert_eq!(ok.steps(), 2 * 2 * (5 + 2 + 1));
         let err = |f: &dyn Fn(&mut BenchConfig)| {
             let mut c = ok.clone();
             f(&mut c);
@@ -247,7 +311,19 @@ mod tests {
         assert!(err(&|c| c.k = 0).contains("--k 0"));
         assert!(err(&|c| c.k = 34).contains("min(m, n) = 33"));
         assert!(err(&|c| c.shapes = vec![(0, 4)]).contains("0x4"));
-        assert!(err(&|c| c.blocks.clear()).contains("nothing to measure"));
+        assert!(err(&|c| c.planes = vec![0]).contains("--planes 0"));
+        assert!(err(&|c| {
+            c.blocks.clear();
+            c.planes.clear()
+        })
+        .contains("nothing to measure"));
+        // Planes alone need no rank.
+        let planes_only = BenchConfig {
+            blocks: vec![],
+            k: 1000,
+            ..ok.clone()
+        };
+        planes_only.validate().unwrap();
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! median wall time of one `y = x·Wᵀ` is measured four ways in one process:
 //!
 //! - **ours**: `Linear::forward` on a BitStack weight of that many random
-//!   blocks, so whatever kernel that forward uses is what gets timed;
+//!   AVD blocks, or of that many grid planes of the dense weight below, so
+//!   whatever kernel that forward uses is what gets timed;
 //! - **dense f32** and **dense f16**: candle's `matmul` of `x` (cast to the
 //!   weight's dtype beforehand) with `Wᵀ`, the faster of `x.matmul(&w.t())`
 //!   on the row-major `m×n` weight and `x.matmul(&wt)` on a contiguous
@@ -24,7 +25,10 @@ use anyhow::{bail, Context, Result};
 use bitstack_quant::progress::progress_bar;
 use clap::Args;
 
-use measure::{parse_shape, BenchConfig, DEFAULT_BLOCKS, DEFAULT_K, DEFAULT_ROWS, DEFAULT_SHAPES};
+use measure::{
+    parse_shape, BenchConfig, DEFAULT_BLOCKS, DEFAULT_K, DEFAULT_PLANES, DEFAULT_ROWS,
+    DEFAULT_SHAPES,
+};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -38,12 +42,17 @@ pub struct BenchArgs {
         default_value = DEFAULT_SHAPES
     )]
     pub shapes: Vec<(usize, usize)>,
-    /// BitStack block counts to time (each at least 1).
+    /// AVD block counts to time (each at least 1; `--blocks ''` for none).
     #[arg(long, value_name = "B,…", value_delimiter = ',', default_value = DEFAULT_BLOCKS)]
     pub blocks: Vec<usize>,
     /// Rank of each block's u·vt (at most min(M, N)).
     #[arg(long, default_value_t = DEFAULT_K)]
     pub k: usize,
+    /// Grid plane counts to time (each at least 1; `--planes ''` for
+    /// none): the default layout of `compress`, its grid fitted to the
+    /// same random weight as the dense and Q4K products.
+    #[arg(long, value_name = "P,…", value_delimiter = ',', default_value = DEFAULT_PLANES)]
+    pub planes: Vec<usize>,
     /// Rows of x: 1 is one token being decoded, 512 a prompt being prefilled.
     #[arg(long, value_name = "R,…", value_delimiter = ',', default_value = DEFAULT_ROWS)]
     pub rows: Vec<usize>,
@@ -73,6 +82,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         shapes: args.shapes.clone(),
         blocks: args.blocks.clone(),
         k: args.k,
+        planes: args.planes.clone(),
         rows: args.rows.clone(),
         min_time: std::time::Duration::from_millis(args.min_time_ms),
         seed: args.seed,

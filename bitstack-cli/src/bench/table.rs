@@ -8,9 +8,10 @@ pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:>11} {:>6} {:>3} {:>5} {:>6} {:>10} {:>12} {:>12} {:>10} {:>9} {:>9} {:>9}",
+        "{:>11} {:>6} {:>6} {:>3} {:>5} {:>6} {:>10} {:>12} {:>12} {:>10} {:>9} {:>9} {:>9}",
         "shape",
-        "blocks",
+        "layout",
+        "count",
         "k",
         "rows",
         "bpw",
@@ -29,10 +30,11 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             .map_or("-".to_string(), |q| format!("{:.2}", r.ours_ms / q));
         let _ = writeln!(
             s,
-            "{:>11} {:>6} {:>3} {:>5} {:>6.3} {:>10} {:>12} {:>12} {:>10} {:>9.2} {:>9.2} {:>9}",
+            "{:>11} {:>6} {:>6} {:>3} {:>5} {:>6.3} {:>10} {:>12} {:>12} {:>10} {:>9.2} {:>9.2} {:>9}",
             format!("{}x{}", r.m, r.n),
+            r.layout.name(),
             r.blocks,
-            r.k,
+            r.k.map_or("-".to_string(), |k| k.to_string()),
             r.rows,
             r.bpw,
             fmt_ms(r.ours_ms),
@@ -61,15 +63,16 @@ fn fmt_ms(ms: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::measure::stack_bits_per_weight;
+    use crate::bench::measure::{stack_bits_per_weight, Layout};
 
     #[test]
     fn the_table_prints_dashes_without_q4k() {
         let row = BenchRow {
             m: 33,
             n: 40,
+            layout: Layout::Blocks,
             blocks: 2,
-            k: 4,
+            k: Some(4),
             rows: 1,
             bpw: stack_bits_per_weight(33, 40, 4, 2),
             ours_ms: 2.0,

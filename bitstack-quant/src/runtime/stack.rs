@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::format::block::{block_bytes, Block, BlockShape};
 use crate::format::checkpoint::{read_grid, read_plane, CheckedBlock};
-use crate::format::grid::{plane_weight, Grid, GridConfig};
+use crate::format::grid::{plane_weight, Grid, GridConfig, GridPlanes};
 use crate::format::order::{LinearSlot, Part};
 use crate::format::shard::LinearShard;
 use crate::format::store::TensorStore;
@@ -299,6 +299,26 @@ impl WeightStack {
             }
         }
         Ok(stack)
+    }
+
+    /// The grid planes `gp` of an `m×n` weight, as host-resident parts in
+    /// stored order (the first carries the grid).
+    pub fn grid_parts(gp: &GridPlanes, cfg: GridConfig, m: usize, n: usize) -> Vec<StackPart> {
+        gp.planes
+            .iter()
+            .enumerate()
+            .map(|(b, signs)| {
+                StackPart::Plane(Arc::new(StackPlane {
+                    signs: Resident::host(TiledSigns::from_row_major(signs, m, n)),
+                    grid: (b == 0).then(|| {
+                        Arc::new(ResidentGrid {
+                            cfg,
+                            cells: Resident::host(gp.grid.clone()),
+                        })
+                    }),
+                }))
+            })
+            .collect()
     }
 
     /// The stored blocks resident, in order.
@@ -663,17 +683,7 @@ mod tests {
             .iter()
             .map(|b| StackPart::Block(b.clone().into_stack_block(m, n)))
             .collect();
-        for (b, signs) in gp.planes.iter().enumerate() {
-            parts.push(StackPart::Plane(Arc::new(StackPlane {
-                signs: Resident::host(TiledSigns::from_row_major(signs, m, n)),
-                grid: (b == 0).then(|| {
-                    Arc::new(ResidentGrid {
-                        cfg,
-                        cells: Resident::host(gp.grid.clone()),
-                    })
-                }),
-            })));
-        }
+        parts.extend(WeightStack::grid_parts(gp, cfg, m, n));
         parts
     }
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use bitstack_quant::format::grid::GridConfig;
 use bitstack_quant::method::svd::SvdMethod;
 use bitstack_quant::{compress, CompressOptions, DenseDtype};
 use candle_core::DType;
@@ -50,6 +51,31 @@ pub fn checkpoint() -> &'static PathBuf {
             let partial = out.with_extension("partial");
             let _ = std::fs::remove_dir_all(&partial);
             compress(dense, &partial, &opts).expect("compress");
+            std::fs::rename(&partial, &out).expect("rename");
+        }
+        out
+    })
+}
+
+/// A quick grid-plane checkpoint of SmolLM2 (the default layout: 4 planes
+/// per linear, 8-bit grid numbers, format version 3; round-robin order),
+/// made once per assets folder.
+#[allow(dead_code)]
+pub fn grid_checkpoint() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
+        let out = assets.dir.join("SmolLM2-135M-Instruct-bitstack-planes4");
+        if !out.join("config.json").exists() {
+            let opts = CompressOptions {
+                grid: Some(GridConfig::new(4)),
+                calib_windows: 8,
+                seq_len: 256,
+                ..CompressOptions::recommended(assets.calib_text.clone())
+            };
+            let partial = out.with_extension("partial");
+            let _ = std::fs::remove_dir_all(&partial);
+            compress(dense(), &partial, &opts).expect("compress");
             std::fs::rename(&partial, &out).expect("rename");
         }
         out
