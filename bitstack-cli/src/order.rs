@@ -13,7 +13,7 @@ use clap::Args;
 
 use crate::args::{at_least, CalibArgs, DeviceArgs, WindowArgs, CALIB_WINDOWS, SORT_WINDOWS};
 use crate::options::SortMethodArg;
-use crate::plot::LadderPlot;
+use crate::plot::{Baseline, LadderPlot};
 
 #[derive(Args, Debug)]
 pub struct SortArgs {
@@ -128,6 +128,11 @@ pub struct LadderArgs {
     /// by `bitstack eval DIR --record-dense DENSE_MODEL`, if any].
     #[arg(long, value_name = "PPL", requires = "plot", value_parser = parse_ppl)]
     pub dense_ppl: Option<f64>,
+    /// A perplexity measured elsewhere, drawn as a labelled marker at its
+    /// bits per linear weight: `--baseline "RTN w4=4.27:20.1"` (repeat for
+    /// more).
+    #[arg(long, value_name = "LABEL=BITS:PPL", requires = "plot", value_parser = parse_baseline)]
+    pub baseline: Vec<Baseline>,
 }
 
 /// `bitstack ladder`.
@@ -150,7 +155,9 @@ pub fn ladder(args: &LadderArgs) -> Result<()> {
         print_ladder(order, &ladder);
     }
     if let Some(path) = &args.plot {
-        ladder_plot(dir, order, &ladder, args.dense_ppl)?.write_png(path)?;
+        let mut plot = ladder_plot(dir, order, &ladder, args.dense_ppl)?;
+        plot.baselines = args.baseline.clone();
+        plot.write_png(path)?;
         let msg = format!("wrote {}", path.display());
         if args.json {
             eprintln!("{msg}");
@@ -257,6 +264,7 @@ fn ladder_plot<'a>(
         series_label: "BitStack, measured rungs".into(),
         dense_ppl: dense,
         dense_label,
+        baselines: Vec::new(),
     })
 }
 
@@ -272,12 +280,58 @@ fn parse_ppl(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `LABEL=BITS:PPL`: the value parser of `--baseline`.
+fn parse_baseline(s: &str) -> Result<Baseline, String> {
+    let bad = || format!("`{s}` is not LABEL=BITS:PPL, e.g. \"RTN w4=4.27:20.1\"");
+    let (label, point) = s.rsplit_once('=').ok_or_else(bad)?;
+    let (bits, ppl) = point.split_once(':').ok_or_else(bad)?;
+    let bits: f64 = bits.trim().parse().map_err(|_| bad())?;
+    if !(bits.is_finite() && bits > 0.0) {
+        return Err(format!("`{s}`: bits per weight must be a positive number"));
+    }
+    let label = label.trim();
+    if label.is_empty() {
+        return Err(format!("`{s}`: the label is empty"));
+    }
+    Ok(Baseline {
+        label: label.to_string(),
+        bits,
+        ppl: parse_ppl(ppl)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
 
     use super::*;
     use crate::cli::{Cli, Command};
+
+    #[test]
+    fn baselines_parse_and_bad_ones_say_why() {
+        let b = parse_baseline("GPTQ w4 g128=4.25:20.7").unwrap();
+        assert_eq!(
+            b,
+            Baseline {
+                label: "GPTQ w4 g128".into(),
+                bits: 4.25,
+                ppl: 20.7
+            }
+        );
+        // The last `=` splits, so a label may hold one.
+        assert_eq!(parse_baseline("a=b=3:9").unwrap().label, "a=b");
+        for (bad, why) in [
+            ("RTN 4.27:20.1", "LABEL=BITS:PPL"),
+            ("RTN=4.27", "LABEL=BITS:PPL"),
+            ("RTN=x:20", "LABEL=BITS:PPL"),
+            ("RTN=0:20", "positive"),
+            ("RTN=4:-1", "not a perplexity"),
+            ("=4:20", "label is empty"),
+        ] {
+            let e = parse_baseline(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 
     /// `demo` sorts with `SortSettings::default()` and `WindowArgs::default()`:
     /// they must be what `bitstack sort DIR` parses to.

@@ -24,6 +24,18 @@ pub const BACKGROUND_RGB: [u8; 3] = [255, 255, 255];
 pub const SERIES_RGB: [u8; 3] = [31, 119, 180];
 /// The colour of the dense model's line.
 pub const DENSE_RGB: [u8; 3] = [214, 39, 40];
+/// The colour of the baselines' points.
+pub const BASELINE_RGB: [u8; 3] = [44, 160, 44];
+
+/// A perplexity measured elsewhere at some bits per linear weight (RTN or
+/// GPTQ at their own sizes, another layout's rung), drawn as a marker with
+/// its label where a rung of that size would sit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Baseline {
+    pub label: String,
+    pub bits: f64,
+    pub ppl: f64,
+}
 
 /// Most points that get their perplexity written next to them.
 const MAX_ANNOTATED: usize = 12;
@@ -44,6 +56,8 @@ pub struct LadderPlot<'a> {
     pub dense_ppl: Option<f64>,
     /// Legend entry of the dense line.
     pub dense_label: String,
+    /// Points measured elsewhere, for comparison.
+    pub baselines: Vec<Baseline>,
 }
 
 impl LadderPlot<'_> {
@@ -98,10 +112,21 @@ impl LadderPlot<'_> {
                 p.1
             );
         }
+        if let Some(b) = self
+            .baselines
+            .iter()
+            .find(|b| !(b.ppl > 0.0 && b.ppl <= MAX_PPL && b.bits.is_finite() && b.bits > 0.0))
+        {
+            bail!(
+                "baseline `{}`: {} bits per weight and a perplexity of {} cannot be drawn (bits > 0, perplexity up to {MAX_PPL:e})",
+                b.label,
+                b.bits,
+                b.ppl
+            );
+        }
 
         let first = self.ladder.first().context("the ladder has no rungs")?;
         let last = self.ladder.last().context("the ladder has no rungs")?;
-        let (x0, x1) = padded(mib(first.total_bytes), mib(last.total_bytes));
         // Bits per linear weight are an affine function of resident bytes.
         let dense_part = first.total_bytes as f64 - first.linear_bytes as f64;
         let bits_per_byte = if first.linear_bytes > 0 {
@@ -109,10 +134,28 @@ impl LadderPlot<'_> {
         } else {
             0.0
         };
+        if !self.baselines.is_empty() && bits_per_byte <= 0.0 {
+            bail!("the ladder's first rung holds no linear bytes, so bits per weight cannot be placed on the memory axis");
+        }
         let bpw = |x_mib: f64| (x_mib * 1048576.0 - dense_part) * bits_per_byte;
+        let at_bits = |bits: f64| mib((dense_part + bits / bits_per_byte).round() as usize);
+        let baselines: Vec<(f64, f64, &str)> = self
+            .baselines
+            .iter()
+            .map(|b| (at_bits(b.bits), b.ppl, b.label.as_str()))
+            .collect();
+        let xs = baselines.iter().map(|b| b.0);
+        let (x0, x1) = padded(
+            xs.clone().fold(mib(first.total_bytes), f64::min),
+            xs.fold(mib(last.total_bytes), f64::max),
+        );
 
-        let mut lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
-        let mut hi = points.iter().map(|p| p.1).fold(0.0, f64::max);
+        let all_ppl = points
+            .iter()
+            .map(|p| p.1)
+            .chain(baselines.iter().map(|b| b.1));
+        let mut lo = all_ppl.clone().fold(f64::INFINITY, f64::min);
+        let mut hi = all_ppl.fold(0.0, f64::max);
         if let Some(d) = self.dense_ppl {
             lo = lo.min(d);
             hi = hi.max(d);
@@ -194,6 +237,18 @@ impl LadderPlot<'_> {
             chart.draw_series(points.iter().map(|&(x, p)| {
                 EmptyElement::at((x, p)) + Text::new(significant(p), (8, -20), font.clone())
             }))?;
+        }
+        if !baselines.is_empty() {
+            let colour = rgb_color(BASELINE_RGB);
+            let font = ("sans-serif", 14).into_font().color(&colour);
+            chart
+                .draw_series(baselines.iter().map(|&(x, p, label)| {
+                    EmptyElement::at((x, p))
+                        + TriangleMarker::new((0, 0), 7, colour.filled())
+                        + Text::new(format!("{label}: {}", significant(p)), (9, 4), font.clone())
+                }))?
+                .label("measured elsewhere")
+                .legend(move |(x, y)| TriangleMarker::new((x + 12, y), 6, colour.filled()));
         }
         chart
             .configure_series_labels()

@@ -7,7 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use bitstack_cli::plot::{LadderPlot, BACKGROUND_RGB, DENSE_RGB, HEIGHT, SERIES_RGB, WIDTH};
+use bitstack_cli::plot::{
+    Baseline, LadderPlot, BACKGROUND_RGB, BASELINE_RGB, DENSE_RGB, HEIGHT, SERIES_RGB, WIDTH,
+};
 use bitstack_quant::eval::sort::{sort_on_windows, SortMethod};
 use bitstack_quant::format::order::{BlockOrder, Geometry, Rung};
 use bitstack_quant::format::synthetic::SyntheticSpec;
@@ -172,6 +174,33 @@ fn eval_records_then_ladder_plots_a_png() {
     serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
     let (_, _, again) = decode(&std::fs::read(&png_path).unwrap());
     assert_ne!(again, pixels);
+    assert_eq!(count(&again, BASELINE_RGB), 0);
+    // --baseline draws a labelled marker at its bits per weight.
+    let at = format!(
+        "RTN w4={}:{}",
+        ladder[20].bits_per_linear_weight,
+        2.0 * dense_ppl
+    );
+    ok(&[
+        "ladder",
+        p,
+        "--plot",
+        png_path.to_str().unwrap(),
+        "--baseline",
+        &at,
+    ]);
+    let (_, _, marked) = decode(&std::fs::read(&png_path).unwrap());
+    assert!(count(&marked, BASELINE_RGB) > 60, "baseline pixels");
+    let out = bitstack(&[
+        "ladder",
+        p,
+        "--plot",
+        png_path.to_str().unwrap(),
+        "--baseline",
+        "RTN",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LABEL=BITS:PPL"));
 
     // Sorting anew drops the rungs' perplexities (they belong to the old
     // order) but keeps the dense model's.
@@ -268,6 +297,14 @@ fn wide_ladder(measured: &[usize]) -> Vec<Rung> {
 }
 
 fn render(ladder: &[Rung], dense: Option<f64>) -> Vec<[u8; 3]> {
+    render_with(ladder, dense, Vec::new()).unwrap()
+}
+
+fn render_with(
+    ladder: &[Rung],
+    dense: Option<f64>,
+    baselines: Vec<Baseline>,
+) -> anyhow::Result<Vec<[u8; 3]>> {
     let plot = LadderPlot {
         title: "smollm2-bitstack: perplexity against resident memory".into(),
         subtitle: Some("perplexity on wiki-eval.txt, 64 windows; order: fast".into()),
@@ -275,10 +312,35 @@ fn render(ladder: &[Rung], dense: Option<f64>) -> Vec<[u8; 3]> {
         series_label: "BitStack, measured rungs".into(),
         dense_ppl: dense,
         dense_label: "dense model: PPL 14.92".into(),
+        baselines,
     };
-    let (w, h, pixels) = decode(&plot.render_png().unwrap());
+    let (w, h, pixels) = decode(&plot.render_png()?);
     assert_eq!((w, h), (WIDTH, HEIGHT));
-    pixels
+    Ok(pixels)
+}
+
+#[test]
+fn baselines_are_drawn_where_their_bits_fall_and_bad_ones_refused() {
+    let ladder = wide_ladder(&[0, 5, 10, 15]);
+    let none = render(&ladder, Some(14.92));
+    assert_eq!(count(&none, BASELINE_RGB), 0);
+    let rtn = |bits: f64, ppl: f64| Baseline {
+        label: "RTN w4".into(),
+        bits,
+        ppl,
+    };
+    let one = render_with(&ladder, Some(14.92), vec![rtn(4.27, 20.1)]).unwrap();
+    let two = render_with(&ladder, Some(14.92), vec![rtn(4.27, 20.1), rtn(3.27, 81.8)]).unwrap();
+    // A filled triangle of size 7 and its label, then twice that.
+    let (a, b) = (count(&one, BASELINE_RGB), count(&two, BASELINE_RGB));
+    assert!(a > 60, "{a} baseline pixels");
+    assert!(b > a + 40, "{a} → {b} baseline pixels");
+    // Beyond the ladder's bits the memory axis widens to hold it.
+    assert!(render_with(&ladder, None, vec![rtn(40.0, 15.0)]).is_ok());
+    for bad in [rtn(0.0, 20.0), rtn(4.0, f64::NAN), rtn(4.0, 1e31)] {
+        let e = render_with(&ladder, None, vec![bad]).unwrap_err();
+        assert!(e.to_string().contains("baseline `RTN w4`"), "{e}");
+    }
 }
 
 #[test]
