@@ -108,7 +108,11 @@ async fn logits_equal_our_runner_at_several_levels() {
 async fn grid_plane_logits_equal_our_runner_at_several_levels() {
     let dir = common::grid_checkpoint();
     let stored = Checkpoint::open(dir).unwrap();
-    assert_eq!(stored.quantization().format_version, 3, "the default format");
+    assert_eq!(
+        stored.quantization().format_version,
+        3,
+        "the default format"
+    );
     logits_equal_our_runner(dir).await;
 }
 
