@@ -21,6 +21,8 @@ fn json_has_one_entry_per_combination() {
         "1,2",
         "--k",
         "4",
+        "--planes",
+        "2,3",
         "--rows",
         "1,3",
         "--min-time-ms",
@@ -33,18 +35,30 @@ fn json_has_one_entry_per_combination() {
     assert!(out.status.success(), "bench failed: {stderr}");
     // Nothing but the JSON on stdout.
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("stdout is one JSON list");
-    assert_eq!(rows.len(), 2 * 2 * 2, "{rows:#?}");
+    assert_eq!(rows.len(), 2 * 2 * (2 + 2), "{rows:#?}");
     let mut seen = Vec::new();
     for r in &rows {
         let int = |key: &str| r[key].as_u64().unwrap_or_else(|| panic!("{key} in {r}"));
         let (m, n, blocks, rows) = (int("m"), int("n"), int("blocks"), int("rows"));
-        assert_eq!(int("k"), 4);
-        seen.push((m, n, blocks, rows));
+        let layout = r["layout"].as_str().expect("layout").to_string();
+        seen.push((layout.clone(), m, n, blocks, rows));
         let bpw = r["bpw"].as_f64().expect("bpw");
-        // Resident bytes: signs in 32-row tiles of whole bytes, then u and vt.
+        // Resident bytes: signs in 32-row tiles of whole bytes, then u and
+        // vt for blocks, the grid for planes.
         let signs = m.div_ceil(32) * 32 * n.div_ceil(8);
-        let want = blocks as f64 * (signs + 2 * 4 * (m + n)) as f64 * 8.0 / (m * n) as f64;
-        assert!((bpw - want).abs() < 1e-9, "bpw {bpw} vs {want}");
+        match layout.as_str() {
+            "blocks" => {
+                assert_eq!(int("k"), 4);
+                let want = blocks as f64 * (signs + 2 * 4 * (m + n)) as f64 * 8.0 / (m * n) as f64;
+                assert!((bpw - want).abs() < 1e-9, "bpw {bpw} vs {want}");
+            }
+            "planes" => {
+                assert!(r["k"].is_null(), "{r}");
+                let bare = blocks as f64 * signs as f64 * 8.0 / (m * n) as f64;
+                assert!(bpw > bare, "bpw {bpw} holds no grid over {bare}");
+            }
+            other => panic!("layout {other}"),
+        }
         for key in ["ours_ms", "dense_f32_ms", "dense_f16_ms"] {
             let t = r[key].as_f64().unwrap_or_else(|| panic!("{key} in {r}"));
             assert!(t.is_finite() && t > 0.0, "{key} = {t}");
@@ -58,7 +72,7 @@ fn json_has_one_entry_per_combination() {
     }
     seen.sort();
     seen.dedup();
-    assert_eq!(seen.len(), 8, "every combination once: {seen:?}");
+    assert_eq!(seen.len(), 16, "every combination once: {seen:?}");
 }
 
 #[test]
