@@ -8,6 +8,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bitstack_mistralrs::register;
@@ -21,6 +22,15 @@ mod common;
 
 fn cpu() -> Device {
     Device::Cpu
+}
+
+static IN_PROCESS: Mutex<()> = Mutex::new(());
+
+/// The plugin's registration and the count of opened checkpoints are per
+/// process: the tests that build a mistral.rs model in this process take
+/// turns, so a plain `cargo test` runs them side by side safely.
+fn one_model_at_a_time() -> MutexGuard<'static, ()> {
+    IN_PROCESS.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[test]
@@ -118,7 +128,11 @@ async fn grid_plane_logits_equal_our_runner_at_several_levels() {
 
 /// mistral.rs, its linears replaced by the plugin's, at the floor, middle
 /// and top of `dir`'s ladder, against our runner at the same level.
+// The guard only orders this test's thread against the others; each
+// `tokio::test` drives its body on its own thread.
+#[allow(clippy::await_holding_lock)]
 async fn logits_equal_our_runner(dir: &Path) {
+    let _turn = one_model_at_a_time();
     // Our runner (the plugin's handle holds the linears only).
     let reference = BitStackHandle::open(dir, None, &cpu()).unwrap();
     let max = reference.max_level();
@@ -175,7 +189,9 @@ async fn logits_equal_our_runner(dir: &Path) {
 /// tokenizer: mistral.rs's column-parallel layers add those biases
 /// themselves, so the BitStack linears under them must not add them again.
 #[tokio::test(flavor = "multi_thread")]
+#[allow(clippy::await_holding_lock)]
 async fn biases_are_added_once() {
+    let _turn = one_model_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("qwen2-biases");
     let spec = bitstack_quant::format::synthetic::SyntheticSpec {

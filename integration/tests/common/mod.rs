@@ -29,16 +29,13 @@ pub fn dense() -> &'static PathBuf {
 pub fn checkpoint() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
-        let dense = dense();
-        let out = assets.dir.join("SmolLM2-135M-Instruct-bitstack-k4x4");
-        if !out.join("config.json").exists() {
-            let opts = CompressOptions {
+        compressed_once("SmolLM2-135M-Instruct-bitstack-k4x4", |calib_text| {
+            CompressOptions {
                 k: 4,
                 k_per_kind: Default::default(),
                 niter: 4,
                 grid: None,
-                calib_text: assets.calib_text.clone(),
+                calib_text,
                 calib_windows: 8,
                 seq_len: 256,
                 batch: 4,
@@ -47,13 +44,8 @@ pub fn checkpoint() -> &'static PathBuf {
                 // The shared checkpoint predates 16-bit dense parts.
                 dense_dtype: DenseDtype::F32,
                 scale_power: None,
-            };
-            let partial = out.with_extension("partial");
-            let _ = std::fs::remove_dir_all(&partial);
-            compress(dense, &partial, &opts).expect("compress");
-            std::fs::rename(&partial, &out).expect("rename");
-        }
-        out
+            }
+        })
     })
 }
 
@@ -64,22 +56,32 @@ pub fn checkpoint() -> &'static PathBuf {
 pub fn grid_checkpoint() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
-        let out = assets.dir.join("SmolLM2-135M-Instruct-bitstack-planes4");
-        if !out.join("config.json").exists() {
-            let opts = CompressOptions {
+        compressed_once("SmolLM2-135M-Instruct-bitstack-planes4", |calib_text| {
+            CompressOptions {
                 grid: Some(GridConfig::new(4)),
                 calib_windows: 8,
                 seq_len: 256,
-                ..CompressOptions::recommended(assets.calib_text.clone())
-            };
-            let partial = out.with_extension("partial");
-            let _ = std::fs::remove_dir_all(&partial);
-            compress(dense(), &partial, &opts).expect("compress");
-            std::fs::rename(&partial, &out).expect("rename");
-        }
-        out
+                ..CompressOptions::recommended(calib_text)
+            }
+        })
     })
+}
+
+/// The dense SmolLM2 compressed into `name` in the assets folder with the
+/// options `opts` gives for the calibration text, unless a run before made
+/// it: written as `name.partial`, then renamed, so a killed run leaves no
+/// half checkpoint under `name`.
+#[allow(dead_code)]
+fn compressed_once(name: &str, opts: impl FnOnce(PathBuf) -> CompressOptions) -> PathBuf {
+    let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
+    let out = assets.dir.join(name);
+    if !out.join("config.json").exists() {
+        let partial = out.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        compress(dense(), &partial, &opts(assets.calib_text.clone())).expect("compress");
+        std::fs::rename(&partial, &out).expect("rename");
+    }
+    out
 }
 
 /// The raw logits mistral.rs returns for a one-message chat, as flat f32,
