@@ -9,9 +9,9 @@
 //! the same bits instead. The `--outliers` largest weights of each group
 //! stay exact. With `--calib`, each layer is first scaled and folded as
 //! `compress` does (activation scales from the dense model's inputs).
-//! `--rotate B` simulates incoherence processing on `grid`: each linear's
-//! columns are rotated in blocks of B (Hadamard, random signs) before the
-//! grid is fitted, and the gridded weight is rotated back.
+//! `--rotate B` simulates incoherence processing: each linear's columns
+//! are rotated in blocks of B (Hadamard, random signs) before it is
+//! quantized, and the quantized weight is rotated back.
 //!
 //! ```text
 //! cargo run --release --example planes_preview -- MODEL TEXT --calib CALIB.txt --method grid --planes 3,4
@@ -82,11 +82,11 @@ struct Args {
     /// `--scale-power`).
     #[arg(long, default_value_t = 1.0)]
     alpha: f32,
-    /// Incoherence processing (`grid`): before gridding, each row's
-    /// columns are rotated in blocks of this many (a power of two dividing
-    /// every width) by a Hadamard transform with random column signs, and
-    /// the gridded weight is rotated back: what a runtime that rotates
-    /// each linear's input the same way would compute. 0: no rotation.
+    /// Incoherence processing: before quantizing, each row's columns are
+    /// rotated in blocks of this many (a power of two dividing every
+    /// width) by a Hadamard transform with random column signs, and the
+    /// quantized weight is rotated back: what a runtime that rotates each
+    /// linear's input the same way would compute. 0: no rotation.
     #[arg(long, default_value_t = 0)]
     rotate: usize,
 }
@@ -173,6 +173,9 @@ fn column_signs(n: usize) -> Vec<f32> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.rotate > 0 && !args.rotate.is_power_of_two() {
+        bail!("--rotate {} is not a power of two", args.rotate);
+    }
     let dir = ModelDir::open(&args.model)?;
     let tok = load_tokenizer(dir.dir())?;
     let scored = tokenize_file(&tok, &args.text)?;
@@ -222,24 +225,29 @@ fn main() -> Result<()> {
                 outliers: args.outliers,
                 coding: GridCoding::Int8,
             };
-            if args.rotate > 0 {
-                if !args.rotate.is_power_of_two() || n % args.rotate != 0 {
+            // The rotation's column signs, when there is one.
+            let signs = if args.rotate > 0 {
+                if !n.is_multiple_of(args.rotate) {
                     bail!("--rotate {} does not split {n} columns", args.rotate);
                 }
-                rotate(&mut v, n, args.rotate, &column_signs(n), false);
-            }
+                let signs = column_signs(n);
+                rotate(&mut v, n, args.rotate, &signs, false);
+                Some(signs)
+            } else {
+                None
+            };
             let grid = match args.method {
                 Method::Grid => Some(grid_planes(&v, m, n, cfg)?),
                 _ => None,
             };
-            prepared.push((l, kind, m, n, v, base, grid, cfg));
+            prepared.push((l, kind, m, n, v, base, grid, cfg, signs));
             pb.inc(1);
         }
     }
     pb.finish();
     for &p in &args.planes {
         let mut grid_bits = 0f64;
-        for (l, kind, m, n, v, base, grid, cfg) in &prepared {
+        for (l, kind, m, n, v, base, grid, cfg, signs) in &prepared {
             let (m, n) = (*m, *n);
             let mut v = v.clone();
             match (&args.method, grid) {
@@ -257,8 +265,8 @@ fn main() -> Result<()> {
                 }
                 (Method::Grid, None) => unreachable!("prepared above"),
             }
-            if args.rotate > 0 {
-                rotate(&mut v, n, args.rotate, &column_signs(n), true);
+            if let Some(signs) = signs {
+                rotate(&mut v, n, args.rotate, signs, true);
             }
             v.iter_mut().zip(base).for_each(|(x, b)| *x += b);
             model.layers[*l].linear_mut(*kind).weight =
