@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use bitstack_quant::format::grid::GridConfig;
+use bitstack_quant::format::rotation::RotationConfig;
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::method::compress::{
     compress_on, CompressOptions, FeedbackOptions, DEFAULT_K, DEFAULT_NITER, DEFAULT_PLANES,
@@ -57,6 +58,14 @@ pub struct CompressArgs {
     /// scales nothing.
     #[arg(long, value_name = "ALPHA")]
     pub scale_power: Option<f32>,
+    /// Incoherence processing, with --layout planes: rotate every linear's
+    /// input columns in blocks of this many (a Hadamard transform with
+    /// random signs; a power of two dividing every width) before gridding
+    /// them, so that a row's few large weights no longer set its groups'
+    /// ranges. The runtime rotates each input the same way (format
+    /// version 4). 0 rotates nothing.
+    #[arg(long, value_name = "BLOCK", default_value_t = 0)]
+    pub rotate: usize,
     #[command(flatten)]
     pub calib: CalibArgs,
     /// Windows of calibration text for the activation scales.
@@ -165,6 +174,7 @@ impl CompressArgs {
             }),
             dense_dtype: self.dense_dtype.into(),
             scale_power: self.scale_power,
+            rotation: (self.rotate > 0).then(|| RotationConfig::new(self.rotate)),
         })
     }
 }

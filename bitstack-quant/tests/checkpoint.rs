@@ -41,6 +41,7 @@ fn opts(dir: &Path) -> CompressOptions {
         k_per_kind: Default::default(),
         dense_dtype: Default::default(),
         scale_power: None,
+        rotation: None,
     }
 }
 

@@ -187,11 +187,11 @@ fn a_broken_grid_or_plane_is_named() {
     let text = std::fs::read_to_string(future.join("config.json")).unwrap();
     std::fs::write(
         future.join("config.json"),
-        text.replace("\"format_version\": 3", "\"format_version\": 4"),
+        text.replace("\"format_version\": 3", "\"format_version\": 5"),
     )
     .unwrap();
     let e = format!("{:#}", Checkpoint::open(&future).err().unwrap());
-    assert!(e.contains("format_version 4 is not supported"), "{e}");
+    assert!(e.contains("format_version 5 is not supported"), "{e}");
 
     // Format 2 with 8-bit ranges is a contradiction, refused by name.
     std::fs::write(

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use bitstack_quant::format::architecture::LinearKind;
 use bitstack_quant::format::grid::{GridCoding, GridConfig};
+use bitstack_quant::format::rotation::RotationConfig;
 use bitstack_quant::format::shard::{Split, TensorParallel};
 use bitstack_quant::format::synthetic::SyntheticSpec;
 use bitstack_quant::method::compress::{compress, CompressOptions};
@@ -34,8 +35,8 @@ fn spec() -> SyntheticSpec {
     }
 }
 
-/// An AVD checkpoint written directly, and a compressed one ending in
-/// grid planes.
+/// An AVD checkpoint written directly, a compressed one ending in grid
+/// planes, and one of grid planes on rotated inputs.
 fn checkpoints(root: &Path) -> Vec<std::path::PathBuf> {
     let avd = root.join("avd");
     spec().write_bitstack(&avd, 4, 8).unwrap();
@@ -53,7 +54,16 @@ fn checkpoints(root: &Path) -> Vec<std::path::PathBuf> {
         ..common::small_options(calib, 4, 1)
     };
     compress(&dense, &grid, &options).unwrap();
-    vec![avd, grid]
+    // Grid planes alone on rotated inputs (format version 4): each rank
+    // of o and down turns back its own columns' blocks.
+    let rotated = root.join("rotated");
+    let options = CompressOptions {
+        niter: 0,
+        rotation: Some(RotationConfig::new(32)),
+        ..options
+    };
+    compress(&dense, &rotated, &options).unwrap();
+    vec![avd, grid, rotated]
 }
 
 fn stacks(handle: &BitStackHandle) -> Vec<(LinearKind, WeightStack)> {
@@ -184,4 +194,21 @@ fn a_world_that_does_not_divide_the_model_is_refused_before_loading() {
     let e = rank_handle(&grid, 0, 2).unwrap_err().to_string();
     assert!(e.contains("grid groups of 64"), "{e}");
     assert!(rank_handle(&grid, 0, 1).is_ok());
+
+    // Rotation blocks that a split would cut: the same 64 columns rotated
+    // in one block of 64, 32 per rank.
+    let rotated = root.path().join("rotated64");
+    let options = CompressOptions {
+        niter: 0,
+        grid: Some(GridConfig {
+            group: 16,
+            ..GridConfig::new(1)
+        }),
+        rotation: Some(RotationConfig::new(64)),
+        ..options
+    };
+    compress(&dense, &rotated, &options).unwrap();
+    let e = rank_handle(&rotated, 1, 2).unwrap_err().to_string();
+    assert!(e.contains("rotated in blocks of 64"), "{e}");
+    assert!(rank_handle(&rotated, 0, 1).is_ok());
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::format::architecture::{checked_linear_shape, LinearKind};
 use crate::format::dense::DenseDtype;
 use crate::format::grid::{GridCoding, GridConfig};
+use crate::format::rotation::RotationConfig;
 
 /// Architectures the runner implements (all share the Llama block).
 pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
@@ -63,6 +64,8 @@ pub const FORMAT_VERSION_GRID: u32 = 2;
 /// Grid planes with 8-bit codes ([`GridCoding::Int8`]), what compress
 /// writes now.
 pub const FORMAT_VERSION_GRID_INT8: u32 = 3;
+/// Version 3 with every linear's input rotated ([`RotationConfig`]).
+pub const FORMAT_VERSION_ROTATED: u32 = 4;
 
 /// The format version of checkpoints whose linears end in grid planes
 /// coded as `coding`.
@@ -95,6 +98,10 @@ pub struct QuantizationConfig {
     /// reference's 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_power: Option<f32>,
+    /// Every linear's blocks stand for `W·R`, `R` this rotation of its
+    /// input columns (format version 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationConfig>,
 }
 
 fn format_v1() -> u32 {
@@ -117,6 +124,7 @@ impl QuantizationConfig {
             k_per_linear,
             grid: None,
             scale_power: None,
+            rotation: None,
         }
     }
 
@@ -124,6 +132,14 @@ impl QuantizationConfig {
     pub fn with_grid(mut self, grid: GridConfig) -> Self {
         self.format_version = grid_format_version(grid.coding);
         self.grid = Some(grid);
+        self
+    }
+
+    /// This layout with every linear's input rotated (format version 4;
+    /// it goes with 8-bit grid planes, [`ModelConfig::validate`] checks).
+    pub fn with_rotation(mut self, rotation: RotationConfig) -> Self {
+        self.format_version = FORMAT_VERSION_ROTATED;
+        self.rotation = Some(rotation);
         self
     }
 
@@ -268,13 +284,36 @@ impl ModelConfig {
                     "quantization_config.niter is 0: every linear stores at least one block (its floor)"
                 );
             }
-            match (q.format_version, &q.grid) {
+            // Version 4 is version 3 with a rotation: checked as 3, then
+            // the rotation against every width.
+            let version = match (q.format_version, &q.rotation) {
+                (FORMAT_VERSION_ROTATED, Some(rotation)) => {
+                    rotation.check().map_err(anyhow::Error::msg)?;
+                    for kind in LinearKind::ALL {
+                        let (_, n) = checked_linear_shape(self, kind)
+                            .context("the model's shapes overflow")?;
+                        rotation
+                            .check_width(n, kind.short_name())
+                            .map_err(anyhow::Error::msg)?;
+                    }
+                    FORMAT_VERSION_GRID_INT8
+                }
+                (FORMAT_VERSION_ROTATED, None) => {
+                    bail!("BitStack format_version {FORMAT_VERSION_ROTATED} needs a `rotation` in quantization_config")
+                }
+                (v, Some(_)) => bail!(
+                    "a `rotation` in quantization_config needs format_version {FORMAT_VERSION_ROTATED}, not {v}"
+                ),
+                (v, None) => v,
+            };
+            match (version, &q.grid) {
                 (FORMAT_VERSION, None) => {}
                 (v @ (FORMAT_VERSION_GRID | FORMAT_VERSION_GRID_INT8), Some(grid)) => {
                     grid.check().map_err(anyhow::Error::msg)?;
                     if grid_format_version(grid.coding) != v {
                         bail!(
-                            "BitStack format_version {v} does not go with grid coding {:?} (format_version {} does)",
+                            "BitStack format_version {} does not go with grid coding {:?} (format_version {} does)",
+                            q.format_version,
                             grid.coding,
                             grid_format_version(grid.coding)
                         );
@@ -287,14 +326,14 @@ impl ModelConfig {
                         );
                     }
                 }
-                (v @ (FORMAT_VERSION_GRID | FORMAT_VERSION_GRID_INT8), None) => {
-                    bail!("BitStack format_version {v} needs a `grid` in quantization_config")
+                (FORMAT_VERSION_GRID | FORMAT_VERSION_GRID_INT8, None) => {
+                    bail!("BitStack format_version {} needs a `grid` in quantization_config", q.format_version)
                 }
                 (FORMAT_VERSION, Some(_)) => {
                     bail!("a `grid` in quantization_config needs format_version {FORMAT_VERSION_GRID} or {FORMAT_VERSION_GRID_INT8}")
                 }
                 (v, _) => bail!(
-                    "BitStack format_version {v} is not supported (only {FORMAT_VERSION}, {FORMAT_VERSION_GRID} and {FORMAT_VERSION_GRID_INT8}): a newer bitstack wrote it"
+                    "BitStack format_version {v} is not supported (only {FORMAT_VERSION} to {FORMAT_VERSION_ROTATED}): a newer bitstack wrote it"
                 ),
             }
         }

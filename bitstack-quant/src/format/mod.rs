@@ -9,7 +9,8 @@
 //! [`writer::CheckpointWriter`] is the one writer of the layout, used by
 //! compression and by [`synthetic`] checkpoints. [`architecture`] names
 //! the linears of a layer and their shapes, [`budget`] parses a memory
-//! budget, [`dense`] is the type of the dense parts.
+//! budget, [`dense`] is the type of the dense parts, [`rotation`] the
+//! rotation of the linears' inputs of format version 4.
 
 pub mod architecture;
 pub mod block;
@@ -21,6 +22,7 @@ pub mod grid;
 pub mod model_dir;
 pub mod order;
 pub mod pack;
+pub mod rotation;
 pub mod shard;
 pub mod store;
 pub mod synthetic;

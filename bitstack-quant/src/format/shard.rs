@@ -97,6 +97,7 @@ impl TensorParallel {
             ));
         }
         let grid = cfg.quantization_config.as_ref().and_then(|q| q.grid);
+        let rotation = cfg.quantization_config.as_ref().and_then(|q| q.rotation);
         for kind in LinearKind::ALL {
             let (m, n) = linear_shape(cfg, kind);
             let shard = self.shard(kind);
@@ -106,6 +107,16 @@ impl TensorParallel {
             };
             if !len.is_multiple_of(w) {
                 return Err(too_many(&format!("{} {what}", kind.short_name()), len));
+            }
+            if let (Some(r), Split::Columns) = (rotation, shard.split) {
+                if !(n / w).is_multiple_of(r.block) {
+                    bail!(
+                        "a world of {w} ranks cannot split this checkpoint: {}'s {n} input columns are rotated in blocks of {}, and {} columns per rank would cut one",
+                        kind.short_name(),
+                        r.block,
+                        n / w
+                    );
+                }
             }
             if let (Some(g), Split::Columns) = (grid, shard.split) {
                 let group = g.group_size(n);
@@ -181,6 +192,14 @@ impl LinearShard {
         match self.split {
             Split::Rows => (m / self.world, n),
             Split::Columns => (m, n / self.world),
+        }
+    }
+
+    /// The input columns of an `n`-column linear this rank holds.
+    pub fn input_columns(&self, n: usize) -> Range<usize> {
+        match self.split {
+            Split::Rows => 0..n,
+            Split::Columns => self.range(n),
         }
     }
 

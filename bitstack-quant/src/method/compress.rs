@@ -13,7 +13,8 @@ use crate::format::block::{reconstruct, Block, BlockShape};
 use crate::format::checkpoint::BlockCounts;
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
-use crate::format::grid::{grid_planes, GridConfig, GridPlanes};
+use crate::format::grid::{grid_planes, GridCoding, GridConfig, GridPlanes};
+use crate::format::rotation::{rotate_rows, Direction, RotationConfig};
 use crate::format::store::TensorStore;
 use crate::format::writer::{CheckpointWriter, LinearBlocks, OwnedTensor};
 use crate::method::decompose::{decompose_with, Refit};
@@ -73,6 +74,9 @@ pub struct CompressOptions {
     /// Exponent of the activation scales; `None` takes the layout's
     /// ([`CompressOptions::scale_power`]).
     pub scale_power: Option<f32>,
+    /// Rotate every linear's input before gridding it (format version 4,
+    /// grid planes alone); `None` stores the weights as they are.
+    pub rotation: Option<RotationConfig>,
 }
 
 /// Settings of error-feedback sign choice.
@@ -125,6 +129,7 @@ impl CompressOptions {
             feedback: Some(FeedbackOptions::default()),
             dense_dtype: DenseDtype::default(),
             scale_power: None,
+            rotation: None,
         }
     }
 
@@ -268,6 +273,21 @@ pub fn compress_on(
     if let Some(grid) = &opts.grid {
         grid.check().map_err(anyhow::Error::msg)?;
     }
+    if let Some(rotation) = &opts.rotation {
+        rotation.check().map_err(anyhow::Error::msg)?;
+        if opts.grid.is_some_and(|g| g.coding != GridCoding::Int8) {
+            bail!("a rotation of the inputs goes with 8-bit grid codes (--grid-coding int8)");
+        }
+        if opts.niter > 0 || opts.grid.is_none() {
+            bail!("a rotation of the inputs goes with grid planes alone (--layout planes): AVD blocks are fitted to the unrotated weights' input statistics");
+        }
+        for kind in LinearKind::ALL {
+            let n = linear_shape(&cfg, kind).1;
+            rotation
+                .check_width(n, kind.name())
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
     let power = opts.scale_power();
     if !(0.0..=2.0).contains(&power) {
         bail!("--scale-power {power} is out of range: it must be 0…2");
@@ -294,6 +314,9 @@ pub fn compress_on(
     );
     if let Some(grid) = opts.grid {
         quantization = quantization.with_grid(grid);
+    }
+    if let Some(rotation) = opts.rotation {
+        quantization = quantization.with_rotation(rotation);
     }
     quantization.scale_power = Some(power);
     let mut writer = CheckpointWriter::create(out_dir, raw_cfg, &quantization, opts.dense_dtype)?;
@@ -366,7 +389,14 @@ pub fn compress_on(
         let weights: Vec<(LinearKind, Vec<f32>)> = LinearKind::ALL
             .iter()
             .map(|&kind| match &layer.linear(kind).weight {
-                LinearWeight::Dense(w) => Ok((kind, w.flatten_all()?.to_vec1::<f32>()?)),
+                LinearWeight::Dense(w) => {
+                    let mut w = w.flatten_all()?.to_vec1::<f32>()?;
+                    if let Some(r) = &opts.rotation {
+                        let n = linear_shape(&cfg, kind).1;
+                        rotate_rows(&mut w, r.block, &r.signs(0..n), Direction::Forward);
+                    }
+                    Ok((kind, w))
+                }
                 LinearWeight::BitStack(_) => unreachable!("the source model is dense"),
             })
             .collect::<Result<_>>()?;

@@ -57,7 +57,7 @@ impl Linear {
         Ok(match &self.weight {
             LinearWeight::Dense(w) => matmul_t(x, w)?,
             LinearWeight::BitStack(s) if x.device().is_cpu() || x.device().is_cuda() => {
-                bitstack_kernels::op::bitstack_matmul(x, s.clone())?
+                s.matmul(x)?
             }
             LinearWeight::BitStack(s) => matmul_t(x, &s.dense_tensor(x.device(), x.dtype())?)?,
         })

@@ -6,8 +6,8 @@
 //! [`generate`] text generation on it. [`device`] parses `--device`,
 //! [`residence`] says where a model keeps its blocks (host memory, or a
 //! CUDA device only), [`placement`] that and which slice of each linear a
-//! tensor-parallel rank holds, and [`device_copy`] keeps the uploads of
-//! host blocks.
+//! tensor-parallel rank holds, [`device_copy`] keeps the uploads of
+//! host blocks, and [`rotation`] turns a rotated linear's inputs.
 
 pub mod device;
 pub mod device_copy;
@@ -17,4 +17,5 @@ pub mod linear;
 pub mod model;
 pub mod placement;
 pub mod residence;
+pub mod rotation;
 pub mod stack;

@@ -27,6 +27,7 @@ use crate::format::store::TensorStore;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::linear::{tensor_bytes, Linear};
 use crate::runtime::placement::{DenseParts, Placement};
+use crate::runtime::rotation::InputRotation;
 use crate::runtime::stack::{StackPart, WeightStack};
 
 /// The type of the activations, whatever the dense parts are stored in.
@@ -667,8 +668,17 @@ fn load_linear_weight(
     let parts = (0..count)
         .map(|b| StackPart::read(store, &slot, b, &placement.residence, shard))
         .collect::<Result<Vec<_>>>()?;
+    let rotation = match q.rotation {
+        None => None,
+        Some(r) => {
+            let cols = shard.map_or(0..n, |s| s.input_columns(n));
+            let rotation = InputRotation::new(r, cols)
+                .with_context(|| format!("the input rotation of `{path}`"))?;
+            Some(std::sync::Arc::new(rotation))
+        }
+    };
     Ok(LinearWeight::BitStack(std::sync::Arc::new(
-        WeightStack::from_parts(lm, ln, slot.k, parts)?,
+        WeightStack::from_parts(lm, ln, slot.k, parts)?.with_rotation(rotation)?,
     )))
 }
 

@@ -15,6 +15,7 @@ use crate::format::shard::LinearShard;
 use crate::format::store::TensorStore;
 use crate::runtime::device_copy::DeviceCopy;
 use crate::runtime::residence::{Residence, Resident};
+use crate::runtime::rotation::InputRotation;
 
 #[cfg(feature = "cuda")]
 type BlockUpload = bitstack_kernels::cuda::CudaBlock;
@@ -251,6 +252,9 @@ pub struct WeightStack {
     pub blocks: Vec<Arc<StackBlock>>,
     /// The grid planes after them (the first one carries the grid).
     pub planes: Vec<Arc<StackPlane>>,
+    /// With format version 4, the blocks and planes stand for `W·R` and
+    /// the input is rotated first: see [`crate::format::rotation`].
+    pub rotation: Option<Arc<InputRotation>>,
     /// The blocks' uploads and their pointer table, for CUDA forwards.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     device: DeviceCopy<StackUpload>,
@@ -273,8 +277,26 @@ impl WeightStack {
             k,
             blocks,
             planes: Vec::new(),
+            rotation: None,
             device: DeviceCopy::default(),
         }
+    }
+
+    /// This stack with its blocks standing for `W·R`, `R` the rotation
+    /// (of this stack's `n` columns).
+    pub fn with_rotation(mut self, rotation: Option<Arc<InputRotation>>) -> Result<Self> {
+        if let Some(r) = &rotation {
+            if r.n() != self.n {
+                bail!(
+                    "a rotation of {} columns does not fit a {}×{} linear",
+                    r.n(),
+                    self.m,
+                    self.n
+                );
+            }
+        }
+        self.rotation = rotation;
+        Ok(self)
     }
 
     /// A stack of AVD blocks followed by grid planes, in stored order.
@@ -344,14 +366,33 @@ impl WeightStack {
 
     /// The stack of the first `b` stored blocks (all of them when there are fewer).
     pub fn prefix(&self, b: usize) -> Self {
-        Self::from_parts(self.m, self.n, self.k, self.parts().take(b))
-            .expect("a prefix of a valid stack is valid")
+        Self {
+            rotation: self.rotation.clone(),
+            ..Self::from_parts(self.m, self.n, self.k, self.parts().take(b))
+                .expect("a prefix of a valid stack is valid")
+        }
     }
 
     /// This stack followed by `more` blocks; errs when they do not follow
     /// (see [`WeightStack::from_parts`]).
     pub fn extended(&self, more: impl IntoIterator<Item = StackPart>) -> Result<Self> {
-        Self::from_parts(self.m, self.n, self.k, self.parts().chain(more))
+        Ok(Self {
+            rotation: self.rotation.clone(),
+            ..Self::from_parts(self.m, self.n, self.k, self.parts().chain(more))?
+        })
+    }
+
+    /// `x·Wᵀ` for `x` of shape `[.., n]` by the kernels (on the CPU, or on
+    /// CUDA in a build with the `cuda` feature), the input rotated first
+    /// when the stack is.
+    pub fn matmul(
+        self: &Arc<Self>,
+        x: &candle_core::Tensor,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        match &self.rotation {
+            None => bitstack_kernels::op::bitstack_matmul(x, self.clone()),
+            Some(r) => bitstack_kernels::op::bitstack_matmul(&r.rotate_input(x)?, self.clone()),
+        }
     }
 
     /// Bytes of all resident blocks, planes and grid where they live: as
@@ -426,7 +467,12 @@ impl WeightStack {
     /// difference of the two prefixes.
     pub fn level_dense(&self, level: usize) -> Result<Vec<f32>> {
         if level < self.blocks.len() {
-            return Self::new(self.m, self.n, self.k, vec![self.blocks[level].clone()]).dense();
+            let block = Self::new(self.m, self.n, self.k, vec![self.blocks[level].clone()]);
+            return Self {
+                rotation: self.rotation.clone(),
+                ..block
+            }
+            .dense();
         }
         let long = self.prefix(level + 1).dense()?;
         let short = self.prefix(level).dense()?;
@@ -464,6 +510,9 @@ impl WeightStack {
                 tiled_row(b.signs, i, 0, &mut signs);
                 add_signed(&signs, &row, out);
             }
+            if let Some(r) = &self.rotation {
+                r.unrotate_row(out);
+            }
         });
         Ok(w)
     }
@@ -479,7 +528,11 @@ impl WeightStack {
         #[cfg(feature = "cuda")]
         if let (false, candle_core::Device::Cuda(_)) = (self.is_on_host(), device) {
             let like = candle_core::Tensor::zeros(1, dtype, device)?;
-            return bitstack_kernels::op::bitstack_dense(&like, Arc::new(self.clone()));
+            let w = bitstack_kernels::op::bitstack_dense(&like, Arc::new(self.clone()))?;
+            return match &self.rotation {
+                None => Ok(w),
+                Some(r) => r.unrotate_weight(&w),
+            };
         }
         let w = self.dense().map_err(candle_core::Error::wrap)?;
         candle_core::Tensor::from_vec(w, (self.m, self.n), device)?.to_dtype(dtype)

@@ -93,5 +93,6 @@ pub fn small_options(calib_text: PathBuf, k: usize, niter: usize) -> CompressOpt
         k_per_kind: Default::default(),
         dense_dtype: Default::default(),
         scale_power: None,
+        rotation: None,
     }
 }

@@ -44,6 +44,7 @@ pub fn checkpoint() -> &'static PathBuf {
                 // The shared checkpoint predates 16-bit dense parts.
                 dense_dtype: DenseDtype::F32,
                 scale_power: None,
+                rotation: None,
             }
         })
     })

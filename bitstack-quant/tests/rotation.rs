@@ -1,0 +1,261 @@
+//! Rotated inputs end to end (format version 4): compress fits the planes
+//! to `W·R`, every prefix loads and fits better, the kernels' forward on
+//! rotated inputs equals the product with the rebuilt weight, the handle
+//! resizes, and a rotation that does not fit is refused by name.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use bitstack_quant::format::checkpoint::{BlockCounts, Checkpoint};
+use bitstack_quant::format::config::{ModelConfig, FORMAT_VERSION_ROTATED};
+use bitstack_quant::format::grid::{GridCoding, GridConfig};
+use bitstack_quant::format::rotation::RotationConfig;
+use bitstack_quant::format::synthetic::SyntheticSpec;
+use bitstack_quant::method::compress::{compress, CompressOptions};
+use bitstack_quant::runtime::elastic::BitStackHandle;
+use bitstack_quant::runtime::linear::LinearWeight;
+use bitstack_quant::runtime::model::Llama;
+use candle_core::{DType, Device, Tensor};
+
+const PLANES: usize = 4;
+/// Divides the synthetic model's 48 and 104 columns.
+const BLOCK: usize = 8;
+
+fn options(root: &Path) -> CompressOptions {
+    let calib = root.join("calib.txt");
+    std::fs::write(&calib, "rotated rows, planes on a grid. ".repeat(40)).unwrap();
+    CompressOptions {
+        grid: Some(GridConfig {
+            group: 16,
+            ..GridConfig::new(PLANES)
+        }),
+        rotation: Some(RotationConfig::new(BLOCK)),
+        ..common::small_options(calib, 2, 0)
+    }
+}
+
+/// The dense synthetic model in `root/dense` and its rotated checkpoint
+/// in `root/rotated`.
+fn compressed(root: &Path) -> (PathBuf, PathBuf) {
+    let dense = root.join("dense");
+    SyntheticSpec::default().write(&dense).unwrap();
+    let out = root.join("rotated");
+    compress(&dense, &out, &options(root)).unwrap();
+    (dense, out)
+}
+
+fn tokens() -> Tensor {
+    Tensor::new(&[[5u32, 77, 150, 9, 201, 33, 2, 250, 40]], &Device::Cpu).unwrap()
+}
+
+#[test]
+fn every_prefix_of_a_rotated_checkpoint_loads_and_fits_better() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, out) = compressed(root.path());
+    let q = ModelConfig::from_dir(&out)
+        .unwrap()
+        .quantization_config
+        .unwrap();
+    assert_eq!(q.format_version, FORMAT_VERSION_ROTATED);
+    assert_eq!(q.rotation, Some(RotationConfig::new(BLOCK)));
+
+    let reference = common::logits(
+        &Llama::load(&dense, &BlockCounts::all(), &Device::Cpu).unwrap(),
+        &tokens(),
+    );
+    let mut errors = Vec::new();
+    for count in 1..=PLANES {
+        let model = Llama::load(&out, &BlockCounts::uniform(count), &Device::Cpu).unwrap();
+        for (_, _, linear) in model.linears() {
+            let LinearWeight::BitStack(s) = &linear.weight else {
+                panic!("a compressed linear loaded dense");
+            };
+            assert!(s.rotation.is_some(), "a rotated linear loaded unrotated");
+        }
+        errors.push(common::relative_error(
+            &common::logits(&model, &tokens()),
+            &reference,
+        ));
+    }
+    // Without the input's rotation the planes of `W·R` would be noise:
+    // each prefix is closer, and all of them about as close as the
+    // unrotated checkpoint's.
+    for w in errors.windows(2) {
+        assert!(w[1] < w[0], "{errors:?}");
+    }
+    let plain = root.path().join("plain");
+    compress(
+        &dense,
+        &plain,
+        &CompressOptions {
+            rotation: None,
+            ..options(root.path())
+        },
+    )
+    .unwrap();
+    let model = Llama::load(&plain, &BlockCounts::all(), &Device::Cpu).unwrap();
+    let unrotated = common::relative_error(&common::logits(&model, &tokens()), &reference);
+    eprintln!("{PLANES} planes: rotated {errors:?}, unrotated {unrotated}");
+    assert!(errors[PLANES - 1] < 0.2, "{errors:?}");
+    assert!(
+        errors[PLANES - 1] < 2.0 * unrotated,
+        "{errors:?} against {unrotated}"
+    );
+}
+
+/// The kernels run on rotated inputs; the rebuilt weight is turned back.
+/// Both must give the same model, in f32 and f16 activations.
+#[test]
+fn the_kernels_on_rotated_inputs_equal_the_rebuilt_weight() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, out) = compressed(root.path());
+    let model = Llama::load(&out, &BlockCounts::uniform(3), &Device::Cpu).unwrap();
+    for (_, kind, linear) in model.linears() {
+        let LinearWeight::BitStack(s) = &linear.weight else {
+            panic!("a compressed linear loaded dense");
+        };
+        let w = s.dense_tensor(&Device::Cpu, DType::F32).unwrap();
+        for rows in [1, 7, 40] {
+            let x = Tensor::randn(0f32, 1.0, (rows, s.n), &Device::Cpu).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let got = linear.forward_weight(&x).unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // Decode-sized inputs go through int8 tables (see the kernels'
+            // tmac module), larger ones through f32 sums.
+            let tolerance = if rows <= bitstack_kernels::DECODE_MAX_ROWS {
+                4.0 * bitstack_kernels::tmac::RELATIVE_MAX_ERROR_BOUND
+            } else {
+                1e-4
+            };
+            assert!(
+                diff <= tolerance * scale,
+                "{kind:?}, {rows} rows: {diff} of {scale}"
+            );
+            let half = linear
+                .forward_weight(&x.to_dtype(DType::F16).unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let diff = (half - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= (tolerance + 1e-2) * scale,
+                "{kind:?} f16, {rows} rows: {diff} of {scale}"
+            );
+        }
+    }
+    // A model whose weights are rebuilt once scores the same tokens alike.
+    let mut rebuilt = Llama::load(&out, &BlockCounts::uniform(3), &Device::Cpu).unwrap();
+    rebuilt.materialize().unwrap();
+    let e = common::relative_error(
+        &common::logits(&rebuilt, &tokens()),
+        &common::logits(&model, &tokens()),
+    );
+    eprintln!("rebuilt against kernels: relative error {e}");
+    assert!(e < 1e-3, "{e}");
+}
+
+#[test]
+fn the_handle_resizes_a_rotated_model() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, out) = compressed(root.path());
+    let handle = BitStackHandle::open(&out, None, &Device::Cpu).unwrap();
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    let top = handle.max_level();
+    for level in [top, 3, 0, top / 2, top] {
+        handle.set_level(level).unwrap();
+        let fresh = Llama::from_checkpoint(
+            &checkpoint,
+            &checkpoint.plan_level(level).unwrap().counts,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            common::logits(&handle.snapshot().model, &tokens()),
+            common::logits(&fresh, &tokens()),
+            "level {level}"
+        );
+    }
+}
+
+#[test]
+fn a_rotation_that_does_not_fit_is_refused_by_name() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, out) = compressed(root.path());
+    let refused = |opts: CompressOptions| {
+        let dir = root.path().join("refused");
+        let e = format!("{:#}", compress(&dense, &dir, &opts).unwrap_err());
+        assert!(!dir.exists(), "a refused compress left {}", dir.display());
+        e
+    };
+    // 16 does not divide intermediate 104 (down_proj's input).
+    let e = refused(CompressOptions {
+        rotation: Some(RotationConfig::new(16)),
+        ..options(root.path())
+    });
+    assert!(e.contains("down_proj") && e.contains("104"), "{e}");
+    let e = refused(CompressOptions {
+        rotation: Some(RotationConfig::new(12)),
+        ..options(root.path())
+    });
+    assert!(e.contains("power of two"), "{e}");
+    // AVD blocks are fitted to unrotated input statistics.
+    let e = refused(CompressOptions {
+        niter: 1,
+        ..options(root.path())
+    });
+    assert!(e.contains("--layout planes"), "{e}");
+    let e = refused(CompressOptions {
+        grid: Some(GridConfig {
+            group: 16,
+            coding: GridCoding::F16,
+            ..GridConfig::new(PLANES)
+        }),
+        ..options(root.path())
+    });
+    assert!(e.contains("int8"), "{e}");
+
+    // A config that contradicts itself is refused when opened.
+    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+    let edited = |from: &str, to: &str| {
+        assert!(text.contains(from), "config.json lacks {from}");
+        let dir = root.path().join("edited");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(&out).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+        std::fs::write(dir.join("config.json"), text.replace(from, to)).unwrap();
+        format!("{:#}", Checkpoint::open(&dir).err().unwrap())
+    };
+    // Version 3 with a rotation, version 4 without, a block that does not
+    // divide a width.
+    let e = edited("\"format_version\": 4", "\"format_version\": 3");
+    assert!(e.contains("needs format_version 4"), "{e}");
+    let e = edited("\"rotation\"", "\"rotation_\"");
+    assert!(e.contains("needs a `rotation`"), "{e}");
+    let e = edited("\"block\": 8", "\"block\": 32");
+    assert!(e.contains("rotation block 32"), "{e}");
+}
