@@ -9,7 +9,9 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use bitstack_quant::format::block::Block;
 use bitstack_quant::format::grid::{grid_planes, GridConfig};
+use bitstack_quant::format::rotation::{rotate_rows, Direction, RotationConfig};
 use bitstack_quant::runtime::linear::{Linear, LinearWeight};
+use bitstack_quant::runtime::rotation::InputRotation;
 use bitstack_quant::runtime::stack::WeightStack;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -33,11 +35,28 @@ pub fn random_stack(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> W
 /// (`compress --layout planes`: groups of 128 columns, one exact weight
 /// per group, 8-bit grid numbers), host-resident.
 pub fn grid_stack(w: &Tensor, planes: usize) -> Result<WeightStack> {
+    rotated_grid_stack(w, planes, None)
+}
+
+/// As [`grid_stack`], the planes fitted to `W·R` when `rotation` is given
+/// (`compress --rotate`), so that the stack's forward rotates its input.
+pub fn rotated_grid_stack(
+    w: &Tensor,
+    planes: usize,
+    rotation: Option<RotationConfig>,
+) -> Result<WeightStack> {
     let (m, n) = w.dims2()?;
-    let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    let mut values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    if let Some(r) = rotation {
+        rotate_rows(&mut values, r.block, &r.signs(0..n), Direction::Forward);
+    }
     let cfg = GridConfig::new(planes);
     let gp = grid_planes(&values, m, n, cfg)?;
-    WeightStack::from_parts(m, n, 1, WeightStack::grid_parts(&gp, cfg, m, n))
+    let rotation = rotation
+        .map(|r| InputRotation::new(r, 0..n).map(Arc::new))
+        .transpose()?;
+    WeightStack::from_parts(m, n, 1, WeightStack::grid_parts(&gp, cfg, m, n))?
+        .with_rotation(rotation)
 }
 
 /// A random dense `m×n` f32 weight (entries Gaussian, standard deviation `1/√n`).

@@ -11,8 +11,10 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 
 use super::kernels::{
-    grid_stack, random_input, random_stack, stack_linear, DenseBaselines, DenseLayout,
+    grid_stack, random_input, random_stack, rotated_grid_stack, stack_linear, DenseBaselines,
+    DenseLayout,
 };
+use bitstack_quant::format::rotation::RotationConfig;
 
 /// The default shapes (`m×n`): a Llama-3-8B attention projection, SmolLM2's
 /// attention, up/gate and down projections, and Llama-3-8B's up/gate and down
@@ -42,6 +44,9 @@ pub struct BenchConfig {
     /// Grid plane counts (the default layout's grid, fitted to the random
     /// dense weight the baselines use).
     pub planes: Vec<usize>,
+    /// With a block, every plane count is timed again on rotated inputs
+    /// (`compress --rotate`); 0: not.
+    pub rotate: usize,
     pub rows: Vec<usize>,
     /// Each measurement repeats until this much time has passed (and at
     /// least [`MIN_REPS`] times).
@@ -68,6 +73,25 @@ impl BenchConfig {
         if let Some(b) = self.blocks.iter().find(|&&b| b == 0) {
             bail!("--blocks {b}: a BitStack weight needs at least 1 block");
         }
+        if self.rotate > 0 {
+            RotationConfig::new(self.rotate)
+                .check()
+                .map_err(|e| anyhow::anyhow!("--rotate: {e}"))?;
+            if self.planes.is_empty() {
+                bail!(
+                    "--rotate {} rotates grid planes: give --planes too",
+                    self.rotate
+                );
+            }
+            for &(m, n) in &self.shapes {
+                if !n.is_multiple_of(self.rotate) {
+                    bail!(
+                        "--rotate {} does not divide the {n} input columns of shape {m}x{n}",
+                        self.rotate
+                    );
+                }
+            }
+        }
         if self.rows.contains(&0) {
             bail!("--rows 0: x needs at least 1 row");
         }
@@ -90,7 +114,12 @@ impl BenchConfig {
     /// layouts each, Q4K), per block count and per plane count, for every
     /// shape and row count.
     pub fn steps(&self) -> u64 {
-        let ours = self.blocks.len() + self.planes.len();
+        let rotated = if self.rotate > 0 {
+            self.planes.len()
+        } else {
+            0
+        };
+        let ours = self.blocks.len() + self.planes.len() + rotated;
         (self.shapes.len() * self.rows.len() * (5 + ours)) as u64
     }
 }
@@ -124,6 +153,9 @@ pub enum Layout {
     Blocks,
     /// Grid planes (`compress --layout planes`).
     Planes,
+    /// Grid planes on rotated inputs (`compress --rotate`).
+    #[serde(rename = "rotated_planes")]
+    RotatedPlanes,
 }
 
 /// `MxN` (or `MXN`) as `(m, n)`: the value parser of `--shapes`.
@@ -179,6 +211,7 @@ impl Layout {
         match self {
             Layout::Blocks => "blocks",
             Layout::Planes => "planes",
+            Layout::RotatedPlanes => "rotated",
         }
     }
 }
@@ -208,6 +241,17 @@ pub fn run(cfg: &BenchConfig, pb: &ProgressBar) -> Result<Vec<BenchRow>> {
         let grid = if max_planes > 0 {
             pb.set_message(format!("{m}x{n} grid planes"));
             Some(grid_stack(&dense.w_f32, max_planes)?)
+        } else {
+            None
+        };
+        let rotated = if cfg.rotate > 0 {
+            pb.set_message(format!("{m}x{n} rotated grid planes"));
+            let rotation = RotationConfig::new(cfg.rotate);
+            Some(rotated_grid_stack(
+                &dense.w_f32,
+                max_planes,
+                Some(rotation),
+            )?)
         } else {
             None
         };
@@ -247,6 +291,11 @@ pub fn run(cfg: &BenchConfig, pb: &ProgressBar) -> Result<Vec<BenchRow>> {
                     cfg.planes
                         .iter()
                         .map(|&p| (Layout::Planes, p, grid.prefix(p)))
+                }))
+                .chain(rotated.iter().flat_map(|grid| {
+                    cfg.planes
+                        .iter()
+                        .map(|&p| (Layout::RotatedPlanes, p, grid.prefix(p)))
                 }));
             for (layout, b, stack) in ours {
                 let bpw = bitstack_quant::bits_per_weight(stack.resident_bytes(), m * n);
@@ -294,6 +343,7 @@ mod tests {
             blocks: vec![1, 2],
             k: 4,
             planes: vec![3],
+            rotate: 0,
             rows: vec![1, 3],
             min_time: Duration::ZERO,
             seed: 0,
@@ -309,6 +359,22 @@ mod tests {
         assert!(err(&|c| c.rows = vec![0]).contains("--rows 0"));
         assert!(err(&|c| c.k = 0).contains("--k 0"));
         assert!(err(&|c| c.k = 34).contains("min(m, n) = 33"));
+        // A rotation must be a power of two dividing every width, of planes.
+        assert!(err(&|c| c.rotate = 16).contains("shape 33x40"));
+        assert!(err(&|c| c.rotate = 24).contains("power of two"));
+        let rotated = BenchConfig {
+            shapes: vec![(64, 256), (33, 48)],
+            rotate: 16,
+            ..ok.clone()
+        };
+        rotated.validate().unwrap();
+        assert_eq!(rotated.steps(), 2 * 2 * (5 + 2 + 1 + 1));
+        assert!(err(&|c| {
+            c.shapes = vec![(64, 256)];
+            c.rotate = 16;
+            c.planes = vec![];
+        })
+        .contains("--planes too"));
         assert!(err(&|c| c.shapes = vec![(0, 4)]).contains("0x4"));
         assert!(err(&|c| c.planes = vec![0]).contains("--planes 0"));
         assert!(err(&|c| {

@@ -53,6 +53,11 @@ pub struct BenchArgs {
     /// same random weight as the dense and Q4K products.
     #[arg(long, value_name = "P,…", value_delimiter = ',', default_value = DEFAULT_PLANES)]
     pub planes: Vec<usize>,
+    /// Time every plane count again on inputs rotated in blocks of this
+    /// many (`compress --rotate`): what the rotation costs a forward. 0:
+    /// not.
+    #[arg(long, value_name = "BLOCK", default_value_t = 0)]
+    pub rotate: usize,
     /// Rows of x: 1 is one token being decoded, 512 a prompt being prefilled.
     #[arg(long, value_name = "R,…", value_delimiter = ',', default_value = DEFAULT_ROWS)]
     pub rows: Vec<usize>,
@@ -83,6 +88,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         blocks: args.blocks.clone(),
         k: args.k,
         planes: args.planes.clone(),
+        rotate: args.rotate,
         rows: args.rows.clone(),
         min_time: std::time::Duration::from_millis(args.min_time_ms),
         seed: args.seed,
