@@ -9,9 +9,9 @@
 //! the same bits instead. The `--outliers` largest weights of each group
 //! stay exact. With `--calib`, each layer is first scaled and folded as
 //! `compress` does (activation scales from the dense model's inputs).
-//! `--rotate B` simulates incoherence processing: each linear's columns
-//! are rotated in blocks of B (Hadamard, random signs) before it is
-//! quantized, and the quantized weight is rotated back.
+//! `--rotate B` rotates each linear's columns in blocks of B before it is
+//! quantized and the quantized weight back, as `compress --rotate B` and
+//! its runtime do (see `bitstack_quant::format::rotation`).
 //!
 //! ```text
 //! cargo run --release --example planes_preview -- MODEL TEXT --calib CALIB.txt --method grid --planes 3,4
@@ -24,6 +24,7 @@ use bitstack_quant::eval::calibrate::{calibrate, windows};
 use bitstack_quant::eval::perplexity::evaluate;
 use bitstack_quant::format::block::reconstruct;
 use bitstack_quant::format::grid::{grid_planes, GridCoding, GridConfig};
+use bitstack_quant::format::rotation::{rotate_rows, Direction, RotationConfig};
 use bitstack_quant::method::decompose::decompose;
 use bitstack_quant::method::rtn::{rtn_bits_per_weight, rtn_in_place};
 use bitstack_quant::method::scale::{fold, LayerScales};
@@ -91,34 +92,6 @@ struct Args {
     rotate: usize,
 }
 
-/// `W·(D·H)` per block of `block` columns of each row (`inverse`: `W·(H·D)`,
-/// which undoes it): `H` the orthonormal Walsh–Hadamard matrix, `D` the
-/// random signs `signs` of the columns.
-fn rotate(w: &mut [f32], n: usize, block: usize, signs: &[f32], inverse: bool) {
-    let norm = 1.0 / (block as f32).sqrt();
-    for row in w.chunks_mut(n) {
-        for (blk, d) in row.chunks_mut(block).zip(signs.chunks(block)) {
-            if !inverse {
-                blk.iter_mut().zip(d).for_each(|(x, s)| *x *= s);
-            }
-            let mut h = 1;
-            while h < block {
-                for i in (0..block).step_by(2 * h) {
-                    for j in i..i + h {
-                        let (a, b) = (blk[j], blk[j + h]);
-                        (blk[j], blk[j + h]) = (a + b, a - b);
-                    }
-                }
-                h *= 2;
-            }
-            blk.iter_mut().for_each(|x| *x *= norm);
-            if inverse {
-                blk.iter_mut().zip(d).for_each(|(x, s)| *x *= s);
-            }
-        }
-    }
-}
-
 /// Replaces the row-major `w` (rows of `n`) by its first `planes` planes.
 fn bit_planes(w: &mut [f32], n: usize, planes: u32, outliers: usize) {
     for row in w.chunks_mut(n) {
@@ -152,23 +125,6 @@ fn bit_planes(w: &mut [f32], n: usize, planes: u32, outliers: usize) {
             }
         }
     }
-}
-
-/// Random ±1 per column, the same for every linear of width `n`.
-fn column_signs(n: usize) -> Vec<f32> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ n as u64;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            if state >> 63 == 0 {
-                1.0
-            } else {
-                -1.0
-            }
-        })
-        .collect()
 }
 
 fn main() -> Result<()> {
@@ -230,8 +186,8 @@ fn main() -> Result<()> {
                 if !n.is_multiple_of(args.rotate) {
                     bail!("--rotate {} does not split {n} columns", args.rotate);
                 }
-                let signs = column_signs(n);
-                rotate(&mut v, n, args.rotate, &signs, false);
+                let signs = RotationConfig::new(args.rotate).signs(0..n);
+                rotate_rows(&mut v, args.rotate, &signs, Direction::Forward);
                 Some(signs)
             } else {
                 None
@@ -266,7 +222,7 @@ fn main() -> Result<()> {
                 (Method::Grid, None) => unreachable!("prepared above"),
             }
             if let Some(signs) = signs {
-                rotate(&mut v, n, args.rotate, signs, true);
+                rotate_rows(&mut v, args.rotate, signs, Direction::Inverse);
             }
             v.iter_mut().zip(base).for_each(|(x, b)| *x += b);
             model.layers[*l].linear_mut(*kind).weight =
@@ -296,37 +252,4 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_rotation_is_orthogonal_and_its_inverse_undoes_it() {
-        // 3 rows of 192 columns in blocks of 64: awkward but whole blocks.
-        let (m, n, block) = (3, 192, 64);
-        let w: Vec<f32> = (0..m * n)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
-        let signs = column_signs(n);
-        let mut r = w.clone();
-        rotate(&mut r, n, block, &signs, false);
-        assert!(
-            r.iter().zip(&w).any(|(a, b)| (a - b).abs() > 1e-3),
-            "it moved nothing"
-        );
-        // Orthogonal: every block keeps its norm.
-        for (a, b) in r.chunks(block).zip(w.chunks(block)) {
-            let (na, nb) = (
-                a.iter().map(|x| x * x).sum::<f32>(),
-                b.iter().map(|x| x * x).sum::<f32>(),
-            );
-            assert!((na - nb).abs() <= 1e-4 * nb, "{na} vs {nb}");
-        }
-        rotate(&mut r, n, block, &signs, true);
-        for (a, b) in r.iter().zip(&w) {
-            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
-        }
-    }
 }
