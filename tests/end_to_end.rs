@@ -205,22 +205,23 @@ fn grid_planes_stay_near_dense_and_ahead_of_rtn() {
         .collect();
     eprintln!("dense {dense_ppl:.3}, RTN w4 {rtn_ppl:.3}, 3/4/5 planes {planes:.3?}");
     assert!(planes[0] > planes[1] && planes[1] > planes[2], "{planes:?}");
-    // Measured: dense 14.59, RTN w4 19.84, 3/4/5 planes 27.9 / 16.99 /
-    // 15.07 (70.4 / 19.87 / 15.87 before the scales' exponent 1/2). 4
-    // planes cost 4.40 bits per weight here, RTN w4 g128 4.27; sorted
-    // budgets do better than these uniform rungs (README).
+    // Measured: dense 14.59, RTN w4 19.84, 3/4/5 planes 26.53 / 16.63 /
+    // 14.95 on rotated inputs (27.9 / 16.99 / 15.07 without, 70.4 / 19.87
+    // / 15.87 before the scales' exponent 1/2). 4 planes cost 4.40 bits
+    // per weight here, RTN w4 g128 4.27; sorted budgets do better than
+    // these uniform rungs (README).
     assert!(
-        planes[0] < 2.5 * dense_ppl,
+        planes[0] < 2.0 * dense_ppl,
         "3 planes {} vs dense {dense_ppl}",
         planes[0]
     );
     assert!(
-        planes[1] < 0.92 * rtn_ppl,
+        planes[1] < 0.9 * rtn_ppl,
         "4 planes {} vs RTN w4 {rtn_ppl}",
         planes[1]
     );
     assert!(
-        planes[2] < 1.06 * dense_ppl,
+        planes[2] < 1.045 * dense_ppl,
         "5 planes {} vs dense {dense_ppl}",
         planes[2]
     );

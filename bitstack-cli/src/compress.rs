@@ -8,6 +8,7 @@ use bitstack_quant::format::rotation::RotationConfig;
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::method::compress::{
     compress_on, CompressOptions, FeedbackOptions, DEFAULT_K, DEFAULT_NITER, DEFAULT_PLANES,
+    DEFAULT_ROTATION_BLOCK,
 };
 use bitstack_quant::runtime::model::LinearKind;
 use bitstack_quant::DenseDtype;
@@ -63,9 +64,10 @@ pub struct CompressArgs {
     /// random signs; a power of two dividing every width) before gridding
     /// them, so that a row's few large weights no longer set its groups'
     /// ranges. The runtime rotates each input the same way (format
-    /// version 4). 0 rotates nothing.
-    #[arg(long, value_name = "BLOCK", default_value_t = 0)]
-    pub rotate: usize,
+    /// version 4). 0 rotates nothing [default: 64 with --layout planes,
+    /// 0 otherwise].
+    #[arg(long, value_name = "BLOCK")]
+    pub rotate: Option<usize>,
     #[command(flatten)]
     pub calib: CalibArgs,
     /// Windows of calibration text for the activation scales.
@@ -174,7 +176,11 @@ impl CompressArgs {
             }),
             dense_dtype: self.dense_dtype.into(),
             scale_power: self.scale_power,
-            rotation: (self.rotate > 0).then(|| RotationConfig::new(self.rotate)),
+            rotation: match (self.rotate, self.layout) {
+                (None, LayoutArg::Planes) => Some(RotationConfig::new(DEFAULT_ROTATION_BLOCK)),
+                (None, _) | (Some(0), _) => None,
+                (Some(block), _) => Some(RotationConfig::new(block)),
+            },
         })
     }
 }

@@ -306,6 +306,14 @@ mod tests {
         let lib = CompressOptions::recommended(PathBuf::from("calib.txt"));
         assert_eq!(parts(&lib), parts(&compress(&[])));
         assert_eq!(lib.grid, compress(&[]).grid);
+        assert_eq!(lib.rotation, compress(&[]).rotation);
+        assert!(lib.rotation.is_some());
+        assert_eq!(compress(&["--rotate", "0"]).rotation, None);
+        assert_eq!(compress(&["--layout", "blocks"]).rotation, None);
+        assert_eq!(
+            compress(&["--rotate", "128"]).rotation.map(|r| r.block),
+            Some(128)
+        );
         let lib = CompressOptions::avd_blocks(PathBuf::from("calib.txt"));
         assert_eq!(parts(&lib), parts(&compress(&["--layout", "blocks"])));
         // The scale exponent follows the layout.

@@ -105,6 +105,7 @@ fn nasty_value(rng: &mut StdRng, names: &[&str]) -> Value {
 /// matter: optional config fields, quantization fields, order fields.
 fn known_key(rng: &mut StdRng) -> (String, Value) {
     let (any_group, any_outliers) = (nasty_number(rng), nasty_number(rng));
+    let any_block = nasty_number(rng);
     let grid = json!({
         "planes": nasty_number(rng),
         "group": pick(rng, &[json!(16), json!(8), json!(0), json!(512), any_group]).clone(),
@@ -133,8 +134,15 @@ fn known_key(rng: &mut StdRng) -> (String, Value) {
             "model_type",
             json!(pick(rng, &["llama", "qwen2", "mistral", "gpt2"])),
         ),
-        ("format_version", json!(pick(rng, &[1, 2, 3, 0]))),
+        ("format_version", json!(pick(rng, &[1, 2, 3, 4, 0]))),
         ("grid", grid),
+        (
+            "rotation",
+            json!({
+                "block": pick(rng, &[json!(64), json!(8), json!(0), json!(48), json!(1u64 << 40), any_block]).clone(),
+                "seed": nasty_number(rng)
+            }),
+        ),
         (
             "k_per_linear",
             json!({ "model.layers.0.mlp.up_proj": nasty_number(rng), "model.layers.1.self_attn.q_proj": 1 }),

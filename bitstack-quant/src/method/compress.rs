@@ -40,6 +40,11 @@ pub const DEFAULT_NITER: usize = 8;
 /// Grid planes per linear by default: up to 6.3 bits per weight, a rung at
 /// every whole bit from 2.3 on; at 6 bits SmolLM2 is within 1% of dense.
 pub const DEFAULT_PLANES: usize = 6;
+/// Input columns per rotation block of the planes by default: at 3 and 4
+/// bits per weight it cut SmolLM2's perplexity by 17% and 6–8% on the
+/// wiki text and by 15% and 7% on Rust code (sorted ladder), and 64
+/// divides the widths of the Llama-family models we know.
+pub const DEFAULT_ROTATION_BLOCK: usize = 64;
 
 const EMBED: &str = "model.embed_tokens.weight";
 const NORM: &str = "model.norm.weight";
@@ -104,11 +109,12 @@ impl Default for FeedbackOptions {
 
 impl CompressOptions {
     /// The defaults of `bitstack compress` on `calib_text`: grid planes
-    /// alone, the better layout from 3 bits per weight up.
+    /// alone on rotated inputs, the better layout from 3 bits per weight up.
     pub fn recommended(calib_text: PathBuf) -> Self {
         Self {
             niter: 0,
             grid: Some(GridConfig::new(DEFAULT_PLANES)),
+            rotation: Some(RotationConfig::new(DEFAULT_ROTATION_BLOCK)),
             ..Self::avd_blocks(calib_text)
         }
     }

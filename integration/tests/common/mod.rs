@@ -51,20 +51,22 @@ pub fn checkpoint() -> &'static PathBuf {
 }
 
 /// A quick grid-plane checkpoint of SmolLM2 (the default layout: 4 planes
-/// per linear, 8-bit grid numbers, format version 3; round-robin order),
+/// per linear, 8-bit grid numbers, inputs rotated in blocks of 64, format
+/// version 4; round-robin order),
 /// made once per assets folder.
 #[allow(dead_code)]
 pub fn grid_checkpoint() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        compressed_once("SmolLM2-135M-Instruct-bitstack-planes4", |calib_text| {
-            CompressOptions {
+        compressed_once(
+            "SmolLM2-135M-Instruct-bitstack-planes4-rot64",
+            |calib_text| CompressOptions {
                 grid: Some(GridConfig::new(4)),
                 calib_windows: 8,
                 seq_len: 256,
                 ..CompressOptions::recommended(calib_text)
-            }
-        })
+            },
+        )
     })
 }
 
