@@ -480,7 +480,8 @@ impl WeightStack {
     }
 
     /// `Σᵢ Sᵢ ⊙ (uᵢ·vtᵢ)` as a row-major `m×n` matrix, rows in parallel,
-    /// from the host copies (an error for a device-resident stack).
+    /// from the host copies (an error for a device-resident stack). A
+    /// rotated stack's rows are turned back: this is `W`, not `W·R`.
     ///
     /// Used for prefill-sized inputs, where rebuilding the weight once per
     /// call is cheap next to the matrix product.
