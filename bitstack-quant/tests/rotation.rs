@@ -45,6 +45,14 @@ fn compressed(root: &Path) -> (PathBuf, PathBuf) {
     (dense, out)
 }
 
+/// The largest |value| of `t`.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|a| a.max_all())
+        .and_then(|m| m.to_scalar::<f32>())
+        .unwrap()
+}
+
 fn tokens() -> Tensor {
     Tensor::new(&[[5u32, 77, 150, 9, 201, 33, 2, 250, 40]], &Device::Cpu).unwrap()
 }
@@ -120,21 +128,8 @@ fn the_kernels_on_rotated_inputs_equal_the_rebuilt_weight() {
             let x = Tensor::randn(0f32, 1.0, (rows, s.n), &Device::Cpu).unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap();
             let got = linear.forward_weight(&x).unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(&want);
+            let diff = max_abs(&(got - &want).unwrap());
             // Decode-sized inputs go through int8 tables (see the kernels'
             // tmac module), larger ones through f32 sums.
             let tolerance = if rows <= bitstack_kernels::DECODE_MAX_ROWS {
@@ -151,14 +146,7 @@ fn the_kernels_on_rotated_inputs_equal_the_rebuilt_weight() {
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
-            let diff = (half - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs(&(half - &want).unwrap());
             assert!(
                 diff <= (tolerance + 1e-2) * scale,
                 "{kind:?} f16, {rows} rows: {diff} of {scale}"
