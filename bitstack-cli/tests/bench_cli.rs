@@ -96,6 +96,29 @@ fn a_rank_above_the_shape_is_refused() {
 }
 
 #[test]
+fn an_empty_block_list_times_the_planes_alone() {
+    let out = bitstack(&[
+        "bench",
+        "--shapes",
+        "8x40",
+        "--blocks",
+        "",
+        "--planes",
+        "2",
+        "--rows",
+        "1",
+        "--min-time-ms",
+        "1",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("stdout is one JSON list");
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0]["layout"], "planes");
+}
+
+#[test]
 fn zero_blocks_are_refused() {
     let out = bitstack(&["bench", "--shapes", "8x40", "--k", "2", "--blocks", "0"]);
     assert!(!out.status.success());

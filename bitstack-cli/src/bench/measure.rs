@@ -159,6 +159,26 @@ pub enum Layout {
 }
 
 /// `MxN` (or `MXN`) as `(m, n)`: the value parser of `--shapes`.
+/// A comma-separated list of counts, where `''` is the empty list (clap's
+/// own list splitting would hand the parser one empty string instead).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CountList(pub Vec<usize>);
+
+/// Parses `--blocks` and `--planes`: `1,2,4`, or `''` for none.
+pub fn parse_counts(s: &str) -> Result<CountList, String> {
+    if s.trim().is_empty() {
+        return Ok(CountList(Vec::new()));
+    }
+    s.split(',')
+        .map(|c| {
+            c.trim().parse().map_err(|_| {
+                format!("`{c}` in `{s}` is not a count: expected e.g. 1,2,4 (or '' for none)")
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map(CountList)
+}
+
 pub fn parse_shape(s: &str) -> Result<(usize, usize), String> {
     let bad = || {
         format!("`{s}` is not a shape: expected MxN (out features x in features), e.g. 4096x4096")
@@ -389,6 +409,16 @@ mod tests {
             ..ok.clone()
         };
         planes_only.validate().unwrap();
+    }
+
+    #[test]
+    fn count_lists_parse_and_the_empty_one_is_none() {
+        assert_eq!(parse_counts("1,2, 4").unwrap(), CountList(vec![1, 2, 4]));
+        assert_eq!(parse_counts("").unwrap(), CountList(vec![]));
+        assert_eq!(parse_counts("3").unwrap(), CountList(vec![3]));
+        let err = parse_counts("1,,2").unwrap_err();
+        assert!(err.contains("`` in `1,,2`"), "{err}");
+        assert!(parse_counts("1,x").unwrap_err().contains("`x`"));
     }
 
     #[test]

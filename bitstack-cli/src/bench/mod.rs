@@ -26,8 +26,8 @@ use bitstack_quant::progress::progress_bar;
 use clap::Args;
 
 use measure::{
-    parse_shape, BenchConfig, DEFAULT_BLOCKS, DEFAULT_K, DEFAULT_PLANES, DEFAULT_ROWS,
-    DEFAULT_SHAPES,
+    parse_counts, parse_shape, BenchConfig, CountList, DEFAULT_BLOCKS, DEFAULT_K, DEFAULT_PLANES,
+    DEFAULT_ROWS, DEFAULT_SHAPES,
 };
 
 #[derive(Args, Debug)]
@@ -43,16 +43,16 @@ pub struct BenchArgs {
     )]
     pub shapes: Vec<(usize, usize)>,
     /// AVD block counts to time (each at least 1; `--blocks ''` for none).
-    #[arg(long, value_name = "B,…", value_delimiter = ',', default_value = DEFAULT_BLOCKS)]
-    pub blocks: Vec<usize>,
+    #[arg(long, value_name = "B,…", value_parser = parse_counts, default_value = DEFAULT_BLOCKS)]
+    pub blocks: CountList,
     /// Rank of each block's u·vt (at most min(M, N)).
     #[arg(long, default_value_t = DEFAULT_K)]
     pub k: usize,
     /// Grid plane counts to time (each at least 1; `--planes ''` for
     /// none): the default layout of `compress`, its grid fitted to the
     /// same random weight as the dense and Q4K products.
-    #[arg(long, value_name = "P,…", value_delimiter = ',', default_value = DEFAULT_PLANES)]
-    pub planes: Vec<usize>,
+    #[arg(long, value_name = "P,…", value_parser = parse_counts, default_value = DEFAULT_PLANES)]
+    pub planes: CountList,
     /// Time every plane count again on inputs rotated in blocks of this
     /// many (`compress --rotate`): what the rotation costs a forward. 0:
     /// not.
@@ -85,9 +85,9 @@ pub struct BenchArgs {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let cfg = BenchConfig {
         shapes: args.shapes.clone(),
-        blocks: args.blocks.clone(),
+        blocks: args.blocks.0.clone(),
         k: args.k,
-        planes: args.planes.clone(),
+        planes: args.planes.0.clone(),
         rotate: args.rotate,
         rows: args.rows.clone(),
         min_time: std::time::Duration::from_millis(args.min_time_ms),
