@@ -7,8 +7,8 @@ use bitstack_quant::format::grid::GridConfig;
 use bitstack_quant::format::rotation::RotationConfig;
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::method::compress::{
-    compress_on, CompressOptions, FeedbackOptions, DEFAULT_K, DEFAULT_NITER, DEFAULT_PLANES,
-    DEFAULT_ROTATION_BLOCK,
+    compress_on, CompressOptions, FeedbackOptions, Rotation, DEFAULT_K, DEFAULT_NITER,
+    DEFAULT_PLANES,
 };
 use bitstack_quant::runtime::model::LinearKind;
 use bitstack_quant::DenseDtype;
@@ -64,10 +64,19 @@ pub struct CompressArgs {
     /// random signs; a power of two dividing every width) before gridding
     /// them, so that a row's few large weights no longer set its groups'
     /// ranges. The runtime rotates each input the same way (format
-    /// version 4). 0 rotates nothing [default: 64 with --layout planes,
-    /// 0 otherwise].
+    /// version 4). 0 rotates nothing [default with --layout planes: the
+    /// widest of 128, 64, 32, … that divides every width (SmolLM2: 64,
+    /// Qwen2.5: 128); 0 otherwise]. A tensor-parallel world must not cut
+    /// a block: give 64 to split Qwen2.5-0.5B's 896 columns in two.
     #[arg(long, value_name = "BLOCK")]
     pub rotate: Option<usize>,
+    /// With --layout planes: choose the first P grid planes as GPTQ
+    /// chooses a P-bit code, with error feedback on the inputs' Gram
+    /// matrices from the calibration windows (the later planes refine
+    /// round to nearest, and every prefix stays nested). 0: round every
+    /// plane to nearest.
+    #[arg(long, value_name = "P", default_value_t = 0)]
+    pub plane_feedback: usize,
     #[command(flatten)]
     pub calib: CalibArgs,
     /// Windows of calibration text for the activation scales.
@@ -177,10 +186,11 @@ impl CompressArgs {
             dense_dtype: self.dense_dtype.into(),
             scale_power: self.scale_power,
             rotation: match (self.rotate, self.layout) {
-                (None, LayoutArg::Planes) => Some(RotationConfig::new(DEFAULT_ROTATION_BLOCK)),
-                (None, _) | (Some(0), _) => None,
-                (Some(block), _) => Some(RotationConfig::new(block)),
+                (None, LayoutArg::Planes) => Rotation::Widest,
+                (None, _) | (Some(0), _) => Rotation::None,
+                (Some(block), _) => Rotation::Fixed(RotationConfig::new(block)),
             },
+            plane_feedback: (self.plane_feedback > 0).then_some(self.plane_feedback),
         })
     }
 }

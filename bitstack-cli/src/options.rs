@@ -153,7 +153,8 @@ mod tests {
     use std::path::PathBuf;
 
     use bitstack_quant::eval::sort::SortOptions;
-    use bitstack_quant::method::compress::CompressOptions;
+    use bitstack_quant::format::rotation::RotationConfig;
+    use bitstack_quant::method::compress::{CompressOptions, Rotation};
     use clap::Parser;
 
     use super::*;
@@ -307,12 +308,12 @@ mod tests {
         assert_eq!(parts(&lib), parts(&compress(&[])));
         assert_eq!(lib.grid, compress(&[]).grid);
         assert_eq!(lib.rotation, compress(&[]).rotation);
-        assert!(lib.rotation.is_some());
-        assert_eq!(compress(&["--rotate", "0"]).rotation, None);
-        assert_eq!(compress(&["--layout", "blocks"]).rotation, None);
+        assert_eq!(lib.rotation, Rotation::Widest);
+        assert_eq!(compress(&["--rotate", "0"]).rotation, Rotation::None);
+        assert_eq!(compress(&["--layout", "blocks"]).rotation, Rotation::None);
         assert_eq!(
-            compress(&["--rotate", "128"]).rotation.map(|r| r.block),
-            Some(128)
+            compress(&["--rotate", "128"]).rotation,
+            Rotation::Fixed(RotationConfig::new(128))
         );
         let lib = CompressOptions::avd_blocks(PathBuf::from("calib.txt"));
         assert_eq!(parts(&lib), parts(&compress(&["--layout", "blocks"])));

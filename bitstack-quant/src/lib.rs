@@ -48,7 +48,7 @@ pub use format::dense::DenseDtype;
 pub use format::model_dir::{ModelDir, Selection};
 pub use format::order::{BlockOrder, Geometry, Rung};
 pub use format::writer::CheckpointWriter;
-pub use method::compress::{compress, CompressOptions};
+pub use method::compress::{compress, CompressOptions, Rotation};
 pub use runtime::elastic::{BitStackHandle, Resize, ResizeError, Snapshot};
 pub use runtime::model::{LinearKind, Llama};
 pub use runtime::stack::WeightStack;

@@ -9,7 +9,7 @@ use common::{edit_safetensors, relative_error};
 use bitstack_quant::eval::inspect::inspect;
 use bitstack_quant::format::checkpoint::{BlockCounts, Checkpoint};
 use bitstack_quant::format::synthetic::SyntheticSpec;
-use bitstack_quant::method::compress::{compress, CompressOptions, FeedbackOptions};
+use bitstack_quant::method::compress::{compress, CompressOptions, FeedbackOptions, Rotation};
 use bitstack_quant::method::svd::SvdMethod;
 use bitstack_quant::runtime::linear::LinearWeight;
 use bitstack_quant::runtime::model::{linear_shape, load_tokenizer, LinearKind, Llama};
@@ -41,7 +41,8 @@ fn opts(dir: &Path) -> CompressOptions {
         k_per_kind: Default::default(),
         dense_dtype: Default::default(),
         scale_power: None,
-        rotation: None,
+        rotation: Rotation::None,
+        plane_feedback: None,
     }
 }
 

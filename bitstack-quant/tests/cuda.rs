@@ -255,7 +255,7 @@ fn device_resident_grid_planes_rebuild_and_run_as_host_ones_at_every_prefix() {
 #[test]
 fn a_rotated_checkpoint_on_cuda_computes_what_the_cpu_does() {
     use bitstack_quant::format::rotation::RotationConfig;
-    use bitstack_quant::method::compress::{compress, CompressOptions};
+    use bitstack_quant::method::compress::{compress, CompressOptions, Rotation};
     let root = tempfile::tempdir().unwrap();
     let spec = spec();
     let dense = root.path().join("dense");
@@ -268,7 +268,7 @@ fn a_rotated_checkpoint_on_cuda_computes_what_the_cpu_does() {
             group: 64,
             ..GridConfig::new(4)
         }),
-        rotation: Some(RotationConfig::new(64)),
+        rotation: Rotation::Fixed(RotationConfig::new(64)),
         calib_windows: 2,
         seq_len: 32,
         batch: 2,

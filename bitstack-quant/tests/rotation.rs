@@ -12,10 +12,10 @@ use bitstack_quant::format::config::{ModelConfig, FORMAT_VERSION_ROTATED};
 use bitstack_quant::format::grid::{GridCoding, GridConfig};
 use bitstack_quant::format::rotation::RotationConfig;
 use bitstack_quant::format::synthetic::SyntheticSpec;
-use bitstack_quant::method::compress::{compress, CompressOptions};
+use bitstack_quant::method::compress::{compress, CompressOptions, Rotation};
 use bitstack_quant::runtime::elastic::BitStackHandle;
 use bitstack_quant::runtime::linear::LinearWeight;
-use bitstack_quant::runtime::model::Llama;
+use bitstack_quant::runtime::model::{load_tokenizer, tokenize_file, Llama};
 use candle_core::{DType, Device, Tensor};
 
 const PLANES: usize = 4;
@@ -30,7 +30,7 @@ fn options(root: &Path) -> CompressOptions {
             group: 16,
             ..GridConfig::new(PLANES)
         }),
-        rotation: Some(RotationConfig::new(BLOCK)),
+        rotation: Rotation::Fixed(RotationConfig::new(BLOCK)),
         ..common::small_options(calib, 2, 0)
     }
 }
@@ -97,7 +97,7 @@ fn every_prefix_of_a_rotated_checkpoint_loads_and_fits_better() {
         &dense,
         &plain,
         &CompressOptions {
-            rotation: None,
+            rotation: Rotation::None,
             ..options(root.path())
         },
     )
@@ -110,6 +110,60 @@ fn every_prefix_of_a_rotated_checkpoint_loads_and_fits_better() {
         errors[PLANES - 1] < 2.0 * unrotated,
         "{errors:?} against {unrotated}"
     );
+}
+
+/// Planes chosen with error feedback on the rotated inputs' Gram matrices
+/// (`plane_feedback`) fit the model better at their level than planes
+/// rounded to nearest, on the windows they were calibrated on, and every
+/// prefix still loads. A Gram left unrotated, or scaled the wrong way,
+/// would mislead the feedback.
+#[test]
+fn planes_chosen_with_feedback_fit_better_at_their_level() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, rounded) = compressed(root.path());
+    let opts = options(root.path());
+    let ids = tokenize_file(&load_tokenizer(&dense).unwrap(), &opts.calib_text).unwrap();
+    let window = Tensor::new(&ids[..opts.seq_len], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let reference = common::logits(
+        &Llama::load(&dense, &BlockCounts::all(), &Device::Cpu).unwrap(),
+        &window,
+    );
+    let error = |dir: &Path, count: usize| {
+        let model = Llama::load(dir, &BlockCounts::uniform(count), &Device::Cpu).unwrap();
+        common::relative_error(&common::logits(&model, &window), &reference)
+    };
+    for level in [2, 3] {
+        let fed = root.path().join(format!("fed{level}"));
+        let fed_opts = CompressOptions {
+            plane_feedback: Some(level),
+            ..options(root.path())
+        };
+        compress(&dense, &fed, &fed_opts).unwrap();
+        let (e_fed, e_rounded) = (error(&fed, level), error(&rounded, level));
+        eprintln!("{level} planes: feedback {e_fed}, rounded {e_rounded}");
+        assert!(
+            e_fed < e_rounded,
+            "{level} planes: feedback {e_fed}, rounded {e_rounded}"
+        );
+        for count in 1..=PLANES {
+            assert!(error(&fed, count).is_finite());
+        }
+    }
+    // A level past the planes stored is refused before any work.
+    let err = compress(
+        &dense,
+        &root.path().join("too-many"),
+        &CompressOptions {
+            plane_feedback: Some(PLANES + 1),
+            ..options(root.path())
+        },
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("--plane-feedback 5"), "{err:#}");
+    assert!(!root.path().join("too-many").exists());
 }
 
 /// The kernels run on rotated inputs; the rebuilt weight is turned back.
@@ -199,12 +253,12 @@ fn a_rotation_that_does_not_fit_is_refused_by_name() {
     };
     // 16 does not divide intermediate 104 (down_proj's input).
     let e = refused(CompressOptions {
-        rotation: Some(RotationConfig::new(16)),
+        rotation: Rotation::Fixed(RotationConfig::new(16)),
         ..options(root.path())
     });
     assert!(e.contains("down_proj") && e.contains("104"), "{e}");
     let e = refused(CompressOptions {
-        rotation: Some(RotationConfig::new(12)),
+        rotation: Rotation::Fixed(RotationConfig::new(12)),
         ..options(root.path())
     });
     assert!(e.contains("power of two"), "{e}");

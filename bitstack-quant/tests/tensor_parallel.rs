@@ -13,7 +13,7 @@ use bitstack_quant::format::grid::{GridCoding, GridConfig};
 use bitstack_quant::format::rotation::RotationConfig;
 use bitstack_quant::format::shard::{Split, TensorParallel};
 use bitstack_quant::format::synthetic::SyntheticSpec;
-use bitstack_quant::method::compress::{compress, CompressOptions};
+use bitstack_quant::method::compress::{compress, CompressOptions, Rotation};
 use bitstack_quant::runtime::elastic::BitStackHandle;
 use bitstack_quant::runtime::linear::LinearWeight;
 use bitstack_quant::runtime::placement::Placement;
@@ -59,7 +59,7 @@ fn checkpoints(root: &Path) -> Vec<std::path::PathBuf> {
     let rotated = root.join("rotated");
     let options = CompressOptions {
         niter: 0,
-        rotation: Some(RotationConfig::new(32)),
+        rotation: Rotation::Fixed(RotationConfig::new(32)),
         ..options
     };
     compress(&dense, &rotated, &options).unwrap();
@@ -204,7 +204,7 @@ fn a_world_that_does_not_divide_the_model_is_refused_before_loading() {
             group: 16,
             ..GridConfig::new(1)
         }),
-        rotation: Some(RotationConfig::new(64)),
+        rotation: Rotation::Fixed(RotationConfig::new(64)),
         ..options
     };
     compress(&dense, &rotated, &options).unwrap();

@@ -186,6 +186,15 @@ pub fn grid_planes(
     n: usize,
     cfg: GridConfig,
 ) -> Result<GridPlanes, GridError> {
+    let grid = fit_grid(r, m, n, cfg)?;
+    let planes = choose_signs(r, m, n, &grid, &cfg);
+    Ok(GridPlanes { grid, planes })
+}
+
+/// The grid of [`grid_planes`] alone: per row and group, the outliers and
+/// the range of the other values (checked: finite, and f16 or the coding
+/// holds them).
+pub fn fit_grid(r: &[f32], m: usize, n: usize, cfg: GridConfig) -> Result<Grid, GridError> {
     use rayon::prelude::*;
     assert_eq!(r.len(), m * n, "residual is not m×n");
     if let Some(i) = r.iter().position(|x| !x.is_finite()) {
@@ -267,14 +276,9 @@ pub fn grid_planes(
         append(&mut values, row);
         outlier_col.extend(cols);
     }
-    let grid = Grid {
+    Ok(Grid {
         values,
         outlier_col,
-    };
-    let signs = choose_signs(r, m, n, &grid, &cfg);
-    Ok(GridPlanes {
-        grid,
-        planes: signs,
     })
 }
 

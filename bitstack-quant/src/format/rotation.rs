@@ -95,7 +95,7 @@ fn splitmix64(x: u64) -> u64 {
 
 /// Rotates each row of the row-major `w` (rows of `signs.len()` columns)
 /// in blocks of `block`, rows in parallel.
-pub fn rotate_rows(w: &mut [f32], block: usize, signs: &[f32], direction: Direction) {
+pub fn rotate_rows<T: Sample>(w: &mut [T], block: usize, signs: &[f32], direction: Direction) {
     use rayon::prelude::*;
     let n = signs.len();
     assert!(
@@ -107,34 +107,74 @@ pub fn rotate_rows(w: &mut [f32], block: usize, signs: &[f32], direction: Direct
         .for_each(|row| rotate_row(row, block, signs, direction));
 }
 
+/// A number the transform runs on: f32 for weights and inputs, f64 for
+/// the Gram matrices of [`crate::method::plane_feedback`].
+pub trait Sample:
+    Copy
+    + Send
+    + From<f32>
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+{
+}
+
+impl Sample for f32 {}
+impl Sample for f64 {}
+
 /// One row of [`rotate_rows`].
-pub fn rotate_row(row: &mut [f32], block: usize, signs: &[f32], direction: Direction) {
-    let norm = 1.0 / (block as f32).sqrt();
+pub fn rotate_row<T: Sample>(row: &mut [T], block: usize, signs: &[f32], direction: Direction) {
+    let norm = T::from(1.0 / (block as f32).sqrt());
     for (blk, d) in row.chunks_exact_mut(block).zip(signs.chunks_exact(block)) {
         if direction == Direction::Forward {
-            blk.iter_mut().zip(d).for_each(|(x, s)| *x *= s);
+            blk.iter_mut()
+                .zip(d)
+                .for_each(|(x, &s)| *x = *x * T::from(s));
         }
         walsh_hadamard(blk);
         match direction {
-            Direction::Forward => blk.iter_mut().for_each(|x| *x *= norm),
-            Direction::Inverse => blk.iter_mut().zip(d).for_each(|(x, s)| *x *= s * norm),
+            Direction::Forward => blk.iter_mut().for_each(|x| *x = *x * norm),
+            Direction::Inverse => blk
+                .iter_mut()
+                .zip(d)
+                .for_each(|(x, &s)| *x = *x * T::from(s) * norm),
         }
     }
 }
 
 /// The unnormalized fast Walsh–Hadamard transform of `v` in place
 /// (`v.len()` a power of two).
-fn walsh_hadamard(v: &mut [f32]) {
+fn walsh_hadamard<T: Sample>(v: &mut [T]) {
     let len = v.len();
     let mut h = 1;
     while h < len {
         for i in (0..len).step_by(2 * h) {
-            for j in i..i + h {
-                let (a, b) = (v[j], v[j + h]);
-                (v[j], v[j + h]) = (a + b, a - b);
+            let (lo, hi) = v[i..i + 2 * h].split_at_mut(h);
+            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                (*a, *b) = (*a + *b, *a - *b);
             }
         }
         h *= 2;
+    }
+}
+
+/// `Rᵀ·G·R` for the row-major `n×n` Gram matrix `gram` of inputs `x`
+/// (`n = signs.len()`): the Gram matrix of the rotated inputs `x·R`.
+pub fn rotate_gram(gram: &mut [f64], block: usize, signs: &[f32]) {
+    let n = signs.len();
+    assert_eq!(gram.len(), n * n, "rotate_gram: not an n×n matrix");
+    // Rows: G·R. Then the rows of its transpose, Rᵀ·G (G is symmetric),
+    // times R: Rᵀ·G·R, which is symmetric again.
+    rotate_rows(gram, block, signs, Direction::Forward);
+    transpose_in_place(gram, n);
+    rotate_rows(gram, block, signs, Direction::Forward);
+}
+
+fn transpose_in_place(a: &mut [f64], n: usize) {
+    for i in 0..n {
+        for j in i + 1..n {
+            a.swap(i * n + j, j * n + i);
+        }
     }
 }
 
@@ -214,6 +254,41 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "{a} came back as {b}");
             }
         }
+    }
+
+    #[test]
+    fn a_rotated_gram_is_the_gram_of_the_rotated_inputs() {
+        // 5 rows of 48 inputs in blocks of 16: Rᵀ·(XᵀX)·R = (X·R)ᵀ(X·R),
+        // in f64 from the same f32 inputs.
+        let (rows, n, block) = (5, 48, 16);
+        let cfg = RotationConfig { block, seed: 3 };
+        let signs = cfg.signs(0..n);
+        let x: Vec<f64> = random(rows * n, 9).into_iter().map(f64::from).collect();
+        let gram_of = |x: &[f64]| -> Vec<f64> {
+            (0..n * n)
+                .map(|pq| {
+                    (0..rows)
+                        .map(|r| x[r * n + pq / n] * x[r * n + pq % n])
+                        .sum()
+                })
+                .collect()
+        };
+        let mut rotated_gram = gram_of(&x);
+        rotate_gram(&mut rotated_gram, block, &signs);
+        let mut xr = x.clone();
+        rotate_rows(&mut xr, block, &signs, Direction::Forward);
+        let want = gram_of(&xr);
+        for (pq, (a, b)) in rotated_gram.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-12,
+                "({}, {}): {a} against {b}",
+                pq / n,
+                pq % n
+            );
+        }
+        // The transform moved it: the Gram of unrotated inputs differs.
+        let plain = gram_of(&x);
+        assert!(plain.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-3));
     }
 
     #[test]

@@ -8,17 +8,18 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use rayon::prelude::*;
 
-use crate::eval::calibrate::{windows, LayerByLayer};
+use crate::eval::calibrate::{windows, LayerByLayer, LayerStats};
 use crate::format::block::{reconstruct, Block, BlockShape};
 use crate::format::checkpoint::BlockCounts;
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
 use crate::format::grid::{grid_planes, GridCoding, GridConfig, GridPlanes};
-use crate::format::rotation::{rotate_rows, Direction, RotationConfig};
+use crate::format::rotation::{rotate_gram, rotate_rows, Direction, RotationConfig};
 use crate::format::store::TensorStore;
 use crate::format::writer::{CheckpointWriter, LinearBlocks, OwnedTensor};
 use crate::method::decompose::{decompose_with, Refit};
-use crate::method::feedback::Feedback;
+use crate::method::feedback::{ColumnOrder, Feedback};
+use crate::method::plane_feedback::grid_planes_with_feedback;
 use crate::method::scale::{fold, LayerScales, AVD_SCALE_POWER, GRID_SCALE_POWER};
 use crate::method::svd::SvdMethod;
 use crate::progress::progress_bar;
@@ -40,11 +41,46 @@ pub const DEFAULT_NITER: usize = 8;
 /// Grid planes per linear by default: up to 6.3 bits per weight, a rung at
 /// every whole bit from 2.3 on; at 6 bits SmolLM2 is within 1% of dense.
 pub const DEFAULT_PLANES: usize = 6;
-/// Input columns per rotation block of the planes by default: at 3 and 4
-/// bits per weight it cut SmolLM2's perplexity by 17% and 6–8% on the
-/// wiki text and by 15% and 7% on Rust code (sorted ladder), and 64
-/// divides the widths of the Llama-family models we know.
-pub const DEFAULT_ROTATION_BLOCK: usize = 64;
+/// Largest rotation block [`Rotation::Widest`] takes. Blocks of 64 cut
+/// SmolLM2's perplexity at 3 and 4 bits per weight by 17% and 6–8% on the
+/// wiki text and by 15% and 7% on Rust code (sorted ladder); on
+/// Qwen2.5-Coder, whose widths 128 divides, blocks of 128 measured 1–2%
+/// better than 64 at 3 and 4 planes on both texts.
+pub const WIDEST_ROTATION_BLOCK: usize = 128;
+
+/// How `compress` rotates the linears' inputs (format version 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rotation {
+    /// Store the weights as they are.
+    None,
+    /// Blocks of the widest power of two, up to [`WIDEST_ROTATION_BLOCK`],
+    /// that divides every linear's input width (none if no block of 2 or
+    /// more does).
+    Widest,
+    /// As given (checked against every width).
+    Fixed(RotationConfig),
+}
+
+impl Rotation {
+    /// The rotation of the model `cfg` describes.
+    pub fn resolve(self, cfg: &ModelConfig) -> Option<RotationConfig> {
+        match self {
+            Rotation::None => None,
+            Rotation::Fixed(r) => Some(r),
+            Rotation::Widest => {
+                let widths: Vec<usize> = LinearKind::ALL
+                    .iter()
+                    .map(|&kind| linear_shape(cfg, kind).1)
+                    .collect();
+                let mut block = WIDEST_ROTATION_BLOCK;
+                while block >= 2 && widths.iter().any(|n| !n.is_multiple_of(block)) {
+                    block /= 2;
+                }
+                (block >= 2).then(|| RotationConfig::new(block))
+            }
+        }
+    }
+}
 
 const EMBED: &str = "model.embed_tokens.weight";
 const NORM: &str = "model.norm.weight";
@@ -80,8 +116,13 @@ pub struct CompressOptions {
     /// ([`CompressOptions::scale_power`]).
     pub scale_power: Option<f32>,
     /// Rotate every linear's input before gridding it (format version 4,
-    /// grid planes alone); `None` stores the weights as they are.
-    pub rotation: Option<RotationConfig>,
+    /// grid planes alone).
+    pub rotation: Rotation,
+    /// Choose the first this many grid planes with error feedback on the
+    /// inputs' Gram matrices (GPTQ at that many bits; see
+    /// [`crate::method::plane_feedback`]); `None` rounds every plane to
+    /// nearest.
+    pub plane_feedback: Option<usize>,
 }
 
 /// Settings of error-feedback sign choice.
@@ -114,7 +155,7 @@ impl CompressOptions {
         Self {
             niter: 0,
             grid: Some(GridConfig::new(DEFAULT_PLANES)),
-            rotation: Some(RotationConfig::new(DEFAULT_ROTATION_BLOCK)),
+            rotation: Rotation::Widest,
             ..Self::avd_blocks(calib_text)
         }
     }
@@ -135,7 +176,8 @@ impl CompressOptions {
             feedback: Some(FeedbackOptions::default()),
             dense_dtype: DenseDtype::default(),
             scale_power: None,
-            rotation: None,
+            rotation: Rotation::None,
+            plane_feedback: None,
         }
     }
 
@@ -189,6 +231,7 @@ fn decompose_linear(
     k: usize,
     opts: &CompressOptions,
     feedback: Option<&Feedback>,
+    plane_feedback: Option<&Feedback>,
 ) -> Result<LinearParts> {
     let blocks = if opts.niter == 0 {
         Vec::new()
@@ -212,7 +255,10 @@ fn decompose_linear(
         None => None,
         Some(cfg) => {
             let residual: Vec<f32> = w.iter().zip(&approx).map(|(w, a)| w - a).collect();
-            let gp = grid_planes(&residual, m, n, cfg)?;
+            let gp = match plane_feedback.zip(opts.plane_feedback) {
+                Some((fb, level)) => grid_planes_with_feedback(&residual, m, n, cfg, fb, level)?,
+                None => grid_planes(&residual, m, n, cfg)?,
+            };
             let planes: Vec<&[u8]> = gp.planes.iter().map(Vec::as_slice).collect();
             gp.grid.add_to(&planes, m, n, &cfg, &mut approx);
             bytes += cfg.grid_stored_bytes(m, n) + planes.iter().map(|p| p.len()).sum::<usize>();
@@ -228,6 +274,60 @@ fn decompose_linear(
         bytes,
         relative_residual,
     })
+}
+
+/// GPTQ's damping of the Gram matrices for [`CompressOptions::plane_feedback`].
+const PLANE_FEEDBACK_DAMP: f64 = 0.01;
+
+/// The error feedback of each tap point's linears for
+/// [`CompressOptions::plane_feedback`] (none without it): the Gram matrix
+/// of their inputs as the planes see them, divided by the activation
+/// scales and rotated as the weights are.
+fn plane_feedbacks(
+    opts: &CompressOptions,
+    rotation: Option<RotationConfig>,
+    cfg: &ModelConfig,
+    stats: &LayerStats,
+    scales: &LayerScales,
+    layer: usize,
+) -> Result<HashMap<TapPoint, Feedback>> {
+    if opts.plane_feedback.is_none() {
+        return Ok(HashMap::new());
+    }
+    let mut points: Vec<(TapPoint, LinearKind)> = Vec::new();
+    for kind in LinearKind::ALL {
+        if !points.iter().any(|(p, _)| *p == kind.input()) {
+            points.push((kind.input(), kind));
+        }
+    }
+    points
+        .par_iter()
+        .map(|&(point, kind)| {
+            let n = linear_shape(cfg, kind).1;
+            let gram = stats.grams.get(&point).with_context(|| {
+                format!(
+                    "calibration recorded no input Gram for {}",
+                    kind.path(layer)
+                )
+            })?;
+            let s = |c: usize| scales.of(kind).map_or(1.0, |s| s[c] as f64);
+            let mut gram: Vec<f64> = (0..n * n)
+                .map(|pq| gram[pq] / (s(pq / n) * s(pq % n)))
+                .collect();
+            if let Some(r) = &rotation {
+                rotate_gram(&mut gram, r.block, &r.signs(0..n));
+            }
+            let fb = Feedback::from_gram_in(
+                &gram,
+                n,
+                None,
+                PLANE_FEEDBACK_DAMP,
+                ColumnOrder::DecreasingEnergy,
+            )
+            .with_context(|| format!("input Gram of {}", kind.path(layer)))?;
+            Ok((point, fb))
+        })
+        .collect()
 }
 
 /// Compresses the dense model in `model_dir` into a BitStack checkpoint at `out_dir`.
@@ -279,7 +379,8 @@ pub fn compress_on(
     if let Some(grid) = &opts.grid {
         grid.check().map_err(anyhow::Error::msg)?;
     }
-    if let Some(rotation) = &opts.rotation {
+    let rotation = opts.rotation.resolve(&cfg);
+    if let Some(rotation) = &rotation {
         rotation.check().map_err(anyhow::Error::msg)?;
         if opts.grid.is_some_and(|g| g.coding != GridCoding::Int8) {
             bail!("a rotation of the inputs goes with 8-bit grid codes (--grid-coding int8)");
@@ -292,6 +393,12 @@ pub fn compress_on(
             rotation
                 .check_width(n, kind.name())
                 .map_err(anyhow::Error::msg)?;
+        }
+    }
+    if let Some(level) = opts.plane_feedback {
+        let planes = opts.grid.map_or(0, |g| g.planes);
+        if opts.niter > 0 || !(1..=planes).contains(&level) {
+            bail!("--plane-feedback {level} needs grid planes alone (--layout planes) and 1…--planes ({planes}) planes to choose");
         }
     }
     let power = opts.scale_power();
@@ -321,7 +428,7 @@ pub fn compress_on(
     if let Some(grid) = opts.grid {
         quantization = quantization.with_grid(grid);
     }
-    if let Some(rotation) = opts.rotation {
+    if let Some(rotation) = rotation {
         quantization = quantization.with_rotation(rotation);
     }
     quantization.scale_power = Some(power);
@@ -352,8 +459,8 @@ pub fn compress_on(
             &embed,
             &calib,
             opts.batch,
-            // Only feedback signs need the inputs' Gram matrices.
-            opts.feedback.is_some() && opts.niter > 0,
+            // Only feedback signs and planes need the inputs' Gram matrices.
+            (opts.feedback.is_some() && opts.niter > 0) || opts.plane_feedback.is_some(),
         )?
     };
     let rope = Rope::new(&cfg, opts.seq_len, device)?;
@@ -397,7 +504,7 @@ pub fn compress_on(
             .map(|&kind| match &layer.linear(kind).weight {
                 LinearWeight::Dense(w) => {
                     let mut w = w.flatten_all()?.to_vec1::<f32>()?;
-                    if let Some(r) = &opts.rotation {
+                    if let Some(r) = &rotation {
                         let n = linear_shape(&cfg, kind).1;
                         rotate_rows(&mut w, r.block, &r.signs(0..n), Direction::Forward);
                     }
@@ -432,12 +539,14 @@ pub fn compress_on(
                     .collect::<Result<_>>()?
             }
         };
+        let plane_feedbacks = plane_feedbacks(opts, rotation, &cfg, layer_stats, &scales, l)?;
         let decomposed: Vec<_> = weights
             .par_iter()
             .map(|(kind, w)| {
                 let (m, n) = linear_shape(&cfg, *kind);
                 let feedback = feedbacks.get(&kind.input());
-                let d = decompose_linear(w, m, n, opts.k_of(*kind), opts, feedback)
+                let plane_feedback = plane_feedbacks.get(&kind.input());
+                let d = decompose_linear(w, m, n, opts.k_of(*kind), opts, feedback, plane_feedback)
                     .with_context(|| format!("decomposing {}", kind.path(l)));
                 pb.inc(1);
                 d.map(|d| (*kind, d))
@@ -515,4 +624,40 @@ pub fn compress_on(
         mean_relative_residual: residuals.iter().sum::<f64>() / residuals.len().max(1) as f64,
         peak_resident_bytes: crate::memory::peak_resident_bytes(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::synthetic::SyntheticSpec;
+
+    fn config(hidden: usize, intermediate: usize, heads: usize) -> ModelConfig {
+        let json = SyntheticSpec {
+            hidden,
+            intermediate,
+            heads,
+            kv_heads: 1,
+            ..SyntheticSpec::default()
+        }
+        .config_json();
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn the_widest_rotation_divides_every_width() {
+        // SmolLM2's widths (576, 1536): 64; Qwen2.5-0.5B's (896, 4864): 128,
+        // the most it takes; an odd width: no rotation at all.
+        let widest = |cfg: &ModelConfig| Rotation::Widest.resolve(cfg).map(|r| r.block);
+        assert_eq!(widest(&config(576, 1536, 9)), Some(64));
+        assert_eq!(widest(&config(896, 4864, 14)), Some(128));
+        assert_eq!(widest(&config(4096, 14336, 32)), Some(128));
+        assert_eq!(widest(&config(48, 104, 4)), Some(8));
+        assert_eq!(widest(&config(45, 104, 5)), None);
+        let fixed = RotationConfig::new(32);
+        assert_eq!(
+            Rotation::Fixed(fixed).resolve(&config(45, 104, 5)),
+            Some(fixed)
+        );
+        assert_eq!(Rotation::None.resolve(&config(576, 1536, 9)), None);
+    }
 }

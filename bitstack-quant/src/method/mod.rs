@@ -2,7 +2,8 @@
 //!
 //! [`scale`] makes the weights activation-aware, [`decompose`] peels off
 //! one `S ⊙ (u·vt)` block per iteration (with [`svd`] for the factors and
-//! [`feedback`] for error-feedback signs), and [`compress`] runs the whole
+//! [`feedback`] for error-feedback signs; [`plane_feedback`] chooses grid
+//! planes with it), and [`compress`] runs the whole
 //! pipeline over a model, layer by layer. [`rtn`] (round-to-nearest) and
 //! [`gptq`] are the fixed-precision baselines the method is measured against.
 
@@ -10,6 +11,7 @@ pub mod compress;
 pub mod decompose;
 pub mod feedback;
 pub mod gptq;
+pub mod plane_feedback;
 pub mod rtn;
 pub mod scale;
 pub mod svd;

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use bitstack_quant::method::compress::CompressOptions;
+use bitstack_quant::method::compress::{CompressOptions, Rotation};
 use bitstack_quant::method::svd::SvdMethod;
 
 use bitstack_quant::runtime::linear::LinearWeight;
@@ -93,6 +93,7 @@ pub fn small_options(calib_text: PathBuf, k: usize, niter: usize) -> CompressOpt
         k_per_kind: Default::default(),
         dense_dtype: Default::default(),
         scale_power: None,
-        rotation: None,
+        rotation: Rotation::None,
+        plane_feedback: None,
     }
 }

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use bitstack_quant::format::grid::GridConfig;
 use bitstack_quant::method::svd::SvdMethod;
-use bitstack_quant::{compress, CompressOptions, DenseDtype};
+use bitstack_quant::{compress, CompressOptions, DenseDtype, Rotation};
 use candle_core::DType;
 
 /// The dense SmolLM2 (f32, imported from the pinned GGUF once per assets
@@ -44,7 +44,8 @@ pub fn checkpoint() -> &'static PathBuf {
                 // The shared checkpoint predates 16-bit dense parts.
                 dense_dtype: DenseDtype::F32,
                 scale_power: None,
-                rotation: None,
+                rotation: Rotation::None,
+                plane_feedback: None,
             }
         })
     })
