@@ -309,6 +309,10 @@ mod tests {
         assert_eq!(lib.grid, compress(&[]).grid);
         assert_eq!(lib.rotation, compress(&[]).rotation);
         assert_eq!(lib.rotation, Rotation::Widest);
+        assert_eq!(lib.plane_feedback, compress(&[]).plane_feedback);
+        assert_eq!(lib.plane_feedback, None);
+        assert_eq!(compress(&["--plane-feedback", "0"]).plane_feedback, None);
+        assert_eq!(compress(&["--plane-feedback", "2"]).plane_feedback, Some(2));
         assert_eq!(compress(&["--rotate", "0"]).rotation, Rotation::None);
         assert_eq!(compress(&["--layout", "blocks"]).rotation, Rotation::None);
         assert_eq!(

@@ -118,10 +118,10 @@ pub struct CompressOptions {
     /// Rotate every linear's input before gridding it (format version 4,
     /// grid planes alone).
     pub rotation: Rotation,
-    /// Choose the first this many grid planes with error feedback on the
-    /// inputs' Gram matrices (GPTQ at that many bits; see
-    /// [`crate::method::plane_feedback`]); `None` rounds every plane to
-    /// nearest.
+    /// Choose the first this many grid planes (1 to the planes stored)
+    /// with error feedback on the inputs' Gram matrices (GPTQ at that many
+    /// bits; see [`crate::method::plane_feedback`]); `None` rounds every
+    /// plane to nearest.
     pub plane_feedback: Option<usize>,
 }
 
@@ -300,8 +300,11 @@ fn plane_feedbacks(
             points.push((kind.input(), kind));
         }
     }
-    points
-        .par_iter()
+    // One tap point at a time, each factorisation on every thread: the
+    // widest (down_proj's input) costs far more than the rest together.
+    faer::set_global_parallelism(faer::Par::rayon(0));
+    let feedbacks = points
+        .iter()
         .map(|&(point, kind)| {
             let n = linear_shape(cfg, kind).1;
             let gram = stats.grams.get(&point).with_context(|| {
@@ -327,7 +330,10 @@ fn plane_feedbacks(
             .with_context(|| format!("input Gram of {}", kind.path(layer)))?;
             Ok((point, fb))
         })
-        .collect()
+        .collect();
+    // The decomposition runs one linear per thread.
+    faer::set_global_parallelism(faer::Par::Seq);
+    feedbacks
 }
 
 /// Compresses the dense model in `model_dir` into a BitStack checkpoint at `out_dir`.
