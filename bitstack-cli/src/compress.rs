@@ -75,7 +75,7 @@ pub struct CompressArgs {
     /// matrices from the calibration windows (the later planes refine
     /// round to nearest, and every prefix stays nested). It fits the
     /// calibration text's kind of text better and others worse (4:
-    /// SmolLM2 wiki −6% at 4 planes, Rust code ±0; Qwen2.5-Coder wiki −2%,
+    /// SmolLM2 wiki −5.5% at 4 planes, Rust code ±0; Qwen2.5-Coder wiki −2%,
     /// Rust code +2%): give it with --calib text like yours. Costs the
     /// Gram matrices and their factorisations, most on wide down_proj
     /// inputs. 0: round every plane to nearest.
