@@ -276,6 +276,18 @@ fn decompose_linear(
     })
 }
 
+/// Each input a layer's linears read, with the first linear that reads it:
+/// q, k and v share one, gate and up another, so one Gram each.
+fn tap_points() -> Vec<(TapPoint, LinearKind)> {
+    let mut points: Vec<(TapPoint, LinearKind)> = Vec::new();
+    for kind in LinearKind::ALL {
+        if !points.iter().any(|(p, _)| *p == kind.input()) {
+            points.push((kind.input(), kind));
+        }
+    }
+    points
+}
+
 /// GPTQ's damping of the Gram matrices for [`CompressOptions::plane_feedback`].
 const PLANE_FEEDBACK_DAMP: f64 = 0.01;
 
@@ -294,12 +306,7 @@ fn plane_feedbacks(
     if opts.plane_feedback.is_none() {
         return Ok(HashMap::new());
     }
-    let mut points: Vec<(TapPoint, LinearKind)> = Vec::new();
-    for kind in LinearKind::ALL {
-        if !points.iter().any(|(p, _)| *p == kind.input()) {
-            points.push((kind.input(), kind));
-        }
-    }
+    let points = tap_points();
     // One tap point at a time, each factorisation on every thread: the
     // widest (down_proj's input) costs far more than the rest together.
     faer::set_global_parallelism(faer::Par::rayon(0));
@@ -524,26 +531,18 @@ pub fn compress_on(
         let feedbacks: HashMap<TapPoint, Feedback> = match opts.feedback.filter(|_| opts.niter > 0)
         {
             None => HashMap::new(),
-            Some(f) => {
-                let mut points: Vec<(TapPoint, LinearKind)> = Vec::new();
-                for kind in LinearKind::ALL {
-                    if !points.iter().any(|(p, _)| *p == kind.input()) {
-                        points.push((kind.input(), kind));
-                    }
-                }
-                points
-                    .par_iter()
-                    .map(|&(point, kind)| {
-                        let n = linear_shape(&cfg, kind).1;
-                        let gram = layer_stats.grams.get(&point).with_context(|| {
-                            format!("calibration recorded no input Gram for {}", kind.path(l))
-                        })?;
-                        let fb = Feedback::from_gram(gram, n, scales.of(kind), f.damp)
-                            .with_context(|| format!("input Gram of {}", kind.path(l)))?;
-                        Ok((point, fb))
-                    })
-                    .collect::<Result<_>>()?
-            }
+            Some(f) => tap_points()
+                .par_iter()
+                .map(|&(point, kind)| {
+                    let n = linear_shape(&cfg, kind).1;
+                    let gram = layer_stats.grams.get(&point).with_context(|| {
+                        format!("calibration recorded no input Gram for {}", kind.path(l))
+                    })?;
+                    let fb = Feedback::from_gram(gram, n, scales.of(kind), f.damp)
+                        .with_context(|| format!("input Gram of {}", kind.path(l)))?;
+                    Ok((point, fb))
+                })
+                .collect::<Result<_>>()?,
         };
         let plane_feedbacks = plane_feedbacks(opts, rotation, &cfg, layer_stats, &scales, l)?;
         let decomposed: Vec<_> = weights
