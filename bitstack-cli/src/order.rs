@@ -33,14 +33,15 @@ pub struct SortArgs {
 #[derive(Args, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SortSettings {
     /// All methods give every linear block b before any gets block b+1
-    /// (the reference's levels) and differ in how a level is ordered.
-    /// `fast`: by the loss change a first-order expansion predicts for
-    /// each linear's next block (a backward pass per window and level;
-    /// minutes on a CPU, seconds on a GPU). `exact`: by the perplexity
-    /// with each linear's next block added alone, the reference's
-    /// 'average' algorithm (one forward per linear and level: hours on a
-    /// CPU, a minute on a GPU). `local`: by the output error a block
-    /// removes on its own inputs, per byte (no backward pass; worse).
+    /// (the reference's levels), order a level by what each block gains
+    /// per byte it costs, and differ in how they measure the gain.
+    /// `fast`: the loss change a first-order expansion predicts for each
+    /// linear's next block (a backward pass per window and level; minutes
+    /// on a CPU, seconds on a GPU). `exact`: the drop in perplexity with
+    /// each linear's next block added alone, the reference's 'average'
+    /// algorithm (one forward per linear and level: hours on a CPU, a
+    /// minute on a GPU). `local`: the output error a block removes on its
+    /// own inputs (no backward pass; worse).
     #[arg(long, value_enum, default_value_t = SortMethodArg::Fast)]
     pub method: SortMethodArg,
     /// Calibration windows to score on (fewer is faster and noisier).

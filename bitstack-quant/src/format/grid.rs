@@ -90,9 +90,10 @@ impl GridConfig {
     /// The group size used for `n` input columns: `n` split into
     /// `max(1, ⌊n/group⌋)` groups of equal size (the last one shorter by
     /// less than a group count), so that a width like 576 gets 4 groups of
-    /// 144 instead of 5 with a half-empty one. Below `2·group`.
+    /// 144 instead of 5 with a half-empty one; below `2·group`, and more
+    /// groups where that would pass [`MAX_GROUP`].
     pub fn group_size(&self, n: usize) -> usize {
-        let groups = (n / self.group).max(1);
+        let groups = (n / self.group).max(1).max(n.div_ceil(MAX_GROUP));
         n.div_ceil(groups)
     }
 
@@ -106,11 +107,10 @@ impl GridConfig {
         if self.planes == 0 {
             return Err("a grid needs at least one plane".into());
         }
-        if !(8..=MAX_GROUP / 2).contains(&self.group) {
+        if !(8..=MAX_GROUP).contains(&self.group) {
             return Err(format!(
-                "grid group {} is out of range: it must be 8…{}",
+                "grid group {} is out of range: it must be 8…{MAX_GROUP}",
                 self.group,
-                MAX_GROUP / 2
             ));
         }
         if self.outliers > self.group / 2 {
@@ -685,6 +685,28 @@ mod tests {
         for n in 1..2000 {
             assert!(cfg.group_size(n) < 2 * cfg.group.max(n.min(cfg.group)) + 1);
             assert!(cfg.group_size(n) <= MAX_GROUP, "{n}");
+        }
+        // Wide groups split further rather than pass what the kernels take.
+        let wide = GridConfig {
+            group: 256,
+            ..GridConfig::new(1)
+        };
+        assert_eq!((wide.group_size(576), wide.groups(576)), (192, 3));
+        assert_eq!((wide.group_size(896), wide.groups(896)), (224, 4));
+        assert_eq!((wide.group_size(4864), wide.groups(4864)), (256, 19));
+        for group in [129, 200, 256] {
+            let cfg = GridConfig {
+                group,
+                ..GridConfig::new(1)
+            };
+            for n in 1..5000 {
+                let gs = cfg.group_size(n);
+                assert!(
+                    gs <= MAX_GROUP && gs >= n.min(group) / 2,
+                    "{group} {n}: {gs}"
+                );
+                assert_eq!(cfg.groups(n), n.div_ceil(gs), "{group} {n}");
+            }
         }
     }
 
