@@ -46,8 +46,9 @@ pub struct CompressArgs {
     /// not a multiple is split into equal groups).
     #[arg(long, default_value_t = 128)]
     pub group: usize,
-    /// Weights per row and group of the grid kept exact (an 8-bit value
-    /// and a column each: 0.125 bits per weight at groups of 128).
+    /// Weights per row and group of the grid kept exact (with the int8
+    /// coding an 8-bit value and a column each: 0.125 bits per weight at
+    /// groups of 128).
     #[arg(long, default_value_t = 1)]
     pub outliers: usize,
     /// How the grid stores each row and group's center and half-range and

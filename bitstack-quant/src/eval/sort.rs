@@ -316,7 +316,7 @@ fn exact(
     let dense = |s: &WeightStack| s.dense_tensor(&device, dtype);
     let tokens = window_batches(wins, batch, &model.device)?;
     let index = geometry.index();
-    let mut scores = vec![Vec::new(); geometry.linears.len()];
+    let mut gains = vec![Vec::new(); geometry.linears.len()];
     progress.set_length(((stored - 1) * geometry.linears.len()) as u64);
     let mut passes = 0;
     for level in 1..stored {
@@ -344,8 +344,10 @@ fn exact(
             passes += next.len();
             cache.push(next);
         }
-        let base_nll = nll_from(&model, 0, &cache[0], &tokens)?;
-        passes += tokens.len() * model.layers.len();
+        // The level's own loss, from the cached inputs of the last layer.
+        let last = model.layers.len() - 1;
+        let base_nll = nll_from(&model, last, &cache[last], &tokens)?;
+        passes += tokens.len();
         for (l, stacks) in full.iter().enumerate() {
             for ((kind, s), w) in LinearKind::ALL.iter().zip(stacks).zip(&base[l]) {
                 if level >= s.len() {
@@ -360,13 +362,13 @@ fn exact(
                 let nll = nll_from(&model, l, &cache[l], &tokens)?;
                 passes += tokens.len() * (model.layers.len() - l);
                 model.layers[l].linear_mut(*kind).weight = LinearWeight::Dense(w.clone());
-                scores[index[kind.path(l).as_str()]].push(base_nll.exp() - nll.exp());
+                gains[index[kind.path(l).as_str()]].push(base_nll.exp() - nll.exp());
                 progress.inc(1);
             }
         }
     }
     // The reference sorts each level on its own and concatenates the levels.
-    Ok((order_by_gains(geometry, &scores, "exact"), passes))
+    Ok((order_by_gains(geometry, &gains, "exact"), passes))
 }
 
 /// All stacks of `model`, per layer, in [`LinearKind::ALL`] order.
@@ -395,7 +397,7 @@ fn gradient(
     // window at a time, 11.9 GB four at once), so windows are not batched here.
     let tokens = window_batches(wins, 1, &device)?;
     let index = geometry.index();
-    let mut scores = vec![Vec::new(); geometry.linears.len()];
+    let mut gains = vec![Vec::new(); geometry.linears.len()];
     progress.set_length(((stored - 1) * tokens.len()) as u64);
     model.differentiable = true;
     let mut passes = 0;
@@ -447,10 +449,10 @@ fn gradient(
                 None => 0.0,
             };
             // What the first-order expansion predicts the block removes.
-            scores[index[kind.path(*l).as_str()]].push(-predicted);
+            gains[index[kind.path(*l).as_str()]].push(-predicted);
         }
     }
-    Ok((order_by_gains(geometry, &scores, "fast"), passes))
+    Ok((order_by_gains(geometry, &gains, "fast"), passes))
 }
 
 #[cfg(test)]
