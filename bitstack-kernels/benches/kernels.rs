@@ -70,6 +70,7 @@ fn random_grid(m: usize, n: usize, planes: usize, coded: bool) -> OwnedStack {
         outliers,
         outlier_col: (0..m * groups).map(|_| rng.random::<u8>() % 128).collect(),
         planes,
+        prefix_scale: 0.92,
     };
     OwnedStack::with_grid(m, n, 1, Vec::new(), Some(grid))
 }

@@ -250,7 +250,7 @@ fn scan_rows_body(plan: Plan, grid: &GridRef, i0: usize, y: &mut [f32]) {
                 }
             }
             let cell = i * groups + g;
-            let (center, half) = grid.values.range(groups, cell);
+            let (center, half) = grid.range(groups, cell);
             for (r, y) in y.iter_mut().enumerate() {
                 let xg = sums[r * groups + g];
                 *y += center * xg + half * (2.0 * acc[r] - levels * xg);

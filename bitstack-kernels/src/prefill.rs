@@ -196,7 +196,7 @@ fn add_grid_row(grid: &GridRef, n: usize, i: usize, c0: usize, signs: &mut [u8],
     let (g0, g1) = (c0 / grid.group, (c0 + cols).div_ceil(grid.group));
     for g in g0..g1 {
         let cell = i * groups + g;
-        let (center, half) = grid.values.range(groups, cell);
+        let (center, half) = grid.range(groups, cell);
         let lo = (g * grid.group).max(c0) - c0;
         let hi = ((g + 1) * grid.group).min(c0 + cols) - c0;
         // The grid's weights, in place of the levels, then each outlier's

@@ -45,6 +45,6 @@ pub fn grid_weight(grid: &GridRef, n: usize, i: usize, c: usize) -> f64 {
         let sign = if plane.sign(i, c) { 1.0 } else { -1.0 };
         levels += sign * 0.5f64.powi(b as i32 + 1);
     }
-    let (center, half) = grid.values.range(groups, cell);
+    let (center, half) = grid.range(groups, cell);
     center as f64 + half as f64 * levels
 }

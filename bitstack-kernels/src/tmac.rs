@@ -663,6 +663,9 @@ impl<'a> GridPlan<'a> {
             }
             values => values.ranges_f32(groups, i0 * groups..i0 * groups + cells, center, half),
         }
+        if grid.prefix_scale != 1.0 {
+            half.iter_mut().for_each(|h| *h *= grid.prefix_scale);
+        }
         crate::grid::outlier_deltas(grid, self.n, i0, delta);
         let (center_t, half_t) =
             buf.grid_t[..2 * groups * TILE_ROWS].split_at_mut(groups * TILE_ROWS);

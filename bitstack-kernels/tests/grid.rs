@@ -95,6 +95,7 @@ fn hand_stack(coded: bool) -> OwnedStack {
         outliers: 1,
         outlier_col: vec![1, 0],
         planes,
+        prefix_scale: 1.0,
     };
     OwnedStack::with_grid(1, 4, 1, Vec::new(), Some(grid))
 }
@@ -147,8 +148,9 @@ fn the_definition_by_hand_on_whole_bytes() {
         outliers: 2,
         outlier_col: vec![7, 1],
         planes,
+        prefix_scale: 1.0,
     };
-    let stack = OwnedStack::with_grid(1, 8, 1, Vec::new(), Some(grid));
+    let stack = OwnedStack::with_grid(1, 8, 1, Vec::new(), Some(grid.clone()));
     // Recomputed by hand for outliers that hold their value: levels
     // .25 −.75 .75 .25 | −.25 .75 .75 −.25; weights 0.5 + 2·level, but
     // −3 at column 7 and 2.5 at column 1.
@@ -165,6 +167,27 @@ fn the_definition_by_hand_on_whole_bytes() {
         let mut got = [f32::NAN];
         shuffle_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
         assert_close(&got, &[y as f32], 0.01, &format!("shuffle {isa:?}"));
+    }
+
+    // A prefix scale of 1/2 halves every half-range, not the centers or
+    // the outliers: weights 0.5 + level, −3 and 2.5 as before.
+    let scaled = OwnedGrid {
+        prefix_scale: 0.5,
+        ..grid
+    };
+    let stack = OwnedStack::with_grid(1, 8, 1, Vec::new(), Some(scaled));
+    let want_w = [0.75, 2.5, 1.25, 0.75, 0.25, 1.25, 1.25, -3.0];
+    let g = stack.stack_ref().grid.unwrap();
+    let w: Vec<f64> = (0..8).map(|c| grid_weight(&g, 8, 0, c)).collect();
+    assert_eq!(w, want_w);
+    // 0.75 − 2.5 + 0.625 + 1.5 + 0.75 − 2.5 + 1.25 − 0.75.
+    let y: f64 = want_w.iter().zip(&x).map(|(w, x)| w * *x as f64).sum();
+    assert_eq!(y, -0.875);
+    assert_eq!(reference(&stack, &x, 1), [y as f32]);
+    for isa in Isa::available() {
+        let mut got = [f32::NAN];
+        shuffle_matmul_t(isa, &x, 1, &stack.stack_ref(), &mut got);
+        assert_close(&got, &[y as f32], 0.01, &format!("scaled, shuffle {isa:?}"));
     }
 }
 

@@ -183,6 +183,7 @@ fn device_resident_grid_planes_rebuild_and_run_as_host_ones_at_every_prefix() {
     for (m, n, k, avd, group, outliers, coding) in [
         (37, 200, 4, 2, 128, 1, GridCoding::Int8),
         (16, 64, 2, 0, 32, 2, GridCoding::F16),
+        (20, 96, 1, 0, 32, 1, GridCoding::Int8Scaled),
     ] {
         let cfg = GridConfig {
             planes: 4,
@@ -198,7 +199,11 @@ fn device_resident_grid_planes_rebuild_and_run_as_host_ones_at_every_prefix() {
             })
             .collect();
         let r: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
-        let gp = grid_planes(&r, m, n, cfg).unwrap();
+        let mut gp = grid_planes(&r, m, n, cfg).unwrap();
+        if coding == GridCoding::Int8Scaled {
+            // Far from 1, so that a scale the device misses shows.
+            gp.grid.prefix_scale = vec![0.6, 0.8, 1.3, 0.9];
+        }
         let parts = |residence: &Residence| -> Vec<StackPart> {
             let mut parts: Vec<StackPart> = blocks
                 .iter()

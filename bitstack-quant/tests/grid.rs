@@ -1,13 +1,16 @@
-//! Grid planes end to end: compress writes format version 2, every prefix
-//! loads and fits better, the runtime handle resizes through the planes,
-//! and a broken grid or plane is an error that names it.
+//! Grid planes end to end: compress writes format version 5 (8-bit codes
+//! and prefix scales), every prefix loads and fits better, the runtime
+//! handle resizes through the planes, a broken grid or plane is an error
+//! that names it, and formats 2 and 3 still load.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use bitstack_quant::format::checkpoint::{BlockCounts, Checkpoint};
-use bitstack_quant::format::config::{ModelConfig, FORMAT_VERSION_GRID, FORMAT_VERSION_GRID_INT8};
+use bitstack_quant::format::config::{
+    ModelConfig, FORMAT_VERSION_GRID, FORMAT_VERSION_GRID_INT8, FORMAT_VERSION_PREFIX_SCALED,
+};
 use bitstack_quant::format::grid::{GridCoding, GridConfig};
 use bitstack_quant::format::synthetic::SyntheticSpec;
 use bitstack_quant::method::compress::{compress, CompressOptions};
@@ -51,7 +54,7 @@ fn every_prefix_loads_and_more_planes_fit_better() {
     let (dense, out) = compressed(root.path());
     let cfg = ModelConfig::from_dir(&out).unwrap();
     let q = cfg.quantization_config.as_ref().unwrap();
-    assert_eq!(q.format_version, FORMAT_VERSION_GRID_INT8);
+    assert_eq!(q.format_version, FORMAT_VERSION_PREFIX_SCALED);
     assert_eq!((q.niter, q.avd_blocks()), (AVD + PLANES, AVD));
 
     let reference = common::logits(
@@ -181,47 +184,75 @@ fn a_broken_grid_or_plane_is_named() {
         "{e}"
     );
 
+    // So is a NaN prefix scale (without checksums, the check on the
+    // values finds it).
+    let scale = root.path().join("scale");
+    copy_dir(&out, &scale);
+    common::rewrite_safetensors(
+        &scale.join(shard.file_name().unwrap()),
+        |tensors| {
+            let t = tensors
+                .iter_mut()
+                .find(|t| t.0 == format!("{q_proj}.grid_prefix_scale"))
+                .unwrap();
+            t.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+        },
+        false,
+    );
+    let e = format!(
+        "{:#}",
+        Llama::load(&scale, &BlockCounts::all(), &Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains(q_proj) && e.contains("prefix scale of 2 planes is NaN"),
+        "{e}"
+    );
+
     // A version this build does not know is refused by name.
     let future = root.path().join("future");
     copy_dir(&out, &future);
     let text = std::fs::read_to_string(future.join("config.json")).unwrap();
     std::fs::write(
         future.join("config.json"),
-        text.replace("\"format_version\": 3", "\"format_version\": 5"),
+        text.replace("\"format_version\": 5", "\"format_version\": 6"),
     )
     .unwrap();
     let e = format!("{:#}", Checkpoint::open(&future).err().unwrap());
-    assert!(e.contains("format_version 5 is not supported"), "{e}");
+    assert!(e.contains("format_version 6 is not supported"), "{e}");
 
     // Format 2 with 8-bit ranges is a contradiction, refused by name.
     std::fs::write(
         future.join("config.json"),
-        text.replace("\"format_version\": 3", "\"format_version\": 2"),
+        text.replace("\"format_version\": 5", "\"format_version\": 2"),
     )
     .unwrap();
     let e = format!("{:#}", Checkpoint::open(&future).err().unwrap());
     assert!(
-        e.contains("format_version 2 does not go with grid coding Int8"),
+        e.contains("format_version 2 does not go with grid coding Int8Scaled"),
         "{e}"
     );
 }
 
 #[test]
-fn format_2_f16_numbers_still_load_and_fit_as_the_8_bit_ones() {
+fn formats_2_and_3_still_load_and_fit_as_format_5() {
     let root = tempfile::tempdir().unwrap();
-    let (dense, int8) = compressed(root.path());
-    let f16 = root.path().join("f16");
-    let mut opts = options(root.path());
-    opts.grid = opts.grid.map(|g| GridConfig {
-        coding: GridCoding::F16,
-        ..g
-    });
-    compress(&dense, &f16, &opts).unwrap();
-    let q = ModelConfig::from_dir(&f16)
-        .unwrap()
-        .quantization_config
-        .unwrap();
-    assert_eq!(q.format_version, FORMAT_VERSION_GRID);
+    let (dense, scaled) = compressed(root.path());
+    let with_coding = |name: &str, coding: GridCoding, version: u32| {
+        let dir = root.path().join(name);
+        let mut opts = options(root.path());
+        opts.grid = opts.grid.map(|g| GridConfig { coding, ..g });
+        compress(&dense, &dir, &opts).unwrap();
+        let q = ModelConfig::from_dir(&dir)
+            .unwrap()
+            .quantization_config
+            .unwrap();
+        assert_eq!(q.format_version, version, "{coding:?}");
+        dir
+    };
+    let f16 = with_coding("f16", GridCoding::F16, FORMAT_VERSION_GRID);
+    let int8 = with_coding("int8", GridCoding::Int8, FORMAT_VERSION_GRID_INT8);
 
     let reference = common::logits(
         &Llama::load(&dense, &BlockCounts::all(), &Device::Cpu).unwrap(),
@@ -231,16 +262,31 @@ fn format_2_f16_numbers_still_load_and_fit_as_the_8_bit_ones() {
         let model = Llama::load(dir, &BlockCounts::all(), &Device::Cpu).unwrap();
         common::relative_error(&common::logits(&model, &tokens()), &reference)
     };
-    let (e16, e8) = (error(&f16), error(&int8));
-    assert!(e16 < 0.1 && e8 < 0.1, "f16 {e16}, int8 {e8}");
+    let (e16, e8, e5) = (error(&f16), error(&int8), error(&scaled));
+    assert!(
+        e16 < 0.1 && e8 < 0.1 && e5 < 0.1,
+        "f16 {e16}, int8 {e8}, scaled {e5}"
+    );
     assert!(e8 < 1.25 * e16, "8-bit codes fit worse: {e8} against {e16}");
+    assert!(e5 < 1.25 * e8, "prefix scales fit worse: {e5} against {e8}");
+    // Format 3 and 5 share the planes and the grid's codes: only the
+    // scales (an f32 per plane) differ.
+    let (c8, c5) = (
+        Checkpoint::open(&int8).unwrap(),
+        Checkpoint::open(&scaled).unwrap(),
+    );
+    let scales: usize = c5
+        .geometry()
+        .linears
+        .iter()
+        .map(|s| 4 * s.grid.unwrap().planes)
+        .sum();
+    let bytes = |c: &Checkpoint| c.ladder().last().unwrap().linear_bytes;
+    assert_eq!(bytes(&c5) - bytes(&c8), scales);
 
     // 8-bit codes save 2 bytes per (row, group) and 1 per outlier, and
     // cost 6 per row.
-    let (c16, c8) = (
-        Checkpoint::open(&f16).unwrap(),
-        Checkpoint::open(&int8).unwrap(),
-    );
+    let c16 = Checkpoint::open(&f16).unwrap();
     let saved: usize = c16
         .geometry()
         .linears
@@ -251,7 +297,6 @@ fn format_2_f16_numbers_still_load_and_fit_as_the_8_bit_ones() {
             2 * cells + cells * g.outliers - 6 * s.m
         })
         .sum();
-    let bytes = |c: &Checkpoint| c.ladder().last().unwrap().linear_bytes;
     assert_eq!(bytes(&c16) - bytes(&c8), saved);
 }
 

@@ -8,7 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use bitstack_quant::format::checkpoint::{BlockCounts, Checkpoint};
-use bitstack_quant::format::config::{ModelConfig, FORMAT_VERSION_ROTATED};
+use bitstack_quant::format::config::{
+    ModelConfig, FORMAT_VERSION_PREFIX_SCALED, FORMAT_VERSION_ROTATED,
+};
 use bitstack_quant::format::grid::{GridCoding, GridConfig};
 use bitstack_quant::format::rotation::RotationConfig;
 use bitstack_quant::format::synthetic::SyntheticSpec;
@@ -65,7 +67,7 @@ fn every_prefix_of_a_rotated_checkpoint_loads_and_fits_better() {
         .unwrap()
         .quantization_config
         .unwrap();
-    assert_eq!(q.format_version, FORMAT_VERSION_ROTATED);
+    assert_eq!(q.format_version, FORMAT_VERSION_PREFIX_SCALED);
     assert_eq!(q.rotation, Some(RotationConfig::new(BLOCK)));
 
     let reference = common::logits(
@@ -278,26 +280,54 @@ fn a_rotation_that_does_not_fit_is_refused_by_name() {
     });
     assert!(e.contains("int8"), "{e}");
 
-    // A config that contradicts itself is refused when opened.
-    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
-    let edited = |from: &str, to: &str| {
+    // A config that contradicts itself is refused when opened: format 5
+    // (prefix scales) and format 4 (8-bit codes alone, rotated).
+    let v4 = root.path().join("v4");
+    compress(
+        &dense,
+        &v4,
+        &CompressOptions {
+            grid: Some(GridConfig {
+                group: 16,
+                coding: GridCoding::Int8,
+                ..GridConfig::new(PLANES)
+            }),
+            ..options(root.path())
+        },
+    )
+    .unwrap();
+    let edited = |from_dir: &Path, from: &str, to: &str| {
+        let text = std::fs::read_to_string(from_dir.join("config.json")).unwrap();
         assert!(text.contains(from), "config.json lacks {from}");
         let dir = root.path().join("edited");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        for entry in std::fs::read_dir(&out).unwrap() {
+        for entry in std::fs::read_dir(from_dir).unwrap() {
             let entry = entry.unwrap();
             std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
         }
         std::fs::write(dir.join("config.json"), text.replace(from, to)).unwrap();
         format!("{:#}", Checkpoint::open(&dir).err().unwrap())
     };
-    // Version 3 with a rotation, version 4 without, a block that does not
-    // divide a width.
-    let e = edited("\"format_version\": 4", "\"format_version\": 3");
-    assert!(e.contains("needs format_version 4"), "{e}");
-    let e = edited("\"rotation\"", "\"rotation_\"");
+    // Version 3 with a rotation, version 4 without or with prefix scales,
+    // a block that does not divide a width.
+    let e = edited(&out, "\"format_version\": 5", "\"format_version\": 3");
+    assert!(e.contains("needs format_version 4 or 5"), "{e}");
+    let e = edited(&out, "\"format_version\": 5", "\"format_version\": 4");
+    assert!(
+        e.contains("format_version 4 does not go with grid coding Int8Scaled"),
+        "{e}"
+    );
+    let e = edited(&v4, "\"rotation\"", "\"rotation_\"");
     assert!(e.contains("needs a `rotation`"), "{e}");
-    let e = edited("\"block\": 8", "\"block\": 32");
+    let e = edited(&out, "\"block\": 8", "\"block\": 32");
     assert!(e.contains("rotation block 32"), "{e}");
+    assert_eq!(
+        ModelConfig::from_dir(&v4)
+            .unwrap()
+            .quantization_config
+            .unwrap()
+            .format_version,
+        FORMAT_VERSION_ROTATED
+    );
 }

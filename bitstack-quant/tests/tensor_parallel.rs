@@ -127,12 +127,13 @@ fn the_ranks_hold_slices_of_the_whole_model_at_every_level() {
                     Split::Columns => w.m * w.k,
                 };
                 // And, split by column, a grid's 8-bit codes' three f16
-                // steps per row.
-                let steps = match (
-                    Split::of(*kind),
-                    w.planes.first().and_then(|p| p.grid.as_ref()),
-                ) {
-                    (Split::Columns, Some(g)) if g.cfg.coding == GridCoding::Int8 => 6 * w.m,
+                // steps per row; split either way, its f32 prefix scales.
+                let grid = w.planes.first().and_then(|p| p.grid.as_ref());
+                let steps = match (Split::of(*kind), grid) {
+                    (Split::Columns, Some(g)) if g.cfg.coding.is_int8() => 6 * w.m,
+                    _ => 0,
+                } + match grid {
+                    Some(g) if g.cfg.coding == GridCoding::Int8Scaled => 4 * g.cfg.planes,
                     _ => 0,
                 };
                 let bytes: usize = got.iter().map(|g| g[i].1.resident_bytes()).sum();

@@ -47,7 +47,7 @@ struct BlockPtrs {
 };
 
 // The grid planes on the device (made by `CudaGrid`: eleven pointers, then
-// four ints, 104 bytes). Each plane is an upload of its own, so a stack
+// four ints and the prefix scale with a pad, 112 bytes). Each plane is an upload of its own, so a stack
 // that gains or loses a plane re-uses the others. The numbers are either
 // f16 (`center`, `half`, `ovalue`; format 2) or 8-bit codes under per-row
 // f16 steps (`ccode`, `hcode`, `ocode`, `cstep`, `hstep`, `ostep`; format
@@ -68,17 +68,20 @@ struct GridDesc {
   int group;
   int outliers;
   int groups;
+  float prefix_scale;      // σ_p: the factor on every half-range with these planes
+  int pad;
 };
 
-// (center, half) of cell `cell` (= i·groups + g). An f16 times an 8-bit
-// code is exact in f32, as on the CPU.
+// (center, σ_p·half) of cell `cell` (= i·groups + g). An f16 times an
+// 8-bit code is exact in f32, and the scale applied after, as on the CPU.
 __device__ __forceinline__ float2 grid_range(const GridDesc& grid, size_t cell) {
   if (grid.cstep != nullptr) {
     const size_t i = cell / grid.groups;
     return make_float2(__half2float(grid.cstep[i]) * (float)grid.ccode[cell],
-                       __half2float(grid.hstep[i]) * (float)grid.hcode[cell]);
+                       __half2float(grid.hstep[i]) * (float)grid.hcode[cell] * grid.prefix_scale);
   }
-  return make_float2(__half2float(grid.center[cell]), __half2float(grid.half[cell]));
+  return make_float2(__half2float(grid.center[cell]),
+                     __half2float(grid.half[cell]) * grid.prefix_scale);
 }
 
 // The weight of outlier `slot`, exact in f32 as on the CPU.

@@ -282,20 +282,28 @@ pub struct CudaGrid {
     /// The planes' addresses, most significant first.
     _plane_table: CudaSlice<u64>,
     /// `GridDesc`: eleven device addresses, then `nplanes`, `group`,
-    /// `outliers` and `groups` as i32, two to a word (little-endian).
+    /// `outliers` and `groups` as i32 and the prefix scale as f32 (with a
+    /// zero pad), two to a word (little-endian).
     desc: CudaSlice<u64>,
 }
 
 impl CudaGrid {
-    /// A grid over cells and planes already on `device`.
+    /// A grid over cells and planes already on `device`, its half-ranges
+    /// times `prefix_scale` (see [`GridRef::prefix_scale`]).
     pub fn new(
         device: &CudaDevice,
         cells: Arc<CudaGridCells>,
         planes: Vec<Arc<CudaPlane>>,
+        prefix_scale: f32,
     ) -> Result<Self> {
         let (m, n) = (cells.m, cells.n);
         if planes.is_empty() {
             candle_core::bail!("bitstack cuda: a grid has at least one plane");
+        }
+        if !(prefix_scale.is_finite() && prefix_scale >= 0.0) {
+            candle_core::bail!(
+                "bitstack cuda: grid prefix scale {prefix_scale} is not a finite number ≥ 0"
+            );
         }
         if let Some((b, p)) = planes
             .iter()
@@ -331,6 +339,7 @@ impl CudaGrid {
             ostep,
             pair(planes.len(), cells.group),
             pair(cells.outliers, cells.groups),
+            prefix_scale.to_bits() as u64,
         ];
         Ok(Self {
             m,
@@ -350,7 +359,7 @@ impl CudaGrid {
             .iter()
             .map(|p| CudaPlane::upload(device, p).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
-        Self::new(device, cells, planes)
+        Self::new(device, cells, planes, grid.prefix_scale)
     }
 
     /// Device memory of the cells and planes (the tables aside).

@@ -15,10 +15,12 @@ pub const MAX_GROUP: usize = 256;
 /// and `p` planes, its weights are
 ///
 /// ```text
-/// Wgrid[i, c] = value[i,g,t]                                    if c = g·group + col[i,g,t]
-///             = center[i,g] + half[i,g]·Σ_{b<p} s_b(i,c)·2^-(b+1)   otherwise,   g = c / group
+/// Wgrid[i, c] = value[i,g,t]                                      if c = g·group + col[i,g,t]
+///             = center[i,g] + σ_p·half[i,g]·Σ_{b<p} s_b(i,c)·2^-(b+1)   otherwise,   g = c / group
 /// ```
 ///
+/// with `σ_p` the linear's [`GridRef::prefix_scale`] for `p` planes (1
+/// for checkpoints before format version 5).
 /// with `s_b(i,c) = ±1` the signs of plane `b`, packed as the blocks' are.
 /// Every slot is an outlier (`o` is the exact count per group), and the
 /// `o` slots of one (row, group) have distinct columns, so an outlier's
@@ -38,6 +40,11 @@ pub struct GridRef<'a> {
     pub outlier_col: &'a [u8],
     /// `p ≥ 1` planes, most significant first, each `m×n`.
     pub planes: Vec<&'a TiledSigns>,
+    /// `σ_p`: the factor on every half-range with these `p` planes (1: the
+    /// stored grid as is). A short prefix of round-to-nearest planes has
+    /// its outer levels too far out for bell-shaped weights; the checkpoint
+    /// stores the factor that fits each prefix best.
+    pub prefix_scale: f32,
 }
 
 impl GridRef<'_> {
@@ -62,6 +69,11 @@ impl GridRef<'_> {
             self.group
         );
         assert!(!self.planes.is_empty(), "a grid has at least one plane");
+        assert!(
+            self.prefix_scale.is_finite() && self.prefix_scale >= 0.0,
+            "grid prefix scale {} is not a finite number ≥ 0",
+            self.prefix_scale
+        );
         let groups = self.groups(n);
         self.values.check(m, groups, self.outliers);
         let slots = m * groups * self.outliers;
@@ -133,8 +145,16 @@ impl GridRef<'_> {
             let w = plane_weight(b);
             level += if plane.sign(i, c) { w } else { -w };
         }
-        let (center, half) = self.values.range(groups, cell);
+        let (center, half) = self.range(groups, cell);
         center + half * level
+    }
+
+    /// `(center, σ_p·half)` of cell `cell = i·groups + g`, in f32: the
+    /// grid the kernels add, with the prefix scale applied.
+    #[inline(always)]
+    pub fn range(&self, groups: usize, cell: usize) -> (f32, f32) {
+        let (center, half) = self.values.range(groups, cell);
+        (center, half * self.prefix_scale)
     }
 }
 
@@ -161,6 +181,8 @@ pub struct OwnedGrid {
     pub outlier_col: Vec<u8>,
     /// Most significant first.
     pub planes: Vec<TiledSigns>,
+    /// See [`GridRef::prefix_scale`].
+    pub prefix_scale: f32,
 }
 
 impl OwnedGrid {
@@ -172,6 +194,7 @@ impl OwnedGrid {
             outliers: self.outliers,
             outlier_col: &self.outlier_col,
             planes: self.planes.iter().collect(),
+            prefix_scale: self.prefix_scale,
         }
     }
 

@@ -39,7 +39,8 @@ pub fn random_stack(m: usize, n: usize, k: usize, blocks: usize, seed: u64) -> O
 /// of a value up to ±3. The grid's weights are about as large as a random
 /// block's. Even seeds store the numbers as f16 (format 2), odd ones as
 /// 8-bit codes under per-row steps (format 3), so every kernel test meets
-/// both.
+/// both; one seed in three has no prefix scale (before format 5), the
+/// others a random one.
 pub fn random_grid(
     m: usize,
     n: usize,
@@ -90,12 +91,18 @@ pub fn random_grid(
             TiledSigns::from_row_major(&bytes, m, n)
         })
         .collect();
+    let prefix_scale = if seed.is_multiple_of(3) {
+        1.0
+    } else {
+        rng.random_range(0.5..1.0)
+    };
     OwnedGrid {
         group,
         values,
         outliers,
         outlier_col,
         planes,
+        prefix_scale,
     }
 }
 

@@ -324,7 +324,10 @@ fn check_stored(store: &TensorStore, slot: &LinearSlot) -> Result<()> {
                     &[m, groups, o],
                 )?;
             }
-            GridCoding::Int8 => {
+            GridCoding::Int8 | GridCoding::Int8Scaled => {
+                if cfg.coding == GridCoding::Int8Scaled {
+                    store.check(&grid::names::prefix_scale(path), Dtype::F32, &[cfg.planes])?;
+                }
                 store.check(&grid::names::center_code(path), Dtype::I8, &[m, groups])?;
                 store.check(&grid::names::half_code(path), Dtype::U8, &[m, groups])?;
                 store.check(&grid::names::outlier_code(path), Dtype::I8, &[m, groups, o])?;
@@ -387,7 +390,7 @@ pub fn read_grid(store: &TensorStore, slot: &LinearSlot) -> Result<Grid> {
             half: f16s(grid::names::scale(path), &[m, groups])?,
             outlier: f16s(grid::names::outlier_value(path), &[m, groups, o])?,
         },
-        GridCoding::Int8 => GridValues::Int8 {
+        GridCoding::Int8 | GridCoding::Int8Scaled => GridValues::Int8 {
             center_code: i8s(grid::names::center_code(path), &[m, groups])?,
             half_code: store.bytes(&grid::names::half_code(path), Dtype::U8, &[m, groups])?,
             outlier_code: i8s(grid::names::outlier_code(path), &[m, groups, o])?,
@@ -399,11 +402,23 @@ pub fn read_grid(store: &TensorStore, slot: &LinearSlot) -> Result<Grid> {
     // The tensor a grid's errors name: its first.
     let first = match cfg.coding {
         GridCoding::F16 => grid::names::center(path),
-        GridCoding::Int8 => grid::names::center_code(path),
+        GridCoding::Int8 | GridCoding::Int8Scaled => grid::names::center_code(path),
+    };
+    let prefix_scale = match cfg.coding {
+        GridCoding::Int8Scaled => {
+            let name = grid::names::prefix_scale(path);
+            store
+                .bytes(&name, Dtype::F32, &[cfg.planes])?
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        }
+        GridCoding::F16 | GridCoding::Int8 => Vec::new(),
     };
     let grid = Grid {
         values,
         outlier_col: store.bytes(&grid::names::outlier_col(path), Dtype::U8, &[m, groups, o])?,
+        prefix_scale,
     };
     check_checksum(
         store,

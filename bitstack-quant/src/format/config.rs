@@ -66,6 +66,9 @@ pub const FORMAT_VERSION_GRID: u32 = 2;
 pub const FORMAT_VERSION_GRID_INT8: u32 = 3;
 /// Version 3 with every linear's input rotated ([`RotationConfig`]).
 pub const FORMAT_VERSION_ROTATED: u32 = 4;
+/// 8-bit grid planes with prefix scales ([`GridCoding::Int8Scaled`]),
+/// rotated or not: what compress writes now.
+pub const FORMAT_VERSION_PREFIX_SCALED: u32 = 5;
 
 /// The format version of checkpoints whose linears end in grid planes
 /// coded as `coding`.
@@ -73,6 +76,7 @@ pub fn grid_format_version(coding: GridCoding) -> u32 {
     match coding {
         GridCoding::F16 => FORMAT_VERSION_GRID,
         GridCoding::Int8 => FORMAT_VERSION_GRID_INT8,
+        GridCoding::Int8Scaled => FORMAT_VERSION_PREFIX_SCALED,
     }
 }
 
@@ -135,10 +139,13 @@ impl QuantizationConfig {
         self
     }
 
-    /// This layout with every linear's input rotated (format version 4;
-    /// it goes with 8-bit grid planes, [`ModelConfig::validate`] checks).
+    /// This layout with every linear's input rotated (format version 4,
+    /// or 5 with prefix scales; it goes with 8-bit grid planes,
+    /// [`ModelConfig::validate`] checks).
     pub fn with_rotation(mut self, rotation: RotationConfig) -> Self {
-        self.format_version = FORMAT_VERSION_ROTATED;
+        if self.format_version != FORMAT_VERSION_PREFIX_SCALED {
+            self.format_version = FORMAT_VERSION_ROTATED;
+        }
         self.rotation = Some(rotation);
         self
     }
@@ -285,9 +292,9 @@ impl ModelConfig {
                 );
             }
             // Version 4 is version 3 with a rotation: checked as 3, then
-            // the rotation against every width.
+            // the rotation against every width. Version 5 may have one.
             let version = match (q.format_version, &q.rotation) {
-                (FORMAT_VERSION_ROTATED, Some(rotation)) => {
+                (v @ (FORMAT_VERSION_ROTATED | FORMAT_VERSION_PREFIX_SCALED), Some(rotation)) => {
                     rotation.check().map_err(anyhow::Error::msg)?;
                     for kind in LinearKind::ALL {
                         let (_, n) = checked_linear_shape(self, kind)
@@ -296,19 +303,28 @@ impl ModelConfig {
                             .check_width(n, kind.short_name())
                             .map_err(anyhow::Error::msg)?;
                     }
-                    FORMAT_VERSION_GRID_INT8
+                    if v == FORMAT_VERSION_ROTATED {
+                        FORMAT_VERSION_GRID_INT8
+                    } else {
+                        v
+                    }
                 }
                 (FORMAT_VERSION_ROTATED, None) => {
                     bail!("BitStack format_version {FORMAT_VERSION_ROTATED} needs a `rotation` in quantization_config")
                 }
                 (v, Some(_)) => bail!(
-                    "a `rotation` in quantization_config needs format_version {FORMAT_VERSION_ROTATED}, not {v}"
+                    "a `rotation` in quantization_config needs format_version {FORMAT_VERSION_ROTATED} or {FORMAT_VERSION_PREFIX_SCALED}, not {v}"
                 ),
                 (v, None) => v,
             };
             match (version, &q.grid) {
                 (FORMAT_VERSION, None) => {}
-                (v @ (FORMAT_VERSION_GRID | FORMAT_VERSION_GRID_INT8), Some(grid)) => {
+                (
+                    v @ (FORMAT_VERSION_GRID
+                    | FORMAT_VERSION_GRID_INT8
+                    | FORMAT_VERSION_PREFIX_SCALED),
+                    Some(grid),
+                ) => {
                     grid.check().map_err(anyhow::Error::msg)?;
                     if grid_format_version(grid.coding) != v {
                         bail!(
@@ -326,14 +342,17 @@ impl ModelConfig {
                         );
                     }
                 }
-                (FORMAT_VERSION_GRID | FORMAT_VERSION_GRID_INT8, None) => {
+                (
+                    FORMAT_VERSION_GRID | FORMAT_VERSION_GRID_INT8 | FORMAT_VERSION_PREFIX_SCALED,
+                    None,
+                ) => {
                     bail!("BitStack format_version {} needs a `grid` in quantization_config", q.format_version)
                 }
                 (FORMAT_VERSION, Some(_)) => {
                     bail!("a `grid` in quantization_config needs format_version {FORMAT_VERSION_GRID} or {FORMAT_VERSION_GRID_INT8}")
                 }
                 (v, _) => bail!(
-                    "BitStack format_version {v} is not supported (only {FORMAT_VERSION} to {FORMAT_VERSION_ROTATED}): a newer bitstack wrote it"
+                    "BitStack format_version {v} is not supported (only {FORMAT_VERSION} to {FORMAT_VERSION_PREFIX_SCALED}): a newer bitstack wrote it"
                 ),
             }
         }

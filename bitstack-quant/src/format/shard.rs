@@ -289,6 +289,7 @@ impl LinearShard {
                 let grid = Grid {
                     values: pick_values(&grid.values, &Part::Run(cells), &slots, &Part::Run(rows)),
                     outlier_col: slots.pick(&grid.outlier_col),
+                    prefix_scale: grid.prefix_scale,
                 };
                 (cfg, grid)
             }
@@ -304,9 +305,11 @@ impl LinearShard {
                 };
                 let slots = groups_of(o);
                 // The steps are per row: every rank keeps them whole.
+                // The prefix scales are per linear: every rank keeps them.
                 let grid = Grid {
                     values: pick_values(&grid.values, &groups_of(1), &slots, &Part::Whole),
                     outlier_col: slots.pick(&grid.outlier_col),
+                    prefix_scale: grid.prefix_scale,
                 };
                 debug_assert_eq!(local.group_size(n / self.world), group);
                 (local, grid)
@@ -474,7 +477,7 @@ mod tests {
     #[test]
     fn a_grid_splits_by_row_or_by_whole_group() {
         let (m, n, world) = (4, 256, 2);
-        for coding in [GridCoding::F16, GridCoding::Int8] {
+        for coding in [GridCoding::F16, GridCoding::Int8, GridCoding::Int8Scaled] {
             let cfg = GridConfig {
                 planes: 2,
                 group: 64,
@@ -491,7 +494,7 @@ mod tests {
                     half: (0..cells).map(h).collect(),
                     outlier: (0..cells * 2).map(h).collect(),
                 },
-                GridCoding::Int8 => GridValues::Int8 {
+                GridCoding::Int8 | GridCoding::Int8Scaled => GridValues::Int8 {
                     center_code: (0..cells).map(|c| c as i8).collect(),
                     half_code: (0..cells).map(|c| c as u8).collect(),
                     outlier_code: (0..cells * 2).map(|s| s as i8).collect(),
@@ -516,9 +519,14 @@ mod tests {
                     }
                 }
             };
+            let prefix_scale = match coding {
+                GridCoding::Int8Scaled => vec![0.7, 0.95],
+                _ => Vec::new(),
+            };
             let grid = Grid {
                 values: coded,
                 outlier_col: (0..cells * 2).map(|s| s as u8).collect(),
+                prefix_scale: prefix_scale.clone(),
             };
             let [rows, cols] = both_splits(1, world);
             let (rcfg, r) = rows.grid(grid.clone(), cfg, m, n);
@@ -526,7 +534,8 @@ mod tests {
             // Rows 2 and 3: cells 8…15.
             assert_eq!(centers(&r)[0], 8.0);
             assert_eq!(r.outlier_col, (16..32).collect::<Vec<u8>>());
-            if coding == GridCoding::Int8 {
+            assert_eq!(r.prefix_scale, prefix_scale);
+            if coding.is_int8() {
                 assert_eq!(steps(&r), [2.0, 3.0]);
             }
             let (ccfg, c) = cols.grid(grid, cfg, m, n);
@@ -534,7 +543,8 @@ mod tests {
             // Row 0's groups 2 and 3, then row 1's 6 and 7, …
             assert_eq!(centers(&c), [2.0, 3.0, 6.0, 7.0, 10.0, 11.0, 14.0, 15.0]);
             assert_eq!(&c.outlier_col[..4], &[4, 5, 6, 7]);
-            if coding == GridCoding::Int8 {
+            assert_eq!(c.prefix_scale, prefix_scale);
+            if coding.is_int8() {
                 // Per-row steps stay whole on every rank.
                 assert_eq!(steps(&c), [0.0, 1.0, 2.0, 3.0]);
             }

@@ -224,6 +224,12 @@ impl CheckpointWriter {
                 );
                 let g = &gp.grid;
                 let path = l.path.as_str();
+                if !g.prefix_scale.is_empty() {
+                    tensors.push((
+                        grid::names::prefix_scale(path),
+                        OwnedTensor::f32(&g.prefix_scale, &[g.prefix_scale.len()]),
+                    ));
+                }
                 match &g.values {
                     GridValues::F16 {
                         center,

@@ -13,7 +13,7 @@ use crate::format::block::{reconstruct, Block, BlockShape};
 use crate::format::checkpoint::BlockCounts;
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
-use crate::format::grid::{grid_planes, GridCoding, GridConfig, GridPlanes};
+use crate::format::grid::{grid_planes, GridConfig, GridPlanes};
 use crate::format::rotation::{rotate_gram, rotate_rows, Direction, RotationConfig};
 use crate::format::store::TensorStore;
 use crate::format::writer::{CheckpointWriter, LinearBlocks, OwnedTensor};
@@ -395,8 +395,8 @@ pub fn compress_on(
     let rotation = opts.rotation.resolve(&cfg);
     if let Some(rotation) = &rotation {
         rotation.check().map_err(anyhow::Error::msg)?;
-        if opts.grid.is_some_and(|g| g.coding != GridCoding::Int8) {
-            bail!("a rotation of the inputs goes with 8-bit grid codes (--grid-coding int8)");
+        if opts.grid.is_some_and(|g| !g.coding.is_int8()) {
+            bail!("a rotation of the inputs goes with 8-bit grid codes (--grid-coding int8-scaled or int8)");
         }
         if opts.niter > 0 || opts.grid.is_none() {
             bail!("a rotation of the inputs goes with grid planes alone (--layout planes): AVD blocks are fitted to the unrotated weights' input statistics");

@@ -18,7 +18,9 @@
 //! to a cell the later planes cannot leave); GPTQ at one level keeps the
 //! levels below it within a cell of what round to nearest picks.
 
-use crate::format::grid::{fit_grid, plane_weight, GridConfig, GridError, GridPlanes};
+use crate::format::grid::{
+    fit_grid, fit_prefix_scales, plane_weight, GridCoding, GridConfig, GridError, GridPlanes,
+};
 use crate::format::pack;
 use crate::method::feedback::Feedback;
 
@@ -83,7 +85,11 @@ pub fn grid_planes_with_feedback(
             pack::pack_signs(&plane)
         })
         .collect();
-    Ok(GridPlanes { grid, planes })
+    let mut gp = GridPlanes { grid, planes };
+    if cfg.coding == GridCoding::Int8Scaled {
+        gp.grid.prefix_scale = fit_prefix_scales(r, m, n, &gp, &cfg);
+    }
+    Ok(gp)
 }
 
 #[cfg(test)]
@@ -157,7 +163,11 @@ mod tests {
         };
         for level in [2, 3, 4] {
             let fed = grid_planes_with_feedback(&r, m, n, cfg, &fb, level).unwrap();
-            assert_eq!(fed.grid, rtn.grid);
+            // The same ranges and outliers; the prefix scales fit each's signs.
+            assert_eq!(
+                (&fed.grid.values, &fed.grid.outlier_col),
+                (&rtn.grid.values, &rtn.grid.outlier_col)
+            );
             let (e_fed, e_rtn) = (
                 err_of(&rebuilt(&fed, m, n, &cfg, level)),
                 err_of(&rebuilt(&rtn, m, n, &cfg, level)),

@@ -102,6 +102,32 @@ pub struct StackPlane {
 pub struct ResidentGrid {
     pub cfg: GridConfig,
     pub cells: Resident<Grid, CellsUpload>,
+    /// The grid's prefix scales, on the host wherever the cells live: a
+    /// resize picks the one of its new plane count.
+    pub prefix_scale: Vec<f32>,
+}
+
+impl ResidentGrid {
+    /// A grid and its layout, as `cells` keeps it.
+    pub fn new(
+        cfg: GridConfig,
+        cells: Resident<Grid, CellsUpload>,
+        prefix_scale: Vec<f32>,
+    ) -> Self {
+        Self {
+            cfg,
+            cells,
+            prefix_scale,
+        }
+    }
+
+    /// `σ_p` with `p ≥ 1` planes resident (see [`Grid::prefix_scale`]).
+    pub fn prefix_scale(&self, p: usize) -> f32 {
+        match p.checked_sub(1).and_then(|i| self.prefix_scale.get(i)) {
+            Some(&s) => s,
+            None => 1.0,
+        }
+    }
 }
 
 impl StackPlane {
@@ -118,11 +144,12 @@ impl StackPlane {
             let (m, n) = (signs.m(), signs.n());
             let grid = match grid {
                 Some((cfg, grid)) => {
+                    let prefix_scale = grid.prefix_scale.clone();
                     let cells = residence.place(grid, |device, g| {
-                        let gr = grid_ref(&cfg, g, n, vec![&signs]);
+                        let gr = grid_ref(&cfg, g, n, vec![&signs], 1.0);
                         CudaGridCells::upload(device, &gr, m, n)
                     })?;
-                    Some(Arc::new(ResidentGrid { cfg, cells }))
+                    Some(Arc::new(ResidentGrid::new(cfg, cells, prefix_scale)))
                 }
                 None => None,
             };
@@ -135,22 +162,22 @@ impl StackPlane {
             Ok(Self {
                 signs: Resident::host(signs),
                 grid: grid.map(|(cfg, grid)| {
-                    Arc::new(ResidentGrid {
-                        cfg,
-                        cells: Resident::host(grid),
-                    })
+                    let prefix_scale = grid.prefix_scale.clone();
+                    Arc::new(ResidentGrid::new(cfg, Resident::host(grid), prefix_scale))
                 }),
             })
         }
     }
 }
 
-/// The kernels' view of a grid with `planes`.
+/// The kernels' view of a grid with `planes`, its half-ranges times
+/// `prefix_scale`.
 fn grid_ref<'a>(
     cfg: &GridConfig,
     g: &'a Grid,
     n: usize,
     planes: Vec<&'a TiledSigns>,
+    prefix_scale: f32,
 ) -> GridRef<'a> {
     GridRef {
         group: cfg.group_size(n),
@@ -158,6 +185,7 @@ fn grid_ref<'a>(
         outliers: cfg.outliers,
         outlier_col: &g.outlier_col,
         planes,
+        prefix_scale,
     }
 }
 
@@ -333,10 +361,11 @@ impl WeightStack {
                 StackPart::Plane(Arc::new(StackPlane {
                     signs: Resident::host(TiledSigns::from_row_major(signs, m, n)),
                     grid: (b == 0).then(|| {
-                        Arc::new(ResidentGrid {
+                        Arc::new(ResidentGrid::new(
                             cfg,
-                            cells: Resident::host(gp.grid.clone()),
-                        })
+                            Resident::host(gp.grid.clone()),
+                            gp.grid.prefix_scale.clone(),
+                        ))
                     }),
                 }))
             })
@@ -440,7 +469,8 @@ impl WeightStack {
                     .iter()
                     .map(|p| p.signs.on_host())
                     .collect::<Option<Vec<_>>>()?;
-                Some(grid_ref(&g.cfg, g.cells.on_host()?, self.n, planes))
+                let scale = g.prefix_scale(planes.len());
+                Some(grid_ref(&g.cfg, g.cells.on_host()?, self.n, planes, scale))
             }
         };
         Some(StackRef {
@@ -559,9 +589,8 @@ fn add_grid_row(
     let before: Vec<f32> = (cells.start * o..cells.end * o)
         .map(|slot| out[column(slot)])
         .collect();
-    let (mut center, mut scale) = (vec![0f32; groups], vec![0f32; groups]);
-    g.values
-        .ranges_f32(groups, cells.clone(), &mut center, &mut scale);
+    let (center, scale): (Vec<f32>, Vec<f32>) =
+        cells.clone().map(|cell| g.range(groups, cell)).unzip();
     for (c, o) in out.iter_mut().enumerate() {
         *o += center[c / gs];
     }
@@ -620,10 +649,11 @@ impl bitstack_kernels::StackSource for WeightStack {
                                 "bitstack: a host grid's first plane is on a device only".into(),
                             )
                         })?;
-                        let grid = grid_ref(&g.cfg, cells, n, vec![first]);
+                        let grid = grid_ref(&g.cfg, cells, n, vec![first], 1.0);
                         CudaGridCells::upload(device, &grid, m, n)
                     })?;
-                    Some(Arc::new(CudaGrid::new(device, cells, planes)?))
+                    let scale = g.prefix_scale(planes.len());
+                    Some(Arc::new(CudaGrid::new(device, cells, planes, scale)?))
                 }
             };
             CudaStack::new(device, m, n, k, blocks)?.with_grid(grid)
@@ -744,24 +774,26 @@ mod tests {
     #[test]
     fn grid_stacks_rebuild_as_the_reference_at_every_prefix() {
         let mut rng = StdRng::seed_from_u64(21);
-        for (m, n, k, avd, group, outliers) in [
-            (1, 13, 1, 0, 8, 1),
-            (9, 37, 2, 1, 8, 2),
-            (33, 200, 4, 2, 128, 1),
-            (5, 9, 1, 1, 8, 0),
+        // Every coding of the grid's numbers (prefix scales included).
+        for (m, n, k, avd, group, outliers, coding) in [
+            (1, 13, 1, 0, 8, 1, GridCoding::Int8),
+            (9, 37, 2, 1, 8, 2, GridCoding::F16),
+            (33, 200, 4, 2, 128, 1, GridCoding::Int8Scaled),
+            (5, 9, 1, 1, 8, 0, GridCoding::F16),
+            (17, 70, 1, 0, 16, 1, GridCoding::Int8Scaled),
         ] {
-            // Both codings of the grid's numbers.
             let cfg = GridConfig {
                 planes: 4,
                 group,
                 outliers,
-                coding: if outliers.is_multiple_of(2) {
-                    GridCoding::F16
-                } else {
-                    GridCoding::Int8
-                },
+                coding,
             };
-            let (blocks, gp) = random_grid_stack(m, n, k, avd, cfg, &mut rng);
+            let (blocks, mut gp) = random_grid_stack(m, n, k, avd, cfg, &mut rng);
+            if coding == GridCoding::Int8Scaled {
+                // Uniform weights fit scales near 1: far from it, a scale
+                // missed or applied at the wrong plane count shows.
+                gp.grid.prefix_scale = vec![0.6, 0.8, 1.3, 0.9];
+            }
             let full = WeightStack::from_parts(m, n, k, parts_of(&blocks, &gp, cfg, m, n)).unwrap();
             assert_eq!(full.len(), avd + 4);
             let mut summed = vec![0f32; m * n];
