@@ -1,7 +1,7 @@
-//! Grid planes end to end: compress writes format version 5 (8-bit codes
-//! and prefix scales), every prefix loads and fits better, the runtime
-//! handle resizes through the planes, a broken grid or plane is an error
-//! that names it, and formats 2 and 3 still load.
+//! Grid planes end to end, with prefix scales (format version 5): every
+//! prefix loads and fits better, the runtime handle resizes through the
+//! planes, a broken grid or plane is an error that names it, and formats 2
+//! and 3 load and fit alike.
 
 mod common;
 
@@ -28,6 +28,7 @@ fn options(root: &Path) -> CompressOptions {
     CompressOptions {
         grid: Some(GridConfig {
             group: 16,
+            coding: GridCoding::Int8Scaled,
             ..GridConfig::new(PLANES)
         }),
         ..common::small_options(calib, 2, AVD)

@@ -67,7 +67,7 @@ fn every_prefix_of_a_rotated_checkpoint_loads_and_fits_better() {
         .unwrap()
         .quantization_config
         .unwrap();
-    assert_eq!(q.format_version, FORMAT_VERSION_PREFIX_SCALED);
+    assert_eq!(q.format_version, FORMAT_VERSION_ROTATED);
     assert_eq!(q.rotation, Some(RotationConfig::new(BLOCK)));
 
     let reference = common::logits(
@@ -280,22 +280,23 @@ fn a_rotation_that_does_not_fit_is_refused_by_name() {
     });
     assert!(e.contains("int8"), "{e}");
 
-    // A config that contradicts itself is refused when opened: format 5
-    // (prefix scales) and format 4 (8-bit codes alone, rotated).
-    let v4 = root.path().join("v4");
+    // A config that contradicts itself is refused when opened: format 4
+    // (8-bit codes, rotated) and format 5 (with prefix scales, which loads).
+    let v5 = root.path().join("v5");
     compress(
         &dense,
-        &v4,
+        &v5,
         &CompressOptions {
             grid: Some(GridConfig {
                 group: 16,
-                coding: GridCoding::Int8,
+                coding: GridCoding::Int8Scaled,
                 ..GridConfig::new(PLANES)
             }),
             ..options(root.path())
         },
     )
     .unwrap();
+    Llama::load(&v5, &BlockCounts::all(), &Device::Cpu).unwrap();
     let edited = |from_dir: &Path, from: &str, to: &str| {
         let text = std::fs::read_to_string(from_dir.join("config.json")).unwrap();
         assert!(text.contains(from), "config.json lacks {from}");
@@ -311,23 +312,23 @@ fn a_rotation_that_does_not_fit_is_refused_by_name() {
     };
     // Version 3 with a rotation, version 4 without or with prefix scales,
     // a block that does not divide a width.
-    let e = edited(&out, "\"format_version\": 5", "\"format_version\": 3");
+    let e = edited(&out, "\"format_version\": 4", "\"format_version\": 3");
     assert!(e.contains("needs format_version 4 or 5"), "{e}");
-    let e = edited(&out, "\"format_version\": 5", "\"format_version\": 4");
+    let e = edited(&v5, "\"format_version\": 5", "\"format_version\": 4");
     assert!(
         e.contains("format_version 4 does not go with grid coding Int8Scaled"),
         "{e}"
     );
-    let e = edited(&v4, "\"rotation\"", "\"rotation_\"");
+    let e = edited(&out, "\"rotation\"", "\"rotation_\"");
     assert!(e.contains("needs a `rotation`"), "{e}");
     let e = edited(&out, "\"block\": 8", "\"block\": 32");
     assert!(e.contains("rotation block 32"), "{e}");
     assert_eq!(
-        ModelConfig::from_dir(&v4)
+        ModelConfig::from_dir(&v5)
             .unwrap()
             .quantization_config
             .unwrap()
             .format_version,
-        FORMAT_VERSION_ROTATED
+        FORMAT_VERSION_PREFIX_SCALED
     );
 }

@@ -67,7 +67,7 @@ pub const FORMAT_VERSION_GRID_INT8: u32 = 3;
 /// Version 3 with every linear's input rotated ([`RotationConfig`]).
 pub const FORMAT_VERSION_ROTATED: u32 = 4;
 /// 8-bit grid planes with prefix scales ([`GridCoding::Int8Scaled`]),
-/// rotated or not: what compress writes now.
+/// rotated or not.
 pub const FORMAT_VERSION_PREFIX_SCALED: u32 = 5;
 
 /// The format version of checkpoints whose linears end in grid planes

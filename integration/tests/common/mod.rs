@@ -52,16 +52,15 @@ pub fn checkpoint() -> &'static PathBuf {
 }
 
 /// A quick grid-plane checkpoint of SmolLM2 (the default layout: 4 planes
-/// per linear, 8-bit grid numbers and prefix scales, inputs rotated in
-/// blocks of 64, format version 5; round-robin order), made once per
-/// assets folder (named by its format, so that a folder made by an older
-/// build is not taken for it).
+/// per linear, 8-bit grid numbers, inputs rotated in blocks of 64, format
+/// version 4; round-robin order),
+/// made once per assets folder.
 #[allow(dead_code)]
 pub fn grid_checkpoint() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         compressed_once(
-            "SmolLM2-135M-Instruct-bitstack-planes4-rot64-v5",
+            "SmolLM2-135M-Instruct-bitstack-planes4-rot64",
             |calib_text| CompressOptions {
                 grid: Some(GridConfig::new(4)),
                 calib_windows: 8,
