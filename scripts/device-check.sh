@@ -16,6 +16,7 @@
 #                   cuBLAS f16 GEMV and GEMM measured in the same run
 #   *.json          the same numbers, one object per row
 #   summary.md      GPU, test verdict and both tables
+# BENCH_KS="4" times k = 4 only (default "4 16").
 # The exit status is the tests' (0 = all passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +56,7 @@ for crate in bitstack-kernels bitstack-quant; do
 done
 grep -E '^test result' "$out/tests.log"
 
-for k in 4 16; do
+for k in ${BENCH_KS:-4 16}; do
   timeout 240 "$work/cuda-bench" --k "$k" --json "$out/bench-k$k.json" > "$out/bench-k$k.md" 2> "$out/bench-k$k.err"
   echo "bench k=$k: exit $?"
 done
@@ -70,7 +71,7 @@ done
   echo "tests (kernels, then resident stacks):"
   grep -E '^test result' "$out/tests.log" | sed 's/^/- /'
   echo "(exit $tests)"
-  for k in 4 16; do echo; echo "## k = $k"; echo; cat "$out/bench-k$k.md"; done
+  for k in ${BENCH_KS:-4 16}; do echo; echo "## k = $k"; echo; cat "$out/bench-k$k.md"; done
 } > "$out/summary.md"
 cat "$out/summary.md"
 exit $tests
