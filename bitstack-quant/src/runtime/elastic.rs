@@ -164,7 +164,8 @@ struct Release {
 }
 
 impl Release {
-    fn start() -> Self {
+    fn start(device: &Device) -> Self {
+        let device = device.clone();
         let (queue, retired) = mpsc::channel::<Arc<Snapshot>>();
         let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
         let counter = pending.clone();
@@ -172,6 +173,7 @@ impl Release {
         let spawned = std::thread::Builder::new()
             .name("bitstack-release".into())
             .spawn(move || {
+                bind_to_thread(&device);
                 for snapshot in retired {
                     drop(snapshot);
                     let (count, done) = &*counter;
@@ -206,6 +208,21 @@ impl Release {
             done.wait(&mut count);
         }
     }
+}
+
+/// Makes `device`'s CUDA context current on this thread. A thread that
+/// drops device buffers needs it: the driver frees them in the current
+/// context, and a thread spawned by us has none (the free fails, and the
+/// context reports the error to every later call, on any thread).
+fn bind_to_thread(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        if let Err(e) = d.cuda_stream().context().bind_to_thread() {
+            tracing::warn!("cannot make the CUDA context current on the release thread: {e}");
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
 }
 
 /// The runtime control handle of a loaded BitStack model.
@@ -331,7 +348,7 @@ impl BitStackHandle {
                 budget: AtomicU64::new(budget),
                 subscribers: RwLock::new(BTreeMap::new()),
                 next_subscriber: AtomicU64::new(0),
-                release: Release::start(),
+                release: Release::start(device),
             }),
         })
     }
