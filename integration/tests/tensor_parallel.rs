@@ -53,17 +53,27 @@ fn checkpoint(root: &Path) -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+/// A port free on every interface, below Linux's ephemeral range (32768 and
+/// up). A port the OS hands out for `:0` can meanwhile become the source
+/// port of an outgoing connection (the ranks connect to each other), and
+/// mistral.rs binds its replicator on 0.0.0.0 again for every request.
+fn free_port(taken: &[u16]) -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .subsec_nanos() as usize
+        ^ std::process::id() as usize;
+    (0..12000)
+        .map(|i| 20000 + ((seed + i * 7919) % 12000) as u16)
+        .find(|p| !taken.contains(p) && TcpListener::bind(("0.0.0.0", *p)).is_ok())
+        .expect("a free port in 20000..32000")
 }
 
 /// The two ranks' ring configs, on free loopback ports.
 fn ring_configs(root: &Path) -> [PathBuf; 2] {
-    let (master, p0, p1) = (free_port(), free_port(), free_port());
+    let master = free_port(&[]);
+    let p0 = free_port(&[master]);
+    let p1 = free_port(&[master, p0]);
     let configs = [
         serde_json::json!({"master_port": master, "port": p0, "right_ip": "127.0.0.1",
             "right_port": p1, "rank": 0, "world_size": 2}),
