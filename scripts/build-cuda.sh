@@ -59,7 +59,7 @@ for line in sys.stdin:
     xz -T0 -9 -f "$bundle/$name"
   done
   cp "$cuda_home/lib/libcudart.so.13" "$bundle/"
-  cp scripts/device-check.sh "$bundle/"
+  cp scripts/device-check.sh scripts/device-env.sh "$bundle/"
   ls -la "$bundle" >&2
   du -sh "$bundle" >&2
 fi

@@ -16,9 +16,10 @@
 #                   cuBLAS f16 GEMV and GEMM measured in the same run
 #   *.json          the same numbers, one object per row
 #   summary.md      GPU, test verdict and both tables
-# BENCH_KS="4" times k = 4 only (default "4 16").
+# BENCH_KS="4" times k = 4 only, BENCH_KS="" no k (default "4 16").
 # The exit status is the tests' (0 = all passed).
 set -uo pipefail
+source "$(dirname "$0")/device-env.sh"
 cd "$(dirname "$0")/.."
 bundle="${1:-.devrun/cuda}"
 out="${OUT:-device-check-out}"
@@ -29,20 +30,13 @@ trap 'rm -rf "$work"' EXIT
 binaries="cuda-test-bitstack-kernels cuda-test-bitstack-quant cuda-bench"
 for f in $binaries; do
   [ -f "$bundle/$f.xz" ] || { echo "device-check: $bundle/$f.xz is missing (run scripts/build-cuda.sh --bundle $bundle)" >&2; exit 2; }
-  (xz -dc "$bundle/$f.xz" 2>/dev/null \
-    || python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$bundle/$f.xz") > "$work/$f"
-  chmod +x "$work/$f"
+  unpack_xz "$bundle/$f.xz" "$work/$f"
 done
 
 # The driver and cuBLAS/cuRAND come from this machine (too big to carry);
 # the CUDA runtime from the bundle when this machine has none.
-dirs=""
-for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
-  p=$(find / \( -path /proc -o -path /sys \) -prune -o -name "$lib" -print 2>/dev/null | head -1)
-  echo "$lib: ${p:-not found}" | tee -a "$out/libs.txt"
-  [ -n "$p" ] && dirs="$dirs:$(dirname "$p")"
-done
-export LD_LIBRARY_PATH="${dirs#:}:$(cd "$bundle" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$(gpu_library_path "$out/libs.txt"):$(cd "$bundle" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+cat "$out/libs.txt"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
@@ -56,7 +50,7 @@ for crate in bitstack-kernels bitstack-quant; do
 done
 grep -E '^test result' "$out/tests.log"
 
-for k in ${BENCH_KS:-4 16}; do
+for k in ${BENCH_KS-4 16}; do
   timeout 240 "$work/cuda-bench" --k "$k" --json "$out/bench-k$k.json" > "$out/bench-k$k.md" 2> "$out/bench-k$k.err"
   echo "bench k=$k: exit $?"
 done
@@ -71,7 +65,7 @@ done
   echo "tests (kernels, then resident stacks):"
   grep -E '^test result' "$out/tests.log" | sed 's/^/- /'
   echo "(exit $tests)"
-  for k in ${BENCH_KS:-4 16}; do echo; echo "## k = $k"; echo; cat "$out/bench-k$k.md"; done
+  for k in ${BENCH_KS-4 16}; do echo; echo "## k = $k"; echo; cat "$out/bench-k$k.md"; done
 } > "$out/summary.md"
 cat "$out/summary.md"
 exit $tests

@@ -19,6 +19,7 @@
 #                      budget and method
 #   ladder.md          the PPL table, one row per text and budget (printed last)
 set -uo pipefail
+source "$(dirname "$0")/device-env.sh"
 
 bin=""
 model=""
@@ -52,19 +53,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 if [ "${bin%.xz}" != "$bin" ]; then
-  xz -dc "$bin" > "$work/bitstack" 2>/dev/null \
-    || python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$bin" > "$work/bitstack"
-  chmod +x "$work/bitstack"
+  unpack_xz "$bin" "$work/bitstack"
   bin="$work/bitstack"
 fi
-
-# The driver and cuBLAS/cuRAND from this machine, as device-check.sh finds them.
-dirs=""
-for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
-  p=$(find / \( -path /proc -o -path /sys \) -prune -o -name "$lib" -print 2>/dev/null | head -1)
-  [ -n "$p" ] && dirs="$dirs:$(dirname "$p")"
-done
-export LD_LIBRARY_PATH="${dirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$(gpu_library_path)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
 
 # One copy of the checkpoint per method (hard links: only the order differs).
