@@ -13,9 +13,13 @@ unpack_xz() {
 # CUDA runtime on this machine (too big to carry), colon-separated; each
 # library's path, or "not found", goes to LOG when given.
 gpu_library_path() {
-  local dirs="" lib p
-  for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
-    p=$(find / \( -path /proc -o -path /sys \) -prune -o -name "$lib" -print 2>/dev/null | head -1)
+  local libs="libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13"
+  local dirs="" lib p found names=()
+  for lib in $libs; do names+=(-o -name "$lib"); done
+  # One walk of the filesystem for all of them.
+  found=$(find / \( -path /proc -o -path /sys \) -prune -o \( "${names[@]:1}" \) -print 2>/dev/null)
+  for lib in $libs; do
+    p=$(grep -m1 "/$lib\$" <<< "$found")
     [ -n "${1:-}" ] && echo "$lib: ${p:-not found}" >> "$1"
     [ -n "$p" ] && dirs="$dirs:$(dirname "$p")"
   done
