@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use bitstack_kernels::cuda::memory::{pool_bytes, PoolBytes};
 use bitstack_kernels::{OwnedBlock, TiledSigns};
 use bitstack_quant::format::block::BlockShape;
 use bitstack_quant::format::grid::{grid_planes, GridCoding, GridConfig};
@@ -34,32 +35,12 @@ fn free_bytes(device: &Device) -> usize {
     d.cuda_stream().context().mem_get_info().unwrap().0
 }
 
-/// Bytes the device's default memory pool has handed out and not had
-/// back: freed buffers return to the pool before they reach the driver.
-fn pool_used_bytes(device: &Device) -> i64 {
-    use candle_core::cuda_backend::cudarc::driver::sys;
+/// What the memory pool of the device's allocations holds.
+fn pool(device: &Device) -> PoolBytes {
     let Device::Cuda(d) = device else {
         unreachable!("a CUDA device")
     };
-    d.synchronize().unwrap();
-    let ctx = d.cuda_stream().context().clone();
-    ctx.bind_to_thread().unwrap();
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut used = 0u64;
-    // SAFETY: valid out-pointers; the attribute is a u64.
-    unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .unwrap();
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
-            &mut used as *mut u64 as *mut std::ffi::c_void,
-        )
-        .result()
-        .unwrap();
-    }
-    used as i64
+    pool_bytes(d).unwrap()
 }
 
 /// Tile-aligned shapes (rows a multiple of 16, columns of 64), so that
@@ -162,11 +143,11 @@ fn a_model_on_cuda_keeps_its_blocks_on_the_device_and_computes_what_the_cpu_does
 fn shrinking_a_model_on_cuda_gives_device_memory_back() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("packed");
-    // Big enough that the blocks dwarf the allocator's granularity.
+    // Big enough that the blocks dwarf the driver's 2 MiB pages.
     let spec = SyntheticSpec {
         hidden: 1024,
         intermediate: 2816,
-        layers: 2,
+        layers: 4,
         heads: 8,
         kv_heads: 4,
         vocab: 512,
@@ -178,20 +159,21 @@ fn shrinking_a_model_on_cuda_gives_device_memory_back() {
     let top = logits(&handle, &gpu, spec.vocab);
     let full = handle.snapshot().stack_bytes();
 
-    let (before, pool_before) = (free_bytes(&gpu), pool_used_bytes(&gpu));
+    let (before, pool_before) = (free_bytes(&gpu), pool(&gpu));
     handle.set_level(0).unwrap();
     handle.wait_released();
     let floor = handle.snapshot().stack_bytes();
-    let freed = free_bytes(&gpu) as i64 - before as i64;
-    let pooled = pool_before - pool_used_bytes(&gpu);
+    let (after, pool_after) = (free_bytes(&gpu), pool(&gpu));
+    let freed = after as i64 - before as i64;
     let dropped = (full - floor) as i64;
-    // Said apart: the buffers freed (back in the memory pool) and the
-    // driver seeing it (the pool's chunks emptied and released).
-    assert!(
-        freed >= dropped * 9 / 10,
-        "shrinking dropped {dropped} B of blocks but the driver got {freed} B back \
-         ({pooled} B went back to the device's memory pool)"
+    let report = format!(
+        "shrinking dropped {dropped} B of blocks ({full} → {floor}); the driver got {freed} B back; \
+         the memory pool went from {pool_before:?} to {pool_after:?}"
     );
+    eprintln!("{report}");
+    // Freed buffers reach the pool first; the shrink must also empty the
+    // pool's chunks back to the driver.
+    assert!(freed >= dropped * 9 / 10, "{report}");
 
     let before = free_bytes(&gpu);
     handle.set_level(handle.max_level()).unwrap();

@@ -25,12 +25,13 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{DType, Layout, Result, Shape};
 use half::{bf16, f16};
 
+use super::memory::DeviceBuffer;
 use super::pack::{self, mma_sign_words};
 use crate::layout::{rows_of, BlockRef, GridRef, GridValuesRef, Rows, StackRef, TiledSigns};
 
@@ -52,9 +53,9 @@ pub struct CudaBlock {
     m: usize,
     n: usize,
     k: usize,
-    signs: CudaSlice<u32>,
-    u: CudaSlice<f16>,
-    vt: CudaSlice<f16>,
+    signs: DeviceBuffer<u32>,
+    u: DeviceBuffer<f16>,
+    vt: DeviceBuffer<f16>,
 }
 
 impl CudaBlock {
@@ -79,9 +80,9 @@ impl CudaBlock {
             m,
             n,
             k,
-            signs: upload(device, &words)?,
-            u: upload(device, block.u)?,
-            vt: upload(device, block.vt)?,
+            signs: DeviceBuffer::upload(device, &words)?,
+            u: DeviceBuffer::upload(device, block.u)?,
+            vt: DeviceBuffer::upload(device, block.vt)?,
         })
     }
 
@@ -96,6 +97,9 @@ impl CudaBlock {
     }
 }
 
+/// A stack's table (addresses, a grid's description) in candle's memory
+/// pool: tables are small and made again at every resize, unlike the
+/// blocks they point to ([`DeviceBuffer`]).
 fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     device: &CudaDevice,
     host: &[T],
@@ -115,7 +119,7 @@ fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 pub struct CudaPlane {
     m: usize,
     n: usize,
-    words: CudaSlice<u32>,
+    words: DeviceBuffer<u32>,
 }
 
 impl CudaPlane {
@@ -124,7 +128,7 @@ impl CudaPlane {
         Ok(Self {
             m: signs.m(),
             n: signs.n(),
-            words: upload(device, &mma_sign_words(signs))?,
+            words: DeviceBuffer::upload(device, &mma_sign_words(signs))?,
         })
     }
 
@@ -148,24 +152,24 @@ pub struct CudaGridCells {
     groups: usize,
     outliers: usize,
     values: CudaValues,
-    outlier_col: CudaSlice<u8>,
+    outlier_col: DeviceBuffer<u8>,
 }
 
 /// A grid's numbers on the device, as stored (see
 /// [`GridValues`](crate::layout::GridValues)).
 enum CudaValues {
     F16 {
-        center: CudaSlice<f16>,
-        half: CudaSlice<f16>,
-        outlier: CudaSlice<f16>,
+        center: DeviceBuffer<f16>,
+        half: DeviceBuffer<f16>,
+        outlier: DeviceBuffer<f16>,
     },
     Int8 {
-        center_code: CudaSlice<i8>,
-        half_code: CudaSlice<u8>,
-        outlier_code: CudaSlice<i8>,
-        center_step: CudaSlice<f16>,
-        half_step: CudaSlice<f16>,
-        outlier_step: CudaSlice<f16>,
+        center_code: DeviceBuffer<i8>,
+        half_code: DeviceBuffer<u8>,
+        outlier_code: DeviceBuffer<i8>,
+        center_step: DeviceBuffer<f16>,
+        half_step: DeviceBuffer<f16>,
+        outlier_step: DeviceBuffer<f16>,
     },
 }
 
@@ -177,9 +181,9 @@ impl CudaValues {
                 half,
                 outlier,
             } => CudaValues::F16 {
-                center: upload(device, center)?,
-                half: upload(device, half)?,
-                outlier: upload(device, outlier)?,
+                center: DeviceBuffer::upload(device, center)?,
+                half: DeviceBuffer::upload(device, half)?,
+                outlier: DeviceBuffer::upload(device, outlier)?,
             },
             GridValuesRef::Int8 {
                 center_code,
@@ -189,19 +193,19 @@ impl CudaValues {
                 half_step,
                 outlier_step,
             } => CudaValues::Int8 {
-                center_code: upload(device, center_code)?,
-                half_code: upload(device, half_code)?,
-                outlier_code: upload(device, outlier_code)?,
-                center_step: upload(device, center_step)?,
-                half_step: upload(device, half_step)?,
-                outlier_step: upload(device, outlier_step)?,
+                center_code: DeviceBuffer::upload(device, center_code)?,
+                half_code: DeviceBuffer::upload(device, half_code)?,
+                outlier_code: DeviceBuffer::upload(device, outlier_code)?,
+                center_step: DeviceBuffer::upload(device, center_step)?,
+                half_step: DeviceBuffer::upload(device, half_step)?,
+                outlier_step: DeviceBuffer::upload(device, outlier_step)?,
             },
         })
     }
 
     /// `GridDesc`'s `center, half, ovalue` and `ccode, hcode, cstep,
     /// hstep, ocode, ostep` addresses (null for the other coding).
-    fn addresses(&self, stream: &Arc<CudaStream>) -> ([u64; 3], [u64; 6]) {
+    fn addresses(&self) -> ([u64; 3], [u64; 6]) {
         match self {
             CudaValues::F16 {
                 center,
@@ -209,9 +213,9 @@ impl CudaValues {
                 outlier,
             } => (
                 [
-                    center.device_ptr(stream).0,
-                    half.device_ptr(stream).0,
-                    outlier.device_ptr(stream).0,
+                    center.ptr(),
+                    half.ptr(),
+                    outlier.ptr(),
                 ],
                 [0; 6],
             ),
@@ -225,12 +229,12 @@ impl CudaValues {
             } => (
                 [0; 3],
                 [
-                    center_code.device_ptr(stream).0,
-                    half_code.device_ptr(stream).0,
-                    center_step.device_ptr(stream).0,
-                    half_step.device_ptr(stream).0,
-                    outlier_code.device_ptr(stream).0,
-                    outlier_step.device_ptr(stream).0,
+                    center_code.ptr(),
+                    half_code.ptr(),
+                    center_step.ptr(),
+                    half_step.ptr(),
+                    outlier_code.ptr(),
+                    outlier_step.ptr(),
                 ],
             ),
         }
@@ -256,7 +260,7 @@ impl CudaGridCells {
             groups,
             outliers: grid.outliers,
             values: CudaValues::upload(device, &grid.values)?,
-            outlier_col: upload(device, grid.outlier_col)?,
+            outlier_col: DeviceBuffer::upload(device, grid.outlier_col)?,
         })
     }
 
@@ -319,17 +323,17 @@ impl CudaGrid {
         let stream = device.cuda_stream();
         let addresses: Vec<u64> = planes
             .iter()
-            .map(|p| p.words.device_ptr(&stream).0)
+            .map(|p| p.words.ptr())
             .collect();
         let plane_table = upload(device, &addresses)?;
         let pair = |a: usize, b: usize| (a as u32 as u64) | ((b as u32 as u64) << 32);
         let ([center, half, ovalue], [ccode, hcode, cstep, hstep, ocode, ostep]) =
-            cells.values.addresses(&stream);
+            cells.values.addresses();
         let desc = [
             plane_table.device_ptr(&stream).0,
             center,
             half,
-            cells.outlier_col.device_ptr(&stream).0,
+            cells.outlier_col.ptr(),
             ovalue,
             ccode,
             hcode,
@@ -405,9 +409,9 @@ impl CudaStack {
                     b.k
                 );
             }
-            table.push(b.signs.device_ptr(&stream).0);
-            table.push(b.u.device_ptr(&stream).0);
-            table.push(b.vt.device_ptr(&stream).0);
+            table.push(b.signs.ptr());
+            table.push(b.u.ptr());
+            table.push(b.vt.ptr());
         }
         let table = upload(device, &table)?;
         let ctx = stream.context();

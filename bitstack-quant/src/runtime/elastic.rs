@@ -49,7 +49,7 @@ use crate::format::shard::TensorParallel;
 use crate::runtime::linear::LinearWeight;
 use crate::runtime::model::{LinearKind, Llama};
 use crate::runtime::placement::Placement;
-use crate::runtime::stack::StackPart;
+use crate::runtime::stack::{ReadPart, StackPart};
 
 /// Why a resize was refused. A refused resize changes nothing.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +176,7 @@ impl Release {
                 bind_to_thread(&device);
                 for snapshot in retired {
                     drop(snapshot);
+                    give_back_to_driver(&device);
                     let (count, done) = &*counter;
                     *count.lock() -= 1;
                     done.notify_all();
@@ -219,6 +220,22 @@ fn bind_to_thread(device: &Device) {
     if let Device::Cuda(d) = device {
         if let Err(e) = d.cuda_stream().context().bind_to_thread() {
             tracing::warn!("cannot make the CUDA context current on the release thread: {e}");
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}
+
+/// Returns the device memory that dropped blocks left in `device`'s
+/// memory pool to the driver. CUDA frees stream-ordered allocations into
+/// the pool, which keeps them for the next allocation on this process's
+/// stream: the KV cache of another engine, or one that asks the driver
+/// how much is free, would never see them.
+fn give_back_to_driver(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        if let Err(e) = bitstack_kernels::cuda::trim_memory_pool(d) {
+            tracing::warn!("cannot give freed BitStack blocks back to the CUDA driver: {e}");
         }
     }
     #[cfg(not(feature = "cuda"))]
@@ -325,19 +342,22 @@ impl BitStackHandle {
             .iter()
             .map(|r| r.total_bytes as u64)
             .collect();
+        // The floor first, then the levels above it in order, as a grow
+        // reads them (a device's memory is then taken in ladder order).
+        let floor = checkpoint.order().counts_at(checkpoint.geometry(), 0);
         let model = Llama::from_store(
             checkpoint.config().clone(),
             checkpoint.store(),
-            &plan.counts,
+            &floor,
             device,
             &placement,
         )?;
         let snapshot = Snapshot {
             model,
-            level: plan.level(),
+            level: 0,
             epoch: 0,
         };
-        Ok(Self {
+        let handle = Self {
             shared: Arc::new(Shared {
                 checkpoint,
                 placement,
@@ -350,7 +370,13 @@ impl BitStackHandle {
                 next_subscriber: AtomicU64::new(0),
                 release: Release::start(device),
             }),
-        })
+        };
+        if plan.level() > 0 {
+            let floor = handle.snapshot();
+            let grown = handle.grown(&floor, plan.level())?;
+            *handle.shared.current.write() = Arc::new(Snapshot { epoch: 0, ..grown });
+        }
+        Ok(handle)
     }
 
     /// The current model. Hold it for one forward (or one decode step): it
@@ -515,26 +541,36 @@ impl BitStackHandle {
     }
 
     /// `current` with blocks `order[current.level..level]` read, verified and appended.
+    ///
+    /// Blocks are read in parallel, a batch at a time (a batch's host
+    /// copies live until it is placed), and placed in order: on a device,
+    /// a level's blocks take memory after those of every lower level.
     fn grown(&self, current: &Snapshot, level: usize) -> anyhow::Result<Snapshot> {
+        /// Blocks read before they are placed.
+        const BATCH: usize = 64;
         let shared = &*self.shared;
         let wanted = &shared.order[current.level..level];
-        let blocks: Vec<StackPart> = wanted
-            .par_iter()
-            .map(|&(li, b)| {
-                let slot = &shared.checkpoint.geometry().linears[li];
-                let shard = shared
-                    .placement
-                    .shard(LinearKind::ALL[li % LinearKind::ALL.len()]);
-                StackPart::read(
-                    shared.checkpoint.store(),
-                    slot,
-                    b,
-                    &shared.placement.residence,
-                    shard,
-                )
-                .with_context(|| format!("reading block {b} of {}", slot.name))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let mut blocks: Vec<StackPart> = Vec::with_capacity(wanted.len());
+        for batch in wanted.chunks(BATCH) {
+            let read: Vec<ReadPart> = batch
+                .par_iter()
+                .map(|&(li, b)| {
+                    let slot = &shared.checkpoint.geometry().linears[li];
+                    let shard = shared
+                        .placement
+                        .shard(LinearKind::ALL[li % LinearKind::ALL.len()]);
+                    ReadPart::read(shared.checkpoint.store(), slot, b, shard)
+                        .with_context(|| format!("reading block {b} of {}", slot.name))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            for (&(li, b), part) in batch.iter().zip(read) {
+                let name = &shared.checkpoint.geometry().linears[li].name;
+                blocks.push(
+                    part.place(&shared.placement.residence)
+                        .with_context(|| format!("uploading block {b} of {name}"))?,
+                );
+            }
+        }
         let mut added: BTreeMap<usize, Vec<StackPart>> = BTreeMap::new();
         for (&(li, _), block) in wanted.iter().zip(blocks) {
             added.entry(li).or_default().push(block);

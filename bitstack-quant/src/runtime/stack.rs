@@ -197,15 +197,40 @@ pub enum StackPart {
 }
 
 impl StackPart {
-    /// Block `b` of `slot`, read and checked (see [`CheckedBlock::read`],
-    /// [`read_plane`] and [`read_grid`]), cut to this rank's `shard` under
-    /// tensor parallelism, its signs re-tiled for the kernels, and kept in
-    /// `residence`: what loading and the grow path of a resize read.
+    /// Block `b` of `slot` read (see [`ReadPart::read`]) and kept in
+    /// `residence`: what loading a linear reads.
     pub fn read(
         store: &TensorStore,
         slot: &LinearSlot,
         b: usize,
         residence: &Residence,
+        shard: Option<LinearShard>,
+    ) -> Result<Self> {
+        ReadPart::read(store, slot, b, shard)?
+            .place(residence)
+            .with_context(|| format!("uploading block {b} of `{}`", slot.name))
+    }
+}
+
+/// One stored block of a linear read into host memory, not yet placed
+/// where the model keeps it: the grow path of a resize reads many in
+/// parallel, then places them one by one in the order of the ladder, so
+/// that a device's memory is taken in that order and a shrink empties
+/// whole pages (the `DeviceBuffer` of the kernels' CUDA module).
+#[derive(Debug)]
+pub enum ReadPart {
+    Block(OwnedBlock, BlockShape),
+    Plane(TiledSigns, Option<(GridConfig, Grid)>),
+}
+
+impl ReadPart {
+    /// Block `b` of `slot`, read and checked (see [`CheckedBlock::read`],
+    /// [`read_plane`] and [`read_grid`]), cut to this rank's `shard` under
+    /// tensor parallelism, its signs re-tiled for the kernels.
+    pub fn read(
+        store: &TensorStore,
+        slot: &LinearSlot,
+        b: usize,
         shard: Option<LinearShard>,
     ) -> Result<Self> {
         let (m, n, k) = (slot.m, slot.n, slot.k);
@@ -218,9 +243,7 @@ impl StackPart {
                     Some(s) => (s.signs(&c.signs, m, n), s.u(c.u, m, k), s.vt(c.vt, k, n)),
                 };
                 let block = OwnedBlock::from_row_major(&signs, lm, ln, u, vt);
-                let block = StackBlock::place(block, BlockShape::new(lm, ln, k), residence)
-                    .with_context(|| format!("uploading block {i} of `{}`", slot.name))?;
-                Self::Block(Arc::new(block))
+                Self::Block(block, BlockShape::new(lm, ln, k))
             }
             Part::Plane(p) => {
                 let signs = read_plane(store, slot, p)?;
@@ -239,10 +262,20 @@ impl StackPart {
                     }
                     _ => None,
                 };
-                let signs = TiledSigns::from_row_major(&signs, lm, ln);
-                let plane = StackPlane::place(signs, grid, residence)
-                    .with_context(|| format!("uploading grid plane {p} of `{}`", slot.name))?;
-                Self::Plane(Arc::new(plane))
+                Self::Plane(TiledSigns::from_row_major(&signs, lm, ln), grid)
+            }
+        })
+    }
+
+    /// The part kept in `residence` (uploaded to a device, the host copy
+    /// dropped).
+    pub fn place(self, residence: &Residence) -> Result<StackPart> {
+        Ok(match self {
+            Self::Block(block, shape) => {
+                StackPart::Block(Arc::new(StackBlock::place(block, shape, residence)?))
+            }
+            Self::Plane(signs, grid) => {
+                StackPart::Plane(Arc::new(StackPlane::place(signs, grid, residence)?))
             }
         })
     }
