@@ -211,14 +211,7 @@ impl CudaValues {
                 center,
                 half,
                 outlier,
-            } => (
-                [
-                    center.ptr(),
-                    half.ptr(),
-                    outlier.ptr(),
-                ],
-                [0; 6],
-            ),
+            } => ([center.ptr(), half.ptr(), outlier.ptr()], [0; 6]),
             CudaValues::Int8 {
                 center_code,
                 half_code,
@@ -321,10 +314,7 @@ impl CudaGrid {
             );
         }
         let stream = device.cuda_stream();
-        let addresses: Vec<u64> = planes
-            .iter()
-            .map(|p| p.words.ptr())
-            .collect();
+        let addresses: Vec<u64> = planes.iter().map(|p| p.words.ptr()).collect();
         let plane_table = upload(device, &addresses)?;
         let pair = |a: usize, b: usize| (a as u32 as u64) | ((b as u32 as u64) << 32);
         let ([center, half, ovalue], [ccode, hcode, cstep, hstep, ocode, ostep]) =
