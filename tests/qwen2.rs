@@ -25,9 +25,7 @@ fn qwen() -> &'static (PathBuf, PathBuf) {
         let assets =
             bitstack_assets::fetch_model_assets(None, Model::Qwen25Coder).expect("fetch-assets");
         let dir = assets.dir.join(Model::Qwen25Coder.name());
-        if !dir.join("config.json").exists() {
-            bitstack_assets::import_gguf(&assets.gguf, &dir, DType::F32).expect("import");
-        }
+        bitstack_assets::import_gguf_once(&assets.gguf, &dir, DType::F32).expect("import");
         (dir, assets.eval_text)
     })
 }

@@ -26,9 +26,7 @@ fn smollm2() -> &'static (PathBuf, PathBuf) {
     DIR.get_or_init(|| {
         let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
         let dir = assets.dir.join("SmolLM2-135M-Instruct");
-        if !dir.join("config.json").exists() {
-            bitstack_assets::import_gguf(&assets.gguf, &dir, DType::F32).expect("import");
-        }
+        bitstack_assets::import_gguf_once(&assets.gguf, &dir, DType::F32).expect("import");
         (dir, assets.eval_text)
     })
 }

@@ -47,6 +47,25 @@ pub fn read_gguf(path: &Path) -> Result<(Content, BufReader<File>)> {
     Ok((content, reader))
 }
 
+/// `out_dir` imported from `gguf` unless it is there already (it holds a
+/// `config.json`): what `demo` and the tests do with the dense model of
+/// the assets cache. Two processes (or threads) importing into one dir at
+/// once both succeed: the one that finishes second finds the first one's
+/// complete import in place of its own and drops its copy.
+pub fn import_gguf_once(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<()> {
+    let done = || out_dir.join("config.json").exists();
+    if done() {
+        return Ok(());
+    }
+    match import_gguf(gguf, out_dir, dtype) {
+        Ok(_) => Ok(()),
+        // An import is renamed into place whole: a config there is a
+        // complete model, made meanwhile by someone else.
+        Err(_) if done() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Converts `gguf` (llama or qwen2 architecture) into a Hugging Face model directory
 /// at `out_dir`, storing weights as `dtype` (F32, F16 or BF16).
 ///

@@ -15,4 +15,4 @@ pub mod gguf;
 pub mod tokenizer;
 
 pub use fetch::{default_assets_dir, fetch_assets, fetch_model_assets, Assets, Model};
-pub use gguf::{import_gguf, ImportReport};
+pub use gguf::{import_gguf, import_gguf_once, ImportReport};

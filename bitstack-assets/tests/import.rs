@@ -3,7 +3,7 @@
 //! needing downloaded assets.
 
 use anyhow::Result;
-use bitstack_assets::gguf::{import_gguf, rope};
+use bitstack_assets::gguf::{import_gguf, import_gguf_once, rope};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -189,6 +189,57 @@ fn import_restores_names_shapes_and_row_order() -> Result<()> {
         .collect();
     names.sort();
     assert_eq!(names, ["hf", "tiny.gguf"]);
+    Ok(())
+}
+
+#[test]
+fn imports_into_one_dir_at_once_all_succeed_and_leave_one_model() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let gguf = dir.path().join("tiny.gguf");
+    let expected = write_gguf(&gguf, "llama", true);
+    let out = dir.path().join("hf");
+    // Released together, so that several imports are under way at once
+    // (plain `import_gguf` fails for all but the first to finish).
+    let start = std::sync::Barrier::new(4);
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    import_gguf_once(&gguf, &out, DType::F32)
+                })
+            })
+            .collect();
+        for r in runs {
+            r.join().unwrap().unwrap();
+        }
+    });
+    let loaded = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)?;
+    assert_eq!(loaded.len(), expected.len());
+    // The losers' copies are gone; a later call finds the model and does nothing.
+    let names = |d: &Path| -> Vec<String> {
+        let mut n: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(dir.path()), ["hf", "tiny.gguf"]);
+    let before = std::fs::metadata(out.join("model.safetensors"))?.modified()?;
+    std::fs::remove_file(&gguf)?;
+    import_gguf_once(&gguf, &out, DType::F32)?;
+    assert_eq!(
+        std::fs::metadata(out.join("model.safetensors"))?.modified()?,
+        before
+    );
+    // A dir that holds something else is still an error.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other)?;
+    std::fs::write(other.join("notes.txt"), "mine")?;
+    write_gguf(&gguf, "llama", true);
+    assert!(import_gguf_once(&gguf, &other, DType::F32).is_err());
+    assert_eq!(std::fs::read_to_string(other.join("notes.txt"))?, "mine");
     Ok(())
 }
 

@@ -46,7 +46,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let dense = work.join(name);
     if !dense.join("config.json").exists() {
         eprintln!("importing {}", assets.gguf.display());
-        bitstack_assets::import_gguf(&assets.gguf, &dense, DType::F32)?;
+        bitstack_assets::import_gguf_once(&assets.gguf, &dense, DType::F32)?;
     }
     let packed = work.join(format!("{name}-bitstack"));
     if !packed.join("config.json").exists() {

@@ -16,9 +16,7 @@ pub fn dense() -> &'static PathBuf {
     DIR.get_or_init(|| {
         let assets = bitstack_assets::fetch_assets(None).expect("fetch-assets");
         let dense = assets.dir.join("SmolLM2-135M-Instruct");
-        if !dense.join("config.json").exists() {
-            bitstack_assets::import_gguf(&assets.gguf, &dense, DType::F32).expect("import");
-        }
+        bitstack_assets::import_gguf_once(&assets.gguf, &dense, DType::F32).expect("import");
         dense
     })
 }
