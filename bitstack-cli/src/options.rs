@@ -388,10 +388,10 @@ mod tests {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LayoutArg {
     /// Nested bit planes on a uniform grid per row and group of input
-    /// columns (--planes, 6 by default; format version 3): from 3 bits
-    /// per weight up the better layout, on the calibration's kind of text
-    /// and off it (SmolLM2 at 4 bits: 1.25× dense PPL, where RTN w4 needs
-    /// 4.27 bits for 1.35×).
+    /// columns, inputs rotated (--planes, 6 by default; format version 4):
+    /// from 3 bits per weight up the better layout, on the calibration's
+    /// kind of text and off it (SmolLM2 at 4 bits: 1.195× dense PPL, where
+    /// RTN w4 needs 4.27 bits for 1.35×).
     #[default]
     Planes,
     /// AVD blocks: signs times a rank-k product (--niter, 8 by default;
