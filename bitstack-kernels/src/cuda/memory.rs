@@ -18,11 +18,12 @@ use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaContext, Device
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::Result;
 
-/// `len` values of `T` in device memory taken from the driver, given back
-/// to it when dropped.
+/// Values of `T` in device memory taken from the driver, given back to it
+/// when dropped.
 pub struct DeviceBuffer<T> {
     ptr: sys::CUdeviceptr,
-    len: usize,
+    /// Allocated (at least one element's: the driver refuses zero bytes).
+    bytes: usize,
     context: Arc<CudaContext>,
     _values: PhantomData<T>,
 }
@@ -39,7 +40,7 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         let ptr = unsafe { result::malloc_sync(bytes) }.w()?;
         let buffer = Self {
             ptr,
-            len: host.len(),
+            bytes,
             context,
             _values: PhantomData,
         };
@@ -56,15 +57,6 @@ impl<T> DeviceBuffer<T> {
     /// The device address, for kernel arguments and pointer tables.
     pub fn ptr(&self) -> u64 {
         self.ptr
-    }
-
-    /// Values held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -83,7 +75,7 @@ impl<T> Drop for DeviceBuffer<T> {
         if let Err(e) = freed {
             tracing::warn!(
                 "cannot free {} B of BitStack device memory: {e}",
-                self.len * std::mem::size_of::<T>()
+                self.bytes
             );
         }
     }

@@ -13,5 +13,3 @@ pub mod pack;
 
 #[cfg(feature = "cuda")]
 pub use driver::{CudaBlock, CudaGrid, CudaGridCells, CudaPlane, CudaStack, DECODE_MAX_ROWS};
-#[cfg(feature = "cuda")]
-pub use memory::trim_memory_pool;

@@ -234,7 +234,7 @@ fn bind_to_thread(device: &Device) {
 fn give_back_to_driver(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
-        if let Err(e) = bitstack_kernels::cuda::trim_memory_pool(d) {
+        if let Err(e) = bitstack_kernels::cuda::memory::trim_memory_pool(d) {
             tracing::warn!("cannot give freed BitStack blocks back to the CUDA driver: {e}");
         }
     }
