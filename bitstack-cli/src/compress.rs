@@ -53,7 +53,7 @@ pub struct CompressArgs {
     pub outliers: usize,
     /// How the grid stores each row and group's center and half-range and
     /// each outlier's value.
-    #[arg(long, value_enum, default_value_t = GridCodingArg::Int8)]
+    #[arg(long, value_enum, default_value_t = GridCodingArg::Int8Scaled)]
     pub grid_coding: GridCodingArg,
     /// Exponent α of the activation scales `‖x‖^α` folded into the
     /// weights before compressing: 1 (the reference's) when there are AVD

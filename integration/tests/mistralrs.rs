@@ -114,14 +114,14 @@ async fn logits_equal_our_runner_at_several_levels() {
 }
 
 /// The same for the default layout, grid planes with 8-bit grid numbers
-/// on rotated inputs.
+/// and prefix scales on rotated inputs.
 #[tokio::test(flavor = "multi_thread")]
 async fn grid_plane_logits_equal_our_runner_at_several_levels() {
     let dir = common::grid_checkpoint();
     let stored = Checkpoint::open(dir).unwrap();
     assert_eq!(
         stored.quantization().format_version,
-        4,
+        5,
         "the default format"
     );
     logits_equal_our_runner(dir).await;

@@ -28,7 +28,7 @@
 //! what they leave.
 //!
 //! Format version 2 stores each center, half-range and outlier value as
-//! an f16; version 3 ([`GridCoding::Int8`], what compress writes now) as
+//! an f16; version 3 ([`GridCoding::Int8`]) as
 //! 8-bit codes under three f16 steps per row (one each for the centers,
 //! the half-ranges and the outliers). That cuts the grid from `56/group`
 //! to `32/group + 48/n` bits per weight (SmolLM2: 0.40 → 0.30) and
@@ -36,17 +36,20 @@
 //! numbers vary little within a row, so 8 bits of the row's largest
 //! resolve them far finer than a grid step.
 //!
-//! Version 5 ([`GridCoding::Int8Scaled`], opt-in) adds one f32 per linear
+//! Version 5 ([`GridCoding::Int8Scaled`], compress's default) adds one f32 per linear
 //! and plane count, the prefix scale `σ_p`: with `p` planes resident every
 //! half-range counts `σ_p` times. Round to nearest on a range that spans
 //! the group puts a short prefix's outer levels too far out for
 //! bell-shaped weights (2 planes: levels at ±¼ and ±¾ of the range, where
 //! a Gaussian's best 4 levels sit nearer the middle), so compress fits
-//! each `σ_p` to the weights by least squares, signs fixed. It lowers the
-//! weights' error of 1 and 2 planes by about 30% and 7% and leaves long
-//! prefixes at about 1; the planes and the ladder are unchanged. The
-//! weights' error is not the model's: it helps SmolLM2 at every budget
-//! and costs Qwen2.5-Coder at 2 and 3 planes, so it is not the default.
+//! each `σ_p` by least squares, signs fixed: to the linear's outputs on
+//! the calibration inputs ([`crate::method::prefix_scale`]), or, without
+//! them, to the weights ([`fit_prefix_scales`], which lowers the weights'
+//! error of 1 and 2 planes by about 30% and 7% and leaves long prefixes
+//! at about 1). The planes and the ladder are unchanged. Fitted to the
+//! weights it helped SmolLM2 and cost Qwen2.5-Coder at 2 and 3 planes;
+//! fitted to the outputs it helps both at every budget measured, and it
+//! is what compress writes by default.
 
 use half::f16;
 use serde::{Deserialize, Serialize};

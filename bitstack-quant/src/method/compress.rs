@@ -13,13 +13,14 @@ use crate::format::block::{reconstruct, Block, BlockShape};
 use crate::format::checkpoint::BlockCounts;
 use crate::format::config::{ModelConfig, QuantizationConfig};
 use crate::format::dense::DenseDtype;
-use crate::format::grid::{grid_planes, GridConfig, GridPlanes};
+use crate::format::grid::{grid_planes, GridCoding, GridConfig, GridPlanes};
 use crate::format::rotation::{rotate_gram, rotate_rows, Direction, RotationConfig};
 use crate::format::store::TensorStore;
 use crate::format::writer::{CheckpointWriter, LinearBlocks, OwnedTensor};
 use crate::method::decompose::{decompose_with, Refit};
 use crate::method::feedback::{ColumnOrder, Feedback};
 use crate::method::plane_feedback::grid_planes_with_feedback;
+use crate::method::prefix_scale::fit_prefix_scales_to_outputs;
 use crate::method::scale::{fold, LayerScales, AVD_SCALE_POWER, GRID_SCALE_POWER};
 use crate::method::svd::SvdMethod;
 use crate::progress::progress_bar;
@@ -150,11 +151,15 @@ impl Default for FeedbackOptions {
 
 impl CompressOptions {
     /// The defaults of `bitstack compress` on `calib_text`: grid planes
-    /// alone on rotated inputs, the better layout from 3 bits per weight up.
+    /// alone on rotated inputs, the better layout from 3 bits per weight up,
+    /// with prefix scales fitted to the outputs (format version 5).
     pub fn recommended(calib_text: PathBuf) -> Self {
         Self {
             niter: 0,
-            grid: Some(GridConfig::new(DEFAULT_PLANES)),
+            grid: Some(GridConfig {
+                coding: GridCoding::Int8Scaled,
+                ..GridConfig::new(DEFAULT_PLANES)
+            }),
             rotation: Rotation::Widest,
             ..Self::avd_blocks(calib_text)
         }
@@ -222,6 +227,16 @@ struct LinearParts {
     relative_residual: f64,
 }
 
+/// What the calibration says about a linear's inputs, in the coordinates
+/// its grid planes are in.
+#[derive(Clone, Copy, Default)]
+struct PlaneInputs<'a> {
+    /// Error feedback for [`CompressOptions::plane_feedback`].
+    feedback: Option<&'a Feedback>,
+    /// The inputs' Gram matrix, for prefix scales fitted to the outputs.
+    gram: Option<&'a [f64]>,
+}
+
 /// The AVD blocks of the row-major `m×n` weight `w`, then, with a grid,
 /// the planes of what they leave (as the blocks are stored, in f16).
 fn decompose_linear(
@@ -231,7 +246,7 @@ fn decompose_linear(
     k: usize,
     opts: &CompressOptions,
     feedback: Option<&Feedback>,
-    plane_feedback: Option<&Feedback>,
+    planes_see: PlaneInputs,
 ) -> Result<LinearParts> {
     let blocks = if opts.niter == 0 {
         Vec::new()
@@ -255,10 +270,19 @@ fn decompose_linear(
         None => None,
         Some(cfg) => {
             let residual: Vec<f32> = w.iter().zip(&approx).map(|(w, a)| w - a).collect();
-            let gp = match plane_feedback.zip(opts.plane_feedback) {
+            let mut gp = match planes_see.feedback.zip(opts.plane_feedback) {
                 Some((fb, level)) => grid_planes_with_feedback(&residual, m, n, cfg, fb, level)?,
                 None => grid_planes(&residual, m, n, cfg)?,
             };
+            // Prefix scales serve the model, not the weights: refit them to
+            // the outputs where the calibration's Gram is at hand.
+            if let Some(gram) = planes_see
+                .gram
+                .filter(|_| cfg.coding == GridCoding::Int8Scaled)
+            {
+                gp.grid.prefix_scale =
+                    fit_prefix_scales_to_outputs(&residual, m, n, &gp, &cfg, gram);
+            }
             let planes: Vec<&[u8]> = gp.planes.iter().map(Vec::as_slice).collect();
             gp.grid.add_to(&planes, m, n, &cfg, &mut approx);
             bytes += cfg.grid_stored_bytes(m, n) + planes.iter().map(|p| p.len()).sum::<usize>();
@@ -291,27 +315,32 @@ fn tap_points() -> Vec<(TapPoint, LinearKind)> {
 /// GPTQ's damping of the Gram matrices for [`CompressOptions::plane_feedback`].
 const PLANE_FEEDBACK_DAMP: f64 = 0.01;
 
-/// The error feedback of each tap point's linears for
-/// [`CompressOptions::plane_feedback`] (none without it): the Gram matrix
-/// of their inputs as the planes see them, divided by the activation
-/// scales and rotated as the weights are.
-fn plane_feedbacks(
+/// Whether compress needs each tap point's Gram matrix in the planes'
+/// coordinates: for [`CompressOptions::plane_feedback`], and for prefix
+/// scales, which are fitted to the outputs.
+fn needs_plane_grams(opts: &CompressOptions) -> bool {
+    opts.plane_feedback.is_some()
+        || opts
+            .grid
+            .is_some_and(|g| g.coding == GridCoding::Int8Scaled)
+}
+
+/// The Gram matrix of each tap point's inputs as the planes see them:
+/// divided by the activation scales and rotated as the weights are (none
+/// unless [`needs_plane_grams`]).
+fn plane_grams(
     opts: &CompressOptions,
     rotation: Option<RotationConfig>,
     cfg: &ModelConfig,
     stats: &LayerStats,
     scales: &LayerScales,
     layer: usize,
-) -> Result<HashMap<TapPoint, Feedback>> {
-    if opts.plane_feedback.is_none() {
+) -> Result<HashMap<TapPoint, Vec<f64>>> {
+    if !needs_plane_grams(opts) {
         return Ok(HashMap::new());
     }
-    let points = tap_points();
-    // One tap point at a time, each factorisation on every thread: the
-    // widest (down_proj's input) costs far more than the rest together.
-    faer::set_global_parallelism(faer::Par::rayon(0));
-    let feedbacks = points
-        .iter()
+    tap_points()
+        .par_iter()
         .map(|&(point, kind)| {
             let n = linear_shape(cfg, kind).1;
             let gram = stats.grams.get(&point).with_context(|| {
@@ -327,8 +356,35 @@ fn plane_feedbacks(
             if let Some(r) = &rotation {
                 rotate_gram(&mut gram, r.block, &r.signs(0..n));
             }
+            Ok((point, gram))
+        })
+        .collect()
+}
+
+/// The error feedback of each tap point's linears for
+/// [`CompressOptions::plane_feedback`] (none without it), from
+/// [`plane_grams`].
+fn plane_feedbacks(
+    opts: &CompressOptions,
+    cfg: &ModelConfig,
+    grams: &HashMap<TapPoint, Vec<f64>>,
+    layer: usize,
+) -> Result<HashMap<TapPoint, Feedback>> {
+    if opts.plane_feedback.is_none() {
+        return Ok(HashMap::new());
+    }
+    // One tap point at a time, each factorisation on every thread: the
+    // widest (down_proj's input) costs far more than the rest together.
+    faer::set_global_parallelism(faer::Par::rayon(0));
+    let feedbacks = tap_points()
+        .iter()
+        .map(|&(point, kind)| {
+            let n = linear_shape(cfg, kind).1;
+            let gram = grams
+                .get(&point)
+                .expect("plane_grams covers every tap point");
             let fb = Feedback::from_gram_in(
-                &gram,
+                gram,
                 n,
                 None,
                 PLANE_FEEDBACK_DAMP,
@@ -473,7 +529,7 @@ pub fn compress_on(
             &calib,
             opts.batch,
             // Only feedback signs and planes need the inputs' Gram matrices.
-            (opts.feedback.is_some() && opts.niter > 0) || opts.plane_feedback.is_some(),
+            (opts.feedback.is_some() && opts.niter > 0) || needs_plane_grams(opts),
         )?
     };
     let rope = Rope::new(&cfg, opts.seq_len, device)?;
@@ -544,14 +600,18 @@ pub fn compress_on(
                 })
                 .collect::<Result<_>>()?,
         };
-        let plane_feedbacks = plane_feedbacks(opts, rotation, &cfg, layer_stats, &scales, l)?;
+        let plane_grams = plane_grams(opts, rotation, &cfg, layer_stats, &scales, l)?;
+        let plane_feedbacks = plane_feedbacks(opts, &cfg, &plane_grams, l)?;
         let decomposed: Vec<_> = weights
             .par_iter()
             .map(|(kind, w)| {
                 let (m, n) = linear_shape(&cfg, *kind);
                 let feedback = feedbacks.get(&kind.input());
-                let plane_feedback = plane_feedbacks.get(&kind.input());
-                let d = decompose_linear(w, m, n, opts.k_of(*kind), opts, feedback, plane_feedback)
+                let planes_see = PlaneInputs {
+                    feedback: plane_feedbacks.get(&kind.input()),
+                    gram: plane_grams.get(&kind.input()).map(Vec::as_slice),
+                };
+                let d = decompose_linear(w, m, n, opts.k_of(*kind), opts, feedback, planes_see)
                     .with_context(|| format!("decomposing {}", kind.path(l)));
                 pb.inc(1);
                 d.map(|d| (*kind, d))

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use bitstack_quant::format::grid::GridConfig;
+use bitstack_quant::format::grid::{GridCoding, GridConfig};
 use bitstack_quant::method::svd::SvdMethod;
 use bitstack_quant::{compress, CompressOptions, DenseDtype, Rotation};
 use candle_core::DType;
@@ -58,9 +58,12 @@ pub fn grid_checkpoint() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         compressed_once(
-            "SmolLM2-135M-Instruct-bitstack-planes4-rot64",
+            "SmolLM2-135M-Instruct-bitstack-planes4-rot64-scaled",
             |calib_text| CompressOptions {
-                grid: Some(GridConfig::new(4)),
+                grid: Some(GridConfig {
+                    coding: GridCoding::Int8Scaled,
+                    ..GridConfig::new(4)
+                }),
                 calib_windows: 8,
                 seq_len: 256,
                 ..CompressOptions::recommended(calib_text)
