@@ -388,14 +388,16 @@ mod tests {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LayoutArg {
     /// Nested bit planes on a uniform grid per row and group of input
-    /// columns, inputs rotated (--planes, 6 by default; format version 4):
-    /// from 3 bits per weight up the better layout, on the calibration's
-    /// kind of text and off it (SmolLM2 at 4 bits: 1.195× dense PPL, where
-    /// RTN w4 needs 4.27 bits for 1.35×).
+    /// columns, inputs rotated (--planes, 6 by default; format version 5
+    /// with the default --grid-coding): from 2.5 bits per weight up the
+    /// better layout, on the calibration's kind of text and off it
+    /// (SmolLM2 at 4 bits: 1.193× dense PPL, where RTN w4 needs 4.27 bits
+    /// for 1.35×).
     #[default]
     Planes,
     /// AVD blocks: signs times a rank-k product (--niter, 8 by default;
-    /// --k, --signs, --refit), the better layout below 3 bits per weight.
+    /// --k, --signs, --refit), the better layout below 2.5 bits per weight,
+    /// where the planes leave some linears a single plane.
     Blocks,
     /// --niter AVD blocks, then --planes grid planes of what they leave.
     #[value(name = "blocks+planes")]
