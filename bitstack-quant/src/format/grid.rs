@@ -282,14 +282,19 @@ pub fn fit_prefix_scales(
             },
         );
     sums.iter()
-        .map(|&(td, dd)| {
-            if dd > 0.0 {
-                ((td / dd) as f32).clamp(0.25, 2.0)
-            } else {
-                1.0
-            }
-        })
+        .map(|&(td, dd)| prefix_scale_from_sums(td, dd))
         .collect()
+}
+
+/// The least-squares `σ = Σ t·d / Σ d²` of one prefix from its two sums,
+/// kept in [1/4, 2] (1 where nothing constrains it), so that a degenerate
+/// linear cannot store a wild number.
+pub fn prefix_scale_from_sums(td: f64, dd: f64) -> f32 {
+    if dd > 0.0 && td.is_finite() {
+        ((td / dd) as f32).clamp(0.25, 2.0)
+    } else {
+        1.0
+    }
 }
 
 /// The grid of [`grid_planes`] alone: per row and group, the outliers and
@@ -637,6 +642,13 @@ impl Grid {
         Ok(())
     }
 
+    /// Where outlier `slot` sits in the row-major `m×n` weight.
+    pub fn outlier_position(&self, slot: usize, n: usize, cfg: &GridConfig) -> usize {
+        let (gs, groups) = (cfg.group_size(n), cfg.groups(n));
+        let cell = slot / cfg.outliers;
+        (cell / groups) * n + (cell % groups) * gs + self.outlier_col[slot] as usize
+    }
+
     /// The value of outlier `slot` of a linear with `groups·o` per row.
     pub fn outlier(&self, per_row: usize, slot: usize) -> f32 {
         self.values.as_ref().outlier(per_row, slot)
@@ -684,10 +696,7 @@ impl Grid {
         let sign = |b: usize, i: usize, c: usize| pack::sign_at(planes[b], i * n + c) > 0.0;
         // Each outlier's position in `w` and what `w` holds there before the
         // grid: with planes, it ends as that plus exactly the value.
-        let at = |slot: usize| {
-            let cell = slot / o;
-            (cell / groups) * n + (cell % groups) * gs + self.outlier_col[slot] as usize
-        };
+        let at = |slot: usize| self.outlier_position(slot, n, cfg);
         let before: Vec<f32> = (0..self.outlier_col.len()).map(|s| w[at(s)]).collect();
         for i in 0..m {
             for c in 0..n {

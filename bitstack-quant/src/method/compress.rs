@@ -229,7 +229,7 @@ struct LinearParts {
 
 /// What the calibration says about a linear's inputs, in the coordinates
 /// its grid planes are in.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct PlaneInputs<'a> {
     /// Error feedback for [`CompressOptions::plane_feedback`].
     feedback: Option<&'a Feedback>,

@@ -42,10 +42,8 @@ pub fn grid_planes_with_feedback(
     let values = grid.values.as_ref();
     // The exact value of each outlier, by position (NaN elsewhere).
     let mut exact = vec![f32::NAN; m * n];
-    for (slot, &col) in grid.outlier_col.iter().enumerate() {
-        let cell = slot / o;
-        let at = (cell / groups) * n + (cell % groups) * gs + col as usize;
-        exact[at] = grid.outlier(groups * o, slot);
+    for slot in 0..grid.outlier_col.len() {
+        exact[grid.outlier_position(slot, n, &cfg)] = grid.outlier(groups * o, slot);
     }
     // Plane-major ±1 signs, and each weight's point after `level` planes.
     let mut signs = vec![0i8; planes * m * n];

@@ -17,7 +17,7 @@
 
 use faer::Mat;
 
-use crate::format::grid::{plane_weight, GridConfig, GridPlanes};
+use crate::format::grid::{plane_weight, prefix_scale_from_sums, GridConfig, GridPlanes};
 use crate::format::pack;
 
 /// The `σ_p` of every prefix of `gp`'s planes that minimise the output
@@ -34,12 +34,11 @@ pub fn fit_prefix_scales_to_outputs(
 ) -> Vec<f32> {
     assert_eq!(r.len(), m * n, "weight is not m×n");
     assert_eq!(gram.len(), n * n, "Gram matrix is not n×n");
-    let (gs, groups, o) = (cfg.group_size(n), cfg.groups(n), cfg.outliers);
+    let (gs, groups) = (cfg.group_size(n), cfg.groups(n));
     let values = gp.grid.values.as_ref();
     let mut exact = vec![false; m * n];
-    for (slot, &col) in gp.grid.outlier_col.iter().enumerate() {
-        let cell = slot / o.max(1);
-        exact[(cell / groups) * n + (cell % groups) * gs + col as usize] = true;
+    for slot in 0..gp.grid.outlier_col.len() {
+        exact[gp.grid.outlier_position(slot, n, cfg)] = true;
     }
     let half = |i: usize, c: usize| values.range(groups, i * groups + c / gs);
     // f32 products (twice f64's speed; the widest Gram, Qwen2.5's 4864
@@ -75,11 +74,7 @@ pub fn fit_prefix_scales_to_outputs(
                     dd += dh[(i, c)] as f64 * d[(i, c)] as f64;
                 }
             }
-            if dd > 0.0 && td.is_finite() {
-                ((td / dd) as f32).clamp(0.25, 2.0)
-            } else {
-                1.0
-            }
+            prefix_scale_from_sums(td, dd)
         })
         .collect()
 }
