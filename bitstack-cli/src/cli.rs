@@ -23,9 +23,10 @@ Typical session:\n  \
 bitstack fetch-assets                       # SmolLM2 GGUF + wiki texts, pinned by sha256\n  \
 bitstack fetch-assets --model qwen2.5-coder-0.5b   # or Qwen2.5-Coder-0.5B (qwen2)\n  \
 bitstack import-gguf $BITSTACK_HOME/SmolLM2-135M-Instruct.Q4_1.gguf smollm2\n  \
-bitstack compress smollm2 smollm2-bitstack   # k=16, 16 blocks per linear\n  \
-bitstack eval smollm2-bitstack --blocks 4    # perplexity with 4 blocks everywhere\n  \
-bitstack inspect smollm2-bitstack\n\n\
+bitstack compress smollm2 smollm2-bitstack   # 6 grid planes per linear (format 5)\n  \
+bitstack sort smollm2-bitstack               # one global block order: the memory ladder\n  \
+bitstack eval smollm2-bitstack --budget 4bpw # perplexity at 4 bits per linear weight\n  \
+bitstack ladder smollm2-bitstack             # every rung's bytes and bits per weight\n\n\
 `bitstack demo` runs all of the above in one go."
 )]
 pub struct Cli {
