@@ -122,6 +122,54 @@ fn the_handle_resizes_through_the_planes() {
 }
 
 #[test]
+fn plans_count_the_linears_left_a_single_plane() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, with_avd) = compressed(root.path());
+    let checkpoint = Checkpoint::open(&with_avd).unwrap();
+    // An AVD block comes first: no linear ever holds a plane alone.
+    for level in [0, checkpoint.ladder().len() - 1] {
+        let plan = checkpoint.plan_level(level).unwrap();
+        assert_eq!(plan.single_plane_linears(checkpoint.geometry()), 0);
+    }
+
+    let planes_only = root.path().join("planes");
+    let opts = CompressOptions {
+        niter: 0,
+        ..options(root.path())
+    };
+    compress(&root.path().join("dense"), &planes_only, &opts).unwrap();
+    let checkpoint = Checkpoint::open(&planes_only).unwrap();
+    let geometry = checkpoint.geometry();
+    let linears = geometry.linears.len();
+    let single: Vec<usize> = (0..checkpoint.ladder().len())
+        .map(|level| {
+            let plan = checkpoint.plan_level(level).unwrap();
+            let by_hand = geometry
+                .linears
+                .iter()
+                .filter(|l| plan.counts.for_linear(&l.name, l.stored) == 1)
+                .count();
+            assert_eq!(
+                plan.single_plane_linears(geometry),
+                by_hand,
+                "level {level}"
+            );
+            by_hand
+        })
+        .collect();
+    // The floor is one plane everywhere; each level adds one plane to one linear.
+    assert_eq!(single[0], linears);
+    assert!(single.windows(2).all(|w| w[0] - w[1] <= 1 && w[1] <= w[0]));
+    assert_eq!(*single.last().unwrap(), 0);
+    // The budget of the floor plans it (and warns; the plan is the same).
+    let floor = &checkpoint.ladder()[0];
+    let plan = checkpoint
+        .plan(bitstack_quant::Budget::Bytes(floor.total_bytes as u64))
+        .unwrap();
+    assert_eq!(plan.single_plane_linears(geometry), linears);
+}
+
+#[test]
 fn a_broken_grid_or_plane_is_named() {
     let root = tempfile::tempdir().unwrap();
     let (_, out) = compressed(root.path());
