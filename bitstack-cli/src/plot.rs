@@ -232,20 +232,51 @@ impl LadderPlot<'_> {
                     + Circle::new((0, 0), 4, series.filled())
             });
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 5, series.filled())))?;
+        // Pixel boxes of what is drawn so far, so that no baseline's label
+        // lands on a rung's label, a point or another baseline's label.
+        let mut taken = Vec::new();
+        let label_font = ("sans-serif", 14).into_font();
+        let text_size = |text: &str| -> Result<(i32, i32)> {
+            let style = TextStyle::from(label_font.clone());
+            let (w, h) = root.estimate_text_size(text, &style)?;
+            Ok((w as i32, h as i32))
+        };
+        for &p in &points {
+            let (px, py) = chart.backend_coord(&p);
+            taken.push(LabelBox::around((px, py), 5));
+        }
         if points.len() <= MAX_ANNOTATED {
-            let font = ("sans-serif", 14).into_font().color(&series);
+            let font = label_font.color(&series);
+            for &(x, p) in &points {
+                let (px, py) = chart.backend_coord(&(x, p));
+                taken.push(LabelBox::at(
+                    (px, py),
+                    RUNG_LABEL_OFFSET,
+                    text_size(&significant(p))?,
+                ));
+            }
             chart.draw_series(points.iter().map(|&(x, p)| {
-                EmptyElement::at((x, p)) + Text::new(significant(p), (8, -20), font.clone())
+                EmptyElement::at((x, p))
+                    + Text::new(significant(p), RUNG_LABEL_OFFSET, font.clone())
             }))?;
         }
         if !baselines.is_empty() {
             let colour = rgb_color(BASELINE_RGB);
-            let font = ("sans-serif", 14).into_font().color(&colour);
+            let font = label_font.color(&colour);
+            let mut placed = Vec::new();
+            for &(x, p, label) in &baselines {
+                let text = format!("{label}: {}", significant(p));
+                let at = chart.backend_coord(&(x, p));
+                taken.push(LabelBox::around(at, 7));
+                let offset = place_label(at, text_size(&text)?, &taken);
+                taken.push(LabelBox::at(at, offset, text_size(&text)?));
+                placed.push((x, p, text, offset));
+            }
             chart
-                .draw_series(baselines.iter().map(|&(x, p, label)| {
+                .draw_series(placed.into_iter().map(|(x, p, text, offset)| {
                     EmptyElement::at((x, p))
                         + TriangleMarker::new((0, 0), 7, colour.filled())
-                        + Text::new(format!("{label}: {}", significant(p)), (9, 4), font.clone())
+                        + Text::new(text, offset, font.clone())
                 }))?
                 .label("measured elsewhere")
                 .legend(move |(x, y)| TriangleMarker::new((x + 12, y), 6, colour.filled()));
@@ -261,6 +292,68 @@ impl LadderPlot<'_> {
         root.present()?;
         Ok(())
     }
+}
+
+/// Where a rung's perplexity is written, from its point in pixels.
+const RUNG_LABEL_OFFSET: (i32, i32) = (8, -20);
+
+/// A label's or a marker's extent in pixels, `[x0, x1) × [y0, y1)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct LabelBox {
+    x0: i32,
+    y0: i32,
+    x1: i32,
+    y1: i32,
+}
+
+impl LabelBox {
+    /// Text of `size` written at `offset` from `point` (its top left corner).
+    fn at(point: (i32, i32), offset: (i32, i32), size: (i32, i32)) -> Self {
+        let (x0, y0) = (point.0 + offset.0, point.1 + offset.1);
+        Self {
+            x0,
+            y0,
+            x1: x0 + size.0,
+            y1: y0 + size.1,
+        }
+    }
+
+    /// A marker of radius `r` at `point`.
+    fn around(point: (i32, i32), r: i32) -> Self {
+        Self {
+            x0: point.0 - r,
+            y0: point.1 - r,
+            x1: point.0 + r,
+            y1: point.1 + r,
+        }
+    }
+
+    fn overlaps(&self, other: &Self) -> bool {
+        self.x0 < other.x1 && other.x0 < self.x1 && self.y0 < other.y1 && other.y0 < self.y1
+    }
+}
+
+/// The offset from a baseline's marker at `point` for its label of `size`:
+/// right of it, and if that covers something in `taken`, the first of
+/// above right, left, above left and further down that covers nothing (the
+/// right side when every spot does).
+fn place_label(point: (i32, i32), size: (i32, i32), taken: &[LabelBox]) -> (i32, i32) {
+    let (w, h) = size;
+    let spots = [
+        (9, 4),
+        (9, -4 - h),
+        (-9 - w, 4),
+        (-9 - w, -4 - h),
+        (9, 8 + h),
+        (9, -8 - 2 * h),
+    ];
+    spots
+        .into_iter()
+        .find(|&offset| {
+            let label = LabelBox::at(point, offset, size);
+            taken.iter().all(|t| !t.overlaps(&label))
+        })
+        .unwrap_or(spots[0])
 }
 
 /// Registers the embedded font once as `sans-serif`.
@@ -400,6 +493,41 @@ mod tests {
         assert!(narrow.windows(2).all(|w| w[1] > w[0]));
         let mid = log_ticks(12.0, 60.0);
         assert_eq!(mid, vec![20.0, 30.0, 40.0, 50.0, 60.0]);
+    }
+
+    #[test]
+    fn a_baseline_label_moves_off_what_it_would_cover() {
+        let size = (80, 14);
+        let point = (300, 200);
+        // Nothing in the way: right of the marker.
+        assert_eq!(place_label(point, size, &[]), (9, 4));
+        // A rung's label right of the marker: above right.
+        let rung = LabelBox::at((310, 215), RUNG_LABEL_OFFSET, (30, 14));
+        assert!(rung.overlaps(&LabelBox::at(point, (9, 4), size)));
+        let moved = place_label(point, size, &[rung]);
+        assert_ne!(moved, (9, 4));
+        assert!(!rung.overlaps(&LabelBox::at(point, moved, size)));
+        // Everything right of the marker taken: left of it.
+        let wall = LabelBox {
+            x0: 301,
+            y0: 0,
+            x1: 1000,
+            y1: 640,
+        };
+        let left = place_label(point, size, &[wall]);
+        assert!(left.0 + size.0 <= 0, "{left:?}");
+        // Everything taken: the default spot.
+        let all = LabelBox {
+            x0: 0,
+            y0: 0,
+            x1: 1000,
+            y1: 640,
+        };
+        assert_eq!(place_label(point, size, &[all]), (9, 4));
+        // Boxes that only touch do not overlap.
+        let a = LabelBox::at((0, 0), (0, 0), (10, 10));
+        assert!(!a.overlaps(&LabelBox::at((10, 0), (0, 0), (10, 10))));
+        assert!(a.overlaps(&LabelBox::at((9, 9), (0, 0), (10, 10))));
     }
 
     #[test]
