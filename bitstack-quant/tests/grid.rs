@@ -167,6 +167,14 @@ fn plans_count_the_linears_left_a_single_plane() {
         .plan(bitstack_quant::Budget::Bytes(floor.total_bytes as u64))
         .unwrap();
     assert_eq!(plan.single_plane_linears(geometry), linears);
+    // The two-plane level is the first without a lone plane, for the handle too.
+    let two = checkpoint.two_plane_level();
+    assert_eq!(single[two], 0);
+    assert!(two > 0 && single[two - 1] > 0, "level {two}");
+    let handle = BitStackHandle::open(&planes_only, None, &Device::Cpu).unwrap();
+    assert_eq!(handle.two_plane_level(), two);
+    let with_avd = BitStackHandle::open(&with_avd, None, &Device::Cpu).unwrap();
+    assert_eq!(with_avd.two_plane_level(), 0);
 }
 
 #[test]

@@ -227,21 +227,24 @@ impl Checkpoint {
             tracing::warn!(
                 "budget {budget} leaves {single} of {} linears a single grid plane (1 bit per weight); perplexity climbs steeply below {:.3} bits per linear weight, where every linear holds two (at 2.0 bits SmolLM2's grid planes score 1e5, its AVD blocks 696–1669: `bitstack compress --layout blocks`)",
                 self.geometry.linears.len(),
-                self.two_planes_everywhere(&ladder).bits_per_linear_weight,
+                ladder[self.two_plane_level()].bits_per_linear_weight,
             );
         }
         Ok(plan)
     }
 
-    /// The lowest rung where no linear holds a single grid plane alone.
-    fn two_planes_everywhere<'a>(&self, ladder: &'a [Rung]) -> &'a Rung {
-        // Levels only add blocks, so the rungs with a lone plane are a prefix.
+    /// The lowest level where no linear holds a grid plane alone (0 when
+    /// every linear starts with an AVD block): below it perplexity climbs
+    /// steeply, so an engine that shrinks the model can stop there first.
+    pub fn two_plane_level(&self) -> usize {
+        let ladder = self.ladder();
+        // Levels only add blocks, so the levels with a lone plane are a prefix.
         let lone = ladder.partition_point(|r| {
             self.plan_rung(r.clone())
                 .single_plane_linears(&self.geometry)
                 > 0
         });
-        &ladder[lone.min(ladder.len() - 1)]
+        lone.min(ladder.len() - 1)
     }
 
     /// The plan of rung `level` (0 is the floor); past the top is an error.
