@@ -241,20 +241,17 @@ impl LadderPlot<'_> {
             let (w, h) = root.estimate_text_size(text, &style)?;
             Ok((w as i32, h as i32))
         };
-        for &p in &points {
-            let (px, py) = chart.backend_coord(&p);
-            taken.push(LabelBox::around((px, py), 5));
-        }
-        if points.len() <= MAX_ANNOTATED {
-            let font = label_font.color(&series);
-            for &(x, p) in &points {
-                let (px, py) = chart.backend_coord(&(x, p));
-                taken.push(LabelBox::at(
-                    (px, py),
-                    RUNG_LABEL_OFFSET,
-                    text_size(&significant(p))?,
-                ));
+        let annotated = points.len() <= MAX_ANNOTATED;
+        for &(x, p) in &points {
+            let at = chart.backend_coord(&(x, p));
+            taken.push(LabelBox::around(at, 5));
+            if annotated {
+                let size = text_size(&significant(p))?;
+                taken.push(LabelBox::at(at, RUNG_LABEL_OFFSET, size));
             }
+        }
+        if annotated {
+            let font = label_font.color(&series);
             chart.draw_series(points.iter().map(|&(x, p)| {
                 EmptyElement::at((x, p))
                     + Text::new(significant(p), RUNG_LABEL_OFFSET, font.clone())
@@ -266,10 +263,10 @@ impl LadderPlot<'_> {
             let mut placed = Vec::new();
             for &(x, p, label) in &baselines {
                 let text = format!("{label}: {}", significant(p));
-                let at = chart.backend_coord(&(x, p));
+                let (at, size) = (chart.backend_coord(&(x, p)), text_size(&text)?);
                 taken.push(LabelBox::around(at, 7));
-                let offset = place_label(at, text_size(&text)?, &taken);
-                taken.push(LabelBox::at(at, offset, text_size(&text)?));
+                let offset = place_label(at, size, &taken);
+                taken.push(LabelBox::at(at, offset, size));
                 placed.push((x, p, text, offset));
             }
             chart

@@ -18,9 +18,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use bitstack_quant::eval::perplexity::evaluate;
+use bitstack_quant::eval::sort::nll_gradients;
 use bitstack_quant::progress::progress_bar;
 use bitstack_quant::runtime::linear::LinearWeight;
-use bitstack_quant::runtime::model::{load_tokenizer, target_log_probs, tokenize_file, LinearKind};
+use bitstack_quant::runtime::model::{load_tokenizer, tokenize_file, LinearKind};
 use bitstack_quant::runtime::stack::WeightStack;
 use bitstack_quant::{BlockCounts, Checkpoint, Llama};
 use candle_core::{Device, Tensor};
@@ -94,28 +95,13 @@ fn main() -> Result<()> {
     }
     model.differentiable = true;
     let score_ids = tokenize_file(&tokenizer, &args.score_text)?;
-    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    let pb = progress_bar(args.score_windows as u64, "gradient");
-    for w in score_ids
+    let windows = score_ids
         .chunks_exact(args.seq_len)
         .take(args.score_windows)
-    {
-        let ids = Tensor::new(w, &device)?.unsqueeze(0)?;
-        let hidden = model.forward_hidden(&ids)?;
-        let logits = model.logits(&hidden.narrow(1, 0, w.len() - 1)?.flatten_to(1)?)?;
-        let targets = ids.narrow(1, 1, w.len() - 1)?.flatten_all()?;
-        let nll = target_log_probs(&logits, &targets)?.sum_all()?.neg()?;
-        let store = nll.backward()?;
-        for (acc, var) in grads.iter_mut().zip(&vars) {
-            if let Some(g) = store.get(var.as_tensor()) {
-                *acc = Some(match acc.take() {
-                    Some(a) => (a + g)?,
-                    None => g.clone(),
-                });
-            }
-        }
-        pb.inc(1);
-    }
+        .map(|w| Tensor::new(w, &device)?.unsqueeze(0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let pb = progress_bar(windows.len() as u64, "gradient");
+    let grads = nll_gradients(&model, &vars, &windows, &pb)?;
     pb.finish_and_clear();
     model.differentiable = false;
 

@@ -407,6 +407,7 @@ fn gradient(
     model.differentiable = true;
     let mut passes = 0;
     for level in 1..stored {
+        let mut slots = Vec::new();
         let mut vars = Vec::new();
         for (l, stacks) in full.iter().enumerate() {
             for (kind, s) in LinearKind::ALL.iter().zip(stacks) {
@@ -414,31 +415,13 @@ fn gradient(
                 let var = candle_core::Var::from_tensor(&w)?;
                 model.layers[l].linear_mut(*kind).weight =
                     LinearWeight::Dense(var.as_tensor().clone());
-                vars.push((l, *kind, s, var));
+                slots.push((l, *kind, s));
+                vars.push(var);
             }
         }
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        for ids in &tokens {
-            let hidden = model.forward_hidden(ids)?;
-            let len = ids.dim(1)?;
-            let logits = model.logits(&hidden.narrow(1, 0, len - 1)?.flatten_to(1)?)?;
-            let targets = ids.narrow(1, 1, len - 1)?.flatten_all()?;
-            let nll = crate::runtime::model::target_log_probs(&logits, &targets)?
-                .sum_all()?
-                .neg()?;
-            let store = nll.backward()?;
-            for (acc, (_, _, _, var)) in grads.iter_mut().zip(&vars) {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
-            passes += model.layers.len();
-            progress.inc(1);
-        }
-        for ((l, kind, s, _), grad) in vars.iter().zip(&grads) {
+        let grads = nll_gradients(&model, &vars, &tokens, progress)?;
+        passes += model.layers.len() * tokens.len();
+        for ((l, kind, s), grad) in slots.iter().zip(&grads) {
             if level >= s.len() {
                 continue;
             }
@@ -458,6 +441,38 @@ fn gradient(
         }
     }
     Ok((order_by_gains(geometry, &gains, "fast"), passes))
+}
+
+/// The gradient of the NLL summed over `windows` (`[1, L]` token tensors,
+/// one backward pass each) with respect to each of `vars`, which must be
+/// weights of `model` (differentiable); `None` for one that took no part.
+pub fn nll_gradients(
+    model: &Llama,
+    vars: &[candle_core::Var],
+    windows: &[Tensor],
+    progress: &ProgressBar,
+) -> Result<Vec<Option<Tensor>>> {
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for ids in windows {
+        let hidden = model.forward_hidden(ids)?;
+        let len = ids.dim(1)?;
+        let logits = model.logits(&hidden.narrow(1, 0, len - 1)?.flatten_to(1)?)?;
+        let targets = ids.narrow(1, 1, len - 1)?.flatten_all()?;
+        let nll = crate::runtime::model::target_log_probs(&logits, &targets)?
+            .sum_all()?
+            .neg()?;
+        let store = nll.backward()?;
+        for (acc, var) in grads.iter_mut().zip(vars) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        progress.inc(1);
+    }
+    Ok(grads)
 }
 
 #[cfg(test)]

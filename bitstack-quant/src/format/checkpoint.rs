@@ -81,11 +81,7 @@ impl Plan {
         geometry
             .linears
             .iter()
-            .filter(|l| {
-                l.grid.is_some()
-                    && l.avd_blocks() == 0
-                    && self.counts.for_linear(&l.name, l.stored) == 1
-            })
+            .filter(|l| l.starts_with_plane() && self.counts.for_linear(&l.name, l.stored) == 1)
             .count()
     }
 }
@@ -237,14 +233,7 @@ impl Checkpoint {
     /// every linear starts with an AVD block): below it perplexity climbs
     /// steeply, so an engine that shrinks the model can stop there first.
     pub fn two_plane_level(&self) -> usize {
-        let ladder = self.ladder();
-        // Levels only add blocks, so the levels with a lone plane are a prefix.
-        let lone = ladder.partition_point(|r| {
-            self.plan_rung(r.clone())
-                .single_plane_linears(&self.geometry)
-                > 0
-        });
-        lone.min(ladder.len() - 1)
+        self.order.two_plane_level(&self.geometry)
     }
 
     /// The plan of rung `level` (0 is the floor); past the top is an error.

@@ -7,7 +7,7 @@
 //! read and write the reference's `compression_config.json` (one entry per
 //! rung: total memory and blocks per linear).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -56,6 +56,12 @@ impl LinearSlot {
             None => Part::Avd(b),
             Some(plane) => Part::Plane(plane),
         }
+    }
+
+    /// Whether block 0 is a grid plane (no AVD block before the planes):
+    /// then a single resident block is one bit per weight.
+    pub fn starts_with_plane(&self) -> bool {
+        matches!(self.part(0), Part::Plane(_))
     }
 
     /// Bytes block `b` adds when it becomes resident: an AVD block's signs
@@ -301,6 +307,30 @@ impl BlockOrder {
             }
         }
         Ok(())
+    }
+
+    /// The lowest level where no linear holds a grid plane alone: one past
+    /// the entry that gives the last such linear its second block (0 when
+    /// every linear starts with an AVD block, the top when one stores a
+    /// single plane).
+    pub fn two_plane_level(&self, geometry: &Geometry) -> usize {
+        let lone: HashSet<&str> = geometry
+            .linears
+            .iter()
+            .filter(|l| l.starts_with_plane())
+            .map(|l| l.name.as_str())
+            .collect();
+        if geometry
+            .linears
+            .iter()
+            .any(|l| l.starts_with_plane() && l.stored < 2)
+        {
+            return self.order.len();
+        }
+        self.order
+            .iter()
+            .rposition(|(name, block)| *block == 1 && lone.contains(name.as_str()))
+            .map_or(0, |pos| pos + 1)
     }
 
     /// Blocks per linear at `level`.
