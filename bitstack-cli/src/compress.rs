@@ -7,8 +7,8 @@ use bitstack_quant::format::grid::GridConfig;
 use bitstack_quant::format::rotation::RotationConfig;
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::method::compress::{
-    compress_on, CompressOptions, FeedbackOptions, Rotation, DEFAULT_K, DEFAULT_NITER,
-    DEFAULT_PLANES,
+    compress_on, CompressOptions, FeedbackOptions, Rotation, BLOCKS_THEN_PLANES_DAMP,
+    BLOCKS_THEN_PLANES_K, DEFAULT_K, DEFAULT_NITER, DEFAULT_PLANES,
 };
 use bitstack_quant::runtime::model::LinearKind;
 use bitstack_quant::DenseDtype;
@@ -23,18 +23,19 @@ pub struct CompressArgs {
     pub model: String,
     /// Where to write the checkpoint (must not exist or be empty).
     pub out_dir: PathBuf,
-    /// What each linear becomes: grid planes from 3 bits per weight up,
-    /// AVD blocks below.
+    /// What each linear becomes: grid planes from 2.5 bits per weight up,
+    /// one AVD block and planes below.
     #[arg(long, value_enum, default_value_t = LayoutArg::default())]
     pub layout: LayoutArg,
-    /// Rank of each AVD block's u·vt product (k = 16 is the paper's).
-    #[arg(long, default_value_t = DEFAULT_K, value_parser = at_least::<1>)]
-    pub k: usize,
+    /// Rank of each AVD block's u·vt product (k = 16 is the paper's)
+    /// [default: 4; 1 with --layout blocks+planes].
+    #[arg(long, value_parser = at_least::<1>)]
+    pub k: Option<usize>,
     /// Rank per kind of linear, overriding --k: `k_proj=8,v_proj=8`.
     #[arg(long, value_name = "KIND=K,…", value_delimiter = ',', value_parser = parse_k_for)]
     pub k_for: Vec<(LinearKind, usize)>,
     /// AVD blocks per linear, with --layout blocks or blocks+planes
-    /// [default: 8].
+    /// [default: 8; 1 with blocks+planes].
     #[arg(long)]
     pub niter: Option<usize>,
     /// Grid planes per linear, with --layout planes or blocks+planes: nested
@@ -56,19 +57,20 @@ pub struct CompressArgs {
     #[arg(long, value_enum, default_value_t = GridCodingArg::Int8Scaled)]
     pub grid_coding: GridCodingArg,
     /// Exponent α of the activation scales `‖x‖^α` folded into the
-    /// weights before compressing: 1 (the reference's) when there are AVD
-    /// blocks, 0.5 for --layout planes, where it measured far better; 0
-    /// scales nothing.
+    /// weights before compressing: 1 (the reference's) for --layout
+    /// blocks, 0.5 where there are grid planes, where it measured far
+    /// better; 0 scales nothing.
     #[arg(long, value_name = "ALPHA")]
     pub scale_power: Option<f32>,
-    /// Incoherence processing, with --layout planes: rotate every linear's
-    /// input columns in blocks of this many (a Hadamard transform with
-    /// random signs; a power of two dividing every width) before gridding
-    /// them, so that a row's few large weights no longer set its groups'
-    /// ranges. The runtime rotates each input the same way (format
-    /// version 4). 0 rotates nothing [default with --layout planes: the
-    /// widest of 128, 64, 32, … that divides every width (SmolLM2: 64,
-    /// Qwen2.5: 128); 0 otherwise]. A tensor-parallel world must not cut
+    /// Incoherence processing: rotate every linear's input columns in
+    /// blocks of this many (a Hadamard transform with random signs; a
+    /// power of two dividing every width) before compressing them, so that
+    /// a row's few large weights no longer set its groups' ranges. The
+    /// runtime rotates each input the same way (format version 4). 0
+    /// rotates nothing [default with grid planes: the widest of 128, 64,
+    /// 32, … that divides every width (SmolLM2: 64, Qwen2.5: 128); 0 with
+    /// --layout blocks, whose rank-k magnitudes follow the unrotated
+    /// columns]. A tensor-parallel world must not cut
     /// a block: give 64 to split Qwen2.5-0.5B's 896 columns in two.
     #[arg(long, value_name = "BLOCK")]
     pub rotate: Option<usize>,
@@ -101,9 +103,12 @@ pub struct CompressArgs {
     #[arg(long, value_enum, default_value_t = SignsArg::Feedback)]
     pub signs: SignsArg,
     /// Damping of the activation Gram matrix for `--signs feedback`,
-    /// as a fraction of its mean diagonal.
-    #[arg(long, default_value_t = 0.01)]
-    pub damp: f64,
+    /// as a fraction of its mean diagonal: more damping fits the
+    /// calibration's kind of text less and others better [default: 0.01;
+    /// 1 with --layout blocks+planes, whose single block would otherwise
+    /// fit the calibration text's kind alone].
+    #[arg(long)]
+    pub damp: Option<f64>,
     /// With `--signs feedback`, how u·vt follow the chosen signs: `none`,
     /// `svd` (best in Frobenius norm) or `weighted` (`svd`, then each row
     /// of u re-fitted to the output error on calibration activations).
@@ -142,7 +147,7 @@ impl CompressArgs {
                 (self.niter.unwrap_or(DEFAULT_NITER), 0)
             }
             LayoutArg::BlocksThenPlanes => (
-                self.niter.unwrap_or(DEFAULT_NITER),
+                self.niter.unwrap_or(1),
                 self.planes.unwrap_or(DEFAULT_PLANES),
             ),
         };
@@ -169,8 +174,12 @@ impl CompressArgs {
     /// The library's options for these flags, calibrating on `calib_text`.
     pub fn options(&self, calib_text: PathBuf) -> Result<CompressOptions> {
         let (niter, planes) = self.parts()?;
+        let (k, damp) = match self.layout {
+            LayoutArg::BlocksThenPlanes => (BLOCKS_THEN_PLANES_K, BLOCKS_THEN_PLANES_DAMP),
+            LayoutArg::Planes | LayoutArg::Blocks => (DEFAULT_K, FeedbackOptions::default().damp),
+        };
         Ok(CompressOptions {
-            k: self.k,
+            k: self.k.unwrap_or(k),
             k_per_kind: self.k_for.iter().copied().collect(),
             niter,
             grid: (planes > 0).then_some(GridConfig {
@@ -185,15 +194,15 @@ impl CompressArgs {
             batch: self.windows.batch,
             svd: self.svd.into(),
             feedback: self.signs.feedback(FeedbackOptions {
-                damp: self.damp,
+                damp: self.damp.unwrap_or(damp),
                 refit: self.refit.into(),
                 rounds: self.rounds,
             }),
             dense_dtype: self.dense_dtype.into(),
             scale_power: self.scale_power,
             rotation: match (self.rotate, self.layout) {
-                (None, LayoutArg::Planes) => Rotation::Widest,
-                (None, _) | (Some(0), _) => Rotation::None,
+                (None, LayoutArg::Planes | LayoutArg::BlocksThenPlanes) => Rotation::Widest,
+                (None, LayoutArg::Blocks) | (Some(0), _) => Rotation::None,
                 (Some(block), _) => Rotation::Fixed(RotationConfig::new(block)),
             },
             plane_feedback: (self.plane_feedback > 0).then_some(self.plane_feedback),

@@ -291,7 +291,7 @@ mod tests {
             parts(&compress(&["--layout", "blocks", "--niter", "3"])),
             (3, 0)
         );
-        assert_eq!(parts(&compress(&["--layout", "blocks+planes"])), (8, 6));
+        assert_eq!(parts(&compress(&["--layout", "blocks+planes"])), (1, 6));
         assert_eq!(
             parts(&compress(&[
                 "--layout",
@@ -321,8 +321,24 @@ mod tests {
         );
         let lib = CompressOptions::avd_blocks(PathBuf::from("calib.txt"));
         assert_eq!(parts(&lib), parts(&compress(&["--layout", "blocks"])));
+        let lib = CompressOptions::blocks_then_planes(PathBuf::from("calib.txt"));
+        let cli = compress(&["--layout", "blocks+planes"]);
+        assert_eq!(parts(&lib), parts(&cli));
+        assert_eq!((lib.k, cli.k), (1, 1));
+        assert_eq!(lib.rotation, cli.rotation);
+        assert_eq!(cli.rotation, Rotation::Widest);
+        assert_eq!(lib.grid, cli.grid);
+        let damp = |o: &CompressOptions| o.feedback.map(|f| f.damp);
+        assert_eq!(damp(&lib), damp(&cli));
+        assert_eq!(damp(&cli), Some(1.0));
+        assert_eq!(damp(&compress(&["--layout", "blocks"])), Some(0.01));
+        assert_eq!(compress(&["--layout", "blocks"]).k, 4);
+        // Given flags win over the layout's defaults.
+        let given = compress(&["--layout", "blocks+planes", "--k", "3", "--damp", "0.1"]);
+        assert_eq!((given.k, damp(&given)), (3, Some(0.1)));
         // The scale exponent follows the layout.
         assert_eq!(compress(&[]).scale_power(), 0.5);
+        assert_eq!(cli.scale_power(), 0.5);
         assert_eq!(compress(&["--layout", "blocks"]).scale_power(), 1.0);
     }
 
@@ -392,14 +408,20 @@ pub enum LayoutArg {
     /// with the default --grid-coding): from 2.5 bits per weight up the
     /// better layout, on the calibration's kind of text and off it
     /// (SmolLM2 at 4 bits: 1.193× dense PPL, where RTN w4 needs 4.27 bits
-    /// for 1.35×).
+    /// for 1.35×). Below 2.3 bits it leaves some linears a single plane.
     #[default]
     Planes,
     /// AVD blocks: signs times a rank-k product (--niter, 8 by default;
-    /// --k, --signs, --refit), the better layout below 2.5 bits per weight,
-    /// where the planes leave some linears a single plane.
+    /// --k, --signs, --refit), inputs unrotated: the paper's layout, fitted
+    /// to the calibration's kind of text (SmolLM2 at 2.0 bits: 1846 on
+    /// wiki, 1.6e5 on Rust code).
     Blocks,
-    /// --niter AVD blocks, then --planes grid planes of what they leave.
+    /// --niter AVD blocks (1 of rank 1 by default, signs chosen with
+    /// damped feedback), then --planes grid planes of what they leave,
+    /// inputs rotated: the layout for budgets below 2.5 bits per weight
+    /// (SmolLM2 at 2.0 bits: 1530 on wiki and 1.7e4 on Rust code, against
+    /// the planes' 9.7e4 and 2.8e5); from 2.5 bits up the planes are
+    /// better off the calibration's kind of text.
     #[value(name = "blocks+planes")]
     BlocksThenPlanes,
 }

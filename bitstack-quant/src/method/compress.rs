@@ -39,6 +39,17 @@ pub const DEFAULT_K: usize = 4;
 /// Blocks per linear of the AVD layout by default: up to about 9.5 bits
 /// per weight at k = 4.
 pub const DEFAULT_NITER: usize = 8;
+/// Rank of the one AVD block of [`CompressOptions::blocks_then_planes`]:
+/// on rotated inputs a block's magnitudes are nearly flat across columns,
+/// so rank 1 (0.05 bits per weight on SmolLM2) leaves the budget to the
+/// planes.
+pub const BLOCKS_THEN_PLANES_K: usize = 1;
+/// Feedback damping of [`CompressOptions::blocks_then_planes`]' block, as a
+/// fraction of the Gram's mean diagonal. GPTQ's 0.01 fits a one-bit code
+/// to the calibration's kind of text and ruins others (SmolLM2, rank 4:
+/// 342 on wiki at 2.0 bits, 1079 on Rust code at 2.5); damped to 1 the
+/// block keeps most of the gain on wiki and loses far less elsewhere.
+pub const BLOCKS_THEN_PLANES_DAMP: f64 = 1.0;
 /// Grid planes per linear by default: up to 6.3 bits per weight, a rung at
 /// every whole bit from 2.3 on; at 6 bits SmolLM2 is within 1% of dense.
 pub const DEFAULT_PLANES: usize = 6;
@@ -116,8 +127,8 @@ pub struct CompressOptions {
     /// Exponent of the activation scales; `None` takes the layout's
     /// ([`CompressOptions::scale_power`]).
     pub scale_power: Option<f32>,
-    /// Rotate every linear's input before gridding it (format version 4,
-    /// grid planes alone).
+    /// Rotate every linear's input before compressing it (format version
+    /// 4 or 5): the planes and any AVD blocks are fitted to `W·R`.
     pub rotation: Rotation,
     /// Choose the first this many grid planes (1 to the planes stored)
     /// with error feedback on the inputs' Gram matrices (GPTQ at that many
@@ -165,8 +176,30 @@ impl CompressOptions {
         }
     }
 
+    /// `bitstack compress --layout blocks+planes`: one AVD block of rank 1
+    /// with strongly damped feedback signs, then grid planes of what it
+    /// leaves, all on rotated inputs. Its first unit is a sign chosen with
+    /// error feedback (below 2.3 bits some linears hold nothing else),
+    /// which the planes then grid anew, so the later planes are not
+    /// trapped by it as planes chosen with feedback are. The layout for
+    /// budgets below 2.5 bits per weight: SmolLM2 at 2.0 bits scores 1530
+    /// on wiki and 1.7e4 on Rust code, against the default's 9.7e4 and
+    /// 2.8e5 and the AVD blocks' 1846 and 1.6e5 (16 windows); from 2.5
+    /// bits up the default is better off the calibration's kind of text.
+    pub fn blocks_then_planes(calib_text: PathBuf) -> Self {
+        Self {
+            k: BLOCKS_THEN_PLANES_K,
+            niter: 1,
+            feedback: Some(FeedbackOptions {
+                damp: BLOCKS_THEN_PLANES_DAMP,
+                ..FeedbackOptions::default()
+            }),
+            ..Self::recommended(calib_text)
+        }
+    }
+
     /// `bitstack compress --layout blocks`: AVD blocks with error-feedback
-    /// signs, the better layout below 3 bits per weight.
+    /// signs, unrotated.
     pub fn avd_blocks(calib_text: PathBuf) -> Self {
         Self {
             k: DEFAULT_K,
@@ -187,10 +220,10 @@ impl CompressOptions {
     }
 
     /// The exponent of the activation scales: as given, else the
-    /// reference's 1 when there are AVD blocks and 1/2 for grid planes
-    /// alone (see [`crate::method::scale`]).
+    /// reference's 1 for AVD blocks alone and 1/2 where there are grid
+    /// planes (see [`crate::method::scale`]).
     pub fn scale_power(&self) -> f32 {
-        self.scale_power.unwrap_or(if self.niter > 0 {
+        self.scale_power.unwrap_or(if self.grid.is_none() {
             AVD_SCALE_POWER
         } else {
             GRID_SCALE_POWER
@@ -315,19 +348,21 @@ fn tap_points() -> Vec<(TapPoint, LinearKind)> {
 /// GPTQ's damping of the Gram matrices for [`CompressOptions::plane_feedback`].
 const PLANE_FEEDBACK_DAMP: f64 = 0.01;
 
-/// Whether compress needs each tap point's Gram matrix in the planes'
-/// coordinates: for [`CompressOptions::plane_feedback`], and for prefix
-/// scales, which are fitted to the outputs.
-fn needs_plane_grams(opts: &CompressOptions) -> bool {
+/// Whether compress needs each tap point's Gram matrix in the stored
+/// parts' coordinates (scaled and, with `rotated`, rotated): for
+/// [`CompressOptions::plane_feedback`], for prefix scales, which are fitted
+/// to the outputs, and for the feedback signs of rotated AVD blocks.
+fn needs_plane_grams(opts: &CompressOptions, rotated: bool) -> bool {
     opts.plane_feedback.is_some()
+        || (rotated && opts.niter > 0 && opts.feedback.is_some())
         || opts
             .grid
             .is_some_and(|g| g.coding == GridCoding::Int8Scaled)
 }
 
-/// The Gram matrix of each tap point's inputs as the planes see them:
-/// divided by the activation scales and rotated as the weights are (none
-/// unless [`needs_plane_grams`]).
+/// The Gram matrix of each tap point's inputs as the stored parts see
+/// them: divided by the activation scales and rotated as the weights are
+/// (none unless [`needs_plane_grams`]).
 fn plane_grams(
     opts: &CompressOptions,
     rotation: Option<RotationConfig>,
@@ -336,7 +371,7 @@ fn plane_grams(
     scales: &LayerScales,
     layer: usize,
 ) -> Result<HashMap<TapPoint, Vec<f64>>> {
-    if !needs_plane_grams(opts) {
+    if !needs_plane_grams(opts, rotation.is_some()) {
         return Ok(HashMap::new());
     }
     tap_points()
@@ -454,9 +489,6 @@ pub fn compress_on(
         if opts.grid.is_some_and(|g| !g.coding.is_int8()) {
             bail!("a rotation of the inputs goes with 8-bit grid codes (--grid-coding int8-scaled or int8)");
         }
-        if opts.niter > 0 || opts.grid.is_none() {
-            bail!("a rotation of the inputs goes with grid planes alone (--layout planes): AVD blocks are fitted to the unrotated weights' input statistics");
-        }
         for kind in LinearKind::ALL {
             let n = linear_shape(&cfg, kind).1;
             rotation
@@ -529,7 +561,8 @@ pub fn compress_on(
             &calib,
             opts.batch,
             // Only feedback signs and planes need the inputs' Gram matrices.
-            (opts.feedback.is_some() && opts.niter > 0) || needs_plane_grams(opts),
+            (opts.feedback.is_some() && opts.niter > 0)
+                || needs_plane_grams(opts, rotation.is_some()),
         )?
     };
     let rope = Rope::new(&cfg, opts.seq_len, device)?;
@@ -584,6 +617,9 @@ pub fn compress_on(
             .collect::<Result<_>>()?;
         // Linears that read the same input with the same scale (q, k, v;
         // gate, up) share their feedback weights: one inversion each.
+        // Rotated blocks are fitted to `W·R`, so their feedback sees the
+        // inputs rotated too.
+        let plane_grams = plane_grams(opts, rotation, &cfg, layer_stats, &scales, l)?;
         let feedbacks: HashMap<TapPoint, Feedback> = match opts.feedback.filter(|_| opts.niter > 0)
         {
             None => HashMap::new(),
@@ -591,16 +627,20 @@ pub fn compress_on(
                 .par_iter()
                 .map(|&(point, kind)| {
                     let n = linear_shape(&cfg, kind).1;
-                    let gram = layer_stats.grams.get(&point).with_context(|| {
-                        format!("calibration recorded no input Gram for {}", kind.path(l))
-                    })?;
-                    let fb = Feedback::from_gram(gram, n, scales.of(kind), f.damp)
-                        .with_context(|| format!("input Gram of {}", kind.path(l)))?;
+                    let fb = match plane_grams.get(&point).filter(|_| rotation.is_some()) {
+                        Some(gram) => Feedback::from_gram(gram, n, None, f.damp),
+                        None => {
+                            let gram = layer_stats.grams.get(&point).with_context(|| {
+                                format!("calibration recorded no input Gram for {}", kind.path(l))
+                            })?;
+                            Feedback::from_gram(gram, n, scales.of(kind), f.damp)
+                        }
+                    }
+                    .with_context(|| format!("input Gram of {}", kind.path(l)))?;
                     Ok((point, fb))
                 })
                 .collect::<Result<_>>()?,
         };
-        let plane_grams = plane_grams(opts, rotation, &cfg, layer_stats, &scales, l)?;
         let plane_feedbacks = plane_feedbacks(opts, &cfg, &plane_grams, l)?;
         let decomposed: Vec<_> = weights
             .par_iter()
