@@ -105,7 +105,7 @@ pub struct CompressArgs {
     /// Damping of the activation Gram matrix for `--signs feedback`,
     /// as a fraction of its mean diagonal: more damping fits the
     /// calibration's kind of text less and others better [default: 0.01;
-    /// 1 with --layout blocks+planes, whose single block would otherwise
+    /// 10 with --layout blocks+planes, whose single block would otherwise
     /// fit the calibration text's kind alone].
     #[arg(long)]
     pub damp: Option<f64>,

@@ -47,9 +47,11 @@ pub const BLOCKS_THEN_PLANES_K: usize = 1;
 /// Feedback damping of [`CompressOptions::blocks_then_planes`]' block, as a
 /// fraction of the Gram's mean diagonal. GPTQ's 0.01 fits a one-bit code
 /// to the calibration's kind of text and ruins others (SmolLM2, rank 4:
-/// 342 on wiki at 2.0 bits, 1079 on Rust code at 2.5); damped to 1 the
-/// block keeps most of the gain on wiki and loses far less elsewhere.
-pub const BLOCKS_THEN_PLANES_DAMP: f64 = 1.0;
+/// 342 on wiki at 2.0 bits, 1079 on Rust code at 2.5); at rank 1, 10
+/// measured better than 1 on both texts at 2.0 bits (wiki 1285 against
+/// 1530, code 1.5e4 against 1.7e4) and on code at 2.5 (118 against 274),
+/// while signs without feedback are no better than a plane (1.4e5).
+pub const BLOCKS_THEN_PLANES_DAMP: f64 = 10.0;
 /// Grid planes per linear by default: up to 6.3 bits per weight, a rung at
 /// every whole bit from 2.3 on; at 6 bits SmolLM2 is within 1% of dense.
 pub const DEFAULT_PLANES: usize = 6;
@@ -182,8 +184,8 @@ impl CompressOptions {
     /// error feedback (below 2.3 bits some linears hold nothing else),
     /// which the planes then grid anew, so the later planes are not
     /// trapped by it as planes chosen with feedback are. The layout for
-    /// budgets below 2.5 bits per weight: SmolLM2 at 2.0 bits scores 1530
-    /// on wiki and 1.7e4 on Rust code, against the default's 9.7e4 and
+    /// budgets below 2.5 bits per weight: SmolLM2 at 2.0 bits scores 1285
+    /// on wiki and 1.5e4 on Rust code, against the default's 9.7e4 and
     /// 2.8e5 and the AVD blocks' 1846 and 1.6e5 (16 windows); from 2.5
     /// bits up the default is better off the calibration's kind of text.
     pub fn blocks_then_planes(calib_text: PathBuf) -> Self {
