@@ -386,13 +386,18 @@ fn the_scale_power_is_the_layouts_and_is_folded_in() {
             .unwrap();
         (q.unwrap().scale_power, ln)
     };
-    let with_avd = options(root.path());
+    // AVD blocks alone take the reference's 1; any grid planes, 1/2.
+    let blocks_only = CompressOptions {
+        grid: None,
+        ..options(root.path())
+    };
     let planes_only = CompressOptions {
         niter: 0,
         ..options(root.path())
     };
-    let (avd_power, s1) = stored("avd", with_avd.clone());
+    let (avd_power, s1) = stored("avd", blocks_only);
     let (grid_power, s_half) = stored("grid", planes_only.clone());
+    let (mixed_power, _) = stored("mixed", options(root.path()));
     let (none_power, s0) = stored(
         "none",
         CompressOptions {
@@ -401,8 +406,8 @@ fn the_scale_power_is_the_layouts_and_is_folded_in() {
         },
     );
     assert_eq!(
-        (avd_power, grid_power, none_power),
-        (Some(1.0), Some(0.5), Some(0.0))
+        (avd_power, grid_power, mixed_power, none_power),
+        (Some(1.0), Some(0.5), Some(0.5), Some(0.0))
     );
     let source = TensorStore::open_dir(&dense)
         .unwrap()
