@@ -183,11 +183,14 @@ impl CompressOptions {
     /// leaves, all on rotated inputs. Its first unit is a sign chosen with
     /// error feedback (below 2.3 bits some linears hold nothing else),
     /// which the planes then grid anew, so the later planes are not
-    /// trapped by it as planes chosen with feedback are. The layout for
-    /// budgets below 2.5 bits per weight: SmolLM2 at 2.0 bits scores 1285
-    /// on wiki and 1.5e4 on Rust code, against the default's 9.7e4 and
-    /// 2.8e5 and the AVD blocks' 1846 and 1.6e5 (16 windows); from 2.5
-    /// bits up the default is better off the calibration's kind of text.
+    /// trapped by it as planes chosen with feedback are. The layout to try
+    /// for budgets below 2.3 bits per weight, calibrated on text like the
+    /// model's use: SmolLM2 at 2.0 bits scores 1285 on wiki and 1.5e4 on
+    /// Rust code, against the default's 9.7e4 and 2.8e5 and the AVD
+    /// blocks' 1846 and 1.6e5 (16 windows); Qwen2.5-Coder 725 on wiki
+    /// against 1926, but 2544 on Rust code against 959 (the block follows
+    /// the wiki calibration). From 2.5 bits up the default is better off
+    /// the calibration's kind of text.
     pub fn blocks_then_planes(calib_text: PathBuf) -> Self {
         Self {
             k: BLOCKS_THEN_PLANES_K,
