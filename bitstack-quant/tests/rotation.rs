@@ -117,6 +117,21 @@ fn every_prefix_of_a_rotated_checkpoint_loads_and_fits_better() {
     );
 }
 
+/// The first calibration window of `opts` and the dense model's logits on
+/// it: where feedback was fitted, so where it must fit better.
+fn first_calibration_window(dense: &Path, opts: &CompressOptions) -> (Tensor, Vec<f32>) {
+    let ids = tokenize_file(&load_tokenizer(dense).unwrap(), &opts.calib_text).unwrap();
+    let window = Tensor::new(&ids[..opts.seq_len], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let reference = common::logits(
+        &Llama::load(dense, &BlockCounts::all(), &Device::Cpu).unwrap(),
+        &window,
+    );
+    (window, reference)
+}
+
 /// Planes chosen with error feedback on the rotated inputs' Gram matrices
 /// (`plane_feedback`) fit the model better at their level than planes
 /// rounded to nearest, on the windows they were calibrated on, and every
@@ -127,15 +142,7 @@ fn planes_chosen_with_feedback_fit_better_at_their_level() {
     let root = tempfile::tempdir().unwrap();
     let (dense, rounded) = compressed(root.path());
     let opts = options(root.path());
-    let ids = tokenize_file(&load_tokenizer(&dense).unwrap(), &opts.calib_text).unwrap();
-    let window = Tensor::new(&ids[..opts.seq_len], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let reference = common::logits(
-        &Llama::load(&dense, &BlockCounts::all(), &Device::Cpu).unwrap(),
-        &window,
-    );
+    let (window, reference) = first_calibration_window(&dense, &opts);
     let error = |dir: &Path, count: usize| {
         let model = Llama::load(dir, &BlockCounts::uniform(count), &Device::Cpu).unwrap();
         common::relative_error(&common::logits(&model, &window), &reference)
@@ -187,15 +194,7 @@ fn a_rotated_block_with_feedback_signs_fits_before_the_planes() {
         feedback,
         ..options(root.path())
     };
-    let ids = tokenize_file(&load_tokenizer(&dense).unwrap(), &opts(None).calib_text).unwrap();
-    let window = Tensor::new(&ids[..opts(None).seq_len], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let reference = common::logits(
-        &Llama::load(&dense, &BlockCounts::all(), &Device::Cpu).unwrap(),
-        &window,
-    );
+    let (window, reference) = first_calibration_window(&dense, &opts(None));
     let errors = |dir: &Path| -> Vec<f64> {
         (1..=1 + PLANES)
             .map(|count| {
