@@ -8,7 +8,7 @@ use bitstack_quant::format::rotation::RotationConfig;
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::method::compress::{
     compress_on, CompressOptions, FeedbackOptions, Rotation, BLOCKS_THEN_PLANES_DAMP,
-    BLOCKS_THEN_PLANES_K, DEFAULT_K, DEFAULT_NITER, DEFAULT_PLANES,
+    BLOCKS_THEN_PLANES_K, BLOCKS_THEN_PLANES_NITER, DEFAULT_K, DEFAULT_NITER, DEFAULT_PLANES,
 };
 use bitstack_quant::runtime::model::LinearKind;
 use bitstack_quant::DenseDtype;
@@ -147,7 +147,7 @@ impl CompressArgs {
                 (self.niter.unwrap_or(DEFAULT_NITER), 0)
             }
             LayoutArg::BlocksThenPlanes => (
-                self.niter.unwrap_or(1),
+                self.niter.unwrap_or(BLOCKS_THEN_PLANES_NITER),
                 self.planes.unwrap_or(DEFAULT_PLANES),
             ),
         };

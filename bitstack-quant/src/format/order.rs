@@ -314,18 +314,12 @@ impl BlockOrder {
     /// every linear starts with an AVD block, the top when one stores a
     /// single plane).
     pub fn two_plane_level(&self, geometry: &Geometry) -> usize {
-        let lone: HashSet<&str> = geometry
-            .linears
-            .iter()
-            .filter(|l| l.starts_with_plane())
-            .map(|l| l.name.as_str())
-            .collect();
-        if geometry
-            .linears
-            .iter()
-            .any(|l| l.starts_with_plane() && l.stored < 2)
-        {
-            return self.order.len();
+        let mut lone = HashSet::new();
+        for l in geometry.linears.iter().filter(|l| l.starts_with_plane()) {
+            if l.stored < 2 {
+                return self.order.len();
+            }
+            lone.insert(l.name.as_str());
         }
         self.order
             .iter()

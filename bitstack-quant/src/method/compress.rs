@@ -44,6 +44,9 @@ pub const DEFAULT_NITER: usize = 8;
 /// so rank 1 (0.05 bits per weight on SmolLM2) leaves the budget to the
 /// planes.
 pub const BLOCKS_THEN_PLANES_K: usize = 1;
+/// AVD blocks of [`CompressOptions::blocks_then_planes`]: one, the single
+/// bit a linear holds below the planes' two-plane rung.
+pub const BLOCKS_THEN_PLANES_NITER: usize = 1;
 /// Feedback damping of [`CompressOptions::blocks_then_planes`]' block, as a
 /// fraction of the Gram's mean diagonal. GPTQ's 0.01 fits a one-bit code
 /// to the calibration's kind of text and ruins others (SmolLM2, rank 4:
@@ -194,7 +197,7 @@ impl CompressOptions {
     pub fn blocks_then_planes(calib_text: PathBuf) -> Self {
         Self {
             k: BLOCKS_THEN_PLANES_K,
-            niter: 1,
+            niter: BLOCKS_THEN_PLANES_NITER,
             feedback: Some(FeedbackOptions {
                 damp: BLOCKS_THEN_PLANES_DAMP,
                 ..FeedbackOptions::default()
@@ -354,12 +357,12 @@ fn tap_points() -> Vec<(TapPoint, LinearKind)> {
 const PLANE_FEEDBACK_DAMP: f64 = 0.01;
 
 /// Whether compress needs each tap point's Gram matrix in the stored
-/// parts' coordinates (scaled and, with `rotated`, rotated): for
-/// [`CompressOptions::plane_feedback`], for prefix scales, which are fitted
-/// to the outputs, and for the feedback signs of rotated AVD blocks.
-fn needs_plane_grams(opts: &CompressOptions, rotated: bool) -> bool {
+/// parts' coordinates (scaled, and rotated if the weights are): for the
+/// feedback signs of AVD blocks and of [`CompressOptions::plane_feedback`],
+/// and for prefix scales, which are fitted to the outputs.
+fn needs_plane_grams(opts: &CompressOptions) -> bool {
     opts.plane_feedback.is_some()
-        || (rotated && opts.niter > 0 && opts.feedback.is_some())
+        || (opts.niter > 0 && opts.feedback.is_some())
         || opts
             .grid
             .is_some_and(|g| g.coding == GridCoding::Int8Scaled)
@@ -376,7 +379,7 @@ fn plane_grams(
     scales: &LayerScales,
     layer: usize,
 ) -> Result<HashMap<TapPoint, Vec<f64>>> {
-    if !needs_plane_grams(opts, rotation.is_some()) {
+    if !needs_plane_grams(opts) {
         return Ok(HashMap::new());
     }
     tap_points()
@@ -565,9 +568,8 @@ pub fn compress_on(
             &embed,
             &calib,
             opts.batch,
-            // Only feedback signs and planes need the inputs' Gram matrices.
-            (opts.feedback.is_some() && opts.niter > 0)
-                || needs_plane_grams(opts, rotation.is_some()),
+            // Only feedback signs and prefix scales need the inputs' Grams.
+            needs_plane_grams(opts),
         )?
     };
     let rope = Rope::new(&cfg, opts.seq_len, device)?;
@@ -621,9 +623,9 @@ pub fn compress_on(
             })
             .collect::<Result<_>>()?;
         // Linears that read the same input with the same scale (q, k, v;
-        // gate, up) share their feedback weights: one inversion each.
-        // Rotated blocks are fitted to `W·R`, so their feedback sees the
-        // inputs rotated too.
+        // gate, up) share their feedback weights: one inversion each. The
+        // blocks are fitted to the scaled (and maybe rotated) weights, so
+        // their feedback sees the inputs as those weights do.
         let plane_grams = plane_grams(opts, rotation, &cfg, layer_stats, &scales, l)?;
         let feedbacks: HashMap<TapPoint, Feedback> = match opts.feedback.filter(|_| opts.niter > 0)
         {
@@ -632,16 +634,11 @@ pub fn compress_on(
                 .par_iter()
                 .map(|&(point, kind)| {
                     let n = linear_shape(&cfg, kind).1;
-                    let fb = match plane_grams.get(&point).filter(|_| rotation.is_some()) {
-                        Some(gram) => Feedback::from_gram(gram, n, None, f.damp),
-                        None => {
-                            let gram = layer_stats.grams.get(&point).with_context(|| {
-                                format!("calibration recorded no input Gram for {}", kind.path(l))
-                            })?;
-                            Feedback::from_gram(gram, n, scales.of(kind), f.damp)
-                        }
-                    }
-                    .with_context(|| format!("input Gram of {}", kind.path(l)))?;
+                    let gram = plane_grams
+                        .get(&point)
+                        .expect("plane_grams covers every tap point");
+                    let fb = Feedback::from_gram(gram, n, None, f.damp)
+                        .with_context(|| format!("input Gram of {}", kind.path(l)))?;
                     Ok((point, fb))
                 })
                 .collect::<Result<_>>()?,
