@@ -28,7 +28,7 @@ pub struct CompressArgs {
     #[arg(long, value_enum, default_value_t = LayoutArg::default())]
     pub layout: LayoutArg,
     /// Rank of each AVD block's u·vt product (k = 16 is the paper's)
-    /// [default: 4; 1 with --layout blocks+planes].
+    /// [default: 4, with every layout].
     #[arg(long, value_parser = at_least::<1>)]
     pub k: Option<usize>,
     /// Rank per kind of linear, overriding --k: `k_proj=8,v_proj=8`.

@@ -324,7 +324,7 @@ mod tests {
         let lib = CompressOptions::blocks_then_planes(PathBuf::from("calib.txt"));
         let cli = compress(&["--layout", "blocks+planes"]);
         assert_eq!(parts(&lib), parts(&cli));
-        assert_eq!((lib.k, cli.k), (1, 1));
+        assert_eq!((lib.k, cli.k), (4, 4));
         assert_eq!(lib.rotation, cli.rotation);
         assert_eq!(cli.rotation, Rotation::Widest);
         assert_eq!(lib.grid, cli.grid);
@@ -416,14 +416,14 @@ pub enum LayoutArg {
     /// to the calibration's kind of text (SmolLM2 at 2.0 bits: 1846 on
     /// wiki, 1.6e5 on Rust code).
     Blocks,
-    /// --niter AVD blocks (1 of rank 1 by default, signs chosen with
+    /// --niter AVD blocks (1 of rank 4 by default, signs chosen with
     /// damped feedback), then --planes grid planes of what they leave,
     /// inputs rotated: the layout to try below 2.3 bits per weight, with
     /// --calib text like yours, as its block follows the calibration
-    /// (SmolLM2 at 2.0 bits: 1285 on wiki and 1.5e4 on Rust code, against
-    /// the planes' 9.7e4 and 2.8e5; Qwen2.5-Coder, calibrated on wiki: 725
-    /// against 1926 on wiki, 2544 against 959 on Rust code); from 2.5 bits
-    /// up the planes are better off the calibration's kind of text.
+    /// (SmolLM2 at 2.0 bits: 1073 on wiki and 2504 on Rust code, against
+    /// the planes' 9.7e4 and 2.8e5; Qwen2.5-Coder, calibrated on wiki: 298
+    /// and 399, against 1926 and 959); from 2.3 bits up the planes are
+    /// better off the calibration's kind of text.
     #[value(name = "blocks+planes")]
     BlocksThenPlanes,
 }

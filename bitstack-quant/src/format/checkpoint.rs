@@ -221,7 +221,7 @@ impl Checkpoint {
         let single = plan.single_plane_linears(&self.geometry);
         if single > 0 {
             tracing::warn!(
-                "budget {budget} leaves {single} of {} linears a single grid plane (1 bit per weight); perplexity climbs steeply below {:.3} bits per linear weight, where every linear holds two (SmolLM2 at 2.0 bits: 9.7e4 on wiki, 2.8e5 on Rust code; one AVD block before the planes, `bitstack compress --layout blocks+planes`, scores 1285 and 1.5e4 there; its block follows the calibration text, so calibrate it on text like yours)",
+                "budget {budget} leaves {single} of {} linears a single grid plane (1 bit per weight); perplexity climbs steeply below {:.3} bits per linear weight, where every linear holds two (SmolLM2 at 2.0 bits: 9.7e4 on wiki, 2.8e5 on Rust code; one AVD block before the planes, `bitstack compress --layout blocks+planes`, scores 1073 and 2504 there; its block follows the calibration text, so calibrate it on text like yours)",
                 self.geometry.linears.len(),
                 ladder[self.two_plane_level()].bits_per_linear_weight,
             );

@@ -39,21 +39,24 @@ pub const DEFAULT_K: usize = 4;
 /// Blocks per linear of the AVD layout by default: up to about 9.5 bits
 /// per weight at k = 4.
 pub const DEFAULT_NITER: usize = 8;
-/// Rank of the one AVD block of [`CompressOptions::blocks_then_planes`]:
-/// on rotated inputs a block's magnitudes are nearly flat across columns,
-/// so rank 1 (0.05 bits per weight on SmolLM2) leaves the budget to the
-/// planes.
-pub const BLOCKS_THEN_PLANES_K: usize = 1;
+/// Rank of the one AVD block of [`CompressOptions::blocks_then_planes`].
+/// Rank 4 (0.18 bits per weight on SmolLM2) against rank 1 (0.05), damp
+/// 10, 16 windows, at 2.0 bits: SmolLM2 1073 against 1285 on wiki and
+/// 2504 against 1.5e4 on Rust code; Qwen2.5-Coder 298 against 725 and 399
+/// against 2544. Rank 1 leaves more to the planes, which pays only from
+/// about 2.25 bits on wiki (SmolLM2 513 against 707), where rank 4 still
+/// wins on code (1378 against 4169).
+pub const BLOCKS_THEN_PLANES_K: usize = 4;
 /// AVD blocks of [`CompressOptions::blocks_then_planes`]: one, the single
 /// bit a linear holds below the planes' two-plane rung.
 pub const BLOCKS_THEN_PLANES_NITER: usize = 1;
 /// Feedback damping of [`CompressOptions::blocks_then_planes`]' block, as a
 /// fraction of the Gram's mean diagonal. GPTQ's 0.01 fits a one-bit code
-/// to the calibration's kind of text and ruins others (SmolLM2, rank 4:
-/// 342 on wiki at 2.0 bits, 1079 on Rust code at 2.5); at rank 1, 10
-/// measured better than 1 on both texts at 2.0 bits (wiki 1285 against
-/// 1530, code 1.5e4 against 1.7e4) and on code at 2.5 (118 against 274),
-/// while signs without feedback are no better than a plane (1.4e5).
+/// to the calibration's kind of text and ruins others (SmolLM2, rank 4,
+/// 2.0 bits: 342 on wiki but 8916 on Rust code; 10 gives 1073 and 2504);
+/// at rank 1, 10 measured better than 1 on both texts at 2.0 bits (wiki
+/// 1285 against 1530, code 1.5e4 against 1.7e4), while signs without
+/// feedback are no better than a plane (1.4e5).
 pub const BLOCKS_THEN_PLANES_DAMP: f64 = 10.0;
 /// Grid planes per linear by default: up to 6.3 bits per weight, a rung at
 /// every whole bit from 2.3 on; at 6 bits SmolLM2 is within 1% of dense.
@@ -181,19 +184,19 @@ impl CompressOptions {
         }
     }
 
-    /// `bitstack compress --layout blocks+planes`: one AVD block of rank 1
+    /// `bitstack compress --layout blocks+planes`: one AVD block of rank 4
     /// with strongly damped feedback signs, then grid planes of what it
     /// leaves, all on rotated inputs. Its first unit is a sign chosen with
     /// error feedback (below 2.3 bits some linears hold nothing else),
     /// which the planes then grid anew, so the later planes are not
     /// trapped by it as planes chosen with feedback are. The layout to try
     /// for budgets below 2.3 bits per weight, calibrated on text like the
-    /// model's use: SmolLM2 at 2.0 bits scores 1285 on wiki and 1.5e4 on
+    /// model's use: SmolLM2 at 2.0 bits scores 1073 on wiki and 2504 on
     /// Rust code, against the default's 9.7e4 and 2.8e5 and the AVD
-    /// blocks' 1846 and 1.6e5 (16 windows); Qwen2.5-Coder 725 on wiki
-    /// against 1926, but 2544 on Rust code against 959 (the block follows
-    /// the wiki calibration). From 2.5 bits up the default is better off
-    /// the calibration's kind of text.
+    /// blocks' 1846 and 1.6e5 (16 windows); Qwen2.5-Coder, calibrated on
+    /// wiki, 298 on wiki and 399 on Rust code against 1926 and 959. From
+    /// 2.3 bits up the default is better off the calibration's kind of
+    /// text.
     pub fn blocks_then_planes(calib_text: PathBuf) -> Self {
         Self {
             k: BLOCKS_THEN_PLANES_K,
