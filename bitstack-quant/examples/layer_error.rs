@@ -26,7 +26,7 @@ use bitstack_quant::method::decompose::{decompose_with, Refit};
 use bitstack_quant::method::feedback::Feedback;
 use bitstack_quant::method::gptq::{gptq_in_place, GptqOptions};
 use bitstack_quant::method::rtn::{rtn_bits_per_weight, rtn_in_place};
-use bitstack_quant::method::scale::{fold, LayerScales};
+use bitstack_quant::method::scale::{fold, scaled_gram, LayerScales};
 use bitstack_quant::method::svd::SvdMethod;
 use bitstack_quant::runtime::linear::LinearWeight;
 use bitstack_quant::runtime::model::{
@@ -97,10 +97,9 @@ fn output_energy(e: &[f32], m: usize, n: usize, h: &Mat<f32>) -> f64 {
         .sum()
 }
 
-/// The Gram of the inputs of a linear whose columns were scaled by `s`.
-fn scaled_gram(g: &[f64], n: usize, s: Option<&[f32]>) -> Mat<f32> {
-    let sc = |c: usize| s.map_or(1.0, |s| s[c] as f64);
-    Mat::from_fn(n, n, |p, q| (g[p * n + q] / (sc(p) * sc(q))) as f32)
+/// A row-major `n×n` Gram matrix as an f32 matrix.
+fn gram_matrix(g: &[f64], n: usize) -> Mat<f32> {
+    Mat::from_fn(n, n, |p, q| g[p * n + q] as f32)
 }
 
 /// Reconstructions of the first 1…`planes` nested bit planes of `w`.
@@ -203,10 +202,10 @@ fn main() -> Result<()> {
             };
             let w = weight.flatten_all()?.to_vec1::<f32>()?;
             let s = scales.of(kind);
-            let raw_gram = &fit_stats.grams[&kind.input()];
+            let fit_gram = scaled_gram(&fit_stats.grams[&kind.input()], n, s);
             let grams = [
-                scaled_gram(raw_gram, n, s),
-                scaled_gram(&held_stats.grams[&kind.input()], n, s),
+                gram_matrix(&fit_gram, n),
+                gram_matrix(&scaled_gram(&held_stats.grams[&kind.input()], n, s), n),
             ];
             let base = grams.each_ref().map(|h| output_energy(&w, m, n, h));
             let report = |method: &str, size: String, bits: f64, q: &[f32]| {
@@ -220,7 +219,7 @@ fn main() -> Result<()> {
             for &method in &args.methods {
                 match method {
                     Method::Bitstack => {
-                        let fb = Feedback::from_gram(raw_gram, n, s, 0.01)?;
+                        let fb = Feedback::from_gram(&fit_gram, n, 0.01)?;
                         let d = decompose_with(
                             &w,
                             m,
@@ -238,16 +237,19 @@ fn main() -> Result<()> {
                         }
                     }
                     Method::Rtn | Method::Gptq => {
-                        let h: Vec<f64> = (0..n * n)
-                            .map(|x| grams[0][(x / n, x % n)] as f64)
-                            .collect();
                         for bits in 2..=5u32 {
                             let mut q = w.clone();
                             let name = if method == Method::Rtn {
                                 rtn_in_place(&mut q, n, bits, 128);
                                 "rtn"
                             } else {
-                                gptq_in_place(&mut q, m, n, &h, &GptqOptions::new(bits, 128))?;
+                                gptq_in_place(
+                                    &mut q,
+                                    m,
+                                    n,
+                                    &fit_gram,
+                                    &GptqOptions::new(bits, 128),
+                                )?;
                                 "gptq"
                             };
                             report(name, format!("w{bits}"), rtn_bits_per_weight(bits, 128), &q);

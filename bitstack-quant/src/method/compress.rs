@@ -21,7 +21,7 @@ use crate::method::decompose::{decompose_with, Refit};
 use crate::method::feedback::{ColumnOrder, Feedback};
 use crate::method::plane_feedback::grid_planes_with_feedback;
 use crate::method::prefix_scale::fit_prefix_scales_to_outputs;
-use crate::method::scale::{fold, LayerScales, AVD_SCALE_POWER, GRID_SCALE_POWER};
+use crate::method::scale::{fold, scaled_gram, LayerScales, AVD_SCALE_POWER, GRID_SCALE_POWER};
 use crate::method::svd::SvdMethod;
 use crate::progress::progress_bar;
 use crate::runtime::linear::LinearWeight;
@@ -363,7 +363,7 @@ const PLANE_FEEDBACK_DAMP: f64 = 0.01;
 /// parts' coordinates (scaled, and rotated if the weights are): for the
 /// feedback signs of AVD blocks and of [`CompressOptions::plane_feedback`],
 /// and for prefix scales, which are fitted to the outputs.
-fn needs_plane_grams(opts: &CompressOptions) -> bool {
+fn needs_stored_grams(opts: &CompressOptions) -> bool {
     opts.plane_feedback.is_some()
         || (opts.niter > 0 && opts.feedback.is_some())
         || opts
@@ -373,8 +373,8 @@ fn needs_plane_grams(opts: &CompressOptions) -> bool {
 
 /// The Gram matrix of each tap point's inputs as the stored parts see
 /// them: divided by the activation scales and rotated as the weights are
-/// (none unless [`needs_plane_grams`]).
-fn plane_grams(
+/// (none unless [`needs_stored_grams`]).
+fn stored_grams(
     opts: &CompressOptions,
     rotation: Option<RotationConfig>,
     cfg: &ModelConfig,
@@ -382,7 +382,7 @@ fn plane_grams(
     scales: &LayerScales,
     layer: usize,
 ) -> Result<HashMap<TapPoint, Vec<f64>>> {
-    if !needs_plane_grams(opts) {
+    if !needs_stored_grams(opts) {
         return Ok(HashMap::new());
     }
     tap_points()
@@ -395,10 +395,7 @@ fn plane_grams(
                     kind.path(layer)
                 )
             })?;
-            let s = |c: usize| scales.of(kind).map_or(1.0, |s| s[c] as f64);
-            let mut gram: Vec<f64> = (0..n * n)
-                .map(|pq| gram[pq] / (s(pq / n) * s(pq % n)))
-                .collect();
+            let mut gram = scaled_gram(gram, n, scales.of(kind));
             if let Some(r) = &rotation {
                 rotate_gram(&mut gram, r.block, &r.signs(0..n));
             }
@@ -409,7 +406,7 @@ fn plane_grams(
 
 /// The error feedback of each tap point's linears for
 /// [`CompressOptions::plane_feedback`] (none without it), from
-/// [`plane_grams`].
+/// [`stored_grams`].
 fn plane_feedbacks(
     opts: &CompressOptions,
     cfg: &ModelConfig,
@@ -428,15 +425,10 @@ fn plane_feedbacks(
             let n = linear_shape(cfg, kind).1;
             let gram = grams
                 .get(&point)
-                .expect("plane_grams covers every tap point");
-            let fb = Feedback::from_gram_in(
-                gram,
-                n,
-                None,
-                PLANE_FEEDBACK_DAMP,
-                ColumnOrder::DecreasingEnergy,
-            )
-            .with_context(|| format!("input Gram of {}", kind.path(layer)))?;
+                .expect("stored_grams covers every tap point");
+            let fb =
+                Feedback::from_gram_in(gram, n, PLANE_FEEDBACK_DAMP, ColumnOrder::DecreasingEnergy)
+                    .with_context(|| format!("input Gram of {}", kind.path(layer)))?;
             Ok((point, fb))
         })
         .collect();
@@ -572,7 +564,7 @@ pub fn compress_on(
             &calib,
             opts.batch,
             // Only feedback signs and prefix scales need the inputs' Grams.
-            needs_plane_grams(opts),
+            needs_stored_grams(opts),
         )?
     };
     let rope = Rope::new(&cfg, opts.seq_len, device)?;
@@ -629,7 +621,7 @@ pub fn compress_on(
         // gate, up) share their feedback weights: one inversion each. The
         // blocks are fitted to the scaled (and maybe rotated) weights, so
         // their feedback sees the inputs as those weights do.
-        let plane_grams = plane_grams(opts, rotation, &cfg, layer_stats, &scales, l)?;
+        let stored_grams = stored_grams(opts, rotation, &cfg, layer_stats, &scales, l)?;
         let feedbacks: HashMap<TapPoint, Feedback> = match opts.feedback.filter(|_| opts.niter > 0)
         {
             None => HashMap::new(),
@@ -637,16 +629,16 @@ pub fn compress_on(
                 .par_iter()
                 .map(|&(point, kind)| {
                     let n = linear_shape(&cfg, kind).1;
-                    let gram = plane_grams
+                    let gram = stored_grams
                         .get(&point)
-                        .expect("plane_grams covers every tap point");
-                    let fb = Feedback::from_gram(gram, n, None, f.damp)
+                        .expect("stored_grams covers every tap point");
+                    let fb = Feedback::from_gram(gram, n, f.damp)
                         .with_context(|| format!("input Gram of {}", kind.path(l)))?;
                     Ok((point, fb))
                 })
                 .collect::<Result<_>>()?,
         };
-        let plane_feedbacks = plane_feedbacks(opts, &cfg, &plane_grams, l)?;
+        let plane_feedbacks = plane_feedbacks(opts, &cfg, &stored_grams, l)?;
         let decomposed: Vec<_> = weights
             .par_iter()
             .map(|(kind, w)| {
@@ -654,7 +646,7 @@ pub fn compress_on(
                 let feedback = feedbacks.get(&kind.input());
                 let planes_see = PlaneInputs {
                     feedback: plane_feedbacks.get(&kind.input()),
-                    gram: plane_grams.get(&kind.input()).map(Vec::as_slice),
+                    gram: stored_grams.get(&kind.input()).map(Vec::as_slice),
                 };
                 let d = decompose_linear(w, m, n, opts.k_of(*kind), opts, feedback, planes_see)
                     .with_context(|| format!("decomposing {}", kind.path(l)));

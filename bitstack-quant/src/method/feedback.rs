@@ -79,22 +79,17 @@ pub enum ColumnOrder {
 
 impl Feedback {
     /// From the Gram matrix `gram = Σ x xᵀ` (row-major `n×n`) of the inputs
-    /// of a linear whose columns were multiplied by `scale` (the inputs are
-    /// divided by it), with damping `λ = damp · mean(diag H)`.
-    pub fn from_gram(
-        gram: &[f64],
-        n: usize,
-        scale: Option<&[f32]>,
-        damp: f64,
-    ) -> Result<Self, FeedbackError> {
-        Self::from_gram_in(gram, n, scale, damp, ColumnOrder::DecreasingEnergy)
+    /// as the linear sees them (divided by its activation scales, see
+    /// [`crate::method::scale::scaled_gram`]), with damping
+    /// `λ = damp · mean(diag H)`.
+    pub fn from_gram(gram: &[f64], n: usize, damp: f64) -> Result<Self, FeedbackError> {
+        Self::from_gram_in(gram, n, damp, ColumnOrder::DecreasingEnergy)
     }
 
     /// As [`Feedback::from_gram`], visiting the columns in `order`.
     pub fn from_gram_in(
         gram: &[f64],
         n: usize,
-        scale: Option<&[f32]>,
         damp: f64,
         column_order: ColumnOrder,
     ) -> Result<Self, FeedbackError> {
@@ -107,8 +102,7 @@ impl Feedback {
                 col: i % n,
             });
         }
-        let s = |c: usize| scale.map_or(1.0, |s| s[c] as f64);
-        let h = |p: usize, q: usize| gram[p * n + q] / (s(p) * s(q));
+        let h = |p: usize, q: usize| gram[p * n + q];
         let mut order: Vec<usize> = (0..n).collect();
         if column_order == ColumnOrder::DecreasingEnergy {
             order.sort_by(|&a, &b| h(b, b).total_cmp(&h(a, a)));
@@ -357,7 +351,7 @@ pub(crate) mod tests {
             let r: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
             // One magnitude per row, as a rank-1 fit of |R| roughly gives.
             let mag = vec![0.25f32; m * n];
-            let fb = Feedback::from_gram(&gram, n, None, 0.01).unwrap();
+            let fb = Feedback::from_gram(&gram, n, 0.01).unwrap();
             let fed = fb.choose_signs(&r, &mag, m);
             assert!(fed.iter().all(|s| *s == 1.0 || *s == -1.0));
             let err = |signs: &[f32]| -> Vec<f32> {
@@ -413,7 +407,7 @@ pub(crate) mod tests {
             let mag: Vec<f32> = (0..m * n)
                 .map(|_| 0.2 + 0.1 * rng.random::<f32>())
                 .collect();
-            let fb = Feedback::from_gram(&gram, n, None, 0.01).unwrap();
+            let fb = Feedback::from_gram(&gram, n, 0.01).unwrap();
             let fast = fb.choose_signs(&r, &mag, m);
             let slow = choose_signs_reference(&fb, &r, &mag, m);
             // Regrouped float sums may break an exact tie the other way,
@@ -432,7 +426,7 @@ pub(crate) mod tests {
         let mut rng = StdRng::seed_from_u64(9);
         for (m, n, k) in [(1, 13, 1), (17, 29, 3), (6, 10, 4)] {
             let gram = correlated_gram(3 * n, n, 0.5, &mut rng);
-            let fb = Feedback::from_gram(&gram, n, None, 0.01).unwrap();
+            let fb = Feedback::from_gram(&gram, n, 0.01).unwrap();
             let r: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
             let signs: Vec<f32> = r
                 .iter()
@@ -479,7 +473,7 @@ pub(crate) mod tests {
         let mut rng = StdRng::seed_from_u64(5);
         let r: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>() - 0.5).collect();
         let mag = vec![0.3f32; m * n];
-        let fed = Feedback::from_gram(&gram, n, None, 0.01)
+        let fed = Feedback::from_gram(&gram, n, 0.01)
             .unwrap()
             .choose_signs(&r, &mag, m);
         for (s, x) in fed.iter().zip(&r) {
@@ -490,11 +484,11 @@ pub(crate) mod tests {
     #[test]
     fn bad_gram_is_an_error() {
         assert!(matches!(
-            Feedback::from_gram(&[1.0; 5], 2, None, 0.01),
+            Feedback::from_gram(&[1.0; 5], 2, 0.01),
             Err(FeedbackError::Shape { got: 5, n: 2 })
         ));
         assert!(matches!(
-            Feedback::from_gram(&[1.0, f64::NAN, 0.0, 1.0], 2, None, 0.01),
+            Feedback::from_gram(&[1.0, f64::NAN, 0.0, 1.0], 2, 0.01),
             Err(FeedbackError::NonFinite { row: 0, col: 1 })
         ));
     }

@@ -157,7 +157,7 @@ pub fn gptq_in_place(
     if w.len() != m * n {
         bail!("weight has {} values, expected {m}×{n}", w.len());
     }
-    let feedback = Feedback::from_gram_in(gram, n, None, opts.damp, opts.order)?;
+    let feedback = Feedback::from_gram_in(gram, n, opts.damp, opts.order)?;
     let mut grid = Grid::fit(w, n, opts.bits, opts.group);
     grid.refit = opts.order == ColumnOrder::Natural;
     let mut q = Recording {
@@ -323,7 +323,7 @@ mod tests {
         bits: u32,
         group: usize,
     ) -> Vec<f32> {
-        let fb = Feedback::from_gram_in(gram, n, None, 0.01, ColumnOrder::Natural).unwrap();
+        let fb = Feedback::from_gram_in(gram, n, 0.01, ColumnOrder::Natural).unwrap();
         let mut out = vec![0f32; m * n];
         for i in 0..m {
             let mut work = w[i * n..(i + 1) * n].to_vec();

@@ -128,8 +128,7 @@ mod tests {
                     }
                 })
                 .collect();
-            let fb = Feedback::from_gram_in(&gram, n, None, 0.01, ColumnOrder::DecreasingEnergy)
-                .unwrap();
+            let fb = Feedback::from_gram_in(&gram, n, 0.01, ColumnOrder::DecreasingEnergy).unwrap();
             let r = random_weight(m, n, n as u64);
             let rtn = grid_planes(&r, m, n, cfg).unwrap();
             for level in [0, 1, 3, 5, 9] {
@@ -151,8 +150,7 @@ mod tests {
             ..GridConfig::new(6)
         };
         let gram = correlated_gram(4 * n, n, 0.5, &mut StdRng::seed_from_u64(5));
-        let fb =
-            Feedback::from_gram_in(&gram, n, None, 0.01, ColumnOrder::DecreasingEnergy).unwrap();
+        let fb = Feedback::from_gram_in(&gram, n, 0.01, ColumnOrder::DecreasingEnergy).unwrap();
         let r = random_weight(m, n, 8);
         let rtn = grid_planes(&r, m, n, cfg).unwrap();
         let err_of = |w: &[f32]| {

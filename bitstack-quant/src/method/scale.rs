@@ -48,6 +48,16 @@ pub fn o_is_scalable(cfg: &ModelConfig) -> bool {
     linear_shape(cfg, LinearKind::V) == linear_shape(cfg, LinearKind::O)
 }
 
+/// The Gram matrix `Σ x xᵀ` (row-major `n×n`) of inputs divided by
+/// `scale`: the inputs as a linear whose columns were multiplied by it
+/// sees them (unchanged without a scale).
+pub fn scaled_gram(gram: &[f64], n: usize, scale: Option<&[f32]>) -> Vec<f64> {
+    let s = |c: usize| scale.map_or(1.0, |s| s[c] as f64);
+    (0..n * n)
+        .map(|pq| gram[pq] / (s(pq / n) * s(pq % n)))
+        .collect()
+}
+
 impl LayerScales {
     /// The scale of `kind`'s input columns, `None` where it is not scaled.
     pub fn of(&self, kind: LinearKind) -> Option<&[f32]> {
@@ -145,4 +155,39 @@ pub fn fold(layer: &mut DecoderLayer, s: &LayerScales) -> Result<()> {
     scale_cols(dense(layer, LinearKind::Down)?, &s.down)?;
     divide_rows(dense(layer, LinearKind::Up)?, &s.down)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scaled Gram is the Gram of the inputs divided by the scale.
+    #[test]
+    fn a_scaled_gram_is_the_gram_of_the_divided_inputs() {
+        let (n, tokens) = (5, 7);
+        let x: Vec<f64> = (0..tokens * n)
+            .map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0)
+            .collect();
+        let scale: Vec<f32> = (0..n).map(|c| 0.5 + c as f32 * 0.75).collect();
+        let gram_of = |x: &[f64]| -> Vec<f64> {
+            (0..n * n)
+                .map(|pq| {
+                    (0..tokens)
+                        .map(|t| x[t * n + pq / n] * x[t * n + pq % n])
+                        .sum()
+                })
+                .collect()
+        };
+        let divided: Vec<f64> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v / scale[i % n] as f64)
+            .collect();
+        let want = gram_of(&divided);
+        let got = scaled_gram(&gram_of(&x), n, Some(&scale));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{g} against {w}");
+        }
+        assert_eq!(scaled_gram(&gram_of(&x), n, None), gram_of(&x));
+    }
 }
