@@ -7,8 +7,8 @@ use bitstack_quant::format::grid::GridConfig;
 use bitstack_quant::format::rotation::RotationConfig;
 use bitstack_quant::hub::resolve_model;
 use bitstack_quant::method::compress::{
-    compress_on, CompressOptions, FeedbackOptions, Rotation, BLOCKS_THEN_PLANES_DAMP,
-    BLOCKS_THEN_PLANES_K, BLOCKS_THEN_PLANES_NITER, DEFAULT_K, DEFAULT_NITER, DEFAULT_PLANES,
+    compress_on, CompressOptions, FeedbackOptions, Rotation, BLOCKS_THEN_PLANES_NITER,
+    DEFAULT_NITER, DEFAULT_PLANES,
 };
 use bitstack_quant::runtime::model::LinearKind;
 use bitstack_quant::DenseDtype;
@@ -174,12 +174,10 @@ impl CompressArgs {
     /// The library's options for these flags, calibrating on `calib_text`.
     pub fn options(&self, calib_text: PathBuf) -> Result<CompressOptions> {
         let (niter, planes) = self.parts()?;
-        let (k, damp) = match self.layout {
-            LayoutArg::BlocksThenPlanes => (BLOCKS_THEN_PLANES_K, BLOCKS_THEN_PLANES_DAMP),
-            LayoutArg::Planes | LayoutArg::Blocks => (DEFAULT_K, FeedbackOptions::default().damp),
-        };
+        let preset = self.layout.preset(calib_text);
+        let preset_damp = preset.feedback.unwrap_or_default().damp;
         Ok(CompressOptions {
-            k: self.k.unwrap_or(k),
+            k: self.k.unwrap_or(preset.k),
             k_per_kind: self.k_for.iter().copied().collect(),
             niter,
             grid: (planes > 0).then_some(GridConfig {
@@ -188,22 +186,22 @@ impl CompressArgs {
                 outliers: self.outliers,
                 coding: self.grid_coding.into(),
             }),
-            calib_text,
+            calib_text: preset.calib_text,
             calib_windows: self.calib_windows,
             seq_len: self.windows.seq_len,
             batch: self.windows.batch,
             svd: self.svd.into(),
             feedback: self.signs.feedback(FeedbackOptions {
-                damp: self.damp.unwrap_or(damp),
+                damp: self.damp.unwrap_or(preset_damp),
                 refit: self.refit.into(),
                 rounds: self.rounds,
             }),
             dense_dtype: self.dense_dtype.into(),
             scale_power: self.scale_power,
-            rotation: match (self.rotate, self.layout) {
-                (None, LayoutArg::Planes | LayoutArg::BlocksThenPlanes) => Rotation::Widest,
-                (None, LayoutArg::Blocks) | (Some(0), _) => Rotation::None,
-                (Some(block), _) => Rotation::Fixed(RotationConfig::new(block)),
+            rotation: match self.rotate {
+                None => preset.rotation,
+                Some(0) => Rotation::None,
+                Some(block) => Rotation::Fixed(RotationConfig::new(block)),
             },
             plane_feedback: (self.plane_feedback > 0).then_some(self.plane_feedback),
         })

@@ -5,10 +5,12 @@
 //! nowhere else, by exhaustive matches: a value added on either side fails to
 //! compile until it is mapped.
 
+use std::path::PathBuf;
+
 use bitstack_assets::Model;
 use bitstack_quant::eval::sort::SortMethod;
 use bitstack_quant::format::grid::GridCoding;
-use bitstack_quant::method::compress::FeedbackOptions;
+use bitstack_quant::method::compress::{CompressOptions, FeedbackOptions};
 use bitstack_quant::method::decompose::Refit;
 use bitstack_quant::method::svd::SvdMethod;
 use bitstack_quant::DenseDtype;
@@ -426,6 +428,18 @@ pub enum LayoutArg {
     /// better off the calibration's kind of text.
     #[value(name = "blocks+planes")]
     BlocksThenPlanes,
+}
+
+impl LayoutArg {
+    /// The library's preset for this layout, calibrating on `calib_text`:
+    /// what the flags left out default to.
+    pub fn preset(self, calib_text: PathBuf) -> CompressOptions {
+        match self {
+            Self::Planes => CompressOptions::recommended(calib_text),
+            Self::Blocks => CompressOptions::avd_blocks(calib_text),
+            Self::BlocksThenPlanes => CompressOptions::blocks_then_planes(calib_text),
+        }
+    }
 }
 
 /// `compress --grid-coding`: how the grid planes store each (row, group)'s
